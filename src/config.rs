@@ -1,0 +1,690 @@
+//! `connector.toml`: strict, documented, validated as a whole.
+//!
+//! Loading is two steps. Deserialization (`config` crate: the TOML file, then `ECST__SECTION__FIELD`
+//! environment overrides) rejects unknown keys (`deny_unknown_fields` on every section) and adds a
+//! "did you mean" hint. [`Config::validate`] then checks every semantic rule and reports *all*
+//! problems at once, each naming its dotted field. Secrets are [`Secret`]s: they never print, and
+//! `print-config` renders them as `***`. Every default is a `DEFAULT_*` constant documented here
+//! and in the checked-in `connector.toml`.
+
+use std::fmt;
+use std::path::Path;
+
+use serde::Deserialize;
+
+/// Default logical name (topic prefix, transactional id, offsets key).
+pub const DEFAULT_NAME: &str = "ecst";
+/// Default MySQL port.
+pub const DEFAULT_MYSQL_PORT: u16 = 3306;
+/// Default replica server id of the binlog reader (must be unique among replicas).
+pub const DEFAULT_SERVER_ID: u32 = 184_054;
+/// Default heartbeat period asked from the server, in ms.
+pub const DEFAULT_HEARTBEAT_MS: u64 = 5_000;
+/// Default connect timeout, in ms.
+pub const DEFAULT_CONNECT_TIMEOUT_MS: u64 = 10_000;
+/// Default snapshot chunk size (rows per primary-key range query).
+pub const DEFAULT_SNAPSHOT_CHUNK_SIZE: u32 = 10_000;
+/// Default interval between Kafka transaction commits of the source, in ms.
+pub const DEFAULT_COMMIT_INTERVAL_MS: u64 = 100;
+/// Default partitions of change topics created by ecst.
+pub const DEFAULT_TOPIC_PARTITIONS: i32 = 1;
+/// Default capacity of the bounded channel between binlog reader and producer (events).
+pub const DEFAULT_CHANNEL_CAPACITY: usize = 8_192;
+/// Default sink consumer group.
+pub const DEFAULT_GROUP_ID: &str = "ecst-sink";
+/// Default sink batch size (messages).
+pub const DEFAULT_BATCH_SIZE: usize = 1_000;
+/// Default time a sink batch waits to fill, in ms.
+pub const DEFAULT_BATCH_TIMEOUT_MS: u64 = 20;
+/// Default metrics/health listen address.
+pub const DEFAULT_METRICS_LISTEN: &str = "127.0.0.1:9187";
+/// Default registry request timeout, in ms.
+pub const DEFAULT_REGISTRY_TIMEOUT_MS: u64 = 10_000;
+/// Default graceful-shutdown deadline, in ms.
+pub const DEFAULT_SHUTDOWN_TIMEOUT_MS: u64 = 30_000;
+
+/// A secret string: never printed, never serialized.
+#[derive(Clone, Deserialize, Default)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    /// Wraps a secret value.
+    pub fn new(s: impl Into<String>) -> Self {
+        Secret(s.into())
+    }
+    /// The secret value, for the one place that must send it to a server.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("\"***\"")
+    }
+}
+
+/// The whole configuration.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Logical server name: topic prefix, Kafka transactional id, offsets key. Default `ecst`.
+    #[serde(default = "default_name")]
+    pub name: String,
+    /// MySQL/MariaDB connection (source).
+    pub mysql: Option<MysqlConfig>,
+    /// Capture settings (source).
+    pub source: Option<SourceConfig>,
+    /// Kafka connection (both halves).
+    pub kafka: KafkaConfig,
+    /// Schema Registry (both halves).
+    pub schema_registry: RegistryConfig,
+    /// MongoDB connection (sink).
+    pub mongo: Option<MongoConfig>,
+    /// Sink settings and mappings.
+    pub sink: Option<SinkConfig>,
+    /// Metrics and health endpoint.
+    #[serde(default)]
+    pub metrics: MetricsConfig,
+    /// Logging.
+    #[serde(default)]
+    pub log: LogConfig,
+    /// Graceful shutdown deadline in ms. Default 30000.
+    #[serde(default = "default_shutdown_timeout_ms")]
+    pub shutdown_timeout_ms: u64,
+}
+
+/// TLS mode to MySQL.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum TlsMode {
+    /// Plain TCP.
+    #[default]
+    Disabled,
+    /// TLS required, server certificate verified against system roots (or `ca_file`).
+    Required,
+}
+
+/// `[mysql]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MysqlConfig {
+    /// Host name or address.
+    pub host: String,
+    /// Port. Default 3306.
+    #[serde(default = "default_mysql_port")]
+    pub port: u16,
+    /// User with REPLICATION SLAVE, REPLICATION CLIENT, SELECT (+ BINLOG MONITOR on MariaDB).
+    pub user: String,
+    /// Password (prefer `ECST__MYSQL__PASSWORD` or `password_file`).
+    pub password: Option<Secret>,
+    /// File holding the password (trailing newline ignored).
+    pub password_file: Option<String>,
+    /// Replica server id of the reader; must differ from every other replica. Default 184054.
+    #[serde(default = "default_server_id")]
+    pub server_id: u32,
+    /// Heartbeat period asked from the server (ms); the stall watchdog fires at twice it.
+    #[serde(default = "default_heartbeat_ms")]
+    pub heartbeat_ms: u64,
+    /// Connect timeout (ms).
+    #[serde(default = "default_connect_timeout_ms")]
+    pub connect_timeout_ms: u64,
+    /// TLS mode. Default `disabled`.
+    #[serde(default)]
+    pub tls: TlsMode,
+    /// CA bundle for `tls = "required"` (PEM).
+    pub ca_file: Option<String>,
+}
+
+/// When to snapshot.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum SnapshotMode {
+    /// Snapshot when no stored position exists, then stream. Purged position: error.
+    #[default]
+    Initial,
+    /// Like `initial`, and re-snapshot when the stored position was purged from the server.
+    WhenNeeded,
+    /// Never snapshot: stream from the stored position, or from the current end.
+    Never,
+    /// Snapshot at every start, then stream from the snapshot's position.
+    Always,
+}
+
+/// `[source]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SourceConfig {
+    /// Tables to capture, as `db.table`.
+    pub tables: Vec<String>,
+    /// Snapshot mode. Default `initial`.
+    #[serde(default)]
+    pub snapshot_mode: SnapshotMode,
+    /// Rows per snapshot chunk. Default 10000.
+    #[serde(default = "default_snapshot_chunk_size")]
+    pub snapshot_chunk_size: u32,
+    /// Write a tombstone (null value) after each delete. Default true.
+    #[serde(default = "default_true")]
+    pub tombstones_on_delete: bool,
+    /// Kafka transaction commit interval (ms). Default 100.
+    #[serde(default = "default_commit_interval_ms")]
+    pub commit_interval_ms: u64,
+    /// Partitions of topics ecst creates. Default 1.
+    #[serde(default = "default_topic_partitions")]
+    pub topic_partitions: i32,
+    /// Topic holding the source positions. Default `<name>.offsets`.
+    pub offsets_topic: Option<String>,
+    /// Events buffered between reader and producer. Default 8192.
+    #[serde(default = "default_channel_capacity")]
+    pub channel_capacity: usize,
+}
+
+/// `[kafka]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KafkaConfig {
+    /// `bootstrap.servers`.
+    pub bootstrap_servers: String,
+    /// Extra librdkafka properties for every client (security.protocol, sasl.*, ssl.*).
+    /// Values whose key contains `password` or `secret` are redacted by `print-config`.
+    #[serde(default)]
+    pub properties: std::collections::BTreeMap<String, String>,
+}
+
+/// `[schema_registry]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RegistryConfig {
+    /// Base URL of a Confluent-compatible API.
+    pub url: String,
+    /// Basic-auth user.
+    pub username: Option<String>,
+    /// Basic-auth password.
+    pub password: Option<Secret>,
+    /// Request timeout (ms). Default 10000.
+    #[serde(default = "default_registry_timeout_ms")]
+    pub timeout_ms: u64,
+}
+
+/// `[mongo]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MongoConfig {
+    /// Connection string (options such as `tls=true` go here). Treated as a secret.
+    pub uri: Secret,
+    /// Database holding the target collections.
+    pub database: String,
+}
+
+/// What a mapping writes.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum MappingKind {
+    /// Refresh a sub-document embedded in many parent documents (`updateMany`).
+    Embedded,
+    /// One document per row, `_id` = key (upsert).
+    Document,
+}
+
+/// What a delete does to the copies.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum DeletePolicy {
+    /// Leave the copy as it was.
+    Keep,
+    /// Remove the copy (`$unset` of the target; `document`: delete the document).
+    Unset,
+    /// Keep the copy and set `__deleted: true` in it.
+    Mark,
+}
+
+/// What a primary-key change does to existing copies.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum KeyChangePolicy {
+    /// Copies matched by the old key get the new row (and so the new key).
+    Follow,
+    /// Treat as delete of the old key (per the delete policy) and insert of the new one.
+    DeleteInsert,
+}
+
+/// `[[sink.mappings]]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MappingConfig {
+    /// Name, unique; also the name of the version field `_ecst.<name>`.
+    pub name: String,
+    /// Change topic to read (`<name>.<db>.<table>`).
+    pub topic: String,
+    /// `embedded` or `document`.
+    pub kind: MappingKind,
+    /// Target collection.
+    pub collection: String,
+    /// `embedded`: dotted path of the key inside the parent documents (e.g. `user.id`).
+    pub match_path: Option<String>,
+    /// `embedded`: dotted path of the copy to replace (e.g. `user`).
+    pub target_path: Option<String>,
+    /// Row fields to copy (default: all), before renaming.
+    pub fields: Option<Vec<String>>,
+    /// Renames `row field → copy field` (e.g. `{ id = "productId" }`).
+    #[serde(default)]
+    pub rename: std::collections::BTreeMap<String, String>,
+    /// Delete policy. Default `keep`.
+    #[serde(default = "default_delete_policy")]
+    pub on_delete: DeletePolicy,
+    /// Primary-key change policy. Default `follow`.
+    #[serde(default = "default_key_change")]
+    pub on_key_change: KeyChangePolicy,
+}
+
+/// `[sink]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SinkConfig {
+    /// Consumer group. Default `ecst-sink`.
+    #[serde(default = "default_group_id")]
+    pub group_id: String,
+    /// Dead-letter topic. Default `<name>.dlq`.
+    pub dead_letter_topic: Option<String>,
+    /// Max messages per batch. Default 1000.
+    #[serde(default = "default_batch_size")]
+    pub batch_size: usize,
+    /// Max wait to fill a batch (ms). Default 20.
+    #[serde(default = "default_batch_timeout_ms")]
+    pub batch_timeout_ms: u64,
+    /// Create missing indexes on match paths at start. Default true.
+    #[serde(default = "default_true")]
+    pub create_indexes: bool,
+    /// The mappings.
+    pub mappings: Vec<MappingConfig>,
+}
+
+/// `[metrics]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// Listen address of `/metrics`, `/health`, `/ready`; empty disables. Default 127.0.0.1:9187.
+    #[serde(default = "default_metrics_listen")]
+    pub listen: String,
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        MetricsConfig { listen: default_metrics_listen() }
+    }
+}
+
+/// Log format.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    #[default]
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// `[log]`
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct LogConfig {
+    /// `text` or `json`. Default `text`.
+    #[serde(default)]
+    pub format: LogFormat,
+    /// Filter directives (`RUST_LOG` syntax). Default `info`.
+    pub level: Option<String>,
+}
+
+fn default_name() -> String {
+    DEFAULT_NAME.into()
+}
+fn default_mysql_port() -> u16 {
+    DEFAULT_MYSQL_PORT
+}
+fn default_server_id() -> u32 {
+    DEFAULT_SERVER_ID
+}
+fn default_heartbeat_ms() -> u64 {
+    DEFAULT_HEARTBEAT_MS
+}
+fn default_connect_timeout_ms() -> u64 {
+    DEFAULT_CONNECT_TIMEOUT_MS
+}
+fn default_snapshot_chunk_size() -> u32 {
+    DEFAULT_SNAPSHOT_CHUNK_SIZE
+}
+fn default_true() -> bool {
+    true
+}
+fn default_commit_interval_ms() -> u64 {
+    DEFAULT_COMMIT_INTERVAL_MS
+}
+fn default_topic_partitions() -> i32 {
+    DEFAULT_TOPIC_PARTITIONS
+}
+fn default_channel_capacity() -> usize {
+    DEFAULT_CHANNEL_CAPACITY
+}
+fn default_registry_timeout_ms() -> u64 {
+    DEFAULT_REGISTRY_TIMEOUT_MS
+}
+fn default_group_id() -> String {
+    DEFAULT_GROUP_ID.into()
+}
+fn default_batch_size() -> usize {
+    DEFAULT_BATCH_SIZE
+}
+fn default_batch_timeout_ms() -> u64 {
+    DEFAULT_BATCH_TIMEOUT_MS
+}
+fn default_metrics_listen() -> String {
+    DEFAULT_METRICS_LISTEN.into()
+}
+fn default_shutdown_timeout_ms() -> u64 {
+    DEFAULT_SHUTDOWN_TIMEOUT_MS
+}
+fn default_delete_policy() -> DeletePolicy {
+    DeletePolicy::Keep
+}
+fn default_key_change() -> KeyChangePolicy {
+    KeyChangePolicy::Follow
+}
+
+/// Errors of loading the configuration.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read or parsed, or a key is unknown or of the wrong type.
+    #[error("{0}")]
+    Parse(String),
+    /// Semantic problems, all of them.
+    #[error("{} problem(s) in the configuration:\n{}", .0.len(), .0.iter().map(|i| format!("  - {i}")).collect::<Vec<_>>().join("\n"))]
+    Invalid(Vec<ConfigIssue>),
+}
+
+/// One semantic problem: the dotted field and the rule it breaks.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigIssue {
+    /// Dotted path, e.g. `sink.mappings[0].match_path`.
+    pub field: String,
+    /// What is wrong and what it must be.
+    pub message: String,
+}
+
+impl fmt::Display for ConfigIssue {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "field `{}` {}", self.field, self.message)
+    }
+}
+
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut prev: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut cur = vec![i + 1];
+        for (j, cb) in b.iter().enumerate() {
+            let sub = prev[j] + usize::from(ca != *cb);
+            cur.push(sub.min(prev[j + 1] + 1).min(cur[j] + 1));
+        }
+        prev = cur;
+    }
+    prev[b.len()]
+}
+
+/// Adds "did you mean `x`?" to serde's "unknown field `a`, expected one of `x`, `y`" messages.
+fn with_suggestion(msg: String) -> String {
+    let Some(rest) = msg.split("unknown field `").nth(1) else { return msg };
+    let Some((unknown, tail)) = rest.split_once('`') else { return msg };
+    let candidates: Vec<&str> = tail.split('`').skip(1).step_by(2).collect();
+    let best = candidates
+        .iter()
+        .map(|c| (edit_distance(unknown, c), *c))
+        .filter(|(d, _)| *d <= 3)
+        .min_by_key(|(d, _)| *d);
+    match best {
+        Some((_, c)) => format!("{msg} (did you mean `{c}`?)"),
+        None => msg,
+    }
+}
+
+impl Config {
+    /// Loads `path`, applies `ECST__SECTION__FIELD` overrides, validates everything.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| ConfigError::Parse(format!("cannot read {}: {e}", path.display())))?;
+        Self::from_toml_str(&text, std::env::vars())
+    }
+
+    /// Parses TOML text with the given environment, then validates.
+    pub fn from_toml_str(
+        text: &str,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Config, ConfigError> {
+        let env_map: std::collections::HashMap<String, String> =
+            env.into_iter().filter(|(k, _)| k.starts_with("ECST__")).collect();
+        let built = config::Config::builder()
+            .add_source(config::File::from_str(text, config::FileFormat::Toml))
+            .add_source(
+                config::Environment::with_prefix("ECST")
+                    .prefix_separator("__")
+                    .separator("__")
+                    .try_parsing(true)
+                    .source(Some(env_map)),
+            )
+            .build()
+            .map_err(|e| ConfigError::Parse(with_suggestion(e.to_string())))?;
+        let mut cfg: Config = built
+            .try_deserialize()
+            .map_err(|e| ConfigError::Parse(with_suggestion(e.to_string())))?;
+        if let Some(m) = cfg.mysql.as_mut()
+            && m.password.is_none()
+            && let Some(file) = &m.password_file
+        {
+            let pw = std::fs::read_to_string(file).map_err(|e| {
+                ConfigError::Invalid(vec![ConfigIssue {
+                    field: "mysql.password_file".into(),
+                    message: format!("cannot be read: {e}"),
+                }])
+            })?;
+            m.password = Some(Secret::new(pw.trim_end_matches(['\n', '\r'])));
+        }
+        cfg.validate().map_err(ConfigError::Invalid)?;
+        Ok(cfg)
+    }
+
+    /// Topic of the positions (`source.offsets_topic` or `<name>.offsets`).
+    pub fn offsets_topic(&self) -> String {
+        self.source
+            .as_ref()
+            .and_then(|s| s.offsets_topic.clone())
+            .unwrap_or_else(|| format!("{}.offsets", self.name))
+    }
+
+    /// Dead-letter topic (`sink.dead_letter_topic` or `<name>.dlq`).
+    pub fn dead_letter_topic(&self) -> String {
+        self.sink
+            .as_ref()
+            .and_then(|s| s.dead_letter_topic.clone())
+            .unwrap_or_else(|| format!("{}.dlq", self.name))
+    }
+
+    /// Change topic of a `db.table`.
+    pub fn topic_for(&self, db: &str, table: &str) -> String {
+        format!("{}.{db}.{table}", self.name)
+    }
+
+    /// Checks every rule and returns all issues.
+    pub fn validate(&self) -> Result<(), Vec<ConfigIssue>> {
+        let mut issues = Vec::new();
+        let mut issue = |field: &str, message: &str| {
+            issues.push(ConfigIssue { field: field.into(), message: message.into() })
+        };
+        if self.name.is_empty()
+            || !self.name.chars().all(|c| c.is_ascii_alphanumeric() || "._-".contains(c))
+        {
+            issue("name", "must be non-empty and use only letters, digits, `.`, `_`, `-`");
+        }
+        if self.kafka.bootstrap_servers.trim().is_empty() {
+            issue("kafka.bootstrap_servers", "must not be empty (e.g. \"127.0.0.1:9092\")");
+        }
+        if !(self.schema_registry.url.starts_with("http://")
+            || self.schema_registry.url.starts_with("https://"))
+        {
+            issue("schema_registry.url", "must start with http:// or https://");
+        }
+        if let Some(m) = &self.mysql {
+            if m.host.trim().is_empty() {
+                issue("mysql.host", "must not be empty");
+            }
+            if m.port == 0 {
+                issue("mysql.port", "must be between 1 and 65535");
+            }
+            if m.server_id == 0 {
+                issue("mysql.server_id", "must be non-zero and unique among the server's replicas");
+            }
+            if m.heartbeat_ms < 100 {
+                issue("mysql.heartbeat_ms", "must be at least 100");
+            }
+        }
+        if let Some(s) = &self.source {
+            if self.mysql.is_none() {
+                issue("mysql", "section is required when [source] is present");
+            }
+            if s.tables.is_empty() {
+                issue("source.tables", "must list at least one `db.table`");
+            }
+            for (i, t) in s.tables.iter().enumerate() {
+                let parts: Vec<&str> = t.split('.').collect();
+                if parts.len() != 2 || parts.iter().any(|p| p.is_empty()) {
+                    issue(&format!("source.tables[{i}]"), &format!("`{t}` must be `db.table`"));
+                }
+            }
+            if s.snapshot_chunk_size == 0 {
+                issue("source.snapshot_chunk_size", "must be at least 1");
+            }
+            if s.topic_partitions < 1 {
+                issue("source.topic_partitions", "must be at least 1");
+            }
+            if s.channel_capacity == 0 {
+                issue("source.channel_capacity", "must be at least 1");
+            }
+            if s.commit_interval_ms == 0 {
+                issue("source.commit_interval_ms", "must be at least 1");
+            }
+        }
+        if let Some(sink) = &self.sink {
+            if self.mongo.is_none() {
+                issue("mongo", "section is required when [sink] is present");
+            }
+            if sink.batch_size == 0 {
+                issue("sink.batch_size", "must be at least 1");
+            }
+            if sink.mappings.is_empty() {
+                issue("sink.mappings", "must contain at least one mapping");
+            }
+            let mut names = std::collections::HashSet::new();
+            for (i, m) in sink.mappings.iter().enumerate() {
+                let f = |k: &str| format!("sink.mappings[{i}].{k}");
+                if m.name.is_empty() || !m.name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-') {
+                    issue(&f("name"), "must be non-empty letters, digits, `_` or `-`");
+                }
+                if !names.insert(m.name.clone()) {
+                    issue(&f("name"), &format!("`{}` is used by another mapping", m.name));
+                }
+                if m.topic.is_empty() {
+                    issue(&f("topic"), "must not be empty");
+                }
+                if m.collection.is_empty() {
+                    issue(&f("collection"), "must not be empty");
+                }
+                if m.kind == MappingKind::Embedded {
+                    match &m.match_path {
+                        Some(p) if !p.is_empty() && !p.starts_with('$') => {}
+                        _ => issue(&f("match_path"), "is required for kind = \"embedded\" (e.g. \"user.id\")"),
+                    }
+                    match &m.target_path {
+                        Some(p) if !p.is_empty() && !p.starts_with('$') && p != "_id" => {}
+                        _ => issue(&f("target_path"), "is required for kind = \"embedded\" (e.g. \"user\")"),
+                    }
+                }
+                if let Some(fields) = &m.fields
+                    && fields.is_empty()
+                {
+                    issue(&f("fields"), "must not be empty when given (omit it to copy all fields)");
+                }
+            }
+        }
+        if self.source.is_none() && self.sink.is_none() {
+            issue("source", "at least one of [source] or [sink] must be configured");
+        }
+        if issues.is_empty() { Ok(()) } else { Err(issues) }
+    }
+
+    /// The configuration as TOML-like text with every secret replaced by `***`.
+    pub fn redacted(&self) -> String {
+        let mut s = format!("{self:#?}");
+        // Kafka passthrough properties may carry secrets as plain strings.
+        for (k, v) in &self.kafka.properties {
+            let lk = k.to_ascii_lowercase();
+            if (lk.contains("password") || lk.contains("secret") || lk.contains("jaas")) && !v.is_empty() {
+                s = s.replace(&format!("{v:?}"), "\"***\"");
+            }
+        }
+        s
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str = r#"
+        [kafka]
+        bootstrap_servers = "127.0.0.1:9092"
+        [schema_registry]
+        url = "http://127.0.0.1:8081"
+        [mysql]
+        host = "127.0.0.1"
+        user = "ecst"
+        password = "hunter2"
+        [source]
+        tables = ["test.users"]
+    "#;
+
+    #[test]
+    fn checked_in_connector_toml_parses_and_validates() {
+        let text = include_str!("../connector.toml");
+        let cfg = Config::from_toml_str(text, Vec::new()).expect("connector.toml must be valid");
+        assert!(cfg.source.is_some() && cfg.sink.is_some());
+    }
+
+    #[test]
+    fn unknown_key_is_rejected_with_its_section_and_a_suggestion() {
+        let text = MINIMAL.replace("tables =", "tabels = [\"x.y\"]\ntables =");
+        let err = Config::from_toml_str(&text, Vec::new()).expect_err("must fail").to_string();
+        assert!(err.contains("tabels"), "{err}");
+        assert!(err.contains("did you mean `tables`?"), "{err}");
+    }
+
+    #[test]
+    fn three_mistakes_give_three_messages_each_naming_its_field() {
+        let text = MINIMAL
+            .replace("url = \"http://127.0.0.1:8081\"", "url = \"127.0.0.1:8081\"")
+            .replace("tables = [\"test.users\"]", "tables = [\"users\"]\nsnapshot_chunk_size = 0");
+        let err = Config::from_toml_str(&text, Vec::new()).expect_err("must fail");
+        let ConfigError::Invalid(issues) = err else { panic!("expected Invalid, got {err}") };
+        let fields: Vec<&str> = issues.iter().map(|i| i.field.as_str()).collect();
+        assert_eq!(fields, vec!["schema_registry.url", "source.tables[0]", "source.snapshot_chunk_size"]);
+    }
+
+    #[test]
+    fn environment_overrides_a_field_and_secrets_never_print() {
+        let env = vec![("ECST__MYSQL__PASSWORD".to_string(), "from-env-secret".to_string())];
+        let cfg = Config::from_toml_str(MINIMAL, env).expect("valid");
+        let pw = cfg.mysql.as_ref().and_then(|m| m.password.as_ref()).map(Secret::expose);
+        assert_eq!(pw, Some("from-env-secret"));
+        let shown = cfg.redacted();
+        assert!(!shown.contains("from-env-secret") && !shown.contains("hunter2"), "{shown}");
+    }
+}

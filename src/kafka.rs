@@ -1,0 +1,109 @@
+//! Kafka plumbing shared by source and sink: client configs and topic creation.
+
+use std::time::Duration;
+
+use rdkafka::ClientConfig;
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+
+use crate::config::KafkaConfig;
+use crate::error::{Classify, ErrorClass};
+
+/// Largest message ecst produces or accepts (a 20 MB row with before and after images fits).
+pub const MAX_MESSAGE_BYTES: usize = 64 * 1024 * 1024;
+
+/// Kafka errors of either half.
+#[derive(Debug, thiserror::Error)]
+pub enum KafkaClientError {
+    /// A client could not be created (bad property).
+    #[error("kafka client configuration: {0}")]
+    Config(#[source] KafkaError),
+    /// Topic creation failed.
+    #[error("cannot create topic `{topic}`: {source}")]
+    CreateTopic {
+        /// Topic.
+        topic: String,
+        /// Cause.
+        #[source]
+        source: KafkaError,
+    },
+    /// Any other broker error.
+    #[error("kafka: {0}")]
+    Broker(#[from] KafkaError),
+}
+
+impl Classify for KafkaClientError {
+    fn class(&self) -> ErrorClass {
+        match self {
+            KafkaClientError::Config(_) => ErrorClass::Definite,
+            KafkaClientError::CreateTopic { source, .. } | KafkaClientError::Broker(source) => {
+                kafka_error_class(source)
+            }
+        }
+    }
+}
+
+/// Classes an rdkafka error: fencing and authorization are definite, the rest transient.
+pub fn kafka_error_class(e: &KafkaError) -> ErrorClass {
+    use RDKafkaErrorCode as C;
+    let code = e.rdkafka_error_code();
+    match code {
+        Some(
+            C::ProducerFenced
+            | C::InvalidProducerEpoch
+            | C::Fenced
+            | C::TopicAuthorizationFailed
+            | C::GroupAuthorizationFailed
+            | C::TransactionalIdAuthorizationFailed
+            | C::ClusterAuthorizationFailed
+            | C::SaslAuthenticationFailed
+            | C::InvalidConfig
+            | C::MessageSizeTooLarge,
+        ) => ErrorClass::Definite,
+        _ => ErrorClass::Transient,
+    }
+}
+
+/// A base client config with bootstrap servers and the passthrough properties.
+pub fn client_config(cfg: &KafkaConfig) -> ClientConfig {
+    let mut c = ClientConfig::new();
+    c.set("bootstrap.servers", &cfg.bootstrap_servers);
+    for (k, v) in &cfg.properties {
+        c.set(k, v);
+    }
+    c
+}
+
+/// Creates `topics` if missing (an existing topic is fine; any other failure is returned).
+pub async fn ensure_topics(
+    cfg: &KafkaConfig,
+    topics: &[(String, i32, Vec<(&str, String)>)],
+) -> Result<(), KafkaClientError> {
+    let admin: AdminClient<DefaultClientContext> =
+        client_config(cfg).create().map_err(KafkaClientError::Config)?;
+    let new: Vec<NewTopic<'_>> = topics
+        .iter()
+        .map(|(name, parts, conf)| {
+            let mut t = NewTopic::new(name, *parts, TopicReplication::Fixed(-1));
+            for (k, v) in conf {
+                t = t.set(k, v);
+            }
+            t
+        })
+        .collect();
+    let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
+    let results = admin.create_topics(&new, &opts).await?;
+    for r in results {
+        match r {
+            Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+            Err((topic, code)) => {
+                return Err(KafkaClientError::CreateTopic {
+                    topic,
+                    source: KafkaError::AdminOp(code),
+                });
+            }
+        }
+    }
+    Ok(())
+}

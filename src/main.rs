@@ -1,0 +1,117 @@
+//! The `ecst` command line. Thin: parse, load config, set up logs, hand over to `app`.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use clap::{Parser, Subcommand};
+use ecst::app::{self, Components};
+use ecst::config::{Config, LogFormat};
+
+/// Event-Carried State Transfer sidecar: MySQL/MariaDB binlog → Avro/Kafka → copies in MongoDB.
+#[derive(Parser)]
+#[command(name = "ecst", version, about, long_about = None)]
+struct Cli {
+    /// Configuration file.
+    #[arg(long, short, global = true, default_value = "connector.toml", env = "ECST_CONFIG")]
+    config: PathBuf,
+    /// Log format (overrides `log.format`).
+    #[arg(long, global = true, value_parser = ["text", "json"])]
+    log_format: Option<String>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the source and the sink (those configured).
+    Run,
+    /// Run only the source (binlog → Kafka).
+    Source,
+    /// Run only the sink (Kafka → MongoDB).
+    Sink,
+    /// Check every service and setting, one line each; non-zero exit on failure.
+    Check,
+    /// Validate the configuration file only (no network).
+    Validate,
+    /// Print the effective configuration with secrets redacted.
+    PrintConfig,
+}
+
+fn init_logs(cfg: Option<&Config>, flag: Option<&str>) {
+    let level = cfg.and_then(|c| c.log.level.clone()).unwrap_or_else(|| "info".into());
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
+    let json = match flag {
+        Some(f) => f == "json",
+        None => cfg.is_some_and(|c| c.log.format == LogFormat::Json),
+    };
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_target(false);
+    if json {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let cfg = match Config::load(&cli.config) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("error: {}: {e}", cli.config.display());
+            return ExitCode::from(2);
+        }
+    };
+    match cli.command {
+        Command::Validate => {
+            println!("{}: valid", cli.config.display());
+            return ExitCode::SUCCESS;
+        }
+        Command::PrintConfig => {
+            println!("{}", cfg.redacted());
+            return ExitCode::SUCCESS;
+        }
+        _ => {}
+    }
+    init_logs(Some(&cfg), cli.log_format.as_deref());
+    // One TLS provider for every client (rustls with ring): set before any client exists.
+    if rustls::crypto::ring::default_provider().install_default().is_err() {
+        tracing::debug!("a rustls crypto provider was already installed");
+    }
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let cfg = Arc::new(cfg);
+    runtime.block_on(async move {
+        let which = match cli.command {
+            Command::Check => {
+                let checks = ecst::check::run_checks(&cfg).await;
+                let mut failed = 0;
+                for c in &checks {
+                    println!("{} {:<40} {}", if c.ok { "PASS" } else { "FAIL" }, c.name, c.detail);
+                    failed += usize::from(!c.ok);
+                }
+                println!("{} passed, {} failed", checks.len() - failed, failed);
+                return if failed == 0 { ExitCode::SUCCESS } else { ExitCode::FAILURE };
+            }
+            Command::Source => Components::Source,
+            Command::Sink => Components::Sink,
+            _ => Components::Both,
+        };
+        let (tx, rx) = ecst::shutdown::channel();
+        let tx = Arc::new(tx);
+        app::spawn_signal_handler(tx.clone());
+        match app::run(cfg, which, tx, rx).await {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                tracing::error!(error = %e, "ecst stopped with an error");
+                ExitCode::FAILURE
+            }
+        }
+    })
+}

@@ -1,0 +1,138 @@
+//! Every metric name and label key, described once, plus the `/metrics` `/health` `/ready`
+//! endpoint.
+//!
+//! Names follow Prometheus conventions (`_total` counters, `_seconds` histograms). Labels are
+//! low-cardinality (`table`, `mapping`, `class`), never a key value. Emission happens per batch or
+//! per transaction, not inside per-row loops, except where a counter increment is the whole cost.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use metrics::{Unit, describe_counter, describe_gauge, describe_histogram};
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+
+/// Label: `db.table`.
+pub const TABLE_LABEL: &str = "table";
+/// Label: mapping name.
+pub const MAPPING_LABEL: &str = "mapping";
+/// Label: error class (`transient` / `definite`).
+pub const CLASS_LABEL: &str = "class";
+/// Label: component (`source` / `sink`).
+pub const COMPONENT_LABEL: &str = "component";
+
+/// Counter, labels `table`: change events produced to Kafka (committed or not).
+pub const SOURCE_EVENTS_TOTAL: &str = "ecst_source_events_total";
+/// Counter: Kafka transactions committed by the source.
+pub const SOURCE_TRANSACTIONS_TOTAL: &str = "ecst_source_kafka_transactions_total";
+/// Gauge: milliseconds between the last committed source transaction's MySQL commit and now.
+pub const SOURCE_MS_BEHIND: &str = "ecst_source_ms_behind_source";
+/// Gauge: binlog file sequence number of the last committed position.
+pub const SOURCE_BINLOG_FILE: &str = "ecst_source_binlog_file_seq";
+/// Gauge: byte position of the last committed position.
+pub const SOURCE_BINLOG_POS: &str = "ecst_source_binlog_position";
+/// Gauge, labels `table`: snapshot rows read so far.
+pub const SNAPSHOT_ROWS_DONE: &str = "ecst_snapshot_rows_done";
+/// Gauge, labels `table`: estimated rows of the table being snapshotted.
+pub const SNAPSHOT_ROWS_TOTAL: &str = "ecst_snapshot_rows_total";
+/// Gauge: 1 while a snapshot runs.
+pub const SNAPSHOT_RUNNING: &str = "ecst_snapshot_running";
+/// Counter: reconnects/restarts of the source after transient errors.
+pub const SOURCE_RESTARTS_TOTAL: &str = "ecst_source_restarts_total";
+/// Counter, labels `mapping`: change events applied to MongoDB.
+pub const SINK_APPLIED_TOTAL: &str = "ecst_sink_applied_total";
+/// Counter, labels `mapping`: events skipped because the stored copy was newer (version guard).
+pub const SINK_STALE_TOTAL: &str = "ecst_sink_stale_skipped_total";
+/// Counter: messages sent to the dead-letter topic.
+pub const SINK_DLQ_TOTAL: &str = "ecst_sink_dead_letter_total";
+/// Counter, labels `component`, `class`: retries after errors.
+pub const RETRIES_TOTAL: &str = "ecst_retries_total";
+/// Gauge: consumer lag of the sink (messages), summed over assigned partitions.
+pub const SINK_CONSUMER_LAG: &str = "ecst_sink_consumer_lag";
+/// Histogram (seconds): MySQL commit → MongoDB acknowledged, from the source timestamp header.
+pub const END_TO_END_LATENCY: &str = "ecst_end_to_end_latency_seconds";
+/// Histogram (seconds): duration of one sink batch write to MongoDB.
+pub const SINK_BATCH_SECONDS: &str = "ecst_sink_batch_write_seconds";
+
+/// Readiness flags set by the components.
+#[derive(Debug, Default)]
+pub struct Readiness {
+    /// Source connected and streaming (or not configured).
+    pub source_ready: AtomicBool,
+    /// Sink consuming (or not configured).
+    pub sink_ready: AtomicBool,
+}
+
+impl Readiness {
+    /// Whether every configured component is ready.
+    pub fn ready(&self) -> bool {
+        self.source_ready.load(Ordering::Relaxed) && self.sink_ready.load(Ordering::Relaxed)
+    }
+}
+
+/// Installs the global recorder and describes every metric once. Returns the render handle.
+pub fn install() -> Result<PrometheusHandle, String> {
+    let handle = PrometheusBuilder::new()
+        .set_buckets_for_metric(
+            metrics_exporter_prometheus::Matcher::Suffix("_seconds".into()),
+            &[0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0],
+        )
+        .map_err(|e| e.to_string())?
+        .install_recorder()
+        .map_err(|e| e.to_string())?;
+    describe_counter!(SOURCE_EVENTS_TOTAL, "Change events produced to Kafka");
+    describe_counter!(SOURCE_TRANSACTIONS_TOTAL, "Kafka transactions committed by the source");
+    describe_gauge!(SOURCE_MS_BEHIND, Unit::Milliseconds, "Source lag behind the MySQL commit time");
+    describe_gauge!(SOURCE_BINLOG_FILE, "Binlog file sequence of the committed position");
+    describe_gauge!(SOURCE_BINLOG_POS, "Binlog byte position of the committed position");
+    describe_gauge!(SNAPSHOT_ROWS_DONE, "Snapshot rows read so far");
+    describe_gauge!(SNAPSHOT_ROWS_TOTAL, "Estimated rows of the table being snapshotted");
+    describe_gauge!(SNAPSHOT_RUNNING, "1 while a snapshot runs");
+    describe_counter!(SOURCE_RESTARTS_TOTAL, "Source restarts after transient errors");
+    describe_counter!(SINK_APPLIED_TOTAL, "Change events applied to MongoDB");
+    describe_counter!(SINK_STALE_TOTAL, "Events skipped because the stored copy was newer");
+    describe_counter!(SINK_DLQ_TOTAL, "Messages sent to the dead-letter topic");
+    describe_counter!(RETRIES_TOTAL, "Retries after errors");
+    describe_gauge!(SINK_CONSUMER_LAG, "Sink consumer lag in messages");
+    describe_histogram!(END_TO_END_LATENCY, Unit::Seconds, "MySQL commit to MongoDB applied");
+    describe_histogram!(SINK_BATCH_SECONDS, Unit::Seconds, "Sink batch write duration");
+    Ok(handle)
+}
+
+/// Serves `/metrics`, `/health` and `/ready` until the listener task is dropped.
+pub async fn serve(
+    listener: TcpListener,
+    handle: PrometheusHandle,
+    readiness: Arc<Readiness>,
+) {
+    loop {
+        let Ok((mut sock, _)) = listener.accept().await else { continue };
+        let handle = handle.clone();
+        let readiness = readiness.clone();
+        tokio::spawn(async move {
+            let mut buf = [0u8; 1024];
+            let n = match sock.read(&mut buf).await {
+                Ok(n) => n,
+                Err(_) => return,
+            };
+            let req = String::from_utf8_lossy(&buf[..n]);
+            let path = req.split_whitespace().nth(1).unwrap_or("/");
+            let (status, body) = match path {
+                "/metrics" => ("200 OK", handle.render()),
+                "/health" => ("200 OK", "ok\n".to_string()),
+                "/ready" if readiness.ready() => ("200 OK", "ready\n".to_string()),
+                "/ready" => ("503 Service Unavailable", "not ready\n".to_string()),
+                _ => ("404 Not Found", "not found\n".to_string()),
+            };
+            let resp = format!(
+                "HTTP/1.1 {status}\r\ncontent-type: text/plain; version=0.0.4\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                body.len()
+            );
+            // A client that went away is not our problem.
+            if let Err(e) = sock.write_all(resp.as_bytes()).await {
+                tracing::debug!(error = %e, "metrics client went away");
+            }
+        });
+    }
+}

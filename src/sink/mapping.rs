@@ -1,0 +1,261 @@
+//! Mappings: how one decoded change becomes MongoDB write statements.
+//!
+//! Every statement is guarded by the change's version, stored beside the copy in
+//! `_ecst.<mapping>`: a statement only matches documents whose stored version is missing or
+//! older. So replays, duplicates and late snapshot rows change nothing, and the writer may retry
+//! any statement freely ("must tolerate duplicate writes" holds by construction).
+//!
+//! * `embedded`: `update` with `multi: true` on `{<match_path>: key, guard}` setting
+//!   `<target_path>` to the projected row. Never upserts: parents belong to the order-service.
+//! * `document`: `update` with `upsert: true` on `{_id: key, guard}`. When the guard rejects an
+//!   existing newer document the upsert hits a duplicate `_id`: that is a stale change, skipped.
+
+use bson::{Bson, Document, doc};
+
+use super::decode::DecodedEvent;
+use crate::config::{DeletePolicy, KeyChangePolicy, MappingConfig, MappingKind};
+use crate::events::Op;
+
+/// Field holding the versions of all mappings in a document.
+pub const VERSION_FIELD: &str = "_ecst";
+/// Field set inside a copy by the `mark` delete policy (as Debezium's `__deleted`).
+pub const DELETED_FIELD: &str = "__deleted";
+
+/// One write statement.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Statement {
+    /// An `update` command statement.
+    Update {
+        /// Filter.
+        q: Document,
+        /// Update document.
+        u: Document,
+        /// Many documents.
+        multi: bool,
+        /// Insert when missing.
+        upsert: bool,
+    },
+    /// A `delete` command statement (one document).
+    Delete {
+        /// Filter.
+        q: Document,
+    },
+}
+
+/// A mapping ready to apply.
+#[derive(Debug, Clone)]
+pub struct Mapping {
+    /// Config.
+    pub cfg: MappingConfig,
+    version_path: String,
+}
+
+/// A change that cannot be mapped (goes to the dead-letter topic).
+#[derive(Debug, thiserror::Error)]
+#[error("mapping `{mapping}`: {detail}")]
+pub struct MappingError {
+    /// Mapping name.
+    pub mapping: String,
+    /// What is wrong.
+    pub detail: String,
+}
+
+impl Mapping {
+    /// Builds a mapping from its config.
+    pub fn new(cfg: MappingConfig) -> Self {
+        let version_path = format!("{VERSION_FIELD}.{}", cfg.name);
+        Mapping { cfg, version_path }
+    }
+
+    /// Path of the version field of this mapping.
+    pub fn version_path(&self) -> &str {
+        &self.version_path
+    }
+
+    fn err(&self, detail: impl Into<String>) -> MappingError {
+        MappingError { mapping: self.cfg.name.clone(), detail: detail.into() }
+    }
+
+    fn guard(&self, version: &str) -> Document {
+        doc! { "$or": [
+            { self.version_path.as_str(): { "$exists": false } },
+            { self.version_path.as_str(): { "$lt": version } },
+        ]}
+    }
+
+    /// The key's match value: the single key field's value, or the whole key document.
+    fn key_value(&self, key: &Document) -> Result<Bson, MappingError> {
+        match key.len() {
+            0 => Err(self.err("the change has no key (table without primary key)")),
+            1 => Ok(key.iter().next().map(|(_, v)| v.clone()).unwrap_or(Bson::Null)),
+            _ => match self.cfg.kind {
+                MappingKind::Document => Ok(Bson::Document(key.clone())),
+                MappingKind::Embedded => Err(self.err("embedded mappings need a single-column primary key")),
+            },
+        }
+    }
+
+    /// The copy of a row: projected and renamed per config.
+    pub fn project(&self, row: &Document) -> Result<Document, MappingError> {
+        let mut out = Document::new();
+        match &self.cfg.fields {
+            Some(fields) => {
+                for f in fields {
+                    let v = row.get(f).ok_or_else(|| self.err(format!("field `{f}` is not in the row")))?;
+                    out.insert(self.cfg.rename.get(f).cloned().unwrap_or_else(|| f.clone()), v.clone());
+                }
+            }
+            None => {
+                for (k, v) in row {
+                    out.insert(self.cfg.rename.get(k).cloned().unwrap_or_else(|| k.clone()), v.clone());
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// The statements that apply `ev`, in order.
+    pub fn statements(&self, ev: &DecodedEvent) -> Result<Vec<Statement>, MappingError> {
+        let v = ev.version.as_str();
+        let mut out = Vec::new();
+        match self.cfg.kind {
+            MappingKind::Embedded => {
+                let match_path = self.cfg.match_path.clone().unwrap_or_default();
+                let target = self.cfg.target_path.clone().unwrap_or_default();
+                match ev.op {
+                    Op::Create | Op::Read | Op::Update => {
+                        let row = ev.after.as_ref().ok_or_else(|| self.err("no after image"))?;
+                        let copy = self.project(row)?;
+                        let set = doc! { target.as_str(): copy, self.version_path.as_str(): v };
+                        if let (Some(old), KeyChangePolicy::Follow) = (&ev.old_key, self.cfg.on_key_change) {
+                            let old_value = self.key_value(old)?;
+                            let mut q = doc! { match_path.as_str(): old_value };
+                            q.extend(self.guard(v));
+                            out.push(Statement::Update { q, u: doc! { "$set": set.clone() }, multi: true, upsert: false });
+                        }
+                        let mut q = doc! { match_path.as_str(): self.key_value(&ev.key)? };
+                        q.extend(self.guard(v));
+                        out.push(Statement::Update { q, u: doc! { "$set": set }, multi: true, upsert: false });
+                    }
+                    Op::Delete => {
+                        if ev.new_key.is_some() && self.cfg.on_key_change == KeyChangePolicy::Follow {
+                            return Ok(out); // the create half moves the copies
+                        }
+                        let mut q = doc! { match_path.as_str(): self.key_value(&ev.key)? };
+                        q.extend(self.guard(v));
+                        let u = match self.cfg.on_delete {
+                            DeletePolicy::Keep => return Ok(out),
+                            DeletePolicy::Unset => doc! {
+                                "$unset": { target.as_str(): "" },
+                                "$set": { self.version_path.as_str(): v },
+                            },
+                            DeletePolicy::Mark => doc! { "$set": {
+                                format!("{target}.{DELETED_FIELD}"): true,
+                                self.version_path.as_str(): v,
+                            }},
+                        };
+                        // `$unset` of the matched path removes the match field too: fine, the
+                        // copy is gone; a re-insert of the key cannot find it any more.
+                        out.push(Statement::Update { q, u, multi: true, upsert: false });
+                    }
+                }
+            }
+            MappingKind::Document => {
+                let id = self.key_value(&ev.key)?;
+                let mut q = doc! { "_id": id };
+                q.extend(self.guard(v));
+                match ev.op {
+                    Op::Create | Op::Read | Op::Update => {
+                        let row = ev.after.as_ref().ok_or_else(|| self.err("no after image"))?;
+                        let mut set = self.project(row)?;
+                        set.remove("_id");
+                        set.insert(self.version_path.clone(), v);
+                        let mut u = doc! { "$set": set };
+                        if self.cfg.on_delete == DeletePolicy::Mark {
+                            u.insert("$unset", doc! { DELETED_FIELD: "" });
+                        }
+                        out.push(Statement::Update { q, u, multi: false, upsert: true });
+                    }
+                    Op::Delete => match self.cfg.on_delete {
+                        DeletePolicy::Keep => {}
+                        DeletePolicy::Unset => out.push(Statement::Delete { q }),
+                        DeletePolicy::Mark => out.push(Statement::Update {
+                            q,
+                            u: doc! { "$set": { DELETED_FIELD: true, self.version_path.as_str(): v } },
+                            multi: false,
+                            upsert: true,
+                        }),
+                    },
+                }
+            }
+        }
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::BTreeMap;
+
+    fn product_mapping() -> Mapping {
+        Mapping::new(MappingConfig {
+            name: "product_in_orders".into(),
+            topic: "ecst.test.product".into(),
+            kind: MappingKind::Embedded,
+            collection: "purchase_order".into(),
+            match_path: Some("product.productId".into()),
+            target_path: Some("product".into()),
+            fields: Some(vec!["id".into(), "description".into()]),
+            rename: BTreeMap::from([("id".to_string(), "productId".to_string())]),
+            on_delete: DeletePolicy::Unset,
+            on_key_change: KeyChangePolicy::Follow,
+        })
+    }
+
+    fn event(op: Op) -> DecodedEvent {
+        DecodedEvent {
+            op,
+            key: doc! { "id": 1 },
+            before: Some(doc! { "id": 1, "description": "IPad", "price": 300 }),
+            after: Some(doc! { "id": 1, "description": "IPad", "price": 300 }),
+            version: "v2".into(),
+            source_ts_ms: None,
+            old_key: None,
+            new_key: None,
+        }
+    }
+
+    #[test]
+    fn embedded_update_projects_renames_and_guards_by_version() {
+        let st = product_mapping().statements(&event(Op::Update)).expect("maps");
+        let [Statement::Update { q, u, multi: true, upsert: false }] = st.as_slice() else { panic!("{st:?}") };
+        assert_eq!(q.get("product.productId"), Some(&Bson::Int32(1)));
+        assert!(q.contains_key("$or"));
+        let set = u.get_document("$set").expect("$set");
+        assert_eq!(set.get_document("product").expect("copy"), &doc! { "productId": 1, "description": "IPad" });
+        assert_eq!(set.get_str("_ecst.product_in_orders"), Ok("v2"));
+    }
+
+    #[test]
+    fn key_change_follows_old_copies_and_the_delete_half_does_nothing() {
+        let m = product_mapping();
+        let mut create = event(Op::Create);
+        create.old_key = Some(doc! { "id": 9 });
+        let st = m.statements(&create).expect("maps");
+        assert_eq!(st.len(), 2);
+        let Statement::Update { q, .. } = &st[0] else { panic!() };
+        assert_eq!(q.get("product.productId"), Some(&Bson::Int32(9)));
+        let mut del = event(Op::Delete);
+        del.new_key = Some(doc! { "id": 1 });
+        assert!(m.statements(&del).expect("maps").is_empty());
+    }
+
+    #[test]
+    fn a_missing_projected_field_is_a_mapping_error() {
+        let mut ev = event(Op::Update);
+        ev.after = Some(doc! { "id": 1 });
+        let err = product_mapping().statements(&ev).expect_err("must fail");
+        assert!(err.to_string().contains("description"), "{err}");
+    }
+}

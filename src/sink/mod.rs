@@ -1,0 +1,458 @@
+//! The sink half: change topics → embedded copies (and plain replicas) in MongoDB.
+//!
+//! ```text
+//!  consumer group (read_committed) ─▶ batch ─▶ decode ─▶ collapse per key ─▶ statements ─▶ MongoDB
+//!                                                 │ definite error                 │ ack
+//!                                                 ▼                                ▼
+//!                                          dead-letter topic ───────────────▶ store offsets
+//! ```
+//!
+//! **Delivery.** Offsets are stored (`enable.auto.offset.store=false`) only after MongoDB
+//! acknowledged every statement of the batch *and* every dead-letter record was delivered; the
+//! auto-commit then commits stored offsets, and shutdown commits synchronously. At-least-once
+//! delivery plus version-guarded statements means each change takes effect once.
+//!
+//! **Order and batching.** A batch holds up to `batch_size` messages (or what arrived within
+//! `batch_timeout_ms`). One key always lives in one partition, so arrival order is source order
+//! per key; within a batch only the newest change per (mapping, key) is kept (except the
+//! create half of a key change, which moves old copies). Statements for one collection run in
+//! order, up to 1,000 per round trip; the next batch is read only when this one is done
+//! (in-flight work is bounded by one batch).
+//!
+//! **Errors.** Transient (MongoDB, Kafka or registry unavailable): the batch is retried with
+//! backoff; offsets do not move. Definite (bad framing, unknown schema id, undecodable datum,
+//! unmappable value, a statement MongoDB refuses): that message goes to the dead-letter topic with
+//! its original bytes and headers plus `ecst.dlq.*` headers naming topic, partition, offset, error
+//! class and message, and the worker continues.
+
+pub mod decode;
+pub mod mapping;
+pub mod mongo;
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
+use rdkafka::error::KafkaError;
+use rdkafka::message::{Header, Headers, OwnedHeaders, OwnedMessage};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::{Message, TopicPartitionList};
+
+use crate::config::{Config, MappingKind};
+use crate::error::{Backoff, Classify, ErrorClass};
+use crate::events::registry::{Registry, RegistryError};
+use crate::kafka::{KafkaClientError, MAX_MESSAGE_BYTES, client_config, ensure_topics};
+use crate::metrics::{self as m, Readiness};
+use crate::shutdown::ShutdownRx;
+use decode::{DecodeError, DecodedEvent, decode_message};
+use mapping::Mapping;
+use mongo::{MongoWriter, Tagged, is_transient};
+
+/// Dead-letter header: original topic.
+pub const DLQ_TOPIC_HEADER: &str = "ecst.dlq.topic";
+/// Dead-letter header: original partition.
+pub const DLQ_PARTITION_HEADER: &str = "ecst.dlq.partition";
+/// Dead-letter header: original offset.
+pub const DLQ_OFFSET_HEADER: &str = "ecst.dlq.offset";
+/// Dead-letter header: error class.
+pub const DLQ_CLASS_HEADER: &str = "ecst.dlq.error.class";
+/// Dead-letter header: error message.
+pub const DLQ_MESSAGE_HEADER: &str = "ecst.dlq.error.message";
+/// Dead-letter header: stage that failed (`decode`, `mapping`, `write`).
+pub const DLQ_STAGE_HEADER: &str = "ecst.dlq.stage";
+
+/// Errors of the sink half.
+#[derive(Debug, thiserror::Error)]
+pub enum SinkError {
+    /// Driver error.
+    #[error("mongodb: {0}")]
+    Mongo(#[source] mongodb::error::Error),
+    /// A retryable statement-level error.
+    #[error("mongodb write error {code}: {message}")]
+    MongoWrite {
+        /// Server code.
+        code: i32,
+        /// Message.
+        message: String,
+    },
+    /// A match path is not indexed and `create_indexes` is off.
+    #[error("collection `{collection}` has no index on `{path}`: every update would scan the collection; create it with db.{collection}.createIndex({{\"{path}\": 1}}) or set sink.create_indexes = true")]
+    MissingIndex {
+        /// Collection.
+        collection: String,
+        /// Path.
+        path: String,
+    },
+    /// Kafka.
+    #[error(transparent)]
+    Kafka(#[from] KafkaClientError),
+    /// Registry unreachable while decoding.
+    #[error(transparent)]
+    Registry(#[from] RegistryError),
+    /// Dead-letter produce failed.
+    #[error("dead-letter topic `{topic}`: {source}")]
+    DeadLetter {
+        /// Topic.
+        topic: String,
+        /// Cause.
+        #[source]
+        source: KafkaError,
+    },
+    /// Missing configuration.
+    #[error("sink is not configured: {0}")]
+    NotConfigured(&'static str),
+}
+
+impl Classify for SinkError {
+    fn class(&self) -> ErrorClass {
+        match self {
+            SinkError::Mongo(e) => {
+                if is_transient(e) {
+                    ErrorClass::Transient
+                } else {
+                    ErrorClass::Definite
+                }
+            }
+            SinkError::MongoWrite { .. } | SinkError::DeadLetter { .. } => ErrorClass::Transient,
+            SinkError::Kafka(e) => e.class(),
+            SinkError::Registry(e) => e.class(),
+            SinkError::MissingIndex { .. } | SinkError::NotConfigured(_) => ErrorClass::Definite,
+        }
+    }
+}
+
+/// A message that will be dead-lettered.
+struct DeadLetter {
+    msg: usize,
+    stage: &'static str,
+    class: ErrorClass,
+    error: String,
+}
+
+/// Counts of one processed batch (tests and benchmarks read them through metrics).
+#[derive(Debug, Default, Clone, Copy)]
+pub struct BatchStats {
+    /// Changes written.
+    pub applied: usize,
+    /// Messages dead-lettered.
+    pub dead_lettered: usize,
+}
+
+fn headers_of(msg: &OwnedMessage) -> Vec<(String, Vec<u8>)> {
+    match msg.headers() {
+        Some(h) => h.iter().map(|h| (h.key.to_string(), h.value.map(<[u8]>::to_vec).unwrap_or_default())).collect(),
+        None => Vec::new(),
+    }
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
+}
+
+/// The sink worker's state.
+pub struct Sink {
+    registry: Registry,
+    writer: MongoWriter,
+    mappings: Vec<Mapping>,
+    dlq: FutureProducer,
+    dlq_topic: String,
+}
+
+impl Sink {
+    /// Connects to MongoDB, checks indexes, prepares the dead-letter producer.
+    pub async fn new(cfg: Arc<Config>, registry: Registry) -> Result<Self, SinkError> {
+        let sink_cfg = cfg.sink.clone().ok_or(SinkError::NotConfigured("[sink]"))?;
+        let mongo = cfg.mongo.clone().ok_or(SinkError::NotConfigured("[mongo]"))?;
+        let writer = MongoWriter::connect(mongo.uri.expose(), &mongo.database).await?;
+        let mappings: Vec<Mapping> = sink_cfg.mappings.iter().cloned().map(Mapping::new).collect();
+        for mp in &mappings {
+            if mp.cfg.kind == MappingKind::Embedded
+                && let Some(path) = &mp.cfg.match_path
+            {
+                writer.ensure_index(&mp.cfg.collection, path, sink_cfg.create_indexes).await?;
+            }
+        }
+        let dlq_topic = cfg.dead_letter_topic();
+        ensure_topics(&cfg.kafka, &[(dlq_topic.clone(), 1, vec![("max.message.bytes", MAX_MESSAGE_BYTES.to_string())])]).await?;
+        let mut pc = client_config(&cfg.kafka);
+        pc.set("enable.idempotence", "true").set("message.max.bytes", MAX_MESSAGE_BYTES.to_string());
+        let dlq: FutureProducer = pc.create().map_err(|e| SinkError::Kafka(KafkaClientError::Config(e)))?;
+        Ok(Sink { registry, writer, mappings, dlq, dlq_topic })
+    }
+
+    /// The MongoDB writer (used by checks and tests).
+    pub fn writer(&self) -> &MongoWriter {
+        &self.writer
+    }
+
+    /// Decodes, maps and writes one batch; dead-letters what cannot be applied.
+    /// Returns an error only for transient problems (the caller retries the batch).
+    pub async fn process(&self, batch: &[OwnedMessage]) -> Result<BatchStats, SinkError> {
+        let mut dead: Vec<DeadLetter> = Vec::new();
+        // (mapping, message, event) in arrival order.
+        let mut entries: Vec<(usize, usize, Arc<DecodedEvent>)> = Vec::new();
+        for (i, msg) in batch.iter().enumerate() {
+            let headers = headers_of(msg);
+            match decode_message(&self.registry, msg.key(), msg.payload(), &headers).await {
+                Ok(None) => {}
+                Ok(Some(ev)) => {
+                    let ev = Arc::new(ev);
+                    for (mi, mp) in self.mappings.iter().enumerate() {
+                        if mp.cfg.topic == msg.topic() {
+                            entries.push((mi, i, ev.clone()));
+                        }
+                    }
+                }
+                Err(DecodeError::Registry { source, .. }) if source.class() == ErrorClass::Transient => {
+                    return Err(SinkError::Registry(source));
+                }
+                Err(e) => dead.push(DeadLetter { msg: i, stage: "decode", class: ErrorClass::Definite, error: e.to_string() }),
+            }
+        }
+        // Keep only the newest change per (mapping, key); key-change creates are kept always.
+        let mut seen: HashSet<(usize, String)> = HashSet::new();
+        let mut keep = vec![false; entries.len()];
+        for (idx, (mi, _, ev)) in entries.iter().enumerate().rev() {
+            let first_time = seen.insert((*mi, ev.key.to_string()));
+            keep[idx] = first_time || ev.old_key.is_some();
+        }
+        let mut per_collection: HashMap<&str, Vec<Tagged>> = HashMap::new();
+        let mut applied_per_mapping: HashMap<usize, u64> = HashMap::new();
+        for (idx, (mi, msg_i, ev)) in entries.iter().enumerate() {
+            if !keep[idx] {
+                *applied_per_mapping.entry(*mi).or_default() += 1;
+                continue;
+            }
+            let mp = &self.mappings[*mi];
+            match mp.statements(ev) {
+                Ok(stmts) => {
+                    *applied_per_mapping.entry(*mi).or_default() += 1;
+                    let list = per_collection.entry(mp.cfg.collection.as_str()).or_default();
+                    list.extend(stmts.into_iter().map(|stmt| Tagged { entry: idx, stmt }));
+                }
+                Err(e) => dead.push(DeadLetter { msg: *msg_i, stage: "mapping", class: ErrorClass::Definite, error: e.to_string() }),
+            }
+        }
+        let started = Instant::now();
+        for (coll, stmts) in &per_collection {
+            let outcome = self.writer.apply(coll, stmts).await?;
+            for (entry, error) in outcome.failed {
+                if let Some((mi, msg_i, _)) = entries.get(entry) {
+                    *applied_per_mapping.entry(*mi).or_default() -= 1;
+                    dead.push(DeadLetter { msg: *msg_i, stage: "write", class: ErrorClass::Definite, error });
+                }
+            }
+            for entry in outcome.stale {
+                if let Some((mi, _, _)) = entries.get(entry) {
+                    metrics::counter!(m::SINK_STALE_TOTAL, m::MAPPING_LABEL => self.mappings[*mi].cfg.name.clone()).increment(1);
+                }
+            }
+        }
+        metrics::histogram!(m::SINK_BATCH_SECONDS).record(started.elapsed().as_secs_f64());
+        let dead_count = dead.len();
+        self.dead_letter(batch, dead).await?;
+        // Everything of this batch is acknowledged: record metrics.
+        let now = now_ms();
+        for (mi, n) in &applied_per_mapping {
+            metrics::counter!(m::SINK_APPLIED_TOTAL, m::MAPPING_LABEL => self.mappings[*mi].cfg.name.clone()).increment(*n);
+        }
+        for (_, _, ev) in &entries {
+            if let Some(ts) = ev.source_ts_ms
+                && ts > 0
+            {
+                metrics::histogram!(m::END_TO_END_LATENCY).record((now - ts).max(0) as f64 / 1000.0);
+            }
+        }
+        Ok(BatchStats { applied: applied_per_mapping.values().sum::<u64>() as usize, dead_lettered: dead_count })
+    }
+
+    async fn dead_letter(&self, batch: &[OwnedMessage], dead: Vec<DeadLetter>) -> Result<(), SinkError> {
+        let mut pending = Vec::with_capacity(dead.len());
+        for d in dead {
+            let Some(msg) = batch.get(d.msg) else { continue };
+            tracing::warn!(topic = msg.topic(), partition = msg.partition(), offset = msg.offset(), stage = d.stage, error = %d.error, "message sent to the dead-letter topic");
+            let mut headers = OwnedHeaders::new();
+            for (k, v) in headers_of(msg) {
+                headers = headers.insert(Header { key: &k, value: Some(&v) });
+            }
+            let partition = msg.partition().to_string();
+            let offset = msg.offset().to_string();
+            headers = headers
+                .insert(Header { key: DLQ_TOPIC_HEADER, value: Some(msg.topic()) })
+                .insert(Header { key: DLQ_PARTITION_HEADER, value: Some(&partition) })
+                .insert(Header { key: DLQ_OFFSET_HEADER, value: Some(&offset) })
+                .insert(Header { key: DLQ_CLASS_HEADER, value: Some(d.class.as_str()) })
+                .insert(Header { key: DLQ_MESSAGE_HEADER, value: Some(&d.error) })
+                .insert(Header { key: DLQ_STAGE_HEADER, value: Some(d.stage) });
+            let mut rec: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(&self.dlq_topic).headers(headers);
+            if let Some(k) = msg.key() {
+                rec = rec.key(k);
+            }
+            if let Some(p) = msg.payload() {
+                rec = rec.payload(p);
+            }
+            pending.push(self.dlq.send(rec, Duration::from_secs(30)));
+        }
+        for fut in pending {
+            fut.await.map_err(|(source, _)| SinkError::DeadLetter { topic: self.dlq_topic.clone(), source })?;
+            metrics::counter!(m::SINK_DLQ_TOTAL).increment(1);
+        }
+        Ok(())
+    }
+}
+
+fn consumer_for(cfg: &Config) -> Result<StreamConsumer, SinkError> {
+    let sink = cfg.sink.as_ref().ok_or(SinkError::NotConfigured("[sink]"))?;
+    let mut cc = client_config(&cfg.kafka);
+    cc.set("group.id", &sink.group_id)
+        .set("enable.auto.commit", "true")
+        .set("auto.commit.interval.ms", "1000")
+        .set("enable.auto.offset.store", "false")
+        .set("isolation.level", "read_committed")
+        .set("auto.offset.reset", "earliest")
+        .set("partition.assignment.strategy", "cooperative-sticky")
+        .set("receive.message.max.bytes", (MAX_MESSAGE_BYTES * 2).to_string())
+        .set("fetch.max.bytes", MAX_MESSAGE_BYTES.to_string());
+    cc.create().map_err(|e| SinkError::Kafka(KafkaClientError::Config(e)))
+}
+
+/// Sums high watermark minus position over the assigned partitions (blocking: broker round trips).
+fn record_lag(consumer: &StreamConsumer) {
+    let (Ok(assignment), Ok(position)) = (consumer.assignment(), consumer.position()) else { return };
+    let mut lag: i64 = 0;
+    for el in assignment.elements() {
+        let pos = position
+            .find_partition(el.topic(), el.partition())
+            .and_then(|p| p.offset().to_raw())
+            .unwrap_or(-1);
+        if let Ok((_, high)) = consumer.fetch_watermarks(el.topic(), el.partition(), Duration::from_millis(500))
+            && pos >= 0
+            && high >= pos
+        {
+            lag += high - pos;
+        }
+    }
+    metrics::gauge!(m::SINK_CONSUMER_LAG).set(lag as f64);
+}
+
+/// Runs the sink until shutdown or a definite error.
+pub async fn run(
+    cfg: Arc<Config>,
+    registry: Registry,
+    mut shutdown: ShutdownRx,
+    readiness: Arc<Readiness>,
+) -> Result<(), SinkError> {
+    let Some(sink_cfg) = cfg.sink.clone() else { return Ok(()) };
+    let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(30));
+    // Start-up (MongoDB reachable, indexes) retried like any transient error.
+    let sink = loop {
+        match Sink::new(cfg.clone(), registry.clone()).await {
+            Ok(s) => break s,
+            Err(e) if e.class() == ErrorClass::Transient => {
+                let delay = backoff.next_delay();
+                tracing::warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "sink cannot start yet");
+                tokio::select! {
+                    () = shutdown.wait() => return Ok(()),
+                    () = tokio::time::sleep(delay) => {}
+                }
+            }
+            Err(e) => return Err(e),
+        }
+    };
+    backoff.reset();
+    let consumer = Arc::new(consumer_for(&cfg)?);
+    let topics: Vec<String> = {
+        let mut t: Vec<String> = sink_cfg.mappings.iter().map(|m| m.topic.clone()).collect();
+        t.sort();
+        t.dedup();
+        t
+    };
+    let topic_refs: Vec<&str> = topics.iter().map(String::as_str).collect();
+    consumer.subscribe(&topic_refs).map_err(|e| SinkError::Kafka(KafkaClientError::Broker(e)))?;
+    readiness.sink_ready.store(true, Ordering::Relaxed);
+    tracing::info!(topics = ?topics, group = %sink_cfg.group_id, "sink consuming");
+    let batch_timeout = Duration::from_millis(sink_cfg.batch_timeout_ms);
+    let mut last_lag = Instant::now();
+    'outer: loop {
+        // Gather a batch: block for the first message, then fill until size or timeout.
+        let first = tokio::select! {
+            biased;
+            // PRIORITY 1: shutdown.
+            () = shutdown.wait() => break 'outer,
+            // PRIORITY 2: input.
+            r = consumer.recv() => r,
+        };
+        let first = match first {
+            Ok(m) => m.detach(),
+            Err(e) => {
+                let delay = backoff.next_delay();
+                metrics::counter!(m::RETRIES_TOTAL, m::COMPONENT_LABEL => "sink", m::CLASS_LABEL => "transient").increment(1);
+                tracing::warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "kafka consume error");
+                tokio::select! {
+                    () = shutdown.wait() => break 'outer,
+                    () = tokio::time::sleep(delay) => {}
+                }
+                continue;
+            }
+        };
+        let mut batch = vec![first];
+        let deadline = tokio::time::Instant::now() + batch_timeout;
+        while batch.len() < sink_cfg.batch_size {
+            match tokio::time::timeout_at(deadline, consumer.recv()).await {
+                Ok(Ok(m)) => batch.push(m.detach()),
+                Ok(Err(e)) => {
+                    tracing::warn!(error = %e, "kafka consume error while filling a batch");
+                    break;
+                }
+                Err(_) => break,
+            }
+        }
+        // Apply, retrying transient failures until they pass (offsets do not move meanwhile).
+        loop {
+            match sink.process(&batch).await {
+                Ok(_) => {
+                    backoff.reset();
+                    break;
+                }
+                Err(e) if e.class() == ErrorClass::Transient => {
+                    let delay = backoff.next_delay();
+                    metrics::counter!(m::RETRIES_TOTAL, m::COMPONENT_LABEL => "sink", m::CLASS_LABEL => "transient").increment(1);
+                    tracing::warn!(error = %e, retry_in_ms = delay.as_millis() as u64, messages = batch.len(), "batch not applied, retrying");
+                    tokio::select! {
+                        () = shutdown.wait() => break 'outer,
+                        () = tokio::time::sleep(delay) => {}
+                    }
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        let mut tpl = TopicPartitionList::new();
+        let mut highest: HashMap<(String, i32), i64> = HashMap::new();
+        for msg in &batch {
+            let e = highest.entry((msg.topic().to_string(), msg.partition())).or_insert(-1);
+            *e = (*e).max(msg.offset());
+        }
+        for ((t, p), o) in highest {
+            tpl.add_partition_offset(&t, p, rdkafka::Offset::Offset(o + 1))
+                .map_err(|e| SinkError::Kafka(KafkaClientError::Broker(e)))?;
+        }
+        if let Err(e) = consumer.store_offsets(&tpl) {
+            // A partition revoked meanwhile: its new owner re-applies (idempotent), nothing lost.
+            tracing::warn!(error = %e, "storing offsets failed");
+        }
+        if last_lag.elapsed() > Duration::from_secs(2) {
+            let c = consumer.clone();
+            // Off the async threads; a slow broker answer only delays the gauge.
+            drop(tokio::task::spawn_blocking(move || record_lag(&c)));
+            last_lag = Instant::now();
+        }
+    }
+    readiness.sink_ready.store(false, Ordering::Relaxed);
+    if let Err(e) = consumer.commit_consumer_state(CommitMode::Sync) {
+        tracing::warn!(error = %e, "final offset commit failed; the last batch will be re-applied (idempotent)");
+    }
+    tracing::info!("sink stopped");
+    Ok(())
+}

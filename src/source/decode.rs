@@ -1,0 +1,324 @@
+//! MySQL values → [`Value`]: the type matrix, shared by the binlog and the snapshot paths.
+//!
+//! Both paths end in [`convert`], so the same row yields the same values whichever way it was
+//! read. The differences between the two wire forms are normalised here:
+//!
+//! | kind       | binlog gives                          | snapshot (binary protocol) gives     |
+//! |------------|---------------------------------------|--------------------------------------|
+//! | ENUM       | `Int(index)`                          | `Bytes(label)`                       |
+//! | SET        | `Bytes(bitmask, little-endian)`       | `Bytes("a,b")`                       |
+//! | YEAR       | `Bytes("2024")` (`"1900"` for 0000)   | `Int(2024)`                          |
+//! | TIMESTAMP  | `Bytes("secs.micros")` (UTC)          | `Date(..)` in the session zone (UTC) |
+//! | text       | bytes in the column charset           | UTF-8 (the connection charset)       |
+//! | MEDIUMINT  | not sign-extended by mysql_common     | correct                              |
+//!
+//! Rows are decoded with per-table cached column facts ([`BinlogColumn`]) instead of the stock
+//! `BinlogRow` API, which re-parses the TABLE_MAP metadata for every row.
+
+use mysql_common::binlog::value::BinlogValue;
+use mysql_common::constants::ColumnType;
+use mysql_common::io::ParseBuf;
+use mysql_common::value::Value as My;
+
+use super::SourceError;
+use super::table_map::BinlogTable;
+use crate::events::{Charset, Column, ColumnKind, Value};
+
+/// Which path a value came from (the wire forms differ, see the module table).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Origin {
+    /// Binlog rows event.
+    Binlog,
+    /// Snapshot query (binary protocol, connection charset utf8mb4, time zone UTC).
+    Snapshot,
+}
+
+/// Days since 1970-01-01 of a civil date (proleptic Gregorian).
+pub fn days_from_civil(y: i64, m: u32, d: u32) -> i64 {
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = if y >= 0 { y } else { y - 399 } / 400;
+    let yoe = y - era * 400;
+    let m = i64::from(m);
+    let doy = (153 * (if m > 2 { m - 3 } else { m + 9 }) + 2) / 5 + i64::from(d) - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    era * 146_097 + doe - 719_468
+}
+
+/// Decodes MySQL `latin1` (really Windows-1252) to a `String`.
+pub fn decode_latin1(bytes: &[u8]) -> String {
+    const CP1252: [char; 32] = [
+        '€', '\u{81}', '‚', 'ƒ', '„', '…', '†', '‡', 'ˆ', '‰', 'Š', '‹', 'Œ', '\u{8d}', 'Ž',
+        '\u{8f}', '\u{90}', '‘', '’', '“', '”', '•', '–', '—', '˜', '™', 'š', '›', 'œ', '\u{9d}',
+        'ž', 'Ÿ',
+    ];
+    bytes
+        .iter()
+        .map(|&b| if (0x80..0xa0).contains(&b) { CP1252[usize::from(b - 0x80)] } else { char::from(b) })
+        .collect()
+}
+
+fn text(bytes: Vec<u8>, cs: Charset, origin: Origin) -> String {
+    match (cs, origin) {
+        (Charset::Latin1 | Charset::Ascii, Origin::Binlog) => decode_latin1(&bytes),
+        _ => match String::from_utf8(bytes) {
+            Ok(s) => s,
+            // Never get stuck on one bad string (mysql_cdc's failure mode): keep the row,
+            // replace the invalid sequences, and say so.
+            Err(e) => {
+                tracing::warn!(error = %e, "invalid utf-8 in a text column, replaced");
+                String::from_utf8_lossy(e.as_bytes()).into_owned()
+            }
+        },
+    }
+}
+
+fn mismatch(col: &Column, v: &My) -> SourceError {
+    SourceError::ValueType { column: col.name.clone(), detail: format!("{:?} for {:?}", v, col.kind) }
+}
+
+fn zero_date(col: &Column) -> Value {
+    // MySQL zero dates ('0000-00-00') have no calendar meaning: NULL where allowed (as Debezium).
+    if col.nullable { Value::Null } else { Value::Micros(0) }
+}
+
+/// Converts one MySQL value of `col` to a [`Value`].
+pub fn convert(col: &Column, v: My, origin: Origin, int24_signed: bool) -> Result<Value, SourceError> {
+    use ColumnKind as K;
+    Ok(match (&col.kind, v) {
+        (_, My::NULL) => Value::Null,
+        (K::Int, My::Int(i)) => {
+            let i = if int24_signed && i > 0x7f_ffff { i - 0x100_0000 } else { i };
+            Value::Int(i32::try_from(i).map_err(|_| mismatch(col, &My::Int(i)))?)
+        }
+        (K::Int, My::UInt(u)) => Value::Int(i32::try_from(u).map_err(|_| mismatch(col, &My::UInt(u)))?),
+        (K::Long, My::Int(i)) => Value::Long(i),
+        (K::Long, My::UInt(u)) => Value::Long(i64::try_from(u).map_err(|_| mismatch(col, &My::UInt(u)))?),
+        (K::UnsignedLong, My::UInt(u)) => Value::Decimal(u.to_string()),
+        (K::UnsignedLong, My::Int(i)) => Value::Decimal((i as u64).to_string()),
+        (K::Year, My::Int(i)) => Value::Int(i as i32),
+        (K::Year, My::UInt(u)) => Value::Int(u as i32),
+        (K::Year, My::Bytes(b)) => {
+            let y: i32 = std::str::from_utf8(&b).ok().and_then(|s| s.parse().ok()).unwrap_or(0);
+            Value::Int(if y == 1900 { 0 } else { y })
+        }
+        (K::Float, My::Float(f)) => Value::Float(f),
+        (K::Float, My::Double(d)) => Value::Float(d as f32),
+        (K::Double, My::Double(d)) => Value::Double(d),
+        (K::Double, My::Float(f)) => Value::Double(f64::from(f)),
+        (K::Decimal { .. }, My::Bytes(b)) => Value::Decimal(String::from_utf8_lossy(&b).into_owned()),
+        (K::Date, My::Date(y, m, d, ..)) => {
+            if m == 0 || d == 0 {
+                return Ok(if col.nullable { Value::Null } else { Value::Date(0) });
+            }
+            Value::Date(days_from_civil(i64::from(y), u32::from(m), u32::from(d)) as i32)
+        }
+        (K::DateTime | K::Timestamp, My::Date(y, m, d, h, mi, s, us)) => {
+            if m == 0 || d == 0 {
+                return Ok(zero_date(col));
+            }
+            let days = days_from_civil(i64::from(y), u32::from(m), u32::from(d));
+            let secs = days * 86_400 + i64::from(h) * 3_600 + i64::from(mi) * 60 + i64::from(s);
+            Value::Micros(secs * 1_000_000 + i64::from(us))
+        }
+        (K::Timestamp, My::Bytes(b)) => {
+            let s = String::from_utf8_lossy(&b);
+            let (sec, frac) = s.split_once('.').unwrap_or((&s, "0"));
+            let sec: i64 = sec.parse().map_err(|_| mismatch(col, &My::Bytes(b.clone())))?;
+            let mut frac = frac.to_string();
+            frac.truncate(6);
+            while frac.len() < 6 {
+                frac.push('0');
+            }
+            let us: i64 = frac.parse().map_err(|_| mismatch(col, &My::Bytes(b.clone())))?;
+            if sec == 0 && us == 0 {
+                return Ok(zero_date(col));
+            }
+            Value::Micros(sec * 1_000_000 + us)
+        }
+        (K::Timestamp, My::Int(sec)) => Value::Micros(sec * 1_000_000),
+        (K::Time, My::Time(neg, days, h, m, s, us)) => {
+            let total = ((i64::from(days) * 24 + i64::from(h)) * 3_600 + i64::from(m) * 60
+                + i64::from(s))
+                * 1_000_000
+                + i64::from(us);
+            Value::TimeMicros(if neg { -total } else { total })
+        }
+        (K::String(cs), My::Bytes(b)) => Value::String(text(b, *cs, origin)),
+        (K::Json, My::Bytes(b)) => {
+            // Normalise JSON text so both paths render it identically.
+            let s = text(b, Charset::Utf8, origin);
+            match serde_json::from_str::<serde_json::Value>(&s) {
+                Ok(j) => Value::String(j.to_string()),
+                Err(_) => Value::String(s),
+            }
+        }
+        (K::Bytes | K::Bits(_), My::Bytes(b)) => Value::Bytes(b),
+        (K::Bits(_), My::UInt(u)) => Value::Bytes(u.to_be_bytes().to_vec()),
+        (K::Boolean, My::Bytes(b)) => Value::Boolean(b.iter().any(|x| *x != 0)),
+        (K::Boolean, My::Int(i)) => Value::Boolean(i != 0),
+        (K::Boolean, My::UInt(u)) => Value::Boolean(u != 0),
+        (K::Enum(labels), My::Int(i)) => {
+            // Index 0 is MySQL's "invalid value" empty string.
+            let idx = usize::try_from(i).unwrap_or(0);
+            Value::String(if idx == 0 { String::new() } else { labels.get(idx - 1).cloned().unwrap_or_default() })
+        }
+        (K::Enum(_), My::Bytes(b)) => Value::String(text(b, Charset::Utf8, origin)),
+        (K::Set(labels), My::Bytes(b)) if origin == Origin::Binlog => {
+            let mut mask: u64 = 0;
+            for (i, byte) in b.iter().enumerate().take(8) {
+                mask |= u64::from(*byte) << (8 * i);
+            }
+            let chosen: Vec<&str> = labels
+                .iter()
+                .enumerate()
+                .filter(|(i, _)| mask & (1u64 << i) != 0)
+                .map(|(_, l)| l.as_str())
+                .collect();
+            Value::String(chosen.join(","))
+        }
+        (K::Set(_), My::Bytes(b)) => Value::String(text(b, Charset::Utf8, origin)),
+        (_, other) => return Err(mismatch(col, &other)),
+    })
+}
+
+/// Decodes the rows of one rows event with the cached table facts.
+///
+/// Returns `(before, after)` images per row. `rows_data` is the event's row payload;
+/// `before_cols`/`after_cols` the column-presence bitmaps (FULL row image: all set).
+pub fn decode_rows<'a>(
+    table: &'a BinlogTable,
+    rows_data: &'a [u8],
+    before_present: Option<&[bool]>,
+    after_present: Option<&[bool]>,
+) -> Result<Vec<(Option<Vec<Value>>, Option<Vec<Value>>)>, SourceError> {
+    let mut buf = ParseBuf(rows_data);
+    let mut out = Vec::new();
+    while !buf.is_empty() {
+        let before = match before_present {
+            Some(p) => Some(decode_image(table, &mut buf, p)?),
+            None => None,
+        };
+        let after = match after_present {
+            Some(p) => Some(decode_image(table, &mut buf, p)?),
+            None => None,
+        };
+        out.push((before, after));
+    }
+    Ok(out)
+}
+
+fn decode_image<'a>(
+    table: &'a BinlogTable,
+    buf: &mut ParseBuf<'a>,
+    present: &[bool],
+) -> Result<Vec<Value>, SourceError> {
+    let qn = || table.schema.qualified_name();
+    let n_present = present.iter().filter(|p| **p).count();
+    let bitmap_len = n_present.div_ceil(8);
+    let bitmap: &[u8] = buf
+        .checked_eat(bitmap_len)
+        .ok_or_else(|| SourceError::RowDecode { table: qn(), detail: "truncated null bitmap".into() })?;
+    let mut row = Vec::with_capacity(table.columns.len());
+    let mut image_idx = 0usize;
+    for (i, (bc, col)) in table.columns.iter().zip(&table.schema.columns).enumerate() {
+        if !present.get(i).copied().unwrap_or(false) {
+            // Not in the image (only with binlog_row_image != FULL, which preflight refuses).
+            row.push(Value::Null);
+            continue;
+        }
+        let is_null = bitmap.get(image_idx / 8).is_some_and(|b| b & (1 << (image_idx % 8)) != 0);
+        image_idx += 1;
+        if is_null {
+            row.push(Value::Null);
+            continue;
+        }
+        let raw: BinlogValue<'_> = buf
+            .parse((bc.ty, bc.meta.as_slice(), bc.unsigned, false))
+            .map_err(|e| SourceError::RowDecode { table: qn(), detail: format!("column `{}`: {e}", col.name) })?;
+        let my = match raw {
+            BinlogValue::Value(v) => v,
+            BinlogValue::Jsonb(j) => {
+                let json = serde_json::Value::try_from(j).map_err(|e| SourceError::RowDecode {
+                    table: qn(),
+                    detail: format!("column `{}`: {e}", col.name),
+                })?;
+                My::Bytes(json.to_string().into_bytes())
+            }
+            BinlogValue::JsonDiff(_) => {
+                return Err(SourceError::RowDecode {
+                    table: qn(),
+                    detail: format!(
+                        "column `{}`: partial JSON update; set binlog_row_value_options='' on the server",
+                        col.name
+                    ),
+                });
+            }
+        };
+        let int24_signed = bc.ty == ColumnType::MYSQL_TYPE_INT24 && !bc.unsigned;
+        row.push(convert(col, my, Origin::Binlog, int24_signed)?);
+    }
+    Ok(row)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn col(kind: ColumnKind) -> Column {
+        Column { name: "c".into(), kind, nullable: true }
+    }
+
+    #[test]
+    fn civil_dates_map_to_epoch_days() {
+        assert_eq!(days_from_civil(1970, 1, 1), 0);
+        assert_eq!(days_from_civil(2024, 2, 29), 19_782);
+        assert_eq!(days_from_civil(1969, 12, 31), -1);
+    }
+
+    #[test]
+    fn latin1_is_decoded_as_windows_1252() {
+        assert_eq!(decode_latin1(b"caf\xe9 \x80"), "café €");
+    }
+
+    #[test]
+    fn binlog_and_snapshot_forms_of_the_same_value_convert_identically() {
+        let set = col(ColumnKind::Set(vec!["a".into(), "b".into(), "c".into()]));
+        assert_eq!(
+            convert(&set, My::Bytes(vec![5]), Origin::Binlog, false).ok(),
+            convert(&set, My::Bytes(b"a,c".to_vec()), Origin::Snapshot, false).ok()
+        );
+        let en = col(ColumnKind::Enum(vec!["x".into(), "y".into()]));
+        assert_eq!(
+            convert(&en, My::Int(2), Origin::Binlog, false).ok(),
+            convert(&en, My::Bytes(b"y".to_vec()), Origin::Snapshot, false).ok()
+        );
+        let ts = col(ColumnKind::Timestamp);
+        assert_eq!(
+            convert(&ts, My::Bytes(b"1704067200.123000".to_vec()), Origin::Binlog, false).ok(),
+            convert(&ts, My::Date(2024, 1, 1, 0, 0, 0, 123_000), Origin::Snapshot, false).ok()
+        );
+        let y = col(ColumnKind::Year);
+        assert_eq!(convert(&y, My::Bytes(b"2024".to_vec()), Origin::Binlog, false).ok(), Some(Value::Int(2024)));
+        assert_eq!(convert(&y, My::Int(2024), Origin::Snapshot, false).ok(), Some(Value::Int(2024)));
+    }
+
+    #[test]
+    fn signed_mediumint_is_sign_extended_and_unsigned_bigint_does_not_wrap() {
+        let c = col(ColumnKind::Int);
+        assert_eq!(convert(&c, My::Int(16_777_211), Origin::Binlog, true).ok(), Some(Value::Int(-5)));
+        let u = col(ColumnKind::UnsignedLong);
+        assert_eq!(
+            convert(&u, My::UInt(u64::MAX), Origin::Binlog, false).ok(),
+            Some(Value::Decimal("18446744073709551615".into()))
+        );
+    }
+
+    #[test]
+    fn negative_time_keeps_its_sign_and_microseconds() {
+        let c = col(ColumnKind::Time);
+        assert_eq!(
+            convert(&c, My::Time(true, 0, 12, 34, 56, 789_000), Origin::Binlog, false).ok(),
+            Some(Value::TimeMicros(-45_296_789_000))
+        );
+    }
+}

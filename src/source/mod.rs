@@ -1,0 +1,801 @@
+//! The source half: MySQL/MariaDB binlog → Avro change events in Kafka, exactly once.
+//!
+//! ```text
+//!  snapshot / binlog reader ──(bounded mpsc of SourceMsg)──▶ producer loop ──▶ Kafka (transactional)
+//! ```
+//!
+//! **Positions and exactly-once.** The reader emits row changes as it decodes them and a
+//! [`SourceMsg::Commit`] at every transaction boundary of the source. The producer loop writes the
+//! changes inside an open Kafka transaction and, at a boundary, writes the [`SourceOffset`] to the
+//! offsets topic *in the same Kafka transaction* and commits it (every `commit_interval_ms`, so
+//! many MySQL transactions share one Kafka transaction). A `read_committed` consumer therefore
+//! sees each change exactly once: after `kill -9` the open Kafka transaction is aborted (by the
+//! restarted producer's `init_transactions`, which also fences any zombie instance with the same
+//! `name`), and reading resumes from the last committed offset.
+//!
+//! **Failures.** Every error is classed (see [`SourceError::class`]). Transient ones (MySQL down,
+//! stream stalled, Kafka or registry unavailable) abort the open Kafka transaction and restart the
+//! session after a backoff from the last committed offset; nothing is held in memory across a
+//! restart except that offset. Definite ones (bad settings, purged position with
+//! `snapshot_mode = "initial"`, a schema the registry refuses, being fenced) stop the source with
+//! one clear message.
+//!
+//! **Backpressure.** The channel is bounded (`source.channel_capacity`) and the producer waits
+//! when librdkafka's queue is full, so a Kafka or registry outage pauses the reader with bounded
+//! memory.
+
+pub mod binlog;
+pub mod decode;
+pub mod preflight;
+pub mod snapshot;
+pub mod table_map;
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use mysql_async::prelude::Queryable;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+use rdkafka::{Message, Offset, TopicPartitionList};
+use tokio::sync::mpsc;
+
+use crate::config::{Config, MysqlConfig, SnapshotMode, SourceConfig, TlsMode};
+use crate::error::{Backoff, Classify, ErrorClass};
+use crate::events::avro::{AvroError, TableAvro, encode_envelope, encode_key};
+use crate::events::registry::{Registry, RegistryError, frame_into};
+use crate::events::{
+    ChangeEvent, HEADER_NEW_KEY, HEADER_OLD_KEY, HEADER_SOURCE_TS, Op, TableSchema, key_json,
+};
+use crate::kafka::{KafkaClientError, MAX_MESSAGE_BYTES, client_config, ensure_topics, kafka_error_class};
+use crate::metrics::{self as m, Readiness};
+use crate::offsets::{BinlogPosition, SourceOffset};
+use crate::shutdown::ShutdownRx;
+
+/// Errors of the source half.
+#[derive(Debug, thiserror::Error)]
+pub enum SourceError {
+    /// MySQL protocol or connection error.
+    #[error("mysql: {0}")]
+    Mysql(#[from] mysql_async::Error),
+    /// Connecting took longer than `mysql.connect_timeout_ms`.
+    #[error("mysql: connect to {host}:{port} timed out")]
+    ConnectTimeout {
+        /// Host.
+        host: String,
+        /// Port.
+        port: u16,
+    },
+    /// No event (not even a heartbeat) for too long.
+    #[error("binlog stream silent for {silent_ms} ms (no heartbeat); reconnecting")]
+    Stalled {
+        /// Silence that triggered the watchdog.
+        silent_ms: u64,
+    },
+    /// The server closed the stream.
+    #[error("binlog stream ended by the server")]
+    StreamEnded,
+    /// An event failed its CRC32 check.
+    #[error("binlog event at {file}:{pos} failed its CRC32 check")]
+    Checksum {
+        /// File.
+        file: String,
+        /// End position of the event.
+        pos: u64,
+    },
+    /// A TABLE_MAP event could not be understood.
+    #[error("table map of `{table}`: {detail}")]
+    TableMap {
+        /// Table.
+        table: String,
+        /// Detail.
+        detail: String,
+    },
+    /// TABLE_MAP lacks column names: the server does not log full row metadata.
+    #[error("binlog for `{table}` has no column names: set binlog_row_metadata = FULL on the server")]
+    MissingRowMetadata {
+        /// Table.
+        table: String,
+    },
+    /// A column type ecst does not map.
+    #[error("table `{table}` column `{column}`: unsupported type {detail}")]
+    UnsupportedType {
+        /// Table.
+        table: String,
+        /// Column.
+        column: String,
+        /// The type.
+        detail: String,
+    },
+    /// A value that does not fit its column.
+    #[error("column `{column}`: unexpected value {detail}")]
+    ValueType {
+        /// Column.
+        column: String,
+        /// Detail.
+        detail: String,
+    },
+    /// A rows event could not be decoded.
+    #[error("rows of `{table}`: {detail}")]
+    RowDecode {
+        /// Table.
+        table: String,
+        /// Detail.
+        detail: String,
+    },
+    /// A configured table does not exist.
+    #[error("table `{table}` does not exist or is not readable")]
+    TableNotFound {
+        /// Table.
+        table: String,
+    },
+    /// The server reported no binlog position (binary logging off?).
+    #[error("the server reports no binlog position: is log_bin enabled?")]
+    NoBinlogPosition,
+    /// Preflight failures, all of them.
+    #[error("preflight failed:\n{}", .0.iter().map(|c| format!("  - {}: {}", c.name, c.detail)).collect::<Vec<_>>().join("\n"))]
+    Preflight(Vec<preflight::Check>),
+    /// The stored position is gone and the snapshot mode does not allow a new snapshot.
+    #[error("stored position {position} was purged from the server; set source.snapshot_mode = \"when_needed\" to re-snapshot, or reset the offsets topic")]
+    Purged {
+        /// The stored position.
+        position: BinlogPosition,
+    },
+    /// The registry refused a new schema version.
+    #[error("schema change of `{table}` refused by the registry ({columns}); the source stopped before that change, nothing after it is lost. {detail}")]
+    SchemaRefused {
+        /// Table.
+        table: String,
+        /// Column-level summary of the change.
+        columns: String,
+        /// Registry message.
+        detail: String,
+    },
+    /// Registry errors other than refusal.
+    #[error(transparent)]
+    Registry(#[from] RegistryError),
+    /// Avro encoding failed.
+    #[error(transparent)]
+    Avro(#[from] AvroError),
+    /// Kafka errors.
+    #[error(transparent)]
+    Kafka(#[from] KafkaClientError),
+    /// The stored offset could not be read.
+    #[error("offsets topic `{topic}`: {detail}")]
+    Offsets {
+        /// Topic.
+        topic: String,
+        /// Detail.
+        detail: String,
+    },
+    /// The reader task ended because the producer side went away (shutdown or error).
+    #[error("internal channel closed")]
+    ChannelClosed,
+    /// A task panicked or was cancelled.
+    #[error("source task failed: {0}")]
+    Task(String),
+}
+
+impl From<KafkaError> for SourceError {
+    fn from(e: KafkaError) -> Self {
+        SourceError::Kafka(KafkaClientError::Broker(e))
+    }
+}
+
+impl Classify for SourceError {
+    fn class(&self) -> ErrorClass {
+        use SourceError as E;
+        match self {
+            E::Mysql(e) => match e {
+                mysql_async::Error::Server(s) if matches!(s.code, 1045 | 1044 | 1142 | 1227 | 1236 | 4052) => {
+                    ErrorClass::Definite
+                }
+                _ => ErrorClass::Transient,
+            },
+            E::ConnectTimeout { .. }
+            | E::Stalled { .. }
+            | E::StreamEnded
+            | E::Checksum { .. }
+            | E::ChannelClosed
+            | E::Offsets { .. } => ErrorClass::Transient,
+            E::Registry(e) => e.class(),
+            E::Kafka(e) => e.class(),
+            E::TableMap { .. }
+            | E::MissingRowMetadata { .. }
+            | E::UnsupportedType { .. }
+            | E::ValueType { .. }
+            | E::RowDecode { .. }
+            | E::TableNotFound { .. }
+            | E::NoBinlogPosition
+            | E::Preflight(_)
+            | E::Purged { .. }
+            | E::SchemaRefused { .. }
+            | E::Avro(_)
+            | E::Task(_) => ErrorClass::Definite,
+        }
+    }
+}
+
+/// What the reader hands to the producer loop.
+#[derive(Debug)]
+pub enum SourceMsg {
+    /// One row change.
+    Change(ChangeEvent),
+    /// A source transaction boundary: everything before it is complete.
+    Commit {
+        /// Resume position after this transaction.
+        position: BinlogPosition,
+        /// Its GTID, if known.
+        gtid: Option<String>,
+        /// Its commit time (ms), 0 if unknown.
+        ts_ms: i64,
+    },
+    /// The snapshot finished; streaming starts at `position`.
+    SnapshotDone {
+        /// The snapshot's consistent position.
+        position: BinlogPosition,
+    },
+}
+
+/// Opens a MySQL connection per config, within the connect timeout.
+pub async fn connect(cfg: &MysqlConfig) -> Result<mysql_async::Conn, SourceError> {
+    let mut opts = mysql_async::OptsBuilder::default()
+        .ip_or_hostname(cfg.host.clone())
+        .tcp_port(cfg.port)
+        .user(Some(cfg.user.clone()))
+        .pass(cfg.password.as_ref().map(|p| p.expose().to_string()))
+        .prefer_socket(false);
+    if cfg.tls == TlsMode::Required {
+        let mut ssl = mysql_async::SslOpts::default();
+        if let Some(ca) = &cfg.ca_file {
+            ssl = ssl.with_root_certs(vec![std::path::PathBuf::from(ca).into()]);
+        }
+        opts = opts.ssl_opts(ssl);
+    }
+    let fut = mysql_async::Conn::new(opts);
+    match tokio::time::timeout(Duration::from_millis(cfg.connect_timeout_ms), fut).await {
+        Ok(conn) => Ok(conn?),
+        Err(_) => Err(SourceError::ConnectTimeout { host: cfg.host.clone(), port: cfg.port }),
+    }
+}
+
+/// Reads the last committed offset of `name` from the offsets topic (read_committed).
+pub async fn load_offset(cfg: &Config, topic: &str) -> Result<Option<SourceOffset>, SourceError> {
+    let mut cc = client_config(&cfg.kafka);
+    cc.set("group.id", format!("{}-offsets-reader", cfg.name))
+        .set("enable.auto.commit", "false")
+        .set("isolation.level", "read_committed")
+        .set("auto.offset.reset", "earliest");
+    let name = cfg.name.clone();
+    let topic = topic.to_string();
+    let t = topic.clone();
+    let res = tokio::task::spawn_blocking(move || -> Result<Option<SourceOffset>, String> {
+        let consumer: BaseConsumer = cc.create().map_err(|e| e.to_string())?;
+        let (low, high) = consumer
+            .fetch_watermarks(&t, 0, Duration::from_secs(10))
+            .map_err(|e| e.to_string())?;
+        if high <= low {
+            return Ok(None);
+        }
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition_offset(&t, 0, Offset::Beginning).map_err(|e| e.to_string())?;
+        consumer.assign(&tpl).map_err(|e| e.to_string())?;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let mut last = None;
+        loop {
+            if let Some(msg) = consumer.poll(Duration::from_millis(200)) {
+                let msg = msg.map_err(|e| e.to_string())?;
+                if msg.key() == Some(name.as_bytes())
+                    && let Some(payload) = msg.payload()
+                {
+                    last = Some(SourceOffset::from_bytes(payload).map_err(|e| e.to_string())?);
+                }
+                if msg.offset() >= high - 1 {
+                    break;
+                }
+            } else {
+                let pos = consumer.position().map_err(|e| e.to_string())?;
+                let at = pos.find_partition(&t, 0).and_then(|p| p.offset().to_raw()).unwrap_or(-1);
+                if at >= high {
+                    break;
+                }
+            }
+            if Instant::now() > deadline {
+                return Err(format!("could not read up to offset {high} within 30 s"));
+            }
+        }
+        Ok(last)
+    })
+    .await
+    .map_err(|e| SourceError::Task(e.to_string()))?;
+    res.map_err(|detail| SourceError::Offsets { topic, detail })
+}
+
+struct TableState {
+    topic: String,
+    key_id: u32,
+    value_id: u32,
+}
+
+fn describe_change(old: Option<&TableSchema>, new: &TableSchema) -> String {
+    let Some(old) = old else { return format!("columns: {}", new.columns.iter().map(|c| c.name.as_str()).collect::<Vec<_>>().join(", ")) };
+    let mut parts = Vec::new();
+    for c in &new.columns {
+        match old.columns.iter().find(|o| o.name == c.name) {
+            None => parts.push(format!(
+                "added column `{}`{}",
+                c.name,
+                if c.nullable { "" } else { " NOT NULL (no default in the schema)" }
+            )),
+            Some(o) if o != c => parts.push(format!("changed column `{}` from {:?} to {:?}", c.name, o.kind, c.kind)),
+            Some(_) => {}
+        }
+    }
+    for o in &old.columns {
+        if !new.columns.iter().any(|c| c.name == o.name) {
+            parts.push(format!("dropped column `{}`", o.name));
+        }
+    }
+    parts.join("; ")
+}
+
+/// The producer side: encodes, registers schemas, produces in Kafka transactions.
+struct Publisher {
+    cfg: Arc<Config>,
+    producer: FutureProducer,
+    registry: Registry,
+    states: HashMap<usize, (Arc<TableSchema>, Arc<TableState>)>,
+    last_shapes: HashMap<String, Arc<TableSchema>>,
+    open: bool,
+    key_buf: Vec<u8>,
+    val_buf: Vec<u8>,
+    datum: Vec<u8>,
+    events_since_commit: u64,
+}
+
+impl Publisher {
+    async fn state_for(&mut self, schema: &Arc<TableSchema>) -> Result<Arc<TableState>, SourceError> {
+        let ptr = Arc::as_ptr(schema) as usize;
+        if let Some((_, st)) = self.states.get(&ptr) {
+            return Ok(st.clone());
+        }
+        let topic = self.cfg.topic_for(&schema.db, &schema.table);
+        let avro = TableAvro::derive(&self.cfg.name, schema)?;
+        let qn = schema.qualified_name();
+        let reg = async {
+            let key_id = self.registry.register(&format!("{topic}-key"), &avro.key_json).await?;
+            let value_id = self.registry.register(&format!("{topic}-value"), &avro.value_json).await?;
+            Ok::<_, RegistryError>((key_id, value_id))
+        };
+        let (key_id, value_id) = match reg.await {
+            Ok(ids) => ids,
+            Err(RegistryError::Refused { detail, .. }) => {
+                return Err(SourceError::SchemaRefused {
+                    table: qn.clone(),
+                    columns: describe_change(self.last_shapes.get(&qn).map(|s| s.as_ref()), schema),
+                    detail,
+                });
+            }
+            Err(e) => return Err(e.into()),
+        };
+        if self.last_shapes.get(&qn).is_some_and(|old| old.as_ref() != schema.as_ref()) {
+            tracing::info!(table = %qn, value_schema_id = value_id, "table shape changed, new schema registered");
+        }
+        self.last_shapes.insert(qn, schema.clone());
+        let st = Arc::new(TableState { topic, key_id, value_id });
+        self.states.insert(ptr, (schema.clone(), st.clone()));
+        Ok(st)
+    }
+
+    async fn begin(&mut self) -> Result<(), SourceError> {
+        if !self.open {
+            self.producer.begin_transaction()?;
+            self.open = true;
+        }
+        Ok(())
+    }
+
+    /// Produces one record, waiting while librdkafka's queue is full (backpressure).
+    async fn produce(
+        &self,
+        topic: &str,
+        key: &[u8],
+        payload: Option<&[u8]>,
+        headers: OwnedHeaders,
+    ) -> Result<(), SourceError> {
+        let mut record = FutureRecord::to(topic).key(key).headers(headers);
+        if let Some(p) = payload {
+            record = record.payload(p);
+        }
+        loop {
+            match self.producer.send_result(record) {
+                // Delivery failures surface at commit_transaction, which then fails as a whole.
+                Ok(_delivery) => return Ok(()),
+                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), r)) => {
+                    record = r;
+                    tokio::time::sleep(Duration::from_millis(2)).await;
+                }
+                Err((e, _)) => return Err(e.into()),
+            }
+        }
+    }
+
+    async fn publish(&mut self, ev: ChangeEvent) -> Result<(), SourceError> {
+        self.begin().await?;
+        let st = self.state_for(&ev.schema).await?;
+        let now_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as i64)
+            .unwrap_or(0);
+        let ts_header = ev.source.ts_ms.to_string();
+        let key_changed = ev.op == Op::Update
+            && match (&ev.before, &ev.after) {
+                (Some(b), Some(a)) => ev.schema.key_of(b) != ev.schema.key_of(a),
+                _ => false,
+            };
+        if key_changed {
+            // As Debezium: delete(old key) + tombstone, then create(new key), linked by headers.
+            let old_key = ev.schema.key_of(ev.before.as_deref().unwrap_or_default());
+            let new_key = ev.schema.key_of(ev.after.as_deref().unwrap_or_default());
+            let del = ChangeEvent { op: Op::Delete, after: None, ..ev.clone() };
+            let create = ChangeEvent { op: Op::Create, before: None, ..ev };
+            let h = OwnedHeaders::new()
+                .insert(Header { key: HEADER_SOURCE_TS, value: Some(ts_header.as_bytes()) })
+                .insert(Header { key: HEADER_NEW_KEY, value: Some(key_json(&del.schema, &new_key).as_bytes()) });
+            self.write_one(&st, &del, now_ms, h, true).await?;
+            let h = OwnedHeaders::new()
+                .insert(Header { key: HEADER_SOURCE_TS, value: Some(ts_header.as_bytes()) })
+                .insert(Header { key: HEADER_OLD_KEY, value: Some(key_json(&create.schema, &old_key).as_bytes()) });
+            self.write_one(&st, &create, now_ms, h, false).await?;
+        } else {
+            let h = OwnedHeaders::new().insert(Header { key: HEADER_SOURCE_TS, value: Some(ts_header.as_bytes()) });
+            let tomb = ev.op == Op::Delete;
+            self.write_one(&st, &ev, now_ms, h, tomb).await?;
+        }
+        metrics::counter!(m::SOURCE_EVENTS_TOTAL, m::TABLE_LABEL => st.topic.clone()).increment(1);
+        Ok(())
+    }
+
+    async fn write_one(
+        &mut self,
+        st: &TableState,
+        ev: &ChangeEvent,
+        now_ms: i64,
+        headers: OwnedHeaders,
+        tombstone_after: bool,
+    ) -> Result<(), SourceError> {
+        self.key_buf.clear();
+        self.datum.clear();
+        encode_key(&mut self.datum, &ev.schema, &ev.key())?;
+        frame_into(&mut self.key_buf, st.key_id, &self.datum);
+        self.datum.clear();
+        self.val_buf.clear();
+        encode_envelope(&mut self.datum, &self.cfg.name, ev, now_ms)?;
+        frame_into(&mut self.val_buf, st.value_id, &self.datum);
+        let key = std::mem::take(&mut self.key_buf);
+        let val = std::mem::take(&mut self.val_buf);
+        self.produce(&st.topic, &key, Some(&val), headers.clone()).await?;
+        let tombstones = self.cfg.source.as_ref().is_some_and(|s| s.tombstones_on_delete);
+        if tombstone_after && tombstones {
+            self.produce(&st.topic, &key, None, headers).await?;
+        }
+        self.key_buf = key;
+        self.val_buf = val;
+        self.events_since_commit += 1;
+        Ok(())
+    }
+
+    /// Writes `offset` and commits the open transaction (opening one if needed).
+    async fn commit(&mut self, offset: &SourceOffset) -> Result<(), SourceError> {
+        self.begin().await?;
+        let topic = self.cfg.offsets_topic();
+        let bytes = offset.to_bytes();
+        self.produce(&topic, self.cfg.name.as_bytes(), Some(&bytes), OwnedHeaders::new()).await?;
+        let p = self.producer.clone();
+        tokio::task::spawn_blocking(move || p.commit_transaction(Duration::from_secs(60)))
+            .await
+            .map_err(|e| SourceError::Task(e.to_string()))??;
+        self.open = false;
+        self.events_since_commit = 0;
+        metrics::counter!(m::SOURCE_TRANSACTIONS_TOTAL).increment(1);
+        metrics::gauge!(m::SOURCE_BINLOG_POS).set(offset.position.pos as f64);
+        if let Some(seq) = offset.position.file_seq() {
+            metrics::gauge!(m::SOURCE_BINLOG_FILE).set(seq as f64);
+        }
+        Ok(())
+    }
+
+    async fn abort(&mut self) {
+        if !self.open {
+            return;
+        }
+        let p = self.producer.clone();
+        match tokio::task::spawn_blocking(move || p.abort_transaction(Duration::from_secs(30))).await {
+            Ok(Ok(())) => tracing::info!("open kafka transaction aborted"),
+            Ok(Err(e)) => tracing::warn!(error = %e, "abort of the open kafka transaction failed"),
+            Err(e) => tracing::warn!(error = %e, "abort task failed"),
+        }
+        self.open = false;
+    }
+}
+
+/// Creates the transactional producer and fences older instances with the same name.
+async fn transactional_producer(cfg: &Config) -> Result<FutureProducer, SourceError> {
+    let mut cc = client_config(&cfg.kafka);
+    cc.set("transactional.id", format!("ecst-source-{}", cfg.name))
+        .set("enable.idempotence", "true")
+        .set("partitioner", "murmur2_random")
+        .set("message.max.bytes", MAX_MESSAGE_BYTES.to_string())
+        .set("linger.ms", "5")
+        .set("compression.type", "lz4")
+        .set("transaction.timeout.ms", "300000")
+        .set("queue.buffering.max.kbytes", "262144");
+    let producer: FutureProducer = cc.create().map_err(|e| SourceError::Kafka(KafkaClientError::Config(e)))?;
+    let p = producer.clone();
+    tokio::task::spawn_blocking(move || p.init_transactions(Duration::from_secs(30)))
+        .await
+        .map_err(|e| SourceError::Task(e.to_string()))??;
+    Ok(producer)
+}
+
+/// Runs the source until shutdown or a definite error.
+pub async fn run(
+    cfg: Arc<Config>,
+    registry: Registry,
+    mut shutdown: ShutdownRx,
+    readiness: Arc<Readiness>,
+) -> Result<(), SourceError> {
+    let (Some(src), Some(mysql)) = (cfg.source.clone(), cfg.mysql.clone()) else {
+        return Ok(());
+    };
+    let mut backoff = Backoff::new(Duration::from_millis(500), Duration::from_secs(30));
+    let mut first = true;
+    let mut publisher: Option<Publisher> = None;
+    let mut committed: Option<SourceOffset> = None;
+    loop {
+        if shutdown.is_triggered() {
+            return Ok(());
+        }
+        let res = session(&cfg, &src, &mysql, &registry, &mut publisher, &mut committed, first, shutdown.clone(), &readiness).await;
+        readiness.source_ready.store(false, Ordering::Relaxed);
+        if let Some(p) = publisher.as_mut() {
+            p.abort().await;
+        }
+        match res {
+            Ok(()) => return Ok(()),
+            Err(e) if e.class() == ErrorClass::Transient => {
+                let delay = backoff.next_delay();
+                metrics::counter!(m::SOURCE_RESTARTS_TOTAL).increment(1);
+                metrics::counter!(m::RETRIES_TOTAL, m::COMPONENT_LABEL => "source", m::CLASS_LABEL => "transient").increment(1);
+                tracing::warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "source interrupted, will resume from the last committed position");
+                // A fenced or broken producer must be recreated; a fresh one also aborts leftovers.
+                if matches!(&e, SourceError::Kafka(_)) {
+                    publisher = None;
+                }
+                tokio::select! {
+                    () = shutdown.wait() => return Ok(()),
+                    () = tokio::time::sleep(delay) => {}
+                }
+            }
+            Err(e) => {
+                if let SourceError::Kafka(k) = &e
+                    && matches!(k, KafkaClientError::Broker(ke) if ke.rdkafka_error_code() == Some(RDKafkaErrorCode::ProducerFenced) || kafka_error_class(ke) == ErrorClass::Definite)
+                {
+                    tracing::error!(error = %e, "source stopped: another instance with the same name took over (fenced) or kafka refused");
+                }
+                return Err(e);
+            }
+        }
+        first = false;
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn session(
+    cfg: &Arc<Config>,
+    src: &SourceConfig,
+    mysql: &MysqlConfig,
+    registry: &Registry,
+    publisher: &mut Option<Publisher>,
+    committed: &mut Option<SourceOffset>,
+    first: bool,
+    mut shutdown: ShutdownRx,
+    readiness: &Arc<Readiness>,
+) -> Result<(), SourceError> {
+    let offsets_topic = cfg.offsets_topic();
+    let mut topics = vec![(
+        offsets_topic.clone(),
+        1,
+        vec![("cleanup.policy", "compact".to_string())],
+    )];
+    for t in &src.tables {
+        let (db, table) = t.split_once('.').unwrap_or(("", t));
+        topics.push((cfg.topic_for(db, table), src.topic_partitions, vec![("max.message.bytes", MAX_MESSAGE_BYTES.to_string())]));
+    }
+    ensure_topics(&cfg.kafka, &topics).await?;
+    if publisher.is_none() {
+        *publisher = Some(Publisher {
+            cfg: cfg.clone(),
+            producer: transactional_producer(cfg).await?,
+            registry: registry.clone(),
+            states: HashMap::new(),
+            last_shapes: HashMap::new(),
+            open: false,
+            key_buf: Vec::new(),
+            val_buf: Vec::new(),
+            datum: Vec::new(),
+            events_since_commit: 0,
+        });
+        // The producer's init_transactions aborted any transaction a previous incarnation left
+        // open, so the committed offset read now is final.
+        *committed = load_offset(cfg, &offsets_topic).await?;
+    }
+    let Some(publisher) = publisher.as_mut() else { return Err(SourceError::Task("no publisher".into())) };
+
+    let stored = committed.clone().filter(|o| o.snapshot_completed);
+    let checks = preflight::check_mysql(mysql, &src.tables, stored.as_ref().map(|o| &o.position)).await?;
+    let purged = checks.iter().any(|c| c.name == "mysql resume position" && !c.ok);
+    let failed: Vec<_> = checks.into_iter().filter(|c| !c.ok && c.name != "mysql resume position").collect();
+    if !failed.is_empty() {
+        return Err(SourceError::Preflight(failed));
+    }
+    let mut need_snapshot = match (src.snapshot_mode, &stored) {
+        (SnapshotMode::Always, _) if first => true,
+        (SnapshotMode::Never, _) => false,
+        (_, None) => true,
+        (_, Some(_)) => false,
+    };
+    if purged && !need_snapshot {
+        match (src.snapshot_mode, &stored) {
+            (SnapshotMode::WhenNeeded, _) => {
+                tracing::warn!("stored position was purged from the server, re-snapshotting (snapshot_mode = when_needed)");
+                need_snapshot = true;
+            }
+            (_, Some(o)) => return Err(SourceError::Purged { position: o.position.clone() }),
+            (_, None) => {}
+        }
+    }
+    let start = match (&stored, need_snapshot) {
+        (Some(o), false) => Some(o.position.clone()),
+        (None, false) => {
+            // snapshot_mode = never and nothing stored: start at the current end.
+            let mut conn = connect(mysql).await?;
+            let st: Option<mysql_async::Row> = conn.query_first("SHOW MASTER STATUS").await?;
+            let st = st.ok_or(SourceError::NoBinlogPosition)?;
+            let file: String = st.get(0).ok_or(SourceError::NoBinlogPosition)?;
+            let pos: u64 = st.get(1).ok_or(SourceError::NoBinlogPosition)?;
+            Some(BinlogPosition { file, pos })
+        }
+        (_, true) => None,
+    };
+
+    let (tx, mut rx) = mpsc::channel::<SourceMsg>(src.channel_capacity);
+    let reader_cfg = mysql.clone();
+    let tables: Vec<String> = src.tables.clone();
+    let chunk = src.snapshot_chunk_size;
+    let reader_shutdown = shutdown.clone();
+    let reader = tokio::spawn(async move {
+        let start = match start {
+            Some(p) => p,
+            None => {
+                let position = snapshot::run_snapshot(&reader_cfg, &tables, chunk, &tx).await?;
+                tx.send(SourceMsg::SnapshotDone { position: position.clone() })
+                    .await
+                    .map_err(|_| SourceError::ChannelClosed)?;
+                position
+            }
+        };
+        binlog::run_reader(reader_cfg, tables.into_iter().collect::<HashSet<_>>(), start, tx, reader_shutdown).await
+    });
+    let abort_reader = reader.abort_handle();
+    let result = pump(src, publisher, committed, &mut rx, &mut shutdown, readiness).await;
+    drop(rx);
+    let reader_result = match result {
+        Ok(()) => {
+            // Shutdown: the reader stops on the same signal.
+            reader.await
+        }
+        Err(e) => {
+            abort_reader.abort();
+            return Err(e);
+        }
+    };
+    match reader_result {
+        Ok(Ok(())) | Ok(Err(SourceError::ChannelClosed)) => Ok(()),
+        Ok(Err(e)) => Err(e),
+        Err(join) if join.is_cancelled() => Ok(()),
+        Err(join) => Err(SourceError::Task(join.to_string())),
+    }
+}
+
+/// The producer loop of one session.
+async fn pump(
+    src: &SourceConfig,
+    publisher: &mut Publisher,
+    committed: &mut Option<SourceOffset>,
+    rx: &mut mpsc::Receiver<SourceMsg>,
+    shutdown: &mut ShutdownRx,
+    readiness: &Arc<Readiness>,
+) -> Result<(), SourceError> {
+    let interval = Duration::from_millis(src.commit_interval_ms);
+    let idle_interval = interval.max(Duration::from_secs(1));
+    let mut tick = tokio::time::interval(interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last_commit = Instant::now();
+    let mut at_boundary = true;
+    let mut snapshot_done = committed.as_ref().is_some_and(|o| o.snapshot_completed);
+    let mut pending: Option<SourceOffset> = None;
+    let mut last_ts_ms: i64 = 0;
+    let tables = src.tables.clone();
+    readiness.source_ready.store(true, Ordering::Relaxed);
+    loop {
+        let msg = tokio::select! {
+            biased;
+            // PRIORITY 1: shutdown — commit if at a boundary, else the open work is re-read later.
+            () = shutdown.wait() => {
+                if at_boundary && let Some(o) = pending.take() {
+                    publisher.commit(&o).await?;
+                    *committed = Some(o);
+                }
+                return Ok(());
+            }
+            // PRIORITY 2: the commit timer.
+            _ = tick.tick() => None,
+            // PRIORITY 3: new input.
+            m = rx.recv() => match m {
+                Some(m) => Some(m),
+                None => return Err(SourceError::ChannelClosed),
+            },
+        };
+        match msg {
+            Some(SourceMsg::Change(ev)) => {
+                at_boundary = false;
+                publisher.publish(ev).await?;
+            }
+            Some(SourceMsg::Commit { position, gtid, ts_ms }) => {
+                at_boundary = true;
+                if ts_ms > 0 {
+                    last_ts_ms = ts_ms;
+                }
+                if snapshot_done {
+                    pending = Some(SourceOffset { position, gtid, snapshot_completed: true, tables: tables.clone() });
+                }
+            }
+            Some(SourceMsg::SnapshotDone { position }) => {
+                at_boundary = true;
+                snapshot_done = true;
+                pending = Some(SourceOffset { position, gtid: None, snapshot_completed: true, tables: tables.clone() });
+                // The end of a snapshot is committed at once.
+                if let Some(o) = pending.take() {
+                    publisher.commit(&o).await?;
+                    *committed = Some(o);
+                    last_commit = Instant::now();
+                }
+            }
+            None => {}
+        }
+        if !at_boundary {
+            continue;
+        }
+        let due = if publisher.open { last_commit.elapsed() >= interval } else { last_commit.elapsed() >= idle_interval };
+        if due
+            && let Some(o) = pending.take()
+        {
+            if committed.as_ref() != Some(&o) {
+                publisher.commit(&o).await?;
+                *committed = Some(o);
+                if last_ts_ms > 0 {
+                    let now = std::time::SystemTime::now()
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .map(|d| d.as_millis() as i64)
+                        .unwrap_or(0);
+                    metrics::gauge!(m::SOURCE_MS_BEHIND).set((now - last_ts_ms).max(0) as f64);
+                }
+            }
+            last_commit = Instant::now();
+        }
+    }
+}

@@ -1,0 +1,127 @@
+//! Preflight: server settings and grants checked before streaming, one clear line each.
+//!
+//! Every check yields a [`Check`] (name, pass/fail, what was found, how to fix it). The source
+//! refuses to start when any fails; `ecst check` prints them all.
+
+use mysql_async::prelude::Queryable;
+
+use super::{SourceError, connect};
+use crate::config::MysqlConfig;
+use crate::offsets::BinlogPosition;
+
+/// One preflight result.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Check {
+    /// What was checked, e.g. `mysql binlog_format`.
+    pub name: String,
+    /// Whether it passed.
+    pub ok: bool,
+    /// What was found, and for failures what it must be and how to fix it.
+    pub detail: String,
+}
+
+impl Check {
+    fn pass(name: &str, detail: impl Into<String>) -> Check {
+        Check { name: name.into(), ok: true, detail: detail.into() }
+    }
+    fn fail(name: &str, detail: impl Into<String>) -> Check {
+        Check { name: name.into(), ok: false, detail: detail.into() }
+    }
+}
+
+fn setting(name: &str, actual: Option<&str>, expected: &str, fix: &str) -> Check {
+    let check = format!("mysql {name}");
+    match actual {
+        Some(a) if a.eq_ignore_ascii_case(expected) => Check::pass(&check, format!("{name} = {a}")),
+        other => Check::fail(
+            &check,
+            format!("{name} is {}, must be {expected}; fix: {fix}", other.unwrap_or("unset")),
+        ),
+    }
+}
+
+/// Runs every MySQL check. A connection failure is returned as an error (transient).
+pub async fn check_mysql(
+    cfg: &MysqlConfig,
+    tables: &[String],
+    resume: Option<&BinlogPosition>,
+) -> Result<Vec<Check>, SourceError> {
+    let mut conn = connect(cfg).await?;
+    let mut out = Vec::new();
+    let version: String = conn.query_first("SELECT VERSION()").await?.unwrap_or_default();
+    out.push(Check::pass("mysql connection", format!("connected to {version}")));
+    let mariadb = version.contains("MariaDB");
+    let vars: Vec<(String, String)> = conn
+        .query(
+            "SHOW GLOBAL VARIABLES WHERE Variable_name IN ('log_bin', 'binlog_format', \
+             'binlog_row_image', 'binlog_row_metadata', 'binlog_checksum', 'binlog_row_value_options')",
+        )
+        .await?;
+    let get = |k: &str| vars.iter().find(|(n, _)| n == k).map(|(_, v)| v.as_str());
+    let cnf = "set it in the server config ([mysqld] section) and restart, or SET GLOBAL";
+    out.push(setting("log_bin", get("log_bin"), "ON", "start the server with log_bin (and a server_id)"));
+    out.push(setting("binlog_format", get("binlog_format"), "ROW", cnf));
+    out.push(setting("binlog_row_image", get("binlog_row_image"), "FULL", cnf));
+    out.push(setting(
+        "binlog_row_metadata",
+        get("binlog_row_metadata"),
+        "FULL",
+        "SET GLOBAL binlog_row_metadata = FULL (MariaDB 10.5+, MySQL 8.0+): column names, signedness and keys are read from the binlog",
+    ));
+    match get("binlog_row_value_options") {
+        Some(v) if v.to_ascii_uppercase().contains("PARTIAL_JSON") => out.push(Check::fail(
+            "mysql binlog_row_value_options",
+            "is PARTIAL_JSON, must be empty: partial JSON images cannot be turned into full rows",
+        )),
+        _ => {}
+    }
+    match get("binlog_checksum") {
+        Some(c) if c.eq_ignore_ascii_case("CRC32") || c.eq_ignore_ascii_case("NONE") => {
+            out.push(Check::pass("mysql binlog_checksum", format!("binlog_checksum = {c}")))
+        }
+        other => out.push(Check::fail(
+            "mysql binlog_checksum",
+            format!("binlog_checksum is {}, must be CRC32 or NONE", other.unwrap_or("unset")),
+        )),
+    }
+    // Grants: try what the source does rather than parse SHOW GRANTS.
+    match conn.query::<mysql_async::Row, _>("SHOW BINARY LOGS").await {
+        Ok(logs) => {
+            let names: Vec<String> = logs.iter().filter_map(|r| r.get::<String, _>(0)).collect();
+            out.push(Check::pass("mysql grant binlog monitor", format!("{} binlog file(s) visible", names.len())));
+            if let Some(pos) = resume {
+                if names.iter().any(|n| n == &pos.file) {
+                    out.push(Check::pass("mysql resume position", format!("{pos} is still on the server")));
+                } else {
+                    out.push(Check::fail(
+                        "mysql resume position",
+                        format!(
+                            "{pos} was purged from the server (oldest is {}); fix: snapshot_mode = \"when_needed\" re-snapshots",
+                            names.first().map_or("none", String::as_str)
+                        ),
+                    ));
+                }
+            }
+        }
+        Err(e) => out.push(Check::fail(
+            "mysql grant binlog monitor",
+            format!(
+                "SHOW BINARY LOGS failed ({e}); fix: GRANT {} ON *.* TO '{}'",
+                if mariadb { "BINLOG MONITOR, REPLICATION SLAVE" } else { "REPLICATION CLIENT, REPLICATION SLAVE" },
+                cfg.user
+            ),
+        )),
+    }
+    for t in tables {
+        let (db, table) = t.split_once('.').unwrap_or(("", t));
+        let sql = format!("SELECT 1 FROM `{}`.`{}` LIMIT 0", db.replace('`', "``"), table.replace('`', "``"));
+        match conn.query_drop(sql).await {
+            Ok(()) => out.push(Check::pass(&format!("mysql table {t}"), "exists and is readable")),
+            Err(e) => out.push(Check::fail(
+                &format!("mysql table {t}"),
+                format!("cannot be read ({e}); fix: create it or GRANT SELECT ON {db}.* TO '{}'", cfg.user),
+            )),
+        }
+    }
+    Ok(out)
+}
