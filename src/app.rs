@@ -46,7 +46,11 @@ pub fn registry(cfg: &Config) -> Result<Registry, AppError> {
     Registry::new(&RegistrySettings {
         url: cfg.schema_registry.url.clone(),
         username: cfg.schema_registry.username.clone(),
-        password: cfg.schema_registry.password.as_ref().map(|p| p.expose().to_string()),
+        password: cfg
+            .schema_registry
+            .password
+            .as_ref()
+            .map(|p| p.expose().to_string()),
         timeout: Duration::from_millis(cfg.schema_registry.timeout_ms),
     })
     .map_err(|e| AppError::Setup(e.to_string()))
@@ -62,8 +66,12 @@ pub async fn run(
     let readiness = Arc::new(Readiness::default());
     let run_source = which != Components::Sink && cfg.source.is_some();
     let run_sink = which != Components::Source && cfg.sink.is_some();
-    readiness.source_ready.store(!run_source, std::sync::atomic::Ordering::Relaxed);
-    readiness.sink_ready.store(!run_sink, std::sync::atomic::Ordering::Relaxed);
+    readiness
+        .source_ready
+        .store(!run_source, std::sync::atomic::Ordering::Relaxed);
+    readiness
+        .sink_ready
+        .store(!run_sink, std::sync::atomic::Ordering::Relaxed);
     let mut server = None;
     if !cfg.metrics.listen.is_empty() {
         let handle = metrics::install().map_err(AppError::Setup)?;
@@ -71,29 +79,55 @@ pub async fn run(
             .await
             .map_err(|e| AppError::Setup(format!("metrics.listen {}: {e}", cfg.metrics.listen)))?;
         tracing::info!(listen = %cfg.metrics.listen, "metrics and health endpoint up");
-        server = Some(tokio::spawn(metrics::serve(listener, handle, readiness.clone())));
+        server = Some(tokio::spawn(metrics::serve(
+            listener,
+            handle,
+            readiness.clone(),
+        )));
     }
     let registry = registry(&cfg)?;
     let mut tasks = Vec::new();
     if run_source {
-        let (c, r, s, rd, tx) = (cfg.clone(), registry.clone(), shutdown_rx.clone(), readiness.clone(), shutdown_tx.clone());
-        tasks.push(("source", tokio::spawn(async move {
-            let res = crate::source::run(c, r, s, rd).await.map_err(|e| format!("source ({}): {e}", e.class().as_str()));
-            if res.is_err() {
-                tx.trigger();
-            }
-            res
-        })));
+        let (c, r, s, rd, tx) = (
+            cfg.clone(),
+            registry.clone(),
+            shutdown_rx.clone(),
+            readiness.clone(),
+            shutdown_tx.clone(),
+        );
+        tasks.push((
+            "source",
+            tokio::spawn(async move {
+                let res = crate::source::run(c, r, s, rd)
+                    .await
+                    .map_err(|e| format!("source ({}): {e}", e.class().as_str()));
+                if res.is_err() {
+                    tx.trigger();
+                }
+                res
+            }),
+        ));
     }
     if run_sink {
-        let (c, r, s, rd, tx) = (cfg.clone(), registry.clone(), shutdown_rx.clone(), readiness.clone(), shutdown_tx.clone());
-        tasks.push(("sink", tokio::spawn(async move {
-            let res = crate::sink::run(c, r, s, rd).await.map_err(|e| format!("sink ({}): {e}", e.class().as_str()));
-            if res.is_err() {
-                tx.trigger();
-            }
-            res
-        })));
+        let (c, r, s, rd, tx) = (
+            cfg.clone(),
+            registry.clone(),
+            shutdown_rx.clone(),
+            readiness.clone(),
+            shutdown_tx.clone(),
+        );
+        tasks.push((
+            "sink",
+            tokio::spawn(async move {
+                let res = crate::sink::run(c, r, s, rd)
+                    .await
+                    .map_err(|e| format!("sink ({}): {e}", e.class().as_str()));
+                if res.is_err() {
+                    tx.trigger();
+                }
+                res
+            }),
+        ));
     }
     let deadline = Duration::from_millis(cfg.shutdown_timeout_ms);
     let mut rx = shutdown_rx.clone();
@@ -123,14 +157,20 @@ pub async fn run(
     if let Some(s) = server {
         s.abort();
     }
-    if errors.is_empty() { Ok(()) } else { Err(AppError::Components(errors)) }
+    if errors.is_empty() {
+        Ok(())
+    } else {
+        Err(AppError::Components(errors))
+    }
 }
 
 /// Spawns the signal handler: the first SIGTERM/SIGINT asks for a graceful shutdown, a second
 /// one exits at once (status 130).
 pub fn spawn_signal_handler(tx: Arc<ShutdownTx>) {
     tokio::spawn(async move {
-        let Ok(mut term) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) else {
+        let Ok(mut term) =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        else {
             tracing::error!("cannot install the SIGTERM handler");
             return;
         };
@@ -141,7 +181,9 @@ pub fn spawn_signal_handler(tx: Arc<ShutdownTx>) {
                 r = tokio::signal::ctrl_c() => if r.is_err() { return },
             }
             if first {
-                tracing::info!("shutdown requested, draining (send the signal again to exit at once)");
+                tracing::info!(
+                    "shutdown requested, draining (send the signal again to exit at once)"
+                );
                 tx.trigger();
                 first = false;
             } else {

@@ -13,10 +13,18 @@ use crate::source::preflight::{Check, check_mysql};
 use crate::source::{connect, load_offset, table_map};
 
 fn pass(name: &str, detail: impl Into<String>) -> Check {
-    Check { name: name.into(), ok: true, detail: detail.into() }
+    Check {
+        name: name.into(),
+        ok: true,
+        detail: detail.into(),
+    }
 }
 fn fail(name: &str, detail: impl Into<String>) -> Check {
-    Check { name: name.into(), ok: false, detail: detail.into() }
+    Check {
+        name: name.into(),
+        ok: false,
+        detail: detail.into(),
+    }
 }
 
 /// Runs every check that applies to the configuration.
@@ -26,19 +34,36 @@ pub async fn run_checks(cfg: &Config) -> Vec<Check> {
     let admin: Result<AdminClient<DefaultClientContext>, _> = client_config(&cfg.kafka).create();
     let mut kafka_ok = false;
     match admin {
-        Err(e) => out.push(fail("kafka client", format!("{e}; fix: check [kafka] properties"))),
+        Err(e) => out.push(fail(
+            "kafka client",
+            format!("{e}; fix: check [kafka] properties"),
+        )),
         Ok(admin) => {
             let md = tokio::task::spawn_blocking({
-                let client = client_config(&cfg.kafka).create::<AdminClient<DefaultClientContext>>();
-                move || client.map_err(|e| e.to_string()).and_then(|c| c.inner().fetch_metadata(None, Duration::from_secs(5)).map(|m| m.brokers().len()).map_err(|e| e.to_string()))
+                let client =
+                    client_config(&cfg.kafka).create::<AdminClient<DefaultClientContext>>();
+                move || {
+                    client.map_err(|e| e.to_string()).and_then(|c| {
+                        c.inner()
+                            .fetch_metadata(None, Duration::from_secs(5))
+                            .map(|m| m.brokers().len())
+                            .map_err(|e| e.to_string())
+                    })
+                }
             })
             .await;
             match md {
                 Ok(Ok(n)) => {
                     kafka_ok = true;
-                    out.push(pass("kafka reachable", format!("{n} broker(s) at {}", cfg.kafka.bootstrap_servers)));
+                    out.push(pass(
+                        "kafka reachable",
+                        format!("{n} broker(s) at {}", cfg.kafka.bootstrap_servers),
+                    ));
                 }
-                Ok(Err(e)) => out.push(fail("kafka reachable", format!("{e}; fix: check kafka.bootstrap_servers and the broker"))),
+                Ok(Err(e)) => out.push(fail(
+                    "kafka reachable",
+                    format!("{e}; fix: check kafka.bootstrap_servers and the broker"),
+                )),
                 Err(e) => out.push(fail("kafka reachable", e.to_string())),
             }
             if kafka_ok {
@@ -49,21 +74,37 @@ pub async fn run_checks(cfg: &Config) -> Vec<Check> {
                         names.push(cfg.topic_for(db, table));
                     }
                 }
-                let topics: Vec<NewTopic<'_>> = names.iter().map(|n| NewTopic::new(n, 1, TopicReplication::Fixed(-1))).collect();
-                let opts = AdminOptions::new().validate_only(true).operation_timeout(Some(Duration::from_secs(10)));
+                let topics: Vec<NewTopic<'_>> = names
+                    .iter()
+                    .map(|n| NewTopic::new(n, 1, TopicReplication::Fixed(-1)))
+                    .collect();
+                let opts = AdminOptions::new()
+                    .validate_only(true)
+                    .operation_timeout(Some(Duration::from_secs(10)));
                 match admin.create_topics(&topics, &opts).await {
                     Ok(results) => {
-                        let bad: Vec<String> = results
-                            .into_iter()
-                            .filter_map(|r| match r {
-                                Ok(_) | Err((_, rdkafka::types::RDKafkaErrorCode::TopicAlreadyExists)) => None,
-                                Err((t, c)) => Some(format!("{t}: {c}")),
-                            })
-                            .collect();
+                        let bad: Vec<String> =
+                            results
+                                .into_iter()
+                                .filter_map(|r| match r {
+                                    Ok(_)
+                                    | Err((
+                                        _,
+                                        rdkafka::types::RDKafkaErrorCode::TopicAlreadyExists,
+                                    )) => None,
+                                    Err((t, c)) => Some(format!("{t}: {c}")),
+                                })
+                                .collect();
                         if bad.is_empty() {
-                            out.push(pass("kafka topics creatable", format!("{} topic(s) exist or can be created", names.len())));
+                            out.push(pass(
+                                "kafka topics creatable",
+                                format!("{} topic(s) exist or can be created", names.len()),
+                            ));
                         } else {
-                            out.push(fail("kafka topics creatable", format!("{}; fix: grant CREATE or create them", bad.join(", "))));
+                            out.push(fail(
+                                "kafka topics creatable",
+                                format!("{}; fix: grant CREATE or create them", bad.join(", ")),
+                            ));
                         }
                     }
                     Err(e) => out.push(fail("kafka topics creatable", e.to_string())),
@@ -77,24 +118,45 @@ pub async fn run_checks(cfg: &Config) -> Vec<Check> {
         Err(e) => out.push(fail("schema registry", e.to_string())),
         Ok(r) => match r.subjects().await {
             Ok(s) => {
-                out.push(pass("schema registry reachable", format!("{} subject(s) at {}", s.len(), cfg.schema_registry.url)));
+                out.push(pass(
+                    "schema registry reachable",
+                    format!("{} subject(s) at {}", s.len(), cfg.schema_registry.url),
+                ));
                 registry_ok = Some(r.clone());
             }
-            Err(e) => out.push(fail("schema registry reachable", format!("{e}; fix: check schema_registry.url"))),
+            Err(e) => out.push(fail(
+                "schema registry reachable",
+                format!("{e}; fix: check schema_registry.url"),
+            )),
         },
     }
     if let (Some(mysql), Some(src)) = (&cfg.mysql, &cfg.source) {
-        let stored = if kafka_ok { load_offset(cfg, &cfg.offsets_topic()).await.ok().flatten() } else { None };
-        let resume = stored.as_ref().filter(|o| o.snapshot_completed).map(|o| &o.position);
+        let stored = if kafka_ok {
+            load_offset(cfg, &cfg.offsets_topic()).await.ok().flatten()
+        } else {
+            None
+        };
+        let resume = stored
+            .as_ref()
+            .filter(|o| o.snapshot_completed)
+            .map(|o| &o.position);
         match check_mysql(mysql, &src.tables, resume).await {
             Ok(checks) => out.extend(checks),
-            Err(e) => out.push(fail("mysql connection", format!("{e}; fix: check [mysql] host, port, user and password"))),
+            Err(e) => out.push(fail(
+                "mysql connection",
+                format!("{e}; fix: check [mysql] host, port, user and password"),
+            )),
         }
         if let (Some(reg), Ok(mut conn)) = (&registry_ok, connect(mysql).await) {
             for t in &src.tables {
                 let (db, table) = t.split_once('.').unwrap_or(("", t));
-                let Ok(schema) = table_map::from_information_schema(&mut conn, db, table).await else { continue };
-                let Ok(avro) = TableAvro::derive(&cfg.name, &schema) else { continue };
+                let Ok(schema) = table_map::from_information_schema(&mut conn, db, table).await
+                else {
+                    continue;
+                };
+                let Ok(avro) = TableAvro::derive(&cfg.name, &schema) else {
+                    continue;
+                };
                 let subject = format!("{}-value", cfg.topic_for(db, table));
                 match reg.is_compatible(&subject, &avro.value_json).await {
                     Ok(None) => out.push(pass(&format!("schema {subject}"), "new subject, will be registered")),
@@ -109,9 +171,15 @@ pub async fn run_checks(cfg: &Config) -> Vec<Check> {
         match MongoWriter::connect(mongo.uri.expose(), &mongo.database).await {
             Err(e) => out.push(fail("mongodb connection", e.to_string())),
             Ok(w) => match w.database().run_command(bson::doc! { "ping": 1 }).await {
-                Err(e) => out.push(fail("mongodb reachable", format!("{e}; fix: check mongo.uri"))),
+                Err(e) => out.push(fail(
+                    "mongodb reachable",
+                    format!("{e}; fix: check mongo.uri"),
+                )),
                 Ok(_) => {
-                    out.push(pass("mongodb reachable", format!("database `{}`", mongo.database)));
+                    out.push(pass(
+                        "mongodb reachable",
+                        format!("database `{}`", mongo.database),
+                    ));
                     for m in &sink.mappings {
                         if m.kind != MappingKind::Embedded {
                             continue;
@@ -120,7 +188,10 @@ pub async fn run_checks(cfg: &Config) -> Vec<Check> {
                         let name = format!("mongodb index {}.{path}", m.collection);
                         match w.ensure_index(&m.collection, &path, false).await {
                             Ok(()) => out.push(pass(&name, "present")),
-                            Err(e) if sink.create_indexes => out.push(pass(&name, format!("missing, will be created at start ({e})"))),
+                            Err(e) if sink.create_indexes => out.push(pass(
+                                &name,
+                                format!("missing, will be created at start ({e})"),
+                            )),
                             Err(e) => out.push(fail(&name, e.to_string())),
                         }
                     }

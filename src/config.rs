@@ -311,7 +311,9 @@ pub struct MetricsConfig {
 
 impl Default for MetricsConfig {
     fn default() -> Self {
-        MetricsConfig { listen: default_metrics_listen() }
+        MetricsConfig {
+            listen: default_metrics_listen(),
+        }
     }
 }
 
@@ -434,8 +436,12 @@ fn edit_distance(a: &str, b: &str) -> usize {
 
 /// Adds "did you mean `x`?" to serde's "unknown field `a`, expected one of `x`, `y`" messages.
 fn with_suggestion(msg: String) -> String {
-    let Some(rest) = msg.split("unknown field `").nth(1) else { return msg };
-    let Some((unknown, tail)) = rest.split_once('`') else { return msg };
+    let Some(rest) = msg.split("unknown field `").nth(1) else {
+        return msg;
+    };
+    let Some((unknown, tail)) = rest.split_once('`') else {
+        return msg;
+    };
     let candidates: Vec<&str> = tail.split('`').skip(1).step_by(2).collect();
     let best = candidates
         .iter()
@@ -461,8 +467,10 @@ impl Config {
         text: &str,
         env: impl IntoIterator<Item = (String, String)>,
     ) -> Result<Config, ConfigError> {
-        let env_map: std::collections::HashMap<String, String> =
-            env.into_iter().filter(|(k, _)| k.starts_with("ECST__")).collect();
+        let env_map: std::collections::HashMap<String, String> = env
+            .into_iter()
+            .filter(|(k, _)| k.starts_with("ECST__"))
+            .collect();
         let built = config::Config::builder()
             .add_source(config::File::from_str(text, config::FileFormat::Toml))
             .add_source(
@@ -518,15 +526,27 @@ impl Config {
     pub fn validate(&self) -> Result<(), Vec<ConfigIssue>> {
         let mut issues = Vec::new();
         let mut issue = |field: &str, message: &str| {
-            issues.push(ConfigIssue { field: field.into(), message: message.into() })
+            issues.push(ConfigIssue {
+                field: field.into(),
+                message: message.into(),
+            })
         };
         if self.name.is_empty()
-            || !self.name.chars().all(|c| c.is_ascii_alphanumeric() || "._-".contains(c))
+            || !self
+                .name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "._-".contains(c))
         {
-            issue("name", "must be non-empty and use only letters, digits, `.`, `_`, `-`");
+            issue(
+                "name",
+                "must be non-empty and use only letters, digits, `.`, `_`, `-`",
+            );
         }
         if self.kafka.bootstrap_servers.trim().is_empty() {
-            issue("kafka.bootstrap_servers", "must not be empty (e.g. \"127.0.0.1:9092\")");
+            issue(
+                "kafka.bootstrap_servers",
+                "must not be empty (e.g. \"127.0.0.1:9092\")",
+            );
         }
         if !(self.schema_registry.url.starts_with("http://")
             || self.schema_registry.url.starts_with("https://"))
@@ -541,7 +561,10 @@ impl Config {
                 issue("mysql.port", "must be between 1 and 65535");
             }
             if m.server_id == 0 {
-                issue("mysql.server_id", "must be non-zero and unique among the server's replicas");
+                issue(
+                    "mysql.server_id",
+                    "must be non-zero and unique among the server's replicas",
+                );
             }
             if m.heartbeat_ms < 100 {
                 issue("mysql.heartbeat_ms", "must be at least 100");
@@ -557,7 +580,10 @@ impl Config {
             for (i, t) in s.tables.iter().enumerate() {
                 let parts: Vec<&str> = t.split('.').collect();
                 if parts.len() != 2 || parts.iter().any(|p| p.is_empty()) {
-                    issue(&format!("source.tables[{i}]"), &format!("`{t}` must be `db.table`"));
+                    issue(
+                        &format!("source.tables[{i}]"),
+                        &format!("`{t}` must be `db.table`"),
+                    );
                 }
             }
             if s.snapshot_chunk_size == 0 {
@@ -586,11 +612,19 @@ impl Config {
             let mut names = std::collections::HashSet::new();
             for (i, m) in sink.mappings.iter().enumerate() {
                 let f = |k: &str| format!("sink.mappings[{i}].{k}");
-                if m.name.is_empty() || !m.name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-') {
+                if m.name.is_empty()
+                    || !m
+                        .name
+                        .chars()
+                        .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+                {
                     issue(&f("name"), "must be non-empty letters, digits, `_` or `-`");
                 }
                 if !names.insert(m.name.clone()) {
-                    issue(&f("name"), &format!("`{}` is used by another mapping", m.name));
+                    issue(
+                        &f("name"),
+                        &format!("`{}` is used by another mapping", m.name),
+                    );
                 }
                 if m.topic.is_empty() {
                     issue(&f("topic"), "must not be empty");
@@ -601,24 +635,40 @@ impl Config {
                 if m.kind == MappingKind::Embedded {
                     match &m.match_path {
                         Some(p) if !p.is_empty() && !p.starts_with('$') => {}
-                        _ => issue(&f("match_path"), "is required for kind = \"embedded\" (e.g. \"user.id\")"),
+                        _ => issue(
+                            &f("match_path"),
+                            "is required for kind = \"embedded\" (e.g. \"user.id\")",
+                        ),
                     }
                     match &m.target_path {
                         Some(p) if !p.is_empty() && !p.starts_with('$') && p != "_id" => {}
-                        _ => issue(&f("target_path"), "is required for kind = \"embedded\" (e.g. \"user\")"),
+                        _ => issue(
+                            &f("target_path"),
+                            "is required for kind = \"embedded\" (e.g. \"user\")",
+                        ),
                     }
                 }
                 if let Some(fields) = &m.fields
                     && fields.is_empty()
                 {
-                    issue(&f("fields"), "must not be empty when given (omit it to copy all fields)");
+                    issue(
+                        &f("fields"),
+                        "must not be empty when given (omit it to copy all fields)",
+                    );
                 }
             }
         }
         if self.source.is_none() && self.sink.is_none() {
-            issue("source", "at least one of [source] or [sink] must be configured");
+            issue(
+                "source",
+                "at least one of [source] or [sink] must be configured",
+            );
         }
-        if issues.is_empty() { Ok(()) } else { Err(issues) }
+        if issues.is_empty() {
+            Ok(())
+        } else {
+            Err(issues)
+        }
     }
 
     /// The configuration as TOML-like text with every secret replaced by `***`.
@@ -627,7 +677,9 @@ impl Config {
         // Kafka passthrough properties may carry secrets as plain strings.
         for (k, v) in &self.kafka.properties {
             let lk = k.to_ascii_lowercase();
-            if (lk.contains("password") || lk.contains("secret") || lk.contains("jaas")) && !v.is_empty() {
+            if (lk.contains("password") || lk.contains("secret") || lk.contains("jaas"))
+                && !v.is_empty()
+            {
                 s = s.replace(&format!("{v:?}"), "\"***\"");
             }
         }
@@ -660,9 +712,17 @@ mod tests {
     }
 
     #[test]
+    fn the_docker_compose_connector_toml_parses_and_validates() {
+        let text = include_str!("../dev/connector.docker.toml");
+        Config::from_toml_str(text, Vec::new()).expect("dev/connector.docker.toml must be valid");
+    }
+
+    #[test]
     fn unknown_key_is_rejected_with_its_section_and_a_suggestion() {
         let text = MINIMAL.replace("tables =", "tabels = [\"x.y\"]\ntables =");
-        let err = Config::from_toml_str(&text, Vec::new()).expect_err("must fail").to_string();
+        let err = Config::from_toml_str(&text, Vec::new())
+            .expect_err("must fail")
+            .to_string();
         assert!(err.contains("tabels"), "{err}");
         assert!(err.contains("did you mean `tables`?"), "{err}");
     }
@@ -670,21 +730,46 @@ mod tests {
     #[test]
     fn three_mistakes_give_three_messages_each_naming_its_field() {
         let text = MINIMAL
-            .replace("url = \"http://127.0.0.1:8081\"", "url = \"127.0.0.1:8081\"")
-            .replace("tables = [\"test.users\"]", "tables = [\"users\"]\nsnapshot_chunk_size = 0");
+            .replace(
+                "url = \"http://127.0.0.1:8081\"",
+                "url = \"127.0.0.1:8081\"",
+            )
+            .replace(
+                "tables = [\"test.users\"]",
+                "tables = [\"users\"]\nsnapshot_chunk_size = 0",
+            );
         let err = Config::from_toml_str(&text, Vec::new()).expect_err("must fail");
-        let ConfigError::Invalid(issues) = err else { panic!("expected Invalid, got {err}") };
+        let ConfigError::Invalid(issues) = err else {
+            panic!("expected Invalid, got {err}")
+        };
         let fields: Vec<&str> = issues.iter().map(|i| i.field.as_str()).collect();
-        assert_eq!(fields, vec!["schema_registry.url", "source.tables[0]", "source.snapshot_chunk_size"]);
+        assert_eq!(
+            fields,
+            vec![
+                "schema_registry.url",
+                "source.tables[0]",
+                "source.snapshot_chunk_size"
+            ]
+        );
     }
 
     #[test]
     fn environment_overrides_a_field_and_secrets_never_print() {
-        let env = vec![("ECST__MYSQL__PASSWORD".to_string(), "from-env-secret".to_string())];
+        let env = vec![(
+            "ECST__MYSQL__PASSWORD".to_string(),
+            "from-env-secret".to_string(),
+        )];
         let cfg = Config::from_toml_str(MINIMAL, env).expect("valid");
-        let pw = cfg.mysql.as_ref().and_then(|m| m.password.as_ref()).map(Secret::expose);
+        let pw = cfg
+            .mysql
+            .as_ref()
+            .and_then(|m| m.password.as_ref())
+            .map(Secret::expose);
         assert_eq!(pw, Some("from-env-secret"));
         let shown = cfg.redacted();
-        assert!(!shown.contains("from-env-secret") && !shown.contains("hunter2"), "{shown}");
+        assert!(
+            !shown.contains("from-env-secret") && !shown.contains("hunter2"),
+            "{shown}"
+        );
     }
 }

@@ -45,7 +45,11 @@ pub struct Backoff {
 impl Backoff {
     /// A backoff starting at `initial` and doubling up to `max`.
     pub fn new(initial: Duration, max: Duration) -> Self {
-        Backoff { next: initial, initial, max }
+        Backoff {
+            next: initial,
+            initial,
+            max,
+        }
     }
 
     /// The delay to wait before the next attempt; doubles the following one.

@@ -44,13 +44,20 @@ impl Classify for KafkaClientError {
     }
 }
 
-/// Classes an rdkafka error: fencing and authorization are definite, the rest transient.
+/// Classes an rdkafka error: fatal producer states (fencing), authorization and bad
+/// configuration are definite, the rest transient.
 pub fn kafka_error_class(e: &KafkaError) -> ErrorClass {
     use RDKafkaErrorCode as C;
+    if let KafkaError::Transaction(t) = e
+        && t.is_fatal()
+    {
+        return ErrorClass::Definite;
+    }
     let code = e.rdkafka_error_code();
     match code {
         Some(
             C::ProducerFenced
+            | C::Fatal
             | C::InvalidProducerEpoch
             | C::Fenced
             | C::TopicAuthorizationFailed
@@ -75,18 +82,30 @@ pub fn client_config(cfg: &KafkaConfig) -> ClientConfig {
     c
 }
 
+/// A topic ecst creates when missing.
+#[derive(Debug, Clone)]
+pub struct TopicSpec {
+    /// Name.
+    pub name: String,
+    /// Partitions.
+    pub partitions: i32,
+    /// Topic configs (`cleanup.policy`, `max.message.bytes`, ...).
+    pub config: Vec<(&'static str, String)>,
+}
+
 /// Creates `topics` if missing (an existing topic is fine; any other failure is returned).
 pub async fn ensure_topics(
     cfg: &KafkaConfig,
-    topics: &[(String, i32, Vec<(&str, String)>)],
+    topics: &[TopicSpec],
 ) -> Result<(), KafkaClientError> {
-    let admin: AdminClient<DefaultClientContext> =
-        client_config(cfg).create().map_err(KafkaClientError::Config)?;
+    let admin: AdminClient<DefaultClientContext> = client_config(cfg)
+        .create()
+        .map_err(KafkaClientError::Config)?;
     let new: Vec<NewTopic<'_>> = topics
         .iter()
-        .map(|(name, parts, conf)| {
-            let mut t = NewTopic::new(name, *parts, TopicReplication::Fixed(-1));
-            for (k, v) in conf {
+        .map(|spec| {
+            let mut t = NewTopic::new(&spec.name, spec.partitions, TopicReplication::Fixed(-1));
+            for (k, v) in &spec.config {
                 t = t.set(k, v);
             }
             t

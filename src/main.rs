@@ -13,7 +13,13 @@ use ecst::config::{Config, LogFormat};
 #[command(name = "ecst", version, about, long_about = None)]
 struct Cli {
     /// Configuration file.
-    #[arg(long, short, global = true, default_value = "connector.toml", env = "ECST_CONFIG")]
+    #[arg(
+        long,
+        short,
+        global = true,
+        default_value = "connector.toml",
+        env = "ECST_CONFIG"
+    )]
     config: PathBuf,
     /// Log format (overrides `log.format`).
     #[arg(long, global = true, value_parser = ["text", "json"])]
@@ -39,14 +45,18 @@ enum Command {
 }
 
 fn init_logs(cfg: Option<&Config>, flag: Option<&str>) {
-    let level = cfg.and_then(|c| c.log.level.clone()).unwrap_or_else(|| "info".into());
+    let level = cfg
+        .and_then(|c| c.log.level.clone())
+        .unwrap_or_else(|| "info".into());
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
     let json = match flag {
         Some(f) => f == "json",
         None => cfg.is_some_and(|c| c.log.format == LogFormat::Json),
     };
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_target(false);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_target(false);
     if json {
         builder.json().init();
     } else {
@@ -76,10 +86,16 @@ fn main() -> ExitCode {
     }
     init_logs(Some(&cfg), cli.log_format.as_deref());
     // One TLS provider for every client (rustls with ring): set before any client exists.
-    if rustls::crypto::ring::default_provider().install_default().is_err() {
+    if rustls::crypto::ring::default_provider()
+        .install_default()
+        .is_err()
+    {
         tracing::debug!("a rustls crypto provider was already installed");
     }
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(r) => r,
         Err(e) => {
             eprintln!("error: cannot start the async runtime: {e}");
@@ -93,11 +109,20 @@ fn main() -> ExitCode {
                 let checks = ecst::check::run_checks(&cfg).await;
                 let mut failed = 0;
                 for c in &checks {
-                    println!("{} {:<40} {}", if c.ok { "PASS" } else { "FAIL" }, c.name, c.detail);
+                    println!(
+                        "{} {:<40} {}",
+                        if c.ok { "PASS" } else { "FAIL" },
+                        c.name,
+                        c.detail
+                    );
                     failed += usize::from(!c.ok);
                 }
                 println!("{} passed, {} failed", checks.len() - failed, failed);
-                return if failed == 0 { ExitCode::SUCCESS } else { ExitCode::FAILURE };
+                return if failed == 0 {
+                    ExitCode::SUCCESS
+                } else {
+                    ExitCode::FAILURE
+                };
             }
             Command::Source => Components::Source,
             Command::Sink => Components::Sink,

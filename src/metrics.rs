@@ -52,6 +52,9 @@ pub const RETRIES_TOTAL: &str = "ecst_retries_total";
 pub const SINK_CONSUMER_LAG: &str = "ecst_sink_consumer_lag";
 /// Histogram (seconds): MySQL commit → MongoDB acknowledged, from the source timestamp header.
 pub const END_TO_END_LATENCY: &str = "ecst_end_to_end_latency_seconds";
+/// Histogram (seconds): ecst read the change from the binlog → MongoDB acknowledged
+/// (millisecond precision; MariaDB stamps commits in whole seconds only).
+pub const PIPELINE_LATENCY: &str = "ecst_pipeline_latency_seconds";
 /// Histogram (seconds): duration of one sink batch write to MongoDB.
 pub const SINK_BATCH_SECONDS: &str = "ecst_sink_batch_write_seconds";
 
@@ -76,45 +79,74 @@ pub fn install() -> Result<PrometheusHandle, String> {
     let handle = PrometheusBuilder::new()
         .set_buckets_for_metric(
             metrics_exporter_prometheus::Matcher::Suffix("_seconds".into()),
-            &[0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0],
+            &[
+                0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+            ],
         )
         .map_err(|e| e.to_string())?
         .install_recorder()
         .map_err(|e| e.to_string())?;
     describe_counter!(SOURCE_EVENTS_TOTAL, "Change events produced to Kafka");
-    describe_counter!(SOURCE_TRANSACTIONS_TOTAL, "Kafka transactions committed by the source");
-    describe_gauge!(SOURCE_MS_BEHIND, Unit::Milliseconds, "Source lag behind the MySQL commit time");
-    describe_gauge!(SOURCE_BINLOG_FILE, "Binlog file sequence of the committed position");
-    describe_gauge!(SOURCE_BINLOG_POS, "Binlog byte position of the committed position");
+    describe_counter!(
+        SOURCE_TRANSACTIONS_TOTAL,
+        "Kafka transactions committed by the source"
+    );
+    describe_gauge!(
+        SOURCE_MS_BEHIND,
+        Unit::Milliseconds,
+        "Source lag behind the MySQL commit time"
+    );
+    describe_gauge!(
+        SOURCE_BINLOG_FILE,
+        "Binlog file sequence of the committed position"
+    );
+    describe_gauge!(
+        SOURCE_BINLOG_POS,
+        "Binlog byte position of the committed position"
+    );
     describe_gauge!(SNAPSHOT_ROWS_DONE, "Snapshot rows read so far");
-    describe_gauge!(SNAPSHOT_ROWS_TOTAL, "Estimated rows of the table being snapshotted");
+    describe_gauge!(
+        SNAPSHOT_ROWS_TOTAL,
+        "Estimated rows of the table being snapshotted"
+    );
     describe_gauge!(SNAPSHOT_RUNNING, "1 while a snapshot runs");
-    describe_counter!(SOURCE_RESTARTS_TOTAL, "Source restarts after transient errors");
+    describe_counter!(
+        SOURCE_RESTARTS_TOTAL,
+        "Source restarts after transient errors"
+    );
     describe_counter!(SINK_APPLIED_TOTAL, "Change events applied to MongoDB");
-    describe_counter!(SINK_STALE_TOTAL, "Events skipped because the stored copy was newer");
+    describe_counter!(
+        SINK_STALE_TOTAL,
+        "Events skipped because the stored copy was newer"
+    );
     describe_counter!(SINK_DLQ_TOTAL, "Messages sent to the dead-letter topic");
     describe_counter!(RETRIES_TOTAL, "Retries after errors");
     describe_gauge!(SINK_CONSUMER_LAG, "Sink consumer lag in messages");
-    describe_histogram!(END_TO_END_LATENCY, Unit::Seconds, "MySQL commit to MongoDB applied");
-    describe_histogram!(SINK_BATCH_SECONDS, Unit::Seconds, "Sink batch write duration");
+    describe_histogram!(
+        END_TO_END_LATENCY,
+        Unit::Seconds,
+        "MySQL commit to MongoDB applied"
+    );
+    describe_histogram!(
+        SINK_BATCH_SECONDS,
+        Unit::Seconds,
+        "Sink batch write duration"
+    );
     Ok(handle)
 }
 
 /// Serves `/metrics`, `/health` and `/ready` until the listener task is dropped.
-pub async fn serve(
-    listener: TcpListener,
-    handle: PrometheusHandle,
-    readiness: Arc<Readiness>,
-) {
+pub async fn serve(listener: TcpListener, handle: PrometheusHandle, readiness: Arc<Readiness>) {
     loop {
-        let Ok((mut sock, _)) = listener.accept().await else { continue };
+        let Ok((mut sock, _)) = listener.accept().await else {
+            continue;
+        };
         let handle = handle.clone();
         let readiness = readiness.clone();
         tokio::spawn(async move {
             let mut buf = [0u8; 1024];
-            let n = match sock.read(&mut buf).await {
-                Ok(n) => n,
-                Err(_) => return,
+            let Ok(n) = sock.read(&mut buf).await else {
+                return;
             };
             let req = String::from_utf8_lossy(&buf[..n]);
             let path = req.split_whitespace().nth(1).unwrap_or("/");

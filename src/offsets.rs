@@ -45,7 +45,9 @@ impl BinlogPosition {
     }
 
     fn base(&self) -> &str {
-        self.file.rsplit_once('.').map_or(self.file.as_str(), |(b, _)| b)
+        self.file
+            .rsplit_once('.')
+            .map_or(self.file.as_str(), |(b, _)| b)
     }
 }
 
@@ -69,12 +71,19 @@ impl fmt::Display for BinlogPosition {
 impl FromStr for BinlogPosition {
     type Err = OffsetError;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let (file, pos) = s.rsplit_once(':').ok_or_else(|| OffsetError::BadPosition(s.into()))?;
-        let pos = pos.parse().map_err(|_| OffsetError::BadPosition(s.into()))?;
+        let (file, pos) = s
+            .rsplit_once(':')
+            .ok_or_else(|| OffsetError::BadPosition(s.into()))?;
+        let pos = pos
+            .parse()
+            .map_err(|_| OffsetError::BadPosition(s.into()))?;
         if file.is_empty() {
             return Err(OffsetError::BadPosition(s.into()));
         }
-        Ok(BinlogPosition { file: file.into(), pos })
+        Ok(BinlogPosition {
+            file: file.into(),
+            pos,
+        })
     }
 }
 
@@ -108,7 +117,10 @@ impl SourceOffset {
 
 /// Fixed-width, lexicographically ordered version of a change: `file_seq.pos.row`.
 pub fn version_of(file: &str, pos: u64, row: u32) -> String {
-    let seq = file.rsplit_once('.').and_then(|(_, n)| n.parse::<u64>().ok()).unwrap_or(0);
+    let seq = file
+        .rsplit_once('.')
+        .and_then(|(_, n)| n.parse::<u64>().ok())
+        .unwrap_or(0);
     format!("{seq:010}.{pos:015}.{row:09}")
 }
 
@@ -123,7 +135,11 @@ mod tests {
         let b: BinlogPosition = "mariadb-bin.000005:4".parse().expect("parses");
         assert!(a < b);
         let other: BinlogPosition = "mysql-bin.000009:4".parse().expect("parses");
-        assert_eq!(a.partial_cmp(&other), None, "different servers do not compare");
+        assert_eq!(
+            a.partial_cmp(&other),
+            None,
+            "different servers do not compare"
+        );
         assert!("nofile".parse::<BinlogPosition>().is_err());
     }
 
@@ -138,7 +154,10 @@ mod tests {
     #[test]
     fn offset_round_trips_through_json() {
         let o = SourceOffset {
-            position: BinlogPosition { file: "f.000001".into(), pos: 42 },
+            position: BinlogPosition {
+                file: "f.000001".into(),
+                pos: 42,
+            },
             gtid: Some("0-1-5".into()),
             snapshot_completed: true,
             tables: vec!["test.users".into()],

@@ -55,8 +55,16 @@ impl Classify for AvroError {
 
 /// Replaces characters Avro does not allow in names with `_` (and a leading digit).
 pub fn sanitize_name(s: &str) -> String {
-    let mut out: String =
-        s.chars().map(|c| if c.is_ascii_alphanumeric() || c == '_' { c } else { '_' }).collect();
+    let mut out: String = s
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '_' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
     if out.is_empty() || out.starts_with(|c: char| c.is_ascii_digit()) {
         out.insert(0, '_');
     }
@@ -107,8 +115,12 @@ fn field(col: &Column, force_required: bool) -> Json {
 
 /// The key schema: a record of the primary-key columns (never null).
 pub fn key_schema(prefix: &str, schema: &TableSchema) -> Json {
-    let fields: Vec<Json> =
-        schema.key.iter().filter_map(|&i| schema.columns.get(i)).map(|c| field(c, true)).collect();
+    let fields: Vec<Json> = schema
+        .key
+        .iter()
+        .filter_map(|&i| schema.columns.get(i))
+        .map(|c| field(c, true))
+        .collect();
     json!({"type": "record", "name": "Key", "namespace": namespace(prefix, schema), "fields": fields})
 }
 
@@ -200,7 +212,8 @@ pub fn decimal_bytes(text: &str, scale: u32) -> Option<Vec<u8>> {
     if int_part.is_empty() && frac_part.is_empty() {
         return None;
     }
-    if !int_part.bytes().all(|b| b.is_ascii_digit()) || !frac_part.bytes().all(|b| b.is_ascii_digit())
+    if !int_part.bytes().all(|b| b.is_ascii_digit())
+        || !frac_part.bytes().all(|b| b.is_ascii_digit())
     {
         return None;
     }
@@ -239,13 +252,17 @@ fn put_value(buf: &mut Vec<u8>, col: &Column, v: &Value) -> Result<(), AvroError
         (ColumnKind::Int | ColumnKind::Year, Value::Int(x)) => put_long(buf, i64::from(*x)),
         (ColumnKind::Long, Value::Long(x)) => put_long(buf, *x),
         (ColumnKind::UnsignedLong, Value::Decimal(t)) => {
-            let b = decimal_bytes(t, 0)
-                .ok_or_else(|| AvroError::BadDecimal { column: col.name.clone(), text: t.clone() })?;
+            let b = decimal_bytes(t, 0).ok_or_else(|| AvroError::BadDecimal {
+                column: col.name.clone(),
+                text: t.clone(),
+            })?;
             put_bytes(buf, &b);
         }
         (ColumnKind::Decimal { scale, .. }, Value::Decimal(t)) => {
-            let b = decimal_bytes(t, *scale)
-                .ok_or_else(|| AvroError::BadDecimal { column: col.name.clone(), text: t.clone() })?;
+            let b = decimal_bytes(t, *scale).ok_or_else(|| AvroError::BadDecimal {
+                column: col.name.clone(),
+                text: t.clone(),
+            })?;
             put_bytes(buf, &b);
         }
         (ColumnKind::Float, Value::Float(x)) => buf.extend_from_slice(&x.to_le_bytes()),
@@ -344,6 +361,7 @@ pub fn encode_envelope(
 }
 
 #[cfg(test)]
+#[allow(deprecated)] // from_avro_datum: the non-deprecated builder reads the same bytes
 mod tests {
     use super::*;
     use crate::events::{Charset, Op};
@@ -366,7 +384,14 @@ mod tests {
                 c("ubig", ColumnKind::UnsignedLong, true),
                 c("f", ColumnKind::Float, true),
                 c("d", ColumnKind::Double, true),
-                c("dec", ColumnKind::Decimal { precision: 12, scale: 4 }, true),
+                c(
+                    "dec",
+                    ColumnKind::Decimal {
+                        precision: 12,
+                        scale: 4,
+                    },
+                    true,
+                ),
                 c("day", ColumnKind::Date, true),
                 c("dt", ColumnKind::DateTime, true),
                 c("ts", ColumnKind::Timestamp, true),
@@ -383,8 +408,14 @@ mod tests {
 
     #[test]
     fn decimal_text_becomes_unscaled_twos_complement() {
-        assert_eq!(decimal_bytes("-1234.5678", 4), Some(BigInt::from(-12345678).to_signed_bytes_be()));
-        assert_eq!(decimal_bytes("1.5", 3), Some(BigInt::from(1500).to_signed_bytes_be()));
+        assert_eq!(
+            decimal_bytes("-1234.5678", 4),
+            Some(BigInt::from(-12345678).to_signed_bytes_be())
+        );
+        assert_eq!(
+            decimal_bytes("1.5", 3),
+            Some(BigInt::from(1500).to_signed_bytes_be())
+        );
         assert_eq!(
             decimal_bytes("18446744073709551615", 0),
             Some(BigInt::from(u64::MAX).to_signed_bytes_be())
@@ -428,25 +459,40 @@ mod tests {
                 file: "mariadb-bin.000001".into(),
                 pos: 1234,
                 row: 2,
+                read_ts_ms: 0,
             },
         };
         let mut buf = Vec::new();
         encode_envelope(&mut buf, "ecst", &ev, 99).expect("encodes");
-        let decoded = apache_avro::from_avro_datum(&avro.value, &mut &buf[..], None).expect("decodes");
-        let AV::Record(fields) = decoded else { panic!("not a record") };
+        let decoded =
+            apache_avro::from_avro_datum(&avro.value, &mut &buf[..], None).expect("decodes");
+        let AV::Record(fields) = decoded else {
+            panic!("not a record")
+        };
         let get = |n: &str| fields.iter().find(|(k, _)| k == n).map(|(_, v)| v.clone());
         assert_eq!(get("op"), Some(AV::String("u".into())));
         assert_eq!(get("before"), Some(AV::Union(0, Box::new(AV::Null))));
-        let Some(AV::Union(1, after)) = get("after") else { panic!("no after") };
-        let AV::Record(cols) = *after else { panic!("after not a record") };
+        let Some(AV::Union(1, after)) = get("after") else {
+            panic!("no after")
+        };
+        let AV::Record(cols) = *after else {
+            panic!("after not a record")
+        };
         assert_eq!(cols[0], ("id".into(), AV::Int(7)));
         assert_eq!(cols[2].1, AV::Union(1, Box::new(AV::Long(i64::MIN))));
-        assert_eq!(cols[8].1, AV::Union(1, Box::new(AV::LocalTimestampMicros(1_709_210_096_123_456))));
-        assert_eq!(cols[12].1, AV::Union(1, Box::new(AV::String("Emoji 😀".into()))));
+        assert_eq!(
+            cols[8].1,
+            AV::Union(1, Box::new(AV::LocalTimestampMicros(1_709_210_096_123_456)))
+        );
+        assert_eq!(
+            cols[12].1,
+            AV::Union(1, Box::new(AV::String("Emoji 😀".into())))
+        );
         assert_eq!(cols[15].1, AV::Union(0, Box::new(AV::Null)));
         let mut kbuf = Vec::new();
         encode_key(&mut kbuf, &schema, &[Value::Int(7)]).expect("key encodes");
-        let key = apache_avro::from_avro_datum(&avro.key, &mut &kbuf[..], None).expect("key decodes");
+        let key =
+            apache_avro::from_avro_datum(&avro.key, &mut &kbuf[..], None).expect("key decodes");
         assert_eq!(key, AV::Record(vec![("id".into(), AV::Int(7))]));
     }
 

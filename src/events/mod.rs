@@ -103,7 +103,10 @@ impl TableSchema {
 
     /// The key values of a row image, in key order.
     pub fn key_of(&self, row: &[Value]) -> Vec<Value> {
-        self.key.iter().map(|&i| row.get(i).cloned().unwrap_or(Value::Null)).collect()
+        self.key
+            .iter()
+            .map(|&i| row.get(i).cloned().unwrap_or(Value::Null))
+            .collect()
     }
 }
 
@@ -155,6 +158,14 @@ impl fmt::Display for Value {
             }
         }
     }
+}
+
+/// Milliseconds since the Unix epoch, now.
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
 }
 
 /// Debezium's operation codes.
@@ -210,6 +221,8 @@ pub struct SourceInfo {
     pub pos: u64,
     /// Row index inside the rows event.
     pub row: u32,
+    /// When ecst read the change (ms since epoch): carried in a header, not in the envelope.
+    pub read_ts_ms: i64,
 }
 
 /// One row change, ready to be encoded.
@@ -239,6 +252,9 @@ impl ChangeEvent {
 
 /// Kafka header carrying the source commit time (ms) so the sink can measure end-to-end latency.
 pub const HEADER_SOURCE_TS: &str = "ecst.source.ts_ms";
+/// Header carrying the time ecst read the change (ms), for pipeline latency at ms precision
+/// (MariaDB logs commit times in whole seconds only).
+pub const HEADER_READ_TS: &str = "ecst.read.ts_ms";
 /// Header on the delete half of a primary-key change: the new key as JSON (as Debezium does).
 pub const HEADER_NEW_KEY: &str = "__debezium.newkey";
 /// Header on the create half of a primary-key change: the old key as JSON.
@@ -248,7 +264,11 @@ pub const HEADER_OLD_KEY: &str = "__debezium.oldkey";
 pub fn key_json(schema: &TableSchema, key: &[Value]) -> String {
     let mut map = serde_json::Map::new();
     for (&i, v) in schema.key.iter().zip(key) {
-        let name = schema.columns.get(i).map(|c| c.name.clone()).unwrap_or_default();
+        let name = schema
+            .columns
+            .get(i)
+            .map(|c| c.name.clone())
+            .unwrap_or_default();
         let jv = match v {
             Value::Null => serde_json::Value::Null,
             Value::Boolean(b) => serde_json::Value::Bool(*b),

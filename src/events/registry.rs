@@ -147,7 +147,9 @@ impl Registry {
         if let Some(user) = &settings.username {
             b.set_basic_authorization(user, settings.password.as_deref());
         }
-        let sr = b.build().map_err(|e| RegistryError::Settings(e.to_string()))?;
+        let sr = b
+            .build()
+            .map_err(|e| RegistryError::Settings(e.to_string()))?;
         Ok(Registry {
             sr: Arc::new(sr),
             ids: Arc::default(),
@@ -162,15 +164,23 @@ impl Registry {
             return Ok(*id);
         }
         let supplied = SuppliedSchema::new(None, SchemaType::Avro, schema_json.to_string());
-        let registered = post_schema(&self.sr, subject.to_string(), supplied).await.map_err(|e| {
-            let (transient, text) = classify_src(&e);
-            if transient {
-                RegistryError::Unavailable(text)
-            } else {
-                RegistryError::Refused { subject: subject.to_string(), detail: text }
-            }
-        })?;
-        self.ids.lock().map_err(poisoned)?.insert(cache_key, registered.id);
+        let registered = post_schema(&self.sr, subject.to_string(), supplied)
+            .await
+            .map_err(|e| {
+                let (transient, text) = classify_src(&e);
+                if transient {
+                    RegistryError::Unavailable(text)
+                } else {
+                    RegistryError::Refused {
+                        subject: subject.to_string(),
+                        detail: text,
+                    }
+                }
+            })?;
+        self.ids
+            .lock()
+            .map_err(poisoned)?
+            .insert(cache_key, registered.id);
         Ok(registered.id)
     }
 
@@ -178,12 +188,20 @@ impl Registry {
     pub async fn subjects(&self) -> Result<Vec<String>, RegistryError> {
         get_all_subjects(&self.sr).await.map_err(|e| {
             let (transient, text) = classify_src(&e);
-            if transient { RegistryError::Unavailable(text) } else { RegistryError::Settings(text) }
+            if transient {
+                RegistryError::Unavailable(text)
+            } else {
+                RegistryError::Settings(text)
+            }
         })
     }
 
     /// Whether `schema_json` may be registered next under `subject` (`None`: new subject).
-    pub async fn is_compatible(&self, subject: &str, schema_json: &str) -> Result<Option<bool>, RegistryError> {
+    pub async fn is_compatible(
+        &self,
+        subject: &str,
+        schema_json: &str,
+    ) -> Result<Option<bool>, RegistryError> {
         let supplied = SuppliedSchema::new(None, SchemaType::Avro, schema_json.to_string());
         match is_compatible_schema(&self.sr, subject.to_string(), supplied).await {
             Ok(ok) => Ok(Some(ok)),
@@ -194,7 +212,10 @@ impl Registry {
                 } else if text.contains("404") {
                     Ok(None)
                 } else {
-                    Err(RegistryError::Refused { subject: subject.into(), detail: text })
+                    Err(RegistryError::Refused {
+                        subject: subject.into(),
+                        detail: text,
+                    })
                 }
             }
         }
@@ -216,7 +237,10 @@ impl Registry {
         let parsed = apache_avro::Schema::parse_str(&registered.schema)
             .map_err(|source| RegistryError::BadSchema { id, source })?;
         let parsed = Arc::new(parsed);
-        self.schemas.lock().map_err(poisoned)?.insert(id, parsed.clone());
+        self.schemas
+            .lock()
+            .map_err(poisoned)?
+            .insert(id, parsed.clone());
         Ok(parsed)
     }
 }
@@ -241,9 +265,17 @@ mod tests {
 
     #[test]
     fn registry_errors_are_classed_by_http_status() {
-        let e = SRCError::new("HTTP request to schema registry failed with status 409 Conflict", None, false);
+        let e = SRCError::new(
+            "HTTP request to schema registry failed with status 409 Conflict",
+            None,
+            false,
+        );
         assert!(!classify_src(&e).0);
-        let e = SRCError::new("HTTP request to schema registry failed with status 503 Service Unavailable", None, true);
+        let e = SRCError::new(
+            "HTTP request to schema registry failed with status 503 Service Unavailable",
+            None,
+            true,
+        );
         assert!(classify_src(&e).0);
         let e = SRCError::new("error sending request", None, true);
         assert!(classify_src(&e).0);

@@ -23,7 +23,7 @@ use bson::{Bson, Document};
 use num_bigint::{BigInt, Sign};
 
 use crate::events::registry::{FrameError, Registry, RegistryError, unframe};
-use crate::events::{HEADER_NEW_KEY, HEADER_OLD_KEY, HEADER_SOURCE_TS, Op};
+use crate::events::{HEADER_NEW_KEY, HEADER_OLD_KEY, HEADER_READ_TS, HEADER_SOURCE_TS, Op};
 use crate::offsets::version_of;
 
 /// Why a message could not be decoded. Every variant except `Registry(Unavailable)` is definite
@@ -78,6 +78,8 @@ pub struct DecodedEvent {
     pub version: String,
     /// Source commit time (ms) from the header, if present.
     pub source_ts_ms: Option<i64>,
+    /// Time ecst read the change from the binlog (ms), if present.
+    pub read_ts_ms: Option<i64>,
     /// Old key of a primary-key change (on the create half).
     pub old_key: Option<Document>,
     /// New key of a primary-key change (on the delete half).
@@ -91,11 +93,18 @@ async fn decode_framed(
     bytes: &[u8],
 ) -> Result<(Av, std::sync::Arc<Schema>), DecodeError> {
     let (id, mut datum) = unframe(bytes).map_err(|source| DecodeError::Frame { part, source })?;
-    let schema = registry.schema(id).await.map_err(|source| DecodeError::Registry { part, source })?;
+    let schema = registry
+        .schema(id)
+        .await
+        .map_err(|source| DecodeError::Registry { part, source })?;
     // `from_avro_datum` is deprecated in 0.22 in favour of a builder with the same behaviour.
     #[allow(deprecated)]
-    let v = apache_avro::from_avro_datum(&schema, &mut datum, None)
-        .map_err(|e| DecodeError::Avro { part, id, detail: e.to_string() })?;
+    let v =
+        apache_avro::from_avro_datum(&schema, &mut datum, None).map_err(|e| DecodeError::Avro {
+            part,
+            id,
+            detail: e.to_string(),
+        })?;
     Ok((v, schema))
 }
 
@@ -156,9 +165,10 @@ impl<'a> Converter<'a> {
             (Av::Float(f), _) => Bson::Double(f64::from(*f)),
             (Av::Double(d), _) => Bson::Double(*d),
             (Av::String(s), _) | (Av::Enum(_, s), _) => Bson::String(s.clone()),
-            (Av::Bytes(b), _) | (Av::Fixed(_, b), _) => {
-                Bson::Binary(bson::Binary { subtype: bson::spec::BinarySubtype::Generic, bytes: b.clone() })
-            }
+            (Av::Bytes(b), _) | (Av::Fixed(_, b), _) => Bson::Binary(bson::Binary {
+                subtype: bson::spec::BinarySubtype::Generic,
+                bytes: b.clone(),
+            }),
             (Av::Decimal(d), Schema::Decimal(ds)) => {
                 let unscaled = BigInt::from(d.clone());
                 let scale = ds.scale as u32;
@@ -169,7 +179,9 @@ impl<'a> Converter<'a> {
             }
             (Av::Decimal(d), _) => Bson::String(BigInt::from(d.clone()).to_string()),
             (Av::BigDecimal(b), _) => Bson::String(b.to_string()),
-            (Av::Date(days), _) => Bson::DateTime(bson::DateTime::from_millis(i64::from(*days) * 86_400_000)),
+            (Av::Date(days), _) => {
+                Bson::DateTime(bson::DateTime::from_millis(i64::from(*days) * 86_400_000))
+            }
             (Av::TimestampMillis(ms), _) | (Av::LocalTimestampMillis(ms), _) => {
                 Bson::DateTime(bson::DateTime::from_millis(*ms))
             }
@@ -185,11 +197,18 @@ impl<'a> Converter<'a> {
             (Av::Record(fields), Schema::Record(rs)) => {
                 let mut doc = Document::new();
                 for (name, fv) in fields {
-                    let fs = rs.fields.iter().find(|f| &f.name == name).map(|f| &f.schema);
-                    doc.insert(name.clone(), match fs {
-                        Some(s) => self.to_bson(fv, s),
-                        None => self.to_bson(fv, &Schema::Null),
-                    });
+                    let fs = rs
+                        .fields
+                        .iter()
+                        .find(|f| &f.name == name)
+                        .map(|f| &f.schema);
+                    doc.insert(
+                        name.clone(),
+                        match fs {
+                            Some(s) => self.to_bson(fv, s),
+                            None => self.to_bson(fv, &Schema::Null),
+                        },
+                    );
                 }
                 Bson::Document(doc)
             }
@@ -200,9 +219,11 @@ impl<'a> Converter<'a> {
                 }
                 Bson::Document(doc)
             }
-            (Av::Map(m), Schema::Map(ms)) => {
-                Bson::Document(m.iter().map(|(k, v)| (k.clone(), self.to_bson(v, &ms.types))).collect())
-            }
+            (Av::Map(m), Schema::Map(ms)) => Bson::Document(
+                m.iter()
+                    .map(|(k, v)| (k.clone(), self.to_bson(v, &ms.types)))
+                    .collect(),
+            ),
             (Av::Array(items), Schema::Array(a)) => {
                 Bson::Array(items.iter().map(|v| self.to_bson(v, &a.items)).collect())
             }
@@ -226,13 +247,21 @@ fn decimal_text(unscaled: &BigInt, scale: u32) -> String {
 }
 
 fn convert(v: &Av, schema: &Schema) -> Result<Bson, DecodeError> {
-    let resolved = ResolvedSchema::try_from(schema).map_err(|e| DecodeError::Envelope(e.to_string()))?;
-    let names = resolved.get_names().iter().map(|(k, v)| (k.clone(), *v)).collect();
+    let resolved =
+        ResolvedSchema::try_from(schema).map_err(|e| DecodeError::Envelope(e.to_string()))?;
+    let names = resolved
+        .get_names()
+        .iter()
+        .map(|(k, v)| (k.clone(), *v))
+        .collect();
     Ok(Converter { names }.to_bson(v, schema))
 }
 
 fn header_str<'h>(headers: &'h [(String, Vec<u8>)], key: &str) -> Option<&'h str> {
-    headers.iter().find(|(k, _)| k == key).and_then(|(_, v)| std::str::from_utf8(v).ok())
+    headers
+        .iter()
+        .find(|(k, _)| k == key)
+        .and_then(|(_, v)| std::str::from_utf8(v).ok())
 }
 
 fn json_to_doc(s: &str) -> Option<Document> {
@@ -250,7 +279,14 @@ pub async fn decode_message(
     payload: Option<&[u8]>,
     headers: &[(String, Vec<u8>)],
 ) -> Result<Option<DecodedEvent>, DecodeError> {
-    let Some(payload) = payload else { return Ok(None) };
+    let Some(payload) = payload else {
+        return Ok(None);
+    };
+    // The value first: its error is the more telling one when both are broken.
+    let (vv, vs) = decode_framed(registry, "value", payload).await?;
+    let Bson::Document(env) = convert(&vv, &vs)? else {
+        return Err(DecodeError::Envelope("value is not a record".into()));
+    };
     let key_doc = match key {
         Some(k) => {
             let (kv, ks) = decode_framed(registry, "key", k).await?;
@@ -265,10 +301,6 @@ pub async fn decode_message(
         }
         None => Document::new(),
     };
-    let (vv, vs) = decode_framed(registry, "value", payload).await?;
-    let Bson::Document(env) = convert(&vv, &vs)? else {
-        return Err(DecodeError::Envelope("value is not a record".into()));
-    };
     let op = env
         .get_str("op")
         .ok()
@@ -280,7 +312,8 @@ pub async fn decode_message(
     };
     let before = doc_of("before");
     let after = doc_of("after");
-    let source = doc_of("source").ok_or_else(|| DecodeError::Envelope("missing `source`".into()))?;
+    let source =
+        doc_of("source").ok_or_else(|| DecodeError::Envelope("missing `source`".into()))?;
     let file = source.get_str("file").unwrap_or_default().to_string();
     let num = |k: &str| match source.get(k) {
         Some(Bson::Int64(x)) => *x,
@@ -289,7 +322,10 @@ pub async fn decode_message(
     };
     let version = version_of(&file, num("pos").max(0) as u64, num("row").max(0) as u32);
     if matches!(op, Op::Create | Op::Update | Op::Read) && after.is_none() {
-        return Err(DecodeError::Envelope(format!("op `{}` without `after`", op.code())));
+        return Err(DecodeError::Envelope(format!(
+            "op `{}` without `after`",
+            op.code()
+        )));
     }
     if op == Op::Delete && before.is_none() {
         return Err(DecodeError::Envelope("op `d` without `before`".into()));
@@ -301,6 +337,7 @@ pub async fn decode_message(
         after,
         version,
         source_ts_ms: header_str(headers, HEADER_SOURCE_TS).and_then(|s| s.parse().ok()),
+        read_ts_ms: header_str(headers, HEADER_READ_TS).and_then(|s| s.parse().ok()),
         old_key: header_str(headers, HEADER_OLD_KEY).and_then(json_to_doc),
         new_key: header_str(headers, HEADER_NEW_KEY).and_then(json_to_doc),
     }))
@@ -315,7 +352,10 @@ mod tests {
         let d = decimal128(&BigInt::from(-12_345_678), 4).expect("fits");
         assert_eq!(d.to_string(), "-1234.5678");
         let big = BigInt::parse_bytes(b"1234567890123456789012345678901234567", 10).expect("n");
-        assert!(decimal128(&big, 0).is_none(), "37 digits do not fit decimal128");
+        assert!(
+            decimal128(&big, 0).is_none(),
+            "37 digits do not fit decimal128"
+        );
         assert_eq!(decimal_text(&BigInt::from(-5), 3), "-0.005");
     }
 }

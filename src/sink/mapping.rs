@@ -40,6 +40,25 @@ pub enum Statement {
         /// Filter.
         q: Document,
     },
+    /// An embedded-copy update of every parent whose `path` equals `key`, if older than `version`.
+    /// MongoDB runs it as one guarded `updateMany`; on FerretDB (which cannot use an index for a
+    /// dotted filter) the writer looks parents up once per batch and writes them by `_id`.
+    FanOut {
+        /// Guarded filter (`{path: key, $or: [version missing, version < v]}`).
+        q: Document,
+        /// Update document.
+        u: Document,
+        /// Match path, e.g. `user.id`.
+        path: String,
+        /// Key value at the match path.
+        key: Bson,
+        /// Version field path, e.g. `_ecst.user_in_orders`.
+        version_path: String,
+        /// Version of the change.
+        version: String,
+        /// Whether this statement moves copies to another key (primary-key change).
+        moves: bool,
+    },
 }
 
 /// A mapping ready to apply.
@@ -73,7 +92,10 @@ impl Mapping {
     }
 
     fn err(&self, detail: impl Into<String>) -> MappingError {
-        MappingError { mapping: self.cfg.name.clone(), detail: detail.into() }
+        MappingError {
+            mapping: self.cfg.name.clone(),
+            detail: detail.into(),
+        }
     }
 
     fn guard(&self, version: &str) -> Document {
@@ -83,14 +105,34 @@ impl Mapping {
         ]}
     }
 
+    fn fan_out(&self, path: &str, key: Bson, u: Document, version: &str, moves: bool) -> Statement {
+        let mut q = doc! { path: key.clone() };
+        q.extend(self.guard(version));
+        Statement::FanOut {
+            q,
+            u,
+            path: path.to_string(),
+            key,
+            version_path: self.version_path.clone(),
+            version: version.to_string(),
+            moves,
+        }
+    }
+
     /// The key's match value: the single key field's value, or the whole key document.
     fn key_value(&self, key: &Document) -> Result<Bson, MappingError> {
         match key.len() {
             0 => Err(self.err("the change has no key (table without primary key)")),
-            1 => Ok(key.iter().next().map(|(_, v)| v.clone()).unwrap_or(Bson::Null)),
+            1 => Ok(key
+                .iter()
+                .next()
+                .map(|(_, v)| v.clone())
+                .unwrap_or(Bson::Null)),
             _ => match self.cfg.kind {
                 MappingKind::Document => Ok(Bson::Document(key.clone())),
-                MappingKind::Embedded => Err(self.err("embedded mappings need a single-column primary key")),
+                MappingKind::Embedded => {
+                    Err(self.err("embedded mappings need a single-column primary key"))
+                }
             },
         }
     }
@@ -101,13 +143,21 @@ impl Mapping {
         match &self.cfg.fields {
             Some(fields) => {
                 for f in fields {
-                    let v = row.get(f).ok_or_else(|| self.err(format!("field `{f}` is not in the row")))?;
-                    out.insert(self.cfg.rename.get(f).cloned().unwrap_or_else(|| f.clone()), v.clone());
+                    let v = row
+                        .get(f)
+                        .ok_or_else(|| self.err(format!("field `{f}` is not in the row")))?;
+                    out.insert(
+                        self.cfg.rename.get(f).cloned().unwrap_or_else(|| f.clone()),
+                        v.clone(),
+                    );
                 }
             }
             None => {
                 for (k, v) in row {
-                    out.insert(self.cfg.rename.get(k).cloned().unwrap_or_else(|| k.clone()), v.clone());
+                    out.insert(
+                        self.cfg.rename.get(k).cloned().unwrap_or_else(|| k.clone()),
+                        v.clone(),
+                    );
                 }
             }
         }
@@ -124,25 +174,33 @@ impl Mapping {
                 let target = self.cfg.target_path.clone().unwrap_or_default();
                 match ev.op {
                     Op::Create | Op::Read | Op::Update => {
-                        let row = ev.after.as_ref().ok_or_else(|| self.err("no after image"))?;
+                        let row = ev
+                            .after
+                            .as_ref()
+                            .ok_or_else(|| self.err("no after image"))?;
                         let copy = self.project(row)?;
                         let set = doc! { target.as_str(): copy, self.version_path.as_str(): v };
-                        if let (Some(old), KeyChangePolicy::Follow) = (&ev.old_key, self.cfg.on_key_change) {
+                        if let (Some(old), KeyChangePolicy::Follow) =
+                            (&ev.old_key, self.cfg.on_key_change)
+                        {
                             let old_value = self.key_value(old)?;
-                            let mut q = doc! { match_path.as_str(): old_value };
-                            q.extend(self.guard(v));
-                            out.push(Statement::Update { q, u: doc! { "$set": set.clone() }, multi: true, upsert: false });
+                            out.push(self.fan_out(
+                                &match_path,
+                                old_value,
+                                doc! { "$set": set.clone() },
+                                v,
+                                true,
+                            ));
                         }
-                        let mut q = doc! { match_path.as_str(): self.key_value(&ev.key)? };
-                        q.extend(self.guard(v));
-                        out.push(Statement::Update { q, u: doc! { "$set": set }, multi: true, upsert: false });
+                        let key = self.key_value(&ev.key)?;
+                        out.push(self.fan_out(&match_path, key, doc! { "$set": set }, v, false));
                     }
                     Op::Delete => {
-                        if ev.new_key.is_some() && self.cfg.on_key_change == KeyChangePolicy::Follow {
+                        if ev.new_key.is_some() && self.cfg.on_key_change == KeyChangePolicy::Follow
+                        {
                             return Ok(out); // the create half moves the copies
                         }
-                        let mut q = doc! { match_path.as_str(): self.key_value(&ev.key)? };
-                        q.extend(self.guard(v));
+                        let key = self.key_value(&ev.key)?;
                         let u = match self.cfg.on_delete {
                             DeletePolicy::Keep => return Ok(out),
                             DeletePolicy::Unset => doc! {
@@ -156,7 +214,7 @@ impl Mapping {
                         };
                         // `$unset` of the matched path removes the match field too: fine, the
                         // copy is gone; a re-insert of the key cannot find it any more.
-                        out.push(Statement::Update { q, u, multi: true, upsert: false });
+                        out.push(self.fan_out(&match_path, key, u, v, false));
                     }
                 }
             }
@@ -221,6 +279,7 @@ mod tests {
             after: Some(doc! { "id": 1, "description": "IPad", "price": 300 }),
             version: "v2".into(),
             source_ts_ms: None,
+            read_ts_ms: None,
             old_key: None,
             new_key: None,
         }
@@ -228,12 +287,24 @@ mod tests {
 
     #[test]
     fn embedded_update_projects_renames_and_guards_by_version() {
-        let st = product_mapping().statements(&event(Op::Update)).expect("maps");
-        let [Statement::Update { q, u, multi: true, upsert: false }] = st.as_slice() else { panic!("{st:?}") };
+        let st = product_mapping()
+            .statements(&event(Op::Update))
+            .expect("maps");
+        let [
+            Statement::FanOut {
+                q, u, moves: false, ..
+            },
+        ] = st.as_slice()
+        else {
+            panic!("{st:?}")
+        };
         assert_eq!(q.get("product.productId"), Some(&Bson::Int32(1)));
         assert!(q.contains_key("$or"));
         let set = u.get_document("$set").expect("$set");
-        assert_eq!(set.get_document("product").expect("copy"), &doc! { "productId": 1, "description": "IPad" });
+        assert_eq!(
+            set.get_document("product").expect("copy"),
+            &doc! { "productId": 1, "description": "IPad" }
+        );
         assert_eq!(set.get_str("_ecst.product_in_orders"), Ok("v2"));
     }
 
@@ -244,7 +315,9 @@ mod tests {
         create.old_key = Some(doc! { "id": 9 });
         let st = m.statements(&create).expect("maps");
         assert_eq!(st.len(), 2);
-        let Statement::Update { q, .. } = &st[0] else { panic!() };
+        let Statement::FanOut { q, moves: true, .. } = &st[0] else {
+            panic!("{st:?}")
+        };
         assert_eq!(q.get("product.productId"), Some(&Bson::Int32(9)));
         let mut del = event(Op::Delete);
         del.new_key = Some(doc! { "id": 1 });

@@ -43,7 +43,7 @@ use rdkafka::{Message, TopicPartitionList};
 use crate::config::{Config, MappingKind};
 use crate::error::{Backoff, Classify, ErrorClass};
 use crate::events::registry::{Registry, RegistryError};
-use crate::kafka::{KafkaClientError, MAX_MESSAGE_BYTES, client_config, ensure_topics};
+use crate::kafka::{KafkaClientError, MAX_MESSAGE_BYTES, TopicSpec, client_config, ensure_topics};
 use crate::metrics::{self as m, Readiness};
 use crate::shutdown::ShutdownRx;
 use decode::{DecodeError, DecodedEvent, decode_message};
@@ -78,7 +78,9 @@ pub enum SinkError {
         message: String,
     },
     /// A match path is not indexed and `create_indexes` is off.
-    #[error("collection `{collection}` has no index on `{path}`: every update would scan the collection; create it with db.{collection}.createIndex({{\"{path}\": 1}}) or set sink.create_indexes = true")]
+    #[error(
+        "collection `{collection}` has no index on `{path}`: every update would scan the collection; create it with db.{collection}.createIndex({{\"{path}\": 1}}) or set sink.create_indexes = true"
+    )]
     MissingIndex {
         /// Collection.
         collection: String,
@@ -142,13 +144,17 @@ pub struct BatchStats {
 
 fn headers_of(msg: &OwnedMessage) -> Vec<(String, Vec<u8>)> {
     match msg.headers() {
-        Some(h) => h.iter().map(|h| (h.key.to_string(), h.value.map(<[u8]>::to_vec).unwrap_or_default())).collect(),
+        Some(h) => h
+            .iter()
+            .map(|h| {
+                (
+                    h.key.to_string(),
+                    h.value.map(<[u8]>::to_vec).unwrap_or_default(),
+                )
+            })
+            .collect(),
         None => Vec::new(),
     }
-}
-
-fn now_ms() -> i64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
 }
 
 /// The sink worker's state.
@@ -164,22 +170,46 @@ impl Sink {
     /// Connects to MongoDB, checks indexes, prepares the dead-letter producer.
     pub async fn new(cfg: Arc<Config>, registry: Registry) -> Result<Self, SinkError> {
         let sink_cfg = cfg.sink.clone().ok_or(SinkError::NotConfigured("[sink]"))?;
-        let mongo = cfg.mongo.clone().ok_or(SinkError::NotConfigured("[mongo]"))?;
+        let mongo = cfg
+            .mongo
+            .clone()
+            .ok_or(SinkError::NotConfigured("[mongo]"))?;
         let writer = MongoWriter::connect(mongo.uri.expose(), &mongo.database).await?;
-        let mappings: Vec<Mapping> = sink_cfg.mappings.iter().cloned().map(Mapping::new).collect();
+        let mappings: Vec<Mapping> = sink_cfg
+            .mappings
+            .iter()
+            .cloned()
+            .map(Mapping::new)
+            .collect();
         for mp in &mappings {
             if mp.cfg.kind == MappingKind::Embedded
                 && let Some(path) = &mp.cfg.match_path
             {
-                writer.ensure_index(&mp.cfg.collection, path, sink_cfg.create_indexes).await?;
+                writer
+                    .ensure_index(&mp.cfg.collection, path, sink_cfg.create_indexes)
+                    .await?;
             }
         }
         let dlq_topic = cfg.dead_letter_topic();
-        ensure_topics(&cfg.kafka, &[(dlq_topic.clone(), 1, vec![("max.message.bytes", MAX_MESSAGE_BYTES.to_string())])]).await?;
+        let dlq_spec = TopicSpec {
+            name: dlq_topic.clone(),
+            partitions: 1,
+            config: vec![("max.message.bytes", MAX_MESSAGE_BYTES.to_string())],
+        };
+        ensure_topics(&cfg.kafka, &[dlq_spec]).await?;
         let mut pc = client_config(&cfg.kafka);
-        pc.set("enable.idempotence", "true").set("message.max.bytes", MAX_MESSAGE_BYTES.to_string());
-        let dlq: FutureProducer = pc.create().map_err(|e| SinkError::Kafka(KafkaClientError::Config(e)))?;
-        Ok(Sink { registry, writer, mappings, dlq, dlq_topic })
+        pc.set("enable.idempotence", "true")
+            .set("message.max.bytes", MAX_MESSAGE_BYTES.to_string());
+        let dlq: FutureProducer = pc
+            .create()
+            .map_err(|e| SinkError::Kafka(KafkaClientError::Config(e)))?;
+        Ok(Sink {
+            registry,
+            writer,
+            mappings,
+            dlq,
+            dlq_topic,
+        })
     }
 
     /// The MongoDB writer (used by checks and tests).
@@ -205,10 +235,17 @@ impl Sink {
                         }
                     }
                 }
-                Err(DecodeError::Registry { source, .. }) if source.class() == ErrorClass::Transient => {
+                Err(DecodeError::Registry { source, .. })
+                    if source.class() == ErrorClass::Transient =>
+                {
                     return Err(SinkError::Registry(source));
                 }
-                Err(e) => dead.push(DeadLetter { msg: i, stage: "decode", class: ErrorClass::Definite, error: e.to_string() }),
+                Err(e) => dead.push(DeadLetter {
+                    msg: i,
+                    stage: "decode",
+                    class: ErrorClass::Definite,
+                    error: e.to_string(),
+                }),
             }
         }
         // Keep only the newest change per (mapping, key); key-change creates are kept always.
@@ -229,19 +266,36 @@ impl Sink {
             match mp.statements(ev) {
                 Ok(stmts) => {
                     *applied_per_mapping.entry(*mi).or_default() += 1;
-                    let list = per_collection.entry(mp.cfg.collection.as_str()).or_default();
+                    let list = per_collection
+                        .entry(mp.cfg.collection.as_str())
+                        .or_default();
                     list.extend(stmts.into_iter().map(|stmt| Tagged { entry: idx, stmt }));
                 }
-                Err(e) => dead.push(DeadLetter { msg: *msg_i, stage: "mapping", class: ErrorClass::Definite, error: e.to_string() }),
+                Err(e) => dead.push(DeadLetter {
+                    msg: *msg_i,
+                    stage: "mapping",
+                    class: ErrorClass::Definite,
+                    error: e.to_string(),
+                }),
             }
         }
         let started = Instant::now();
+        tracing::debug!(
+            changes = entries.len(),
+            dead = dead.len(),
+            "batch decoded and mapped"
+        );
         for (coll, stmts) in &per_collection {
             let outcome = self.writer.apply(coll, stmts).await?;
             for (entry, error) in outcome.failed {
                 if let Some((mi, msg_i, _)) = entries.get(entry) {
                     *applied_per_mapping.entry(*mi).or_default() -= 1;
-                    dead.push(DeadLetter { msg: *msg_i, stage: "write", class: ErrorClass::Definite, error });
+                    dead.push(DeadLetter {
+                        msg: *msg_i,
+                        stage: "write",
+                        class: ErrorClass::Definite,
+                        error,
+                    });
                 }
             }
             for entry in outcome.stale {
@@ -251,10 +305,17 @@ impl Sink {
             }
         }
         metrics::histogram!(m::SINK_BATCH_SECONDS).record(started.elapsed().as_secs_f64());
+        tracing::debug!(
+            messages = batch.len(),
+            changes = entries.len(),
+            statements = per_collection.values().map(Vec::len).sum::<usize>(),
+            write_ms = started.elapsed().as_millis() as u64,
+            "batch written"
+        );
         let dead_count = dead.len();
         self.dead_letter(batch, dead).await?;
         // Everything of this batch is acknowledged: record metrics.
-        let now = now_ms();
+        let now = crate::events::now_ms();
         for (mi, n) in &applied_per_mapping {
             metrics::counter!(m::SINK_APPLIED_TOTAL, m::MAPPING_LABEL => self.mappings[*mi].cfg.name.clone()).increment(*n);
         }
@@ -262,31 +323,63 @@ impl Sink {
             if let Some(ts) = ev.source_ts_ms
                 && ts > 0
             {
-                metrics::histogram!(m::END_TO_END_LATENCY).record((now - ts).max(0) as f64 / 1000.0);
+                metrics::histogram!(m::END_TO_END_LATENCY)
+                    .record((now - ts).max(0) as f64 / 1000.0);
             }
         }
-        Ok(BatchStats { applied: applied_per_mapping.values().sum::<u64>() as usize, dead_lettered: dead_count })
+        Ok(BatchStats {
+            applied: applied_per_mapping.values().sum::<u64>() as usize,
+            dead_lettered: dead_count,
+        })
     }
 
-    async fn dead_letter(&self, batch: &[OwnedMessage], dead: Vec<DeadLetter>) -> Result<(), SinkError> {
+    async fn dead_letter(
+        &self,
+        batch: &[OwnedMessage],
+        dead: Vec<DeadLetter>,
+    ) -> Result<(), SinkError> {
         let mut pending = Vec::with_capacity(dead.len());
         for d in dead {
-            let Some(msg) = batch.get(d.msg) else { continue };
+            let Some(msg) = batch.get(d.msg) else {
+                continue;
+            };
             tracing::warn!(topic = msg.topic(), partition = msg.partition(), offset = msg.offset(), stage = d.stage, error = %d.error, "message sent to the dead-letter topic");
             let mut headers = OwnedHeaders::new();
             for (k, v) in headers_of(msg) {
-                headers = headers.insert(Header { key: &k, value: Some(&v) });
+                headers = headers.insert(Header {
+                    key: &k,
+                    value: Some(&v),
+                });
             }
             let partition = msg.partition().to_string();
             let offset = msg.offset().to_string();
             headers = headers
-                .insert(Header { key: DLQ_TOPIC_HEADER, value: Some(msg.topic()) })
-                .insert(Header { key: DLQ_PARTITION_HEADER, value: Some(&partition) })
-                .insert(Header { key: DLQ_OFFSET_HEADER, value: Some(&offset) })
-                .insert(Header { key: DLQ_CLASS_HEADER, value: Some(d.class.as_str()) })
-                .insert(Header { key: DLQ_MESSAGE_HEADER, value: Some(&d.error) })
-                .insert(Header { key: DLQ_STAGE_HEADER, value: Some(d.stage) });
-            let mut rec: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(&self.dlq_topic).headers(headers);
+                .insert(Header {
+                    key: DLQ_TOPIC_HEADER,
+                    value: Some(msg.topic()),
+                })
+                .insert(Header {
+                    key: DLQ_PARTITION_HEADER,
+                    value: Some(&partition),
+                })
+                .insert(Header {
+                    key: DLQ_OFFSET_HEADER,
+                    value: Some(&offset),
+                })
+                .insert(Header {
+                    key: DLQ_CLASS_HEADER,
+                    value: Some(d.class.as_str()),
+                })
+                .insert(Header {
+                    key: DLQ_MESSAGE_HEADER,
+                    value: Some(&d.error),
+                })
+                .insert(Header {
+                    key: DLQ_STAGE_HEADER,
+                    value: Some(d.stage),
+                });
+            let mut rec: FutureRecord<'_, [u8], [u8]> =
+                FutureRecord::to(&self.dlq_topic).headers(headers);
             if let Some(k) = msg.key() {
                 rec = rec.key(k);
             }
@@ -296,7 +389,10 @@ impl Sink {
             pending.push(self.dlq.send(rec, Duration::from_secs(30)));
         }
         for fut in pending {
-            fut.await.map_err(|(source, _)| SinkError::DeadLetter { topic: self.dlq_topic.clone(), source })?;
+            fut.await.map_err(|(source, _)| SinkError::DeadLetter {
+                topic: self.dlq_topic.clone(),
+                source,
+            })?;
             metrics::counter!(m::SINK_DLQ_TOTAL).increment(1);
         }
         Ok(())
@@ -304,7 +400,10 @@ impl Sink {
 }
 
 fn consumer_for(cfg: &Config) -> Result<StreamConsumer, SinkError> {
-    let sink = cfg.sink.as_ref().ok_or(SinkError::NotConfigured("[sink]"))?;
+    let sink = cfg
+        .sink
+        .as_ref()
+        .ok_or(SinkError::NotConfigured("[sink]"))?;
     let mut cc = client_config(&cfg.kafka);
     cc.set("group.id", &sink.group_id)
         .set("enable.auto.commit", "true")
@@ -313,21 +412,29 @@ fn consumer_for(cfg: &Config) -> Result<StreamConsumer, SinkError> {
         .set("isolation.level", "read_committed")
         .set("auto.offset.reset", "earliest")
         .set("partition.assignment.strategy", "cooperative-sticky")
-        .set("receive.message.max.bytes", (MAX_MESSAGE_BYTES * 2).to_string())
+        .set("topic.metadata.refresh.interval.ms", "10000")
+        .set(
+            "receive.message.max.bytes",
+            (MAX_MESSAGE_BYTES * 2).to_string(),
+        )
         .set("fetch.max.bytes", MAX_MESSAGE_BYTES.to_string());
-    cc.create().map_err(|e| SinkError::Kafka(KafkaClientError::Config(e)))
+    cc.create()
+        .map_err(|e| SinkError::Kafka(KafkaClientError::Config(e)))
 }
 
 /// Sums high watermark minus position over the assigned partitions (blocking: broker round trips).
 fn record_lag(consumer: &StreamConsumer) {
-    let (Ok(assignment), Ok(position)) = (consumer.assignment(), consumer.position()) else { return };
+    let (Ok(assignment), Ok(position)) = (consumer.assignment(), consumer.position()) else {
+        return;
+    };
     let mut lag: i64 = 0;
     for el in assignment.elements() {
         let pos = position
             .find_partition(el.topic(), el.partition())
             .and_then(|p| p.offset().to_raw())
             .unwrap_or(-1);
-        if let Ok((_, high)) = consumer.fetch_watermarks(el.topic(), el.partition(), Duration::from_millis(500))
+        if let Ok((_, high)) =
+            consumer.fetch_watermarks(el.topic(), el.partition(), Duration::from_millis(500))
             && pos >= 0
             && high >= pos
         {
@@ -344,7 +451,9 @@ pub async fn run(
     mut shutdown: ShutdownRx,
     readiness: Arc<Readiness>,
 ) -> Result<(), SinkError> {
-    let Some(sink_cfg) = cfg.sink.clone() else { return Ok(()) };
+    let Some(sink_cfg) = cfg.sink.clone() else {
+        return Ok(());
+    };
     let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(30));
     // Start-up (MongoDB reachable, indexes) retried like any transient error.
     let sink = loop {
@@ -369,8 +478,43 @@ pub async fn run(
         t.dedup();
         t
     };
+    // Subscribing to a topic that does not exist yet would only notice it at the next metadata
+    // refresh: wait for the source to create them, saying so.
+    let mut waited = false;
+    loop {
+        let c = consumer.clone();
+        let t = topics.clone();
+        let missing = tokio::task::spawn_blocking(move || -> Vec<String> {
+            t.into_iter()
+                .filter(|topic| {
+                    c.fetch_metadata(Some(topic), Duration::from_secs(5))
+                        .map(|md| {
+                            md.topics()
+                                .first()
+                                .is_none_or(|x| x.partitions().is_empty() || x.error().is_some())
+                        })
+                        .unwrap_or(true)
+                })
+                .collect()
+        })
+        .await
+        .unwrap_or_default();
+        if missing.is_empty() {
+            break;
+        }
+        if !waited {
+            tracing::info!(topics = ?missing, "waiting for the change topics to exist");
+            waited = true;
+        }
+        tokio::select! {
+            () = shutdown.wait() => return Ok(()),
+            () = tokio::time::sleep(Duration::from_millis(500)) => {}
+        }
+    }
     let topic_refs: Vec<&str> = topics.iter().map(String::as_str).collect();
-    consumer.subscribe(&topic_refs).map_err(|e| SinkError::Kafka(KafkaClientError::Broker(e)))?;
+    consumer
+        .subscribe(&topic_refs)
+        .map_err(|e| SinkError::Kafka(KafkaClientError::Broker(e)))?;
     readiness.sink_ready.store(true, Ordering::Relaxed);
     tracing::info!(topics = ?topics, group = %sink_cfg.group_id, "sink consuming");
     let batch_timeout = Duration::from_millis(sink_cfg.batch_timeout_ms);
@@ -409,6 +553,7 @@ pub async fn run(
                 Err(_) => break,
             }
         }
+        tracing::debug!(messages = batch.len(), "batch received");
         // Apply, retrying transient failures until they pass (offsets do not move meanwhile).
         loop {
             match sink.process(&batch).await {
@@ -431,7 +576,9 @@ pub async fn run(
         let mut tpl = TopicPartitionList::new();
         let mut highest: HashMap<(String, i32), i64> = HashMap::new();
         for msg in &batch {
-            let e = highest.entry((msg.topic().to_string(), msg.partition())).or_insert(-1);
+            let e = highest
+                .entry((msg.topic().to_string(), msg.partition()))
+                .or_insert(-1);
             *e = (*e).max(msg.offset());
         }
         for ((t, p), o) in highest {

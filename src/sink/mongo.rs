@@ -10,6 +10,16 @@
 //! "not primary" errors are transient: the caller retries the batch.
 //!
 //! The writer must tolerate duplicate writes, and does: every statement carries the version guard.
+//!
+//! **FerretDB.** FerretDB 1.x (SQLite backend) pushes down only an exact `_id` filter; a dotted
+//! filter such as `user.id` scans and decodes the whole collection for *each* statement, so one
+//! `updateMany` per changed user costs O(collection) and 10,000 changes over 5,000 orders take
+//! many minutes. The writer detects FerretDB (`buildInfo.ferretdbVersion`) and switches
+//! embedded fan-outs to a *lookup* plan: one `find` per batch and collection with `$in` over
+//! all changed keys (one scan), a client-side version check on what it found, then writes by
+//! `_id` alone (pushed down). The check is client-side there because FerretDB would not push down
+//! an `_id` filter combined with the guard; one key is only ever written by the one worker that
+//! owns its partition, so nothing races it. MongoDB keeps the server-side guarded `updateMany`.
 
 use bson::{Bson, Document, doc};
 use mongodb::error::ErrorKind;
@@ -17,18 +27,26 @@ use mongodb::error::ErrorKind;
 use super::SinkError;
 use super::mapping::Statement;
 
-/// Statements per command (MongoDB's default `maxWriteBatchSize` is 100,000; keep requests small).
+/// Statements per command on MongoDB (its `maxWriteBatchSize` is 100,000; keep requests small).
 const MAX_STATEMENTS_PER_COMMAND: usize = 1_000;
+/// Statements per command on FerretDB 1.x: it keeps every statement's query cursor (and so one
+/// SQLite connection of a pool of 100) open until the whole command ends, so a command of 100 or
+/// more statements waits forever for a connection. Measured: 1,000 hangs, 50 works.
+const MAX_STATEMENTS_PER_COMMAND_FERRETDB: usize = 50;
 
 /// Server error codes that are worth retrying.
-const TRANSIENT_CODES: &[i32] = &[6, 7, 89, 91, 189, 262, 9001, 10107, 11600, 11602, 13435, 13436, 50];
+const TRANSIENT_CODES: &[i32] = &[
+    6, 7, 89, 91, 189, 262, 9001, 10107, 11600, 11602, 13435, 13436, 50,
+];
 
 /// Classes a driver error.
 pub fn is_transient(e: &mongodb::error::Error) -> bool {
     match e.kind.as_ref() {
         ErrorKind::Command(c) => TRANSIENT_CODES.contains(&c.code),
         ErrorKind::Write(_) | ErrorKind::InsertMany(_) => false,
-        ErrorKind::InvalidArgument { .. } | ErrorKind::BsonDeserialization(_) | ErrorKind::BsonSerialization(_) => false,
+        ErrorKind::InvalidArgument { .. }
+        | ErrorKind::BsonDeserialization(_)
+        | ErrorKind::BsonSerialization(_) => false,
         _ => true,
     }
 }
@@ -51,22 +69,53 @@ pub struct Outcome {
     pub stale: Vec<usize>,
 }
 
+/// How embedded fan-outs are executed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FanOutPlan {
+    /// One guarded `updateMany` per key (MongoDB, with an index on the match path).
+    UpdateMany,
+    /// One `$in` lookup per batch, then `_id`-keyed writes (FerretDB).
+    Lookup,
+}
+
 /// The writer.
 #[derive(Clone)]
 pub struct MongoWriter {
     db: mongodb::Database,
+    plan: FanOutPlan,
 }
 
 impl MongoWriter {
     /// Connects (lazily: the driver connects on first use) to `uri` / `database`.
     pub async fn connect(uri: &str, database: &str) -> Result<Self, SinkError> {
-        let mut opts = mongodb::options::ClientOptions::parse(uri).await.map_err(SinkError::Mongo)?;
+        let mut opts = mongodb::options::ClientOptions::parse(uri)
+            .await
+            .map_err(SinkError::Mongo)?;
         opts.app_name.get_or_insert_with(|| "ecst".into());
         if opts.server_selection_timeout.is_none() {
             opts.server_selection_timeout = Some(std::time::Duration::from_secs(5));
         }
         let client = mongodb::Client::with_options(opts).map_err(SinkError::Mongo)?;
-        Ok(MongoWriter { db: client.database(database) })
+        let db = client.database(database);
+        let info = db
+            .run_command(doc! { "buildInfo": 1 })
+            .await
+            .map_err(SinkError::Mongo)?;
+        let plan = if info.contains_key("ferretdbVersion") {
+            tracing::info!(
+                version = info.get_str("ferretdbVersion").unwrap_or("?"),
+                "ferretdb detected: dotted filters are not indexed there, embedded updates use one lookup per batch and _id-keyed writes"
+            );
+            FanOutPlan::Lookup
+        } else {
+            FanOutPlan::UpdateMany
+        };
+        Ok(MongoWriter { db, plan })
+    }
+
+    /// The fan-out plan chosen for this server.
+    pub fn plan(&self) -> FanOutPlan {
+        self.plan
     }
 
     /// The database handle (tests and checks).
@@ -75,7 +124,12 @@ impl MongoWriter {
     }
 
     /// Checks that `collection` has an index starting with `path`; creates it if allowed.
-    pub async fn ensure_index(&self, collection: &str, path: &str, create: bool) -> Result<(), SinkError> {
+    pub async fn ensure_index(
+        &self,
+        collection: &str,
+        path: &str,
+        create: bool,
+    ) -> Result<(), SinkError> {
         let coll = self.db.collection::<Document>(collection);
         let mut cursor = match coll.list_indexes().await {
             Ok(c) => Some(c),
@@ -92,9 +146,14 @@ impl MongoWriter {
             }
         }
         if !create {
-            return Err(SinkError::MissingIndex { collection: collection.into(), path: path.into() });
+            return Err(SinkError::MissingIndex {
+                collection: collection.into(),
+                path: path.into(),
+            });
         }
-        let model = mongodb::IndexModel::builder().keys(doc! { path: 1 }).build();
+        let model = mongodb::IndexModel::builder()
+            .keys(doc! { path: 1 })
+            .build();
         coll.create_index(model).await.map_err(SinkError::Mongo)?;
         tracing::info!(collection, path, "index created");
         Ok(())
@@ -102,24 +161,53 @@ impl MongoWriter {
 
     /// Runs the statements of one collection, in order.
     pub async fn apply(&self, collection: &str, stmts: &[Tagged]) -> Result<Outcome, SinkError> {
+        let stmts = match self.plan {
+            FanOutPlan::UpdateMany => stmts
+                .iter()
+                .map(|t| match &t.stmt {
+                    Statement::FanOut { q, u, .. } => Tagged {
+                        entry: t.entry,
+                        stmt: Statement::Update {
+                            q: q.clone(),
+                            u: u.clone(),
+                            multi: true,
+                            upsert: false,
+                        },
+                    },
+                    _ => t.clone(),
+                })
+                .collect(),
+            FanOutPlan::Lookup => self.expand_fan_outs(collection, stmts).await?,
+        };
+        let stmts = stmts.as_slice();
+        let per_command = match self.plan {
+            FanOutPlan::UpdateMany => MAX_STATEMENTS_PER_COMMAND,
+            FanOutPlan::Lookup => MAX_STATEMENTS_PER_COMMAND_FERRETDB,
+        };
         let mut outcome = Outcome::default();
         let mut start = 0;
         while start < stmts.len() {
             let is_delete = matches!(stmts[start].stmt, Statement::Delete { .. });
             let mut end = start;
             while end < stmts.len()
-                && end - start < MAX_STATEMENTS_PER_COMMAND
+                && end - start < per_command
                 && matches!(stmts[end].stmt, Statement::Delete { .. }) == is_delete
             {
                 end += 1;
             }
-            self.run_ordered(collection, &stmts[start..end], &mut outcome).await?;
+            self.run_ordered(collection, &stmts[start..end], &mut outcome)
+                .await?;
             start = end;
         }
         Ok(outcome)
     }
 
-    async fn run_ordered(&self, collection: &str, run: &[Tagged], outcome: &mut Outcome) -> Result<(), SinkError> {
+    async fn run_ordered(
+        &self,
+        collection: &str,
+        run: &[Tagged],
+        outcome: &mut Outcome,
+    ) -> Result<(), SinkError> {
         let mut from = 0;
         while from < run.len() {
             let part = &run[from..];
@@ -131,7 +219,8 @@ impl MongoWriter {
                     // Isolate the poison statement: one by one.
                     tracing::warn!(error = %e, statements = part.len(), "command failed, isolating statement by statement");
                     for one in part {
-                        Box::pin(self.run_ordered(collection, std::slice::from_ref(one), outcome)).await?;
+                        Box::pin(self.run_ordered(collection, std::slice::from_ref(one), outcome))
+                            .await?;
                     }
                     return Ok(());
                 }
@@ -140,7 +229,11 @@ impl MongoWriter {
                     return Ok(());
                 }
             };
-            let first_error = reply.get_array("writeErrors").ok().and_then(|a| a.first()).and_then(Bson::as_document);
+            let first_error = reply
+                .get_array("writeErrors")
+                .ok()
+                .and_then(|a| a.first())
+                .and_then(Bson::as_document);
             match first_error {
                 None => return Ok(()),
                 Some(err) => {
@@ -155,14 +248,18 @@ impl MongoWriter {
                         _ => 0,
                     };
                     let msg = err.get_str("errmsg").unwrap_or("write error").to_string();
-                    let Some(tagged) = part.get(index) else { return Ok(()) };
+                    let Some(tagged) = part.get(index) else {
+                        return Ok(());
+                    };
                     let is_upsert = matches!(tagged.stmt, Statement::Update { upsert: true, .. });
                     if code == 11000 && is_upsert {
                         outcome.stale.push(tagged.entry);
                     } else if TRANSIENT_CODES.contains(&code) {
                         return Err(SinkError::MongoWrite { code, message: msg });
                     } else {
-                        outcome.failed.push((tagged.entry, format!("code {code}: {msg}")));
+                        outcome
+                            .failed
+                            .push((tagged.entry, format!("code {code}: {msg}")));
                     }
                     from += index + 1;
                 }
@@ -172,15 +269,165 @@ impl MongoWriter {
     }
 }
 
+/// A comparable form of a key value (numbers of any BSON type compare by value, as in queries).
+fn norm_key(b: &Bson) -> String {
+    match b {
+        Bson::Int32(i) => format!("n{i}"),
+        Bson::Int64(i) => format!("n{i}"),
+        Bson::Double(d) if d.fract() == 0.0 && d.abs() < 9.0e15 => format!("n{}", *d as i64),
+        other => format!("{other:?}"),
+    }
+}
+
+/// The value at a dotted path.
+fn at_path<'a>(doc: &'a Document, path: &str) -> Option<&'a Bson> {
+    let mut parts = path.split('.');
+    let mut cur = doc.get(parts.next()?)?;
+    for p in parts {
+        cur = cur.as_document()?.get(p)?;
+    }
+    Some(cur)
+}
+
+impl MongoWriter {
+    /// Lookup plan: turns fan-outs into `_id`-keyed updates. Segments end after a statement
+    /// that moves copies to another key, so later statements see the moved documents.
+    async fn expand_fan_outs(
+        &self,
+        collection: &str,
+        stmts: &[Tagged],
+    ) -> Result<Vec<Tagged>, SinkError> {
+        use futures::TryStreamExt;
+        let coll = self.db.collection::<Document>(collection);
+        let mut out = Vec::with_capacity(stmts.len());
+        let mut start = 0;
+        while start < stmts.len() {
+            let end = stmts[start..]
+                .iter()
+                .position(|t| matches!(t.stmt, Statement::FanOut { moves: true, .. }))
+                .map_or(stmts.len(), |i| start + i + 1);
+            let segment = &stmts[start..end];
+            start = end;
+            // One query for every key of the segment, grouped by path.
+            let mut by_path: std::collections::BTreeMap<&str, Vec<Bson>> =
+                std::collections::BTreeMap::new();
+            let mut version_paths = std::collections::BTreeSet::new();
+            for t in segment {
+                if let Statement::FanOut {
+                    path,
+                    key,
+                    version_path,
+                    ..
+                } = &t.stmt
+                {
+                    by_path.entry(path.as_str()).or_default().push(key.clone());
+                    version_paths.insert(version_path.as_str());
+                }
+            }
+            // (path, key) → [(_id, {version_path → version})]
+            let mut index: std::collections::HashMap<(String, String), Vec<(Bson, Document)>> =
+                std::collections::HashMap::new();
+            if !by_path.is_empty() {
+                let ors: Vec<Document> = by_path
+                    .iter()
+                    .map(|(p, keys)| doc! { *p: { "$in": keys.clone() } })
+                    .collect();
+                let mut projection = doc! { "_id": 1 };
+                for p in by_path.keys() {
+                    projection.insert(*p, 1);
+                }
+                for v in &version_paths {
+                    projection.insert(*v, 1);
+                }
+                let docs: Vec<Document> = coll
+                    .find(doc! { "$or": ors })
+                    .projection(projection)
+                    .await
+                    .map_err(SinkError::Mongo)?
+                    .try_collect()
+                    .await
+                    .map_err(SinkError::Mongo)?;
+                tracing::debug!(collection, found = docs.len(), "fan-out lookup done");
+                for d in docs {
+                    let Some(id) = d.get("_id").cloned() else {
+                        continue;
+                    };
+                    let mut versions = Document::new();
+                    for v in &version_paths {
+                        if let Some(Bson::String(s)) = at_path(&d, v) {
+                            versions.insert(*v, s.clone());
+                        }
+                    }
+                    for p in by_path.keys() {
+                        if let Some(k) = at_path(&d, p) {
+                            index
+                                .entry((p.to_string(), norm_key(k)))
+                                .or_default()
+                                .push((id.clone(), versions.clone()));
+                        }
+                    }
+                }
+            }
+            for t in segment {
+                let Statement::FanOut {
+                    u,
+                    path,
+                    key,
+                    version_path,
+                    version,
+                    ..
+                } = &t.stmt
+                else {
+                    out.push(t.clone());
+                    continue;
+                };
+                let Some(targets) = index.get_mut(&(path.clone(), norm_key(key))) else {
+                    continue;
+                };
+                for (id, versions) in targets.iter_mut() {
+                    let newer = versions
+                        .get_str(version_path)
+                        .is_ok_and(|cur| cur >= version.as_str());
+                    if newer {
+                        continue; // stale for this document
+                    }
+                    versions.insert(version_path.clone(), version.clone());
+                    out.push(Tagged {
+                        entry: t.entry,
+                        stmt: Statement::Update {
+                            q: doc! { "_id": id.clone() },
+                            u: u.clone(),
+                            multi: false,
+                            upsert: false,
+                        },
+                    });
+                }
+            }
+        }
+        Ok(out)
+    }
+}
+
 fn command(collection: &str, part: &[Tagged]) -> Document {
-    let is_delete = part.first().is_some_and(|t| matches!(t.stmt, Statement::Delete { .. }));
+    let is_delete = part
+        .first()
+        .is_some_and(|t| matches!(t.stmt, Statement::Delete { .. }));
     let items: Vec<Bson> = part
         .iter()
         .map(|t| match &t.stmt {
-            Statement::Update { q, u, multi, upsert } => {
-                Bson::Document(doc! { "q": q.clone(), "u": u.clone(), "multi": *multi, "upsert": *upsert })
-            }
+            Statement::Update {
+                q,
+                u,
+                multi,
+                upsert,
+            } => Bson::Document(
+                doc! { "q": q.clone(), "u": u.clone(), "multi": *multi, "upsert": *upsert },
+            ),
             Statement::Delete { q } => Bson::Document(doc! { "q": q.clone(), "limit": 1 }),
+            // Expanded by `apply` before commands are built.
+            Statement::FanOut { q, u, .. } => Bson::Document(
+                doc! { "q": q.clone(), "u": u.clone(), "multi": true, "upsert": false },
+            ),
         })
         .collect();
     if is_delete {

@@ -62,10 +62,13 @@ pub async fn run_reader(
 ) -> Result<(), SourceError> {
     let mut conn = connect(&cfg).await?;
     let checksum: Option<String> = conn.query_first("SELECT @@global.binlog_checksum").await?;
-    let crc = checksum.as_deref().is_some_and(|c| c.eq_ignore_ascii_case("CRC32"));
+    let crc = checksum
+        .as_deref()
+        .is_some_and(|c| c.eq_ignore_ascii_case("CRC32"));
     let heartbeat_ns = cfg.heartbeat_ms.saturating_mul(1_000_000);
     conn.query_drop("SET @mariadb_slave_capability = 4").await?;
-    conn.query_drop(format!("SET @master_heartbeat_period = {heartbeat_ns}")).await?;
+    conn.query_drop(format!("SET @master_heartbeat_period = {heartbeat_ns}"))
+        .await?;
     let request = BinlogStreamRequest::new(cfg.server_id)
         .with_filename(start.file.as_bytes())
         .with_pos(start.pos);
@@ -91,7 +94,11 @@ pub async fn run_reader(
             n = tokio::time::timeout(watchdog, stream.next()) => n,
         };
         let event = match next {
-            Err(_) => return Err(SourceError::Stalled { silent_ms: watchdog.as_millis() as u64 }),
+            Err(_) => {
+                return Err(SourceError::Stalled {
+                    silent_ms: watchdog.as_millis() as u64,
+                });
+            }
             Ok(None) => return Err(SourceError::StreamEnded),
             Ok(Some(Err(e))) => return Err(SourceError::Mysql(e)),
             Ok(Some(Ok(ev))) => ev,
@@ -104,7 +111,10 @@ pub async fn run_reader(
         {
             let expected = event.calc_checksum(BinlogChecksumAlg::BINLOG_CHECKSUM_ALG_CRC32);
             if u32::from_le_bytes(sum) != expected {
-                return Err(SourceError::Checksum { file: file.clone(), pos: u64::from(header.log_pos()) });
+                return Err(SourceError::Checksum {
+                    file: file.clone(),
+                    pos: u64::from(header.log_pos()),
+                });
             }
         }
         match etype {
@@ -118,8 +128,19 @@ pub async fn run_reader(
                     if header.log_pos() != 0 && !in_tx {
                         // A real rotate between transactions: the next file's start is a safe
                         // resume point.
-                        let position = BinlogPosition { file: file.clone(), pos: r.position() };
-                        send(&tx, SourceMsg::Commit { position, gtid: None, ts_ms: 0 }).await?;
+                        let position = BinlogPosition {
+                            file: file.clone(),
+                            pos: r.position(),
+                        };
+                        send(
+                            &tx,
+                            SourceMsg::Commit {
+                                position,
+                                gtid: None,
+                                ts_ms: 0,
+                            },
+                        )
+                        .await?;
                     }
                 }
             }
@@ -138,7 +159,12 @@ pub async fn run_reader(
                     let hex: String = sid.iter().map(|b| format!("{b:02x}")).collect();
                     gtid = Some(format!(
                         "{}-{}-{}-{}-{}:{}",
-                        &hex[0..8], &hex[8..12], &hex[12..16], &hex[16..20], &hex[20..32], g.gno()
+                        &hex[0..8],
+                        &hex[8..12],
+                        &hex[12..16],
+                        &hex[16..20],
+                        &hex[20..32],
+                        g.gno()
                     ));
                 }
                 tx_ts_ms = i64::from(header.timestamp()) * 1000;
@@ -152,8 +178,19 @@ pub async fn run_reader(
                     in_tx = true;
                     tx_ts_ms = i64::from(header.timestamp()) * 1000;
                 } else if query == "COMMIT" || !in_tx {
-                    let position = BinlogPosition { file: file.clone(), pos: u64::from(header.log_pos()) };
-                    send(&tx, SourceMsg::Commit { position, gtid: gtid.take(), ts_ms: tx_ts_ms }).await?;
+                    let position = BinlogPosition {
+                        file: file.clone(),
+                        pos: u64::from(header.log_pos()),
+                    };
+                    send(
+                        &tx,
+                        SourceMsg::Commit {
+                            position,
+                            gtid: gtid.take(),
+                            ts_ms: tx_ts_ms,
+                        },
+                    )
+                    .await?;
                     in_tx = false;
                     if query != "COMMIT" {
                         // DDL may have changed table shapes; new TABLE_MAPs will follow.
@@ -163,28 +200,51 @@ pub async fn run_reader(
             }
             XID_EVENT => {
                 in_tx = false;
-                let position = BinlogPosition { file: file.clone(), pos: u64::from(header.log_pos()) };
-                send(&tx, SourceMsg::Commit { position, gtid: gtid.take(), ts_ms: tx_ts_ms }).await?;
+                let position = BinlogPosition {
+                    file: file.clone(),
+                    pos: u64::from(header.log_pos()),
+                };
+                send(
+                    &tx,
+                    SourceMsg::Commit {
+                        position,
+                        gtid: gtid.take(),
+                        ts_ms: tx_ts_ms,
+                    },
+                )
+                .await?;
             }
             TABLE_MAP_EVENT => {
-                let tme: TableMapEvent<'_> = event.read_event().map_err(|e| SourceError::TableMap {
-                    table: "?".into(),
-                    detail: e.to_string(),
-                })?;
+                let tme: TableMapEvent<'_> =
+                    event.read_event().map_err(|e| SourceError::TableMap {
+                        table: "?".into(),
+                        detail: e.to_string(),
+                    })?;
                 let id = tme.table_id();
                 let body = event.data();
-                let unchanged = tables_by_id.get(&id).is_some_and(|(raw, _)| raw.as_slice() == body);
+                let unchanged = tables_by_id
+                    .get(&id)
+                    .is_some_and(|(raw, _)| raw.as_slice() == body);
                 if !unchanged {
                     let qn = format!("{}.{}", tme.database_name(), tme.table_name());
-                    let shape = if tables.contains(&qn) { Some(Arc::new(from_table_map(&tme)?)) } else { None };
+                    let shape = if tables.contains(&qn) {
+                        Some(Arc::new(from_table_map(&tme)?))
+                    } else {
+                        None
+                    };
                     tables_by_id.insert(id, (body.to_vec(), shape));
                 }
             }
             23..=25 | 30..=32 => {
                 let Ok(Some(EventData::RowsEvent(rows))) = event.read_data() else {
-                    return Err(SourceError::RowDecode { table: "?".into(), detail: format!("unreadable rows event type {etype}") });
+                    return Err(SourceError::RowDecode {
+                        table: "?".into(),
+                        detail: format!("unreadable rows event type {etype}"),
+                    });
                 };
-                let Some((_, Some(table))) = tables_by_id.get(&rows.table_id()) else { continue };
+                let Some((_, Some(table))) = tables_by_id.get(&rows.table_id()) else {
+                    continue;
+                };
                 let table = table.clone();
                 let (op, before, after): (Op, Option<Vec<bool>>, Option<Vec<bool>>) = match &rows {
                     RowsEventData::WriteRowsEventV1(_) | RowsEventData::WriteRowsEvent(_) => {
@@ -205,7 +265,13 @@ pub async fn run_reader(
                         });
                     }
                 };
-                let decoded = decode_rows(&table, rows.rows_data(), before.as_deref(), after.as_deref())?;
+                let read_ts_ms = crate::events::now_ms();
+                let decoded = decode_rows(
+                    &table,
+                    rows.rows_data(),
+                    before.as_deref(),
+                    after.as_deref(),
+                )?;
                 for (row, (b, a)) in decoded.into_iter().enumerate() {
                     let ev = ChangeEvent {
                         schema: table.schema.clone(),
@@ -220,6 +286,7 @@ pub async fn run_reader(
                             file: file.clone(),
                             pos: u64::from(header.log_pos()),
                             row: row as u32,
+                            read_ts_ms,
                         },
                     };
                     send(&tx, SourceMsg::Change(ev)).await?;

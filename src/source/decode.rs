@@ -53,7 +53,13 @@ pub fn decode_latin1(bytes: &[u8]) -> String {
     ];
     bytes
         .iter()
-        .map(|&b| if (0x80..0xa0).contains(&b) { CP1252[usize::from(b - 0x80)] } else { char::from(b) })
+        .map(|&b| {
+            if (0x80..0xa0).contains(&b) {
+                CP1252[usize::from(b - 0x80)]
+            } else {
+                char::from(b)
+            }
+        })
         .collect()
 }
 
@@ -73,42 +79,71 @@ fn text(bytes: Vec<u8>, cs: Charset, origin: Origin) -> String {
 }
 
 fn mismatch(col: &Column, v: &My) -> SourceError {
-    SourceError::ValueType { column: col.name.clone(), detail: format!("{:?} for {:?}", v, col.kind) }
+    SourceError::ValueType {
+        column: col.name.clone(),
+        detail: format!("{:?} for {:?}", v, col.kind),
+    }
 }
 
 fn zero_date(col: &Column) -> Value {
     // MySQL zero dates ('0000-00-00') have no calendar meaning: NULL where allowed (as Debezium).
-    if col.nullable { Value::Null } else { Value::Micros(0) }
+    if col.nullable {
+        Value::Null
+    } else {
+        Value::Micros(0)
+    }
 }
 
 /// Converts one MySQL value of `col` to a [`Value`].
-pub fn convert(col: &Column, v: My, origin: Origin, int24_signed: bool) -> Result<Value, SourceError> {
+pub fn convert(
+    col: &Column,
+    v: My,
+    origin: Origin,
+    int24_signed: bool,
+) -> Result<Value, SourceError> {
     use ColumnKind as K;
     Ok(match (&col.kind, v) {
         (_, My::NULL) => Value::Null,
         (K::Int, My::Int(i)) => {
-            let i = if int24_signed && i > 0x7f_ffff { i - 0x100_0000 } else { i };
+            let i = if int24_signed && i > 0x7f_ffff {
+                i - 0x100_0000
+            } else {
+                i
+            };
             Value::Int(i32::try_from(i).map_err(|_| mismatch(col, &My::Int(i)))?)
         }
-        (K::Int, My::UInt(u)) => Value::Int(i32::try_from(u).map_err(|_| mismatch(col, &My::UInt(u)))?),
+        (K::Int, My::UInt(u)) => {
+            Value::Int(i32::try_from(u).map_err(|_| mismatch(col, &My::UInt(u)))?)
+        }
         (K::Long, My::Int(i)) => Value::Long(i),
-        (K::Long, My::UInt(u)) => Value::Long(i64::try_from(u).map_err(|_| mismatch(col, &My::UInt(u)))?),
+        (K::Long, My::UInt(u)) => {
+            Value::Long(i64::try_from(u).map_err(|_| mismatch(col, &My::UInt(u)))?)
+        }
         (K::UnsignedLong, My::UInt(u)) => Value::Decimal(u.to_string()),
         (K::UnsignedLong, My::Int(i)) => Value::Decimal((i as u64).to_string()),
         (K::Year, My::Int(i)) => Value::Int(i as i32),
         (K::Year, My::UInt(u)) => Value::Int(u as i32),
         (K::Year, My::Bytes(b)) => {
-            let y: i32 = std::str::from_utf8(&b).ok().and_then(|s| s.parse().ok()).unwrap_or(0);
+            let y: i32 = std::str::from_utf8(&b)
+                .ok()
+                .and_then(|s| s.parse().ok())
+                .unwrap_or(0);
             Value::Int(if y == 1900 { 0 } else { y })
         }
         (K::Float, My::Float(f)) => Value::Float(f),
         (K::Float, My::Double(d)) => Value::Float(d as f32),
         (K::Double, My::Double(d)) => Value::Double(d),
         (K::Double, My::Float(f)) => Value::Double(f64::from(f)),
-        (K::Decimal { .. }, My::Bytes(b)) => Value::Decimal(String::from_utf8_lossy(&b).into_owned()),
+        (K::Decimal { .. }, My::Bytes(b)) => {
+            Value::Decimal(String::from_utf8_lossy(&b).into_owned())
+        }
         (K::Date, My::Date(y, m, d, ..)) => {
             if m == 0 || d == 0 {
-                return Ok(if col.nullable { Value::Null } else { Value::Date(0) });
+                return Ok(if col.nullable {
+                    Value::Null
+                } else {
+                    Value::Date(0)
+                });
             }
             Value::Date(days_from_civil(i64::from(y), u32::from(m), u32::from(d)) as i32)
         }
@@ -123,13 +158,17 @@ pub fn convert(col: &Column, v: My, origin: Origin, int24_signed: bool) -> Resul
         (K::Timestamp, My::Bytes(b)) => {
             let s = String::from_utf8_lossy(&b);
             let (sec, frac) = s.split_once('.').unwrap_or((&s, "0"));
-            let sec: i64 = sec.parse().map_err(|_| mismatch(col, &My::Bytes(b.clone())))?;
+            let sec: i64 = sec
+                .parse()
+                .map_err(|_| mismatch(col, &My::Bytes(b.clone())))?;
             let mut frac = frac.to_string();
             frac.truncate(6);
             while frac.len() < 6 {
                 frac.push('0');
             }
-            let us: i64 = frac.parse().map_err(|_| mismatch(col, &My::Bytes(b.clone())))?;
+            let us: i64 = frac
+                .parse()
+                .map_err(|_| mismatch(col, &My::Bytes(b.clone())))?;
             if sec == 0 && us == 0 {
                 return Ok(zero_date(col));
             }
@@ -137,10 +176,10 @@ pub fn convert(col: &Column, v: My, origin: Origin, int24_signed: bool) -> Resul
         }
         (K::Timestamp, My::Int(sec)) => Value::Micros(sec * 1_000_000),
         (K::Time, My::Time(neg, days, h, m, s, us)) => {
-            let total = ((i64::from(days) * 24 + i64::from(h)) * 3_600 + i64::from(m) * 60
-                + i64::from(s))
-                * 1_000_000
-                + i64::from(us);
+            let total =
+                ((i64::from(days) * 24 + i64::from(h)) * 3_600 + i64::from(m) * 60 + i64::from(s))
+                    * 1_000_000
+                    + i64::from(us);
             Value::TimeMicros(if neg { -total } else { total })
         }
         (K::String(cs), My::Bytes(b)) => Value::String(text(b, *cs, origin)),
@@ -160,7 +199,11 @@ pub fn convert(col: &Column, v: My, origin: Origin, int24_signed: bool) -> Resul
         (K::Enum(labels), My::Int(i)) => {
             // Index 0 is MySQL's "invalid value" empty string.
             let idx = usize::try_from(i).unwrap_or(0);
-            Value::String(if idx == 0 { String::new() } else { labels.get(idx - 1).cloned().unwrap_or_default() })
+            Value::String(if idx == 0 {
+                String::new()
+            } else {
+                labels.get(idx - 1).cloned().unwrap_or_default()
+            })
         }
         (K::Enum(_), My::Bytes(b)) => Value::String(text(b, Charset::Utf8, origin)),
         (K::Set(labels), My::Bytes(b)) if origin == Origin::Binlog => {
@@ -181,6 +224,9 @@ pub fn convert(col: &Column, v: My, origin: Origin, int24_signed: bool) -> Resul
     })
 }
 
+/// The before and after images of one row (either may be absent).
+pub type RowImages = (Option<Vec<Value>>, Option<Vec<Value>>);
+
 /// Decodes the rows of one rows event with the cached table facts.
 ///
 /// Returns `(before, after)` images per row. `rows_data` is the event's row payload;
@@ -190,7 +236,7 @@ pub fn decode_rows<'a>(
     rows_data: &'a [u8],
     before_present: Option<&[bool]>,
     after_present: Option<&[bool]>,
-) -> Result<Vec<(Option<Vec<Value>>, Option<Vec<Value>>)>, SourceError> {
+) -> Result<Vec<RowImages>, SourceError> {
     let mut buf = ParseBuf(rows_data);
     let mut out = Vec::new();
     while !buf.is_empty() {
@@ -217,7 +263,10 @@ fn decode_image<'a>(
     let bitmap_len = n_present.div_ceil(8);
     let bitmap: &[u8] = buf
         .checked_eat(bitmap_len)
-        .ok_or_else(|| SourceError::RowDecode { table: qn(), detail: "truncated null bitmap".into() })?;
+        .ok_or_else(|| SourceError::RowDecode {
+            table: qn(),
+            detail: "truncated null bitmap".into(),
+        })?;
     let mut row = Vec::with_capacity(table.columns.len());
     let mut image_idx = 0usize;
     for (i, (bc, col)) in table.columns.iter().zip(&table.schema.columns).enumerate() {
@@ -226,7 +275,9 @@ fn decode_image<'a>(
             row.push(Value::Null);
             continue;
         }
-        let is_null = bitmap.get(image_idx / 8).is_some_and(|b| b & (1 << (image_idx % 8)) != 0);
+        let is_null = bitmap
+            .get(image_idx / 8)
+            .is_some_and(|b| b & (1 << (image_idx % 8)) != 0);
         image_idx += 1;
         if is_null {
             row.push(Value::Null);
@@ -234,7 +285,10 @@ fn decode_image<'a>(
         }
         let raw: BinlogValue<'_> = buf
             .parse((bc.ty, bc.meta.as_slice(), bc.unsigned, false))
-            .map_err(|e| SourceError::RowDecode { table: qn(), detail: format!("column `{}`: {e}", col.name) })?;
+            .map_err(|e| SourceError::RowDecode {
+                table: qn(),
+                detail: format!("column `{}`: {e}", col.name),
+            })?;
         let my = match raw {
             BinlogValue::Value(v) => v,
             BinlogValue::Jsonb(j) => {
@@ -265,7 +319,11 @@ mod tests {
     use super::*;
 
     fn col(kind: ColumnKind) -> Column {
-        Column { name: "c".into(), kind, nullable: true }
+        Column {
+            name: "c".into(),
+            kind,
+            nullable: true,
+        }
     }
 
     #[test]
@@ -294,18 +352,39 @@ mod tests {
         );
         let ts = col(ColumnKind::Timestamp);
         assert_eq!(
-            convert(&ts, My::Bytes(b"1704067200.123000".to_vec()), Origin::Binlog, false).ok(),
-            convert(&ts, My::Date(2024, 1, 1, 0, 0, 0, 123_000), Origin::Snapshot, false).ok()
+            convert(
+                &ts,
+                My::Bytes(b"1704067200.123000".to_vec()),
+                Origin::Binlog,
+                false
+            )
+            .ok(),
+            convert(
+                &ts,
+                My::Date(2024, 1, 1, 0, 0, 0, 123_000),
+                Origin::Snapshot,
+                false
+            )
+            .ok()
         );
         let y = col(ColumnKind::Year);
-        assert_eq!(convert(&y, My::Bytes(b"2024".to_vec()), Origin::Binlog, false).ok(), Some(Value::Int(2024)));
-        assert_eq!(convert(&y, My::Int(2024), Origin::Snapshot, false).ok(), Some(Value::Int(2024)));
+        assert_eq!(
+            convert(&y, My::Bytes(b"2024".to_vec()), Origin::Binlog, false).ok(),
+            Some(Value::Int(2024))
+        );
+        assert_eq!(
+            convert(&y, My::Int(2024), Origin::Snapshot, false).ok(),
+            Some(Value::Int(2024))
+        );
     }
 
     #[test]
     fn signed_mediumint_is_sign_extended_and_unsigned_bigint_does_not_wrap() {
         let c = col(ColumnKind::Int);
-        assert_eq!(convert(&c, My::Int(16_777_211), Origin::Binlog, true).ok(), Some(Value::Int(-5)));
+        assert_eq!(
+            convert(&c, My::Int(16_777_211), Origin::Binlog, true).ok(),
+            Some(Value::Int(-5))
+        );
         let u = col(ColumnKind::UnsignedLong);
         assert_eq!(
             convert(&u, My::UInt(u64::MAX), Origin::Binlog, false).ok(),
@@ -317,7 +396,13 @@ mod tests {
     fn negative_time_keeps_its_sign_and_microseconds() {
         let c = col(ColumnKind::Time);
         assert_eq!(
-            convert(&c, My::Time(true, 0, 12, 34, 56, 789_000), Origin::Binlog, false).ok(),
+            convert(
+                &c,
+                My::Time(true, 0, 12, 34, 56, 789_000),
+                Origin::Binlog,
+                false
+            )
+            .ok(),
             Some(Value::TimeMicros(-45_296_789_000))
         );
     }

@@ -48,9 +48,12 @@ use crate::error::{Backoff, Classify, ErrorClass};
 use crate::events::avro::{AvroError, TableAvro, encode_envelope, encode_key};
 use crate::events::registry::{Registry, RegistryError, frame_into};
 use crate::events::{
-    ChangeEvent, HEADER_NEW_KEY, HEADER_OLD_KEY, HEADER_SOURCE_TS, Op, TableSchema, key_json,
+    ChangeEvent, HEADER_NEW_KEY, HEADER_OLD_KEY, HEADER_READ_TS, HEADER_SOURCE_TS, Op, TableSchema,
+    key_json,
 };
-use crate::kafka::{KafkaClientError, MAX_MESSAGE_BYTES, client_config, ensure_topics, kafka_error_class};
+use crate::kafka::{
+    KafkaClientError, MAX_MESSAGE_BYTES, TopicSpec, client_config, ensure_topics, kafka_error_class,
+};
 use crate::metrics::{self as m, Readiness};
 use crate::offsets::{BinlogPosition, SourceOffset};
 use crate::shutdown::ShutdownRx;
@@ -95,7 +98,9 @@ pub enum SourceError {
         detail: String,
     },
     /// TABLE_MAP lacks column names: the server does not log full row metadata.
-    #[error("binlog for `{table}` has no column names: set binlog_row_metadata = FULL on the server")]
+    #[error(
+        "binlog for `{table}` has no column names: set binlog_row_metadata = FULL on the server"
+    )]
     MissingRowMetadata {
         /// Table.
         table: String,
@@ -139,13 +144,17 @@ pub enum SourceError {
     #[error("preflight failed:\n{}", .0.iter().map(|c| format!("  - {}: {}", c.name, c.detail)).collect::<Vec<_>>().join("\n"))]
     Preflight(Vec<preflight::Check>),
     /// The stored position is gone and the snapshot mode does not allow a new snapshot.
-    #[error("stored position {position} was purged from the server; set source.snapshot_mode = \"when_needed\" to re-snapshot, or reset the offsets topic")]
+    #[error(
+        "stored position {position} was purged from the server; set source.snapshot_mode = \"when_needed\" to re-snapshot, or reset the offsets topic"
+    )]
     Purged {
         /// The stored position.
         position: BinlogPosition,
     },
     /// The registry refused a new schema version.
-    #[error("schema change of `{table}` refused by the registry ({columns}); the source stopped before that change, nothing after it is lost. {detail}")]
+    #[error(
+        "schema change of `{table}` refused by the registry ({columns}); the source stopped before that change, nothing after it is lost. {detail}"
+    )]
     SchemaRefused {
         /// Table.
         table: String,
@@ -190,7 +199,9 @@ impl Classify for SourceError {
         use SourceError as E;
         match self {
             E::Mysql(e) => match e {
-                mysql_async::Error::Server(s) if matches!(s.code, 1045 | 1044 | 1142 | 1227 | 1236 | 4052) => {
+                mysql_async::Error::Server(s)
+                    if matches!(s.code, 1045 | 1044 | 1142 | 1227 | 1236 | 4052) =>
+                {
                     ErrorClass::Definite
                 }
                 _ => ErrorClass::Transient,
@@ -258,7 +269,10 @@ pub async fn connect(cfg: &MysqlConfig) -> Result<mysql_async::Conn, SourceError
     let fut = mysql_async::Conn::new(opts);
     match tokio::time::timeout(Duration::from_millis(cfg.connect_timeout_ms), fut).await {
         Ok(conn) => Ok(conn?),
-        Err(_) => Err(SourceError::ConnectTimeout { host: cfg.host.clone(), port: cfg.port }),
+        Err(_) => Err(SourceError::ConnectTimeout {
+            host: cfg.host.clone(),
+            port: cfg.port,
+        }),
     }
 }
 
@@ -281,7 +295,8 @@ pub async fn load_offset(cfg: &Config, topic: &str) -> Result<Option<SourceOffse
             return Ok(None);
         }
         let mut tpl = TopicPartitionList::new();
-        tpl.add_partition_offset(&t, 0, Offset::Beginning).map_err(|e| e.to_string())?;
+        tpl.add_partition_offset(&t, 0, Offset::Beginning)
+            .map_err(|e| e.to_string())?;
         consumer.assign(&tpl).map_err(|e| e.to_string())?;
         let deadline = Instant::now() + Duration::from_secs(30);
         let mut last = None;
@@ -298,7 +313,10 @@ pub async fn load_offset(cfg: &Config, topic: &str) -> Result<Option<SourceOffse
                 }
             } else {
                 let pos = consumer.position().map_err(|e| e.to_string())?;
-                let at = pos.find_partition(&t, 0).and_then(|p| p.offset().to_raw()).unwrap_or(-1);
+                let at = pos
+                    .find_partition(&t, 0)
+                    .and_then(|p| p.offset().to_raw())
+                    .unwrap_or(-1);
                 if at >= high {
                     break;
                 }
@@ -321,16 +339,32 @@ struct TableState {
 }
 
 fn describe_change(old: Option<&TableSchema>, new: &TableSchema) -> String {
-    let Some(old) = old else { return format!("columns: {}", new.columns.iter().map(|c| c.name.as_str()).collect::<Vec<_>>().join(", ")) };
+    let Some(old) = old else {
+        return format!(
+            "columns: {}",
+            new.columns
+                .iter()
+                .map(|c| c.name.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+    };
     let mut parts = Vec::new();
     for c in &new.columns {
         match old.columns.iter().find(|o| o.name == c.name) {
             None => parts.push(format!(
                 "added column `{}`{}",
                 c.name,
-                if c.nullable { "" } else { " NOT NULL (no default in the schema)" }
+                if c.nullable {
+                    ""
+                } else {
+                    " NOT NULL (no default in the schema)"
+                }
             )),
-            Some(o) if o != c => parts.push(format!("changed column `{}` from {:?} to {:?}", c.name, o.kind, c.kind)),
+            Some(o) if o != c => parts.push(format!(
+                "changed column `{}` from {:?} to {:?}",
+                c.name, o.kind, c.kind
+            )),
             Some(_) => {}
         }
     }
@@ -340,6 +374,21 @@ fn describe_change(old: Option<&TableSchema>, new: &TableSchema) -> String {
         }
     }
     parts.join("; ")
+}
+
+/// The timing headers of a change: source commit time and the time ecst read it.
+fn timing_headers(ev: &ChangeEvent) -> OwnedHeaders {
+    let source_ts = ev.source.ts_ms.to_string();
+    let read_ts = ev.source.read_ts_ms.to_string();
+    OwnedHeaders::new()
+        .insert(Header {
+            key: HEADER_SOURCE_TS,
+            value: Some(source_ts.as_bytes()),
+        })
+        .insert(Header {
+            key: HEADER_READ_TS,
+            value: Some(read_ts.as_bytes()),
+        })
 }
 
 /// The producer side: encodes, registers schemas, produces in Kafka transactions.
@@ -354,10 +403,15 @@ struct Publisher {
     val_buf: Vec<u8>,
     datum: Vec<u8>,
     events_since_commit: u64,
+    /// Events per topic since the last commit (metrics are emitted per commit, not per row).
+    counts: HashMap<String, u64>,
 }
 
 impl Publisher {
-    async fn state_for(&mut self, schema: &Arc<TableSchema>) -> Result<Arc<TableState>, SourceError> {
+    async fn state_for(
+        &mut self,
+        schema: &Arc<TableSchema>,
+    ) -> Result<Arc<TableState>, SourceError> {
         let ptr = Arc::as_ptr(schema) as usize;
         if let Some((_, st)) = self.states.get(&ptr) {
             return Ok(st.clone());
@@ -366,8 +420,14 @@ impl Publisher {
         let avro = TableAvro::derive(&self.cfg.name, schema)?;
         let qn = schema.qualified_name();
         let reg = async {
-            let key_id = self.registry.register(&format!("{topic}-key"), &avro.key_json).await?;
-            let value_id = self.registry.register(&format!("{topic}-value"), &avro.value_json).await?;
+            let key_id = self
+                .registry
+                .register(&format!("{topic}-key"), &avro.key_json)
+                .await?;
+            let value_id = self
+                .registry
+                .register(&format!("{topic}-value"), &avro.value_json)
+                .await?;
             Ok::<_, RegistryError>((key_id, value_id))
         };
         let (key_id, value_id) = match reg.await {
@@ -381,16 +441,24 @@ impl Publisher {
             }
             Err(e) => return Err(e.into()),
         };
-        if self.last_shapes.get(&qn).is_some_and(|old| old.as_ref() != schema.as_ref()) {
+        if self
+            .last_shapes
+            .get(&qn)
+            .is_some_and(|old| old.as_ref() != schema.as_ref())
+        {
             tracing::info!(table = %qn, value_schema_id = value_id, "table shape changed, new schema registered");
         }
         self.last_shapes.insert(qn, schema.clone());
-        let st = Arc::new(TableState { topic, key_id, value_id });
+        let st = Arc::new(TableState {
+            topic,
+            key_id,
+            value_id,
+        });
         self.states.insert(ptr, (schema.clone(), st.clone()));
         Ok(st)
     }
 
-    async fn begin(&mut self) -> Result<(), SourceError> {
+    fn begin(&mut self) -> Result<(), SourceError> {
         if !self.open {
             self.producer.begin_transaction()?;
             self.open = true;
@@ -424,13 +492,9 @@ impl Publisher {
     }
 
     async fn publish(&mut self, ev: ChangeEvent) -> Result<(), SourceError> {
-        self.begin().await?;
+        self.begin()?;
         let st = self.state_for(&ev.schema).await?;
-        let now_ms = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_millis() as i64)
-            .unwrap_or(0);
-        let ts_header = ev.source.ts_ms.to_string();
+        let now_ms = crate::events::now_ms();
         let key_changed = ev.op == Op::Update
             && match (&ev.before, &ev.after) {
                 (Some(b), Some(a)) => ev.schema.key_of(b) != ev.schema.key_of(a),
@@ -440,22 +504,34 @@ impl Publisher {
             // As Debezium: delete(old key) + tombstone, then create(new key), linked by headers.
             let old_key = ev.schema.key_of(ev.before.as_deref().unwrap_or_default());
             let new_key = ev.schema.key_of(ev.after.as_deref().unwrap_or_default());
-            let del = ChangeEvent { op: Op::Delete, after: None, ..ev.clone() };
-            let create = ChangeEvent { op: Op::Create, before: None, ..ev };
-            let h = OwnedHeaders::new()
-                .insert(Header { key: HEADER_SOURCE_TS, value: Some(ts_header.as_bytes()) })
-                .insert(Header { key: HEADER_NEW_KEY, value: Some(key_json(&del.schema, &new_key).as_bytes()) });
+            let del = ChangeEvent {
+                op: Op::Delete,
+                after: None,
+                ..ev.clone()
+            };
+            let create = ChangeEvent {
+                op: Op::Create,
+                before: None,
+                ..ev
+            };
+            let new_key_json = key_json(&del.schema, &new_key);
+            let h = timing_headers(&del).insert(Header {
+                key: HEADER_NEW_KEY,
+                value: Some(new_key_json.as_bytes()),
+            });
             self.write_one(&st, &del, now_ms, h, true).await?;
-            let h = OwnedHeaders::new()
-                .insert(Header { key: HEADER_SOURCE_TS, value: Some(ts_header.as_bytes()) })
-                .insert(Header { key: HEADER_OLD_KEY, value: Some(key_json(&create.schema, &old_key).as_bytes()) });
+            let old_key_json = key_json(&create.schema, &old_key);
+            let h = timing_headers(&create).insert(Header {
+                key: HEADER_OLD_KEY,
+                value: Some(old_key_json.as_bytes()),
+            });
             self.write_one(&st, &create, now_ms, h, false).await?;
         } else {
-            let h = OwnedHeaders::new().insert(Header { key: HEADER_SOURCE_TS, value: Some(ts_header.as_bytes()) });
             let tomb = ev.op == Op::Delete;
-            self.write_one(&st, &ev, now_ms, h, tomb).await?;
+            self.write_one(&st, &ev, now_ms, timing_headers(&ev), tomb)
+                .await?;
         }
-        metrics::counter!(m::SOURCE_EVENTS_TOTAL, m::TABLE_LABEL => st.topic.clone()).increment(1);
+        *self.counts.entry(st.topic.clone()).or_default() += 1;
         Ok(())
     }
 
@@ -477,8 +553,13 @@ impl Publisher {
         frame_into(&mut self.val_buf, st.value_id, &self.datum);
         let key = std::mem::take(&mut self.key_buf);
         let val = std::mem::take(&mut self.val_buf);
-        self.produce(&st.topic, &key, Some(&val), headers.clone()).await?;
-        let tombstones = self.cfg.source.as_ref().is_some_and(|s| s.tombstones_on_delete);
+        self.produce(&st.topic, &key, Some(&val), headers.clone())
+            .await?;
+        let tombstones = self
+            .cfg
+            .source
+            .as_ref()
+            .is_some_and(|s| s.tombstones_on_delete);
         if tombstone_after && tombstones {
             self.produce(&st.topic, &key, None, headers).await?;
         }
@@ -490,10 +571,16 @@ impl Publisher {
 
     /// Writes `offset` and commits the open transaction (opening one if needed).
     async fn commit(&mut self, offset: &SourceOffset) -> Result<(), SourceError> {
-        self.begin().await?;
+        self.begin()?;
         let topic = self.cfg.offsets_topic();
         let bytes = offset.to_bytes();
-        self.produce(&topic, self.cfg.name.as_bytes(), Some(&bytes), OwnedHeaders::new()).await?;
+        self.produce(
+            &topic,
+            self.cfg.name.as_bytes(),
+            Some(&bytes),
+            OwnedHeaders::new(),
+        )
+        .await?;
         let p = self.producer.clone();
         tokio::task::spawn_blocking(move || p.commit_transaction(Duration::from_secs(60)))
             .await
@@ -501,6 +588,9 @@ impl Publisher {
         self.open = false;
         self.events_since_commit = 0;
         metrics::counter!(m::SOURCE_TRANSACTIONS_TOTAL).increment(1);
+        for (topic, n) in self.counts.drain() {
+            metrics::counter!(m::SOURCE_EVENTS_TOTAL, m::TABLE_LABEL => topic).increment(n);
+        }
         metrics::gauge!(m::SOURCE_BINLOG_POS).set(offset.position.pos as f64);
         if let Some(seq) = offset.position.file_seq() {
             metrics::gauge!(m::SOURCE_BINLOG_FILE).set(seq as f64);
@@ -513,7 +603,9 @@ impl Publisher {
             return;
         }
         let p = self.producer.clone();
-        match tokio::task::spawn_blocking(move || p.abort_transaction(Duration::from_secs(30))).await {
+        match tokio::task::spawn_blocking(move || p.abort_transaction(Duration::from_secs(30)))
+            .await
+        {
             Ok(Ok(())) => tracing::info!("open kafka transaction aborted"),
             Ok(Err(e)) => tracing::warn!(error = %e, "abort of the open kafka transaction failed"),
             Err(e) => tracing::warn!(error = %e, "abort task failed"),
@@ -533,7 +625,9 @@ async fn transactional_producer(cfg: &Config) -> Result<FutureProducer, SourceEr
         .set("compression.type", "lz4")
         .set("transaction.timeout.ms", "300000")
         .set("queue.buffering.max.kbytes", "262144");
-    let producer: FutureProducer = cc.create().map_err(|e| SourceError::Kafka(KafkaClientError::Config(e)))?;
+    let producer: FutureProducer = cc
+        .create()
+        .map_err(|e| SourceError::Kafka(KafkaClientError::Config(e)))?;
     let p = producer.clone();
     tokio::task::spawn_blocking(move || p.init_transactions(Duration::from_secs(30)))
         .await
@@ -559,7 +653,18 @@ pub async fn run(
         if shutdown.is_triggered() {
             return Ok(());
         }
-        let res = session(&cfg, &src, &mysql, &registry, &mut publisher, &mut committed, first, shutdown.clone(), &readiness).await;
+        let res = session(
+            &cfg,
+            &src,
+            &mysql,
+            &registry,
+            &mut publisher,
+            &mut committed,
+            first,
+            shutdown.clone(),
+            &readiness,
+        )
+        .await;
         readiness.source_ready.store(false, Ordering::Relaxed);
         if let Some(p) = publisher.as_mut() {
             p.abort().await;
@@ -606,14 +711,18 @@ async fn session(
     readiness: &Arc<Readiness>,
 ) -> Result<(), SourceError> {
     let offsets_topic = cfg.offsets_topic();
-    let mut topics = vec![(
-        offsets_topic.clone(),
-        1,
-        vec![("cleanup.policy", "compact".to_string())],
-    )];
+    let mut topics = vec![TopicSpec {
+        name: offsets_topic.clone(),
+        partitions: 1,
+        config: vec![("cleanup.policy", "compact".to_string())],
+    }];
     for t in &src.tables {
         let (db, table) = t.split_once('.').unwrap_or(("", t));
-        topics.push((cfg.topic_for(db, table), src.topic_partitions, vec![("max.message.bytes", MAX_MESSAGE_BYTES.to_string())]));
+        topics.push(TopicSpec {
+            name: cfg.topic_for(db, table),
+            partitions: src.topic_partitions,
+            config: vec![("max.message.bytes", MAX_MESSAGE_BYTES.to_string())],
+        });
     }
     ensure_topics(&cfg.kafka, &topics).await?;
     if publisher.is_none() {
@@ -628,17 +737,26 @@ async fn session(
             val_buf: Vec::new(),
             datum: Vec::new(),
             events_since_commit: 0,
+            counts: HashMap::new(),
         });
         // The producer's init_transactions aborted any transaction a previous incarnation left
         // open, so the committed offset read now is final.
         *committed = load_offset(cfg, &offsets_topic).await?;
     }
-    let Some(publisher) = publisher.as_mut() else { return Err(SourceError::Task("no publisher".into())) };
+    let Some(publisher) = publisher.as_mut() else {
+        return Err(SourceError::Task("no publisher".into()));
+    };
 
     let stored = committed.clone().filter(|o| o.snapshot_completed);
-    let checks = preflight::check_mysql(mysql, &src.tables, stored.as_ref().map(|o| &o.position)).await?;
-    let purged = checks.iter().any(|c| c.name == "mysql resume position" && !c.ok);
-    let failed: Vec<_> = checks.into_iter().filter(|c| !c.ok && c.name != "mysql resume position").collect();
+    let checks =
+        preflight::check_mysql(mysql, &src.tables, stored.as_ref().map(|o| &o.position)).await?;
+    let purged = checks
+        .iter()
+        .any(|c| c.name == "mysql resume position" && !c.ok);
+    let failed: Vec<_> = checks
+        .into_iter()
+        .filter(|c| !c.ok && c.name != "mysql resume position")
+        .collect();
     if !failed.is_empty() {
         return Err(SourceError::Preflight(failed));
     }
@@ -651,10 +769,16 @@ async fn session(
     if purged && !need_snapshot {
         match (src.snapshot_mode, &stored) {
             (SnapshotMode::WhenNeeded, _) => {
-                tracing::warn!("stored position was purged from the server, re-snapshotting (snapshot_mode = when_needed)");
+                tracing::warn!(
+                    "stored position was purged from the server, re-snapshotting (snapshot_mode = when_needed)"
+                );
                 need_snapshot = true;
             }
-            (_, Some(o)) => return Err(SourceError::Purged { position: o.position.clone() }),
+            (_, Some(o)) => {
+                return Err(SourceError::Purged {
+                    position: o.position.clone(),
+                });
+            }
             (_, None) => {}
         }
     }
@@ -682,13 +806,22 @@ async fn session(
             Some(p) => p,
             None => {
                 let position = snapshot::run_snapshot(&reader_cfg, &tables, chunk, &tx).await?;
-                tx.send(SourceMsg::SnapshotDone { position: position.clone() })
-                    .await
-                    .map_err(|_| SourceError::ChannelClosed)?;
+                tx.send(SourceMsg::SnapshotDone {
+                    position: position.clone(),
+                })
+                .await
+                .map_err(|_| SourceError::ChannelClosed)?;
                 position
             }
         };
-        binlog::run_reader(reader_cfg, tables.into_iter().collect::<HashSet<_>>(), start, tx, reader_shutdown).await
+        binlog::run_reader(
+            reader_cfg,
+            tables.into_iter().collect::<HashSet<_>>(),
+            start,
+            tx,
+            reader_shutdown,
+        )
+        .await
     });
     let abort_reader = reader.abort_handle();
     let result = pump(src, publisher, committed, &mut rx, &mut shutdown, readiness).await;
@@ -755,19 +888,33 @@ async fn pump(
                 at_boundary = false;
                 publisher.publish(ev).await?;
             }
-            Some(SourceMsg::Commit { position, gtid, ts_ms }) => {
+            Some(SourceMsg::Commit {
+                position,
+                gtid,
+                ts_ms,
+            }) => {
                 at_boundary = true;
                 if ts_ms > 0 {
                     last_ts_ms = ts_ms;
                 }
                 if snapshot_done {
-                    pending = Some(SourceOffset { position, gtid, snapshot_completed: true, tables: tables.clone() });
+                    pending = Some(SourceOffset {
+                        position,
+                        gtid,
+                        snapshot_completed: true,
+                        tables: tables.clone(),
+                    });
                 }
             }
             Some(SourceMsg::SnapshotDone { position }) => {
                 at_boundary = true;
                 snapshot_done = true;
-                pending = Some(SourceOffset { position, gtid: None, snapshot_completed: true, tables: tables.clone() });
+                pending = Some(SourceOffset {
+                    position,
+                    gtid: None,
+                    snapshot_completed: true,
+                    tables: tables.clone(),
+                });
                 // The end of a snapshot is committed at once.
                 if let Some(o) = pending.take() {
                     publisher.commit(&o).await?;
@@ -780,18 +927,17 @@ async fn pump(
         if !at_boundary {
             continue;
         }
-        let due = if publisher.open { last_commit.elapsed() >= interval } else { last_commit.elapsed() >= idle_interval };
-        if due
-            && let Some(o) = pending.take()
-        {
+        let due = if publisher.open {
+            last_commit.elapsed() >= interval
+        } else {
+            last_commit.elapsed() >= idle_interval
+        };
+        if due && let Some(o) = pending.take() {
             if committed.as_ref() != Some(&o) {
                 publisher.commit(&o).await?;
                 *committed = Some(o);
                 if last_ts_ms > 0 {
-                    let now = std::time::SystemTime::now()
-                        .duration_since(std::time::UNIX_EPOCH)
-                        .map(|d| d.as_millis() as i64)
-                        .unwrap_or(0);
+                    let now = crate::events::now_ms();
                     metrics::gauge!(m::SOURCE_MS_BEHIND).set((now - last_ts_ms).max(0) as f64);
                 }
             }

@@ -22,10 +22,18 @@ pub struct Check {
 
 impl Check {
     fn pass(name: &str, detail: impl Into<String>) -> Check {
-        Check { name: name.into(), ok: true, detail: detail.into() }
+        Check {
+            name: name.into(),
+            ok: true,
+            detail: detail.into(),
+        }
     }
     fn fail(name: &str, detail: impl Into<String>) -> Check {
-        Check { name: name.into(), ok: false, detail: detail.into() }
+        Check {
+            name: name.into(),
+            ok: false,
+            detail: detail.into(),
+        }
     }
 }
 
@@ -35,7 +43,10 @@ fn setting(name: &str, actual: Option<&str>, expected: &str, fix: &str) -> Check
         Some(a) if a.eq_ignore_ascii_case(expected) => Check::pass(&check, format!("{name} = {a}")),
         other => Check::fail(
             &check,
-            format!("{name} is {}, must be {expected}; fix: {fix}", other.unwrap_or("unset")),
+            format!(
+                "{name} is {}, must be {expected}; fix: {fix}",
+                other.unwrap_or("unset")
+            ),
         ),
     }
 }
@@ -48,8 +59,14 @@ pub async fn check_mysql(
 ) -> Result<Vec<Check>, SourceError> {
     let mut conn = connect(cfg).await?;
     let mut out = Vec::new();
-    let version: String = conn.query_first("SELECT VERSION()").await?.unwrap_or_default();
-    out.push(Check::pass("mysql connection", format!("connected to {version}")));
+    let version: String = conn
+        .query_first("SELECT VERSION()")
+        .await?
+        .unwrap_or_default();
+    out.push(Check::pass(
+        "mysql connection",
+        format!("connected to {version}"),
+    ));
     let mariadb = version.contains("MariaDB");
     let vars: Vec<(String, String)> = conn
         .query(
@@ -59,9 +76,19 @@ pub async fn check_mysql(
         .await?;
     let get = |k: &str| vars.iter().find(|(n, _)| n == k).map(|(_, v)| v.as_str());
     let cnf = "set it in the server config ([mysqld] section) and restart, or SET GLOBAL";
-    out.push(setting("log_bin", get("log_bin"), "ON", "start the server with log_bin (and a server_id)"));
+    out.push(setting(
+        "log_bin",
+        get("log_bin"),
+        "ON",
+        "start the server with log_bin (and a server_id)",
+    ));
     out.push(setting("binlog_format", get("binlog_format"), "ROW", cnf));
-    out.push(setting("binlog_row_image", get("binlog_row_image"), "FULL", cnf));
+    out.push(setting(
+        "binlog_row_image",
+        get("binlog_row_image"),
+        "FULL",
+        cnf,
+    ));
     out.push(setting(
         "binlog_row_metadata",
         get("binlog_row_metadata"),
@@ -76,22 +103,31 @@ pub async fn check_mysql(
         _ => {}
     }
     match get("binlog_checksum") {
-        Some(c) if c.eq_ignore_ascii_case("CRC32") || c.eq_ignore_ascii_case("NONE") => {
-            out.push(Check::pass("mysql binlog_checksum", format!("binlog_checksum = {c}")))
-        }
+        Some(c) if c.eq_ignore_ascii_case("CRC32") || c.eq_ignore_ascii_case("NONE") => out.push(
+            Check::pass("mysql binlog_checksum", format!("binlog_checksum = {c}")),
+        ),
         other => out.push(Check::fail(
             "mysql binlog_checksum",
-            format!("binlog_checksum is {}, must be CRC32 or NONE", other.unwrap_or("unset")),
+            format!(
+                "binlog_checksum is {}, must be CRC32 or NONE",
+                other.unwrap_or("unset")
+            ),
         )),
     }
     // Grants: try what the source does rather than parse SHOW GRANTS.
     match conn.query::<mysql_async::Row, _>("SHOW BINARY LOGS").await {
         Ok(logs) => {
             let names: Vec<String> = logs.iter().filter_map(|r| r.get::<String, _>(0)).collect();
-            out.push(Check::pass("mysql grant binlog monitor", format!("{} binlog file(s) visible", names.len())));
+            out.push(Check::pass(
+                "mysql grant binlog monitor",
+                format!("{} binlog file(s) visible", names.len()),
+            ));
             if let Some(pos) = resume {
                 if names.iter().any(|n| n == &pos.file) {
-                    out.push(Check::pass("mysql resume position", format!("{pos} is still on the server")));
+                    out.push(Check::pass(
+                        "mysql resume position",
+                        format!("{pos} is still on the server"),
+                    ));
                 } else {
                     out.push(Check::fail(
                         "mysql resume position",
@@ -107,19 +143,33 @@ pub async fn check_mysql(
             "mysql grant binlog monitor",
             format!(
                 "SHOW BINARY LOGS failed ({e}); fix: GRANT {} ON *.* TO '{}'",
-                if mariadb { "BINLOG MONITOR, REPLICATION SLAVE" } else { "REPLICATION CLIENT, REPLICATION SLAVE" },
+                if mariadb {
+                    "BINLOG MONITOR, REPLICATION SLAVE"
+                } else {
+                    "REPLICATION CLIENT, REPLICATION SLAVE"
+                },
                 cfg.user
             ),
         )),
     }
     for t in tables {
         let (db, table) = t.split_once('.').unwrap_or(("", t));
-        let sql = format!("SELECT 1 FROM `{}`.`{}` LIMIT 0", db.replace('`', "``"), table.replace('`', "``"));
+        let sql = format!(
+            "SELECT 1 FROM `{}`.`{}` LIMIT 0",
+            db.replace('`', "``"),
+            table.replace('`', "``")
+        );
         match conn.query_drop(sql).await {
-            Ok(()) => out.push(Check::pass(&format!("mysql table {t}"), "exists and is readable")),
+            Ok(()) => out.push(Check::pass(
+                &format!("mysql table {t}"),
+                "exists and is readable",
+            )),
             Err(e) => out.push(Check::fail(
                 &format!("mysql table {t}"),
-                format!("cannot be read ({e}); fix: create it or GRANT SELECT ON {db}.* TO '{}'", cfg.user),
+                format!(
+                    "cannot be read ({e}); fix: create it or GRANT SELECT ON {db}.* TO '{}'",
+                    cfg.user
+                ),
             )),
         }
     }

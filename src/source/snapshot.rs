@@ -40,19 +40,32 @@ pub async fn run_snapshot(
 ) -> Result<BinlogPosition, SourceError> {
     let mut conn = connect(cfg).await?;
     conn.query_drop("SET SESSION time_zone = '+00:00'").await?;
-    conn.query_drop("SET SESSION TRANSACTION ISOLATION LEVEL REPEATABLE READ").await?;
-    let version: String = conn.query_first("SELECT VERSION()").await?.unwrap_or_default();
+    conn.query_drop("SET SESSION TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+        .await?;
+    let version: String = conn
+        .query_first("SELECT VERSION()")
+        .await?
+        .unwrap_or_default();
     let mariadb = version.contains("MariaDB");
     let position = if mariadb {
-        conn.query_drop("START TRANSACTION WITH CONSISTENT SNAPSHOT, READ ONLY").await?;
-        let rows: Vec<(String, String)> = conn.query("SHOW STATUS LIKE 'binlog_snapshot_%'").await?;
-        let get = |k: &str| rows.iter().find(|(n, _)| n.eq_ignore_ascii_case(k)).map(|(_, v)| v.clone());
+        conn.query_drop("START TRANSACTION WITH CONSISTENT SNAPSHOT, READ ONLY")
+            .await?;
+        let rows: Vec<(String, String)> =
+            conn.query("SHOW STATUS LIKE 'binlog_snapshot_%'").await?;
+        let get = |k: &str| {
+            rows.iter()
+                .find(|(n, _)| n.eq_ignore_ascii_case(k))
+                .map(|(_, v)| v.clone())
+        };
         let file = get("Binlog_snapshot_file").unwrap_or_default();
-        let pos = get("Binlog_snapshot_position").and_then(|p| p.parse().ok()).unwrap_or(0);
+        let pos = get("Binlog_snapshot_position")
+            .and_then(|p| p.parse().ok())
+            .unwrap_or(0);
         BinlogPosition { file, pos }
     } else {
         conn.query_drop("FLUSH TABLES WITH READ LOCK").await?;
-        conn.query_drop("START TRANSACTION WITH CONSISTENT SNAPSHOT, READ ONLY").await?;
+        conn.query_drop("START TRANSACTION WITH CONSISTENT SNAPSHOT, READ ONLY")
+            .await?;
         let status: Option<(String, u64)> = conn.query_first("SHOW MASTER STATUS").await?;
         conn.query_drop("UNLOCK TABLES").await?;
         let (file, pos) = status.unwrap_or_default();
@@ -63,14 +76,13 @@ pub async fn run_snapshot(
     }
     tracing::info!(%position, tables = tables.len(), "snapshot started");
     metrics::gauge!(m::SNAPSHOT_RUNNING).set(1.0);
-    let ts_ms = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0);
+    let ts_ms = crate::events::now_ms();
     let mut schemas = Vec::new();
     for qn in tables {
         let (db, table) = qn.split_once('.').unwrap_or(("", qn));
-        schemas.push(std::sync::Arc::new(from_information_schema(&mut conn, db, table).await?));
+        schemas.push(std::sync::Arc::new(
+            from_information_schema(&mut conn, db, table).await?,
+        ));
     }
     let last_table = schemas.len().saturating_sub(1);
     for (ti, schema) in schemas.iter().enumerate() {
@@ -109,6 +121,7 @@ pub async fn run_snapshot(
                         file: position.file.clone(),
                         pos: position.pos,
                         row: 0,
+                        read_ts_ms: ts_ms,
                     },
                 });
             }
@@ -116,7 +129,11 @@ pub async fn run_snapshot(
             metrics::gauge!(m::SNAPSHOT_ROWS_DONE, m::TABLE_LABEL => qn.clone()).set(done as f64);
             let secs = started.elapsed().as_secs_f64().max(1e-6);
             let rate = done as f64 / secs;
-            let eta_s = if rate > 0.0 { estimate.saturating_sub(done) as f64 / rate } else { 0.0 };
+            let eta_s = if rate > 0.0 {
+                estimate.saturating_sub(done) as f64 / rate
+            } else {
+                0.0
+            };
             tracing::info!(table = %qn, rows_done = done, rows_total = estimate, rows_per_s = rate as u64, eta_s = eta_s as u64, "snapshot progress");
             if n < chunk_size as usize || schema.key.is_empty() {
                 break;
@@ -146,9 +163,18 @@ async fn read_chunk(
     after: Option<&[Value]>,
     chunk_size: u32,
 ) -> Result<Vec<Vec<Value>>, SourceError> {
-    let cols: Vec<String> = schema.columns.iter().map(|c| quote_ident(&c.name)).collect();
+    let cols: Vec<String> = schema
+        .columns
+        .iter()
+        .map(|c| quote_ident(&c.name))
+        .collect();
     let from = format!("{}.{}", quote_ident(&schema.db), quote_ident(&schema.table));
-    let key_cols: Vec<String> = schema.key.iter().filter_map(|&i| schema.columns.get(i)).map(|c| quote_ident(&c.name)).collect();
+    let key_cols: Vec<String> = schema
+        .key
+        .iter()
+        .filter_map(|&i| schema.columns.get(i))
+        .map(|c| quote_ident(&c.name))
+        .collect();
     let mut params: Vec<mysql_async::Value> = Vec::new();
     let sql = if key_cols.is_empty() {
         // No primary key: one ordered-by-nothing scan (cannot be chunked safely).
@@ -165,13 +191,21 @@ async fn read_chunk(
             }
             None => String::new(),
         };
-        format!("SELECT {} FROM {from} {filter} ORDER BY {order} LIMIT {chunk_size}", cols.join(", "))
+        format!(
+            "SELECT {} FROM {from} {filter} ORDER BY {order} LIMIT {chunk_size}",
+            cols.join(", ")
+        )
     };
-    let rows: Vec<mysql_async::Row> = conn.exec(sql, mysql_async::Params::Positional(params)).await?;
+    let rows: Vec<mysql_async::Row> = conn
+        .exec(sql, mysql_async::Params::Positional(params))
+        .await?;
     let mut out = Vec::with_capacity(rows.len());
     for row in rows {
-        let values: Vec<mysql_async::Value> =
-            row.unwrap_raw().into_iter().map(|v| v.unwrap_or(mysql_async::Value::NULL)).collect();
+        let values: Vec<mysql_async::Value> = row
+            .unwrap_raw()
+            .into_iter()
+            .map(|v| v.unwrap_or(mysql_async::Value::NULL))
+            .collect();
         let mut decoded = Vec::with_capacity(values.len());
         for (col, v) in schema.columns.iter().zip(values) {
             decoded.push(convert(col, v, Origin::Snapshot, false)?);
@@ -201,13 +235,28 @@ fn to_param(v: &Value) -> mysql_async::Value {
             let micros = us.rem_euclid(1_000_000) as u32;
             let (y, m, d) = civil_from_days(secs.div_euclid(86_400));
             let sod = secs.rem_euclid(86_400);
-            P::Date(y as u16, m as u8, d as u8, (sod / 3600) as u8, (sod % 3600 / 60) as u8, (sod % 60) as u8, micros)
+            P::Date(
+                y as u16,
+                m as u8,
+                d as u8,
+                (sod / 3600) as u8,
+                (sod % 3600 / 60) as u8,
+                (sod % 60) as u8,
+                micros,
+            )
         }
         Value::TimeMicros(us) => {
             let neg = *us < 0;
             let a = us.unsigned_abs();
             let secs = a / 1_000_000;
-            P::Time(neg, (secs / 86_400) as u32, (secs % 86_400 / 3600) as u8, (secs % 3600 / 60) as u8, (secs % 60) as u8, (a % 1_000_000) as u32)
+            P::Time(
+                neg,
+                (secs / 86_400) as u32,
+                (secs % 86_400 / 3600) as u8,
+                (secs % 3600 / 60) as u8,
+                (secs % 60) as u8,
+                (a % 1_000_000) as u32,
+            )
         }
         Value::Bytes(b) => P::Bytes(b.clone()),
     }

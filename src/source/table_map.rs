@@ -58,7 +58,10 @@ fn charset_of_name(name: Option<&str>) -> Option<Charset> {
 }
 
 fn io_err(table: &str, e: impl std::fmt::Display) -> SourceError {
-    SourceError::TableMap { table: table.to_string(), detail: e.to_string() }
+    SourceError::TableMap {
+        table: table.to_string(),
+        detail: e.to_string(),
+    }
 }
 
 /// Derives the shape of a table from its TABLE_MAP event.
@@ -67,7 +70,8 @@ pub fn from_table_map(tme: &TableMapEvent<'_>) -> Result<BinlogTable, SourceErro
     let table = tme.table_name().into_owned();
     let qn = format!("{db}.{table}");
     let n = tme.columns_count() as usize;
-    let extractor = OptionalMetaExtractor::new(tme.iter_optional_meta()).map_err(|e| io_err(&qn, e))?;
+    let extractor =
+        OptionalMetaExtractor::new(tme.iter_optional_meta()).map_err(|e| io_err(&qn, e))?;
     let names: Vec<String> = extractor
         .iter_column_name()
         .map(|r| r.map(|c| c.name().into_owned()))
@@ -83,13 +87,23 @@ pub fn from_table_map(tme: &TableMapEvent<'_>) -> Result<BinlogTable, SourceErro
             OptionalMetadataField::EnumStrValue(v) => {
                 for vals in v.iter_values() {
                     let vals = vals.map_err(|e| io_err(&qn, e))?;
-                    enum_values.push(vals.values().iter().map(|x| x.value().into_owned()).collect());
+                    enum_values.push(
+                        vals.values()
+                            .iter()
+                            .map(|x| x.value().into_owned())
+                            .collect(),
+                    );
                 }
             }
             OptionalMetadataField::SetStrValue(v) => {
                 for vals in v.iter_values() {
                     let vals = vals.map_err(|e| io_err(&qn, e))?;
-                    set_values.push(vals.values().iter().map(|x| x.value().into_owned()).collect());
+                    set_values.push(
+                        vals.values()
+                            .iter()
+                            .map(|x| x.value().into_owned())
+                            .collect(),
+                    );
                 }
             }
             _ => {}
@@ -114,9 +128,17 @@ pub fn from_table_map(tme: &TableMapEvent<'_>) -> Result<BinlogTable, SourceErro
             .map_err(|e| io_err(&qn, e))?
             .ok_or_else(|| io_err(&qn, format!("no type for column {i}")))?;
         let meta = tme.get_column_metadata(i).unwrap_or(&[]).to_vec();
-        let unsigned = if ty.is_numeric_type() { signedness.next().unwrap_or(false) } else { false };
+        let unsigned = if ty.is_numeric_type() {
+            signedness.next().unwrap_or(false)
+        } else {
+            false
+        };
         let charset = if ty.is_character_type() {
-            let id = charsets.next().transpose().map_err(|e| io_err(&qn, e))?.unwrap_or(63);
+            let id = charsets
+                .next()
+                .transpose()
+                .map_err(|e| io_err(&qn, e))?
+                .unwrap_or(63);
             charset_of_collation(id)
         } else {
             None
@@ -152,7 +174,11 @@ pub fn from_table_map(tme: &TableMapEvent<'_>) -> Result<BinlogTable, SourceErro
             T::MYSQL_TYPE_BIT => {
                 let bits = u32::from(meta.first().copied().unwrap_or(0))
                     + 8 * u32::from(meta.get(1).copied().unwrap_or(0));
-                if bits == 1 { ColumnKind::Boolean } else { ColumnKind::Bits(bits) }
+                if bits == 1 {
+                    ColumnKind::Boolean
+                } else {
+                    ColumnKind::Bits(bits)
+                }
             }
             T::MYSQL_TYPE_ENUM => ColumnKind::Enum(enums.next().unwrap_or_default()),
             T::MYSQL_TYPE_SET => ColumnKind::Set(sets.next().unwrap_or_default()),
@@ -177,18 +203,29 @@ pub fn from_table_map(tme: &TableMapEvent<'_>) -> Result<BinlogTable, SourceErro
             }
         };
         let nullable = nulls.get(i).as_deref().copied().unwrap_or(true);
-        columns.push(Column { name, kind, nullable });
+        columns.push(Column {
+            name,
+            kind,
+            nullable,
+        });
         bin.push(BinlogColumn { ty, meta, unsigned });
     }
     Ok(BinlogTable {
-        schema: Arc::new(TableSchema { db, table, columns, key }),
+        schema: Arc::new(TableSchema {
+            db,
+            table,
+            columns,
+            key,
+        }),
         columns: bin,
     })
 }
 
 /// Parses the labels out of `enum('a','b''c')` / `set(...)`.
 pub fn parse_labels(column_type: &str) -> Vec<String> {
-    let Some(start) = column_type.find('(') else { return Vec::new() };
+    let Some(start) = column_type.find('(') else {
+        return Vec::new();
+    };
     let inner = column_type[start + 1..].trim_end_matches(')');
     let mut out = Vec::new();
     let mut cur = String::new();
@@ -218,7 +255,15 @@ pub async fn from_information_schema(
     db: &str,
     table: &str,
 ) -> Result<TableSchema, SourceError> {
-    type Row = (String, String, String, String, Option<u64>, Option<u64>, Option<String>);
+    type Row = (
+        String,
+        String,
+        String,
+        String,
+        Option<u64>,
+        Option<u64>,
+        Option<String>,
+    );
     let rows: Vec<Row> = conn
         .exec(
             "SELECT COLUMN_NAME, DATA_TYPE, COLUMN_TYPE, IS_NULLABLE, NUMERIC_PRECISION, \
@@ -228,7 +273,9 @@ pub async fn from_information_schema(
         )
         .await?;
     if rows.is_empty() {
-        return Err(SourceError::TableNotFound { table: format!("{db}.{table}") });
+        return Err(SourceError::TableNotFound {
+            table: format!("{db}.{table}"),
+        });
     }
     let key_names: Vec<String> = conn
         .exec(
@@ -269,7 +316,11 @@ pub async fn from_information_schema(
             "year" => ColumnKind::Year,
             "bit" => {
                 let bits = precision.unwrap_or(1) as u32;
-                if bits == 1 { ColumnKind::Boolean } else { ColumnKind::Bits(bits) }
+                if bits == 1 {
+                    ColumnKind::Boolean
+                } else {
+                    ColumnKind::Bits(bits)
+                }
             }
             "enum" => ColumnKind::Enum(parse_labels(&column_type)),
             "set" => ColumnKind::Set(parse_labels(&column_type)),
@@ -280,9 +331,9 @@ pub async fn from_information_schema(
                     None => ColumnKind::Bytes,
                 }
             }
-            "binary" | "varbinary" | "tinyblob" | "blob" | "mediumblob" | "longblob" | "geometry"
-            | "point" | "linestring" | "polygon" | "multipoint" | "multilinestring"
-            | "multipolygon" | "geometrycollection" => ColumnKind::Bytes,
+            "binary" | "varbinary" | "tinyblob" | "blob" | "mediumblob" | "longblob"
+            | "geometry" | "point" | "linestring" | "polygon" | "multipoint"
+            | "multilinestring" | "multipolygon" | "geometrycollection" => ColumnKind::Bytes,
             other => {
                 return Err(SourceError::UnsupportedType {
                     table: format!("{db}.{table}"),
@@ -291,13 +342,22 @@ pub async fn from_information_schema(
                 });
             }
         };
-        columns.push(Column { name, kind, nullable: nullable == "YES" });
+        columns.push(Column {
+            name,
+            kind,
+            nullable: nullable == "YES",
+        });
     }
     let key = key_names
         .iter()
         .filter_map(|k| columns.iter().position(|c| &c.name == k))
         .collect();
-    Ok(TableSchema { db: db.into(), table: table.into(), columns, key })
+    Ok(TableSchema {
+        db: db.into(),
+        table: table.into(),
+        columns,
+        key,
+    })
 }
 
 #[cfg(test)]
@@ -306,7 +366,10 @@ mod tests {
 
     #[test]
     fn enum_labels_are_parsed_with_escaped_quotes() {
-        assert_eq!(parse_labels("enum('a','b''c','d,e')"), vec!["a", "b'c", "d,e"]);
+        assert_eq!(
+            parse_labels("enum('a','b''c','d,e')"),
+            vec!["a", "b'c", "d,e"]
+        );
         assert_eq!(parse_labels("set('x')"), vec!["x"]);
     }
 }

@@ -1,0 +1,388 @@
+//! Reproducible benchmark of ecst on the native stack (`dev/bench` runs it; see BENCHMARKS.md).
+//!
+//! Phases, each on fresh names so runs never interfere:
+//! 1. **snapshot**: N rows in MariaDB → Kafka (Avro, registry, transactional): rows/s.
+//! 2. **streaming**: M row updates written while the source is stopped, then caught up from the
+//!    binlog into Kafka: rows/s (the reader, decoder, encoder and producer at full speed).
+//! 3. **sink**: steady updates at R/s for S s into `purchase_order` copies in MongoDB/FerretDB:
+//!    applied changes/s and binlog-read → MongoDB-acknowledged latency p50/p99 (histogram).
+//!
+//! Usage: `cargo run --release --example bench -- [rows] [updates] [rate] [seconds] [orders]`.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use ecst::app::Components;
+use ecst::config::Config;
+use mysql_async::prelude::Queryable;
+
+fn env_or(k: &str, d: &str) -> String {
+    std::env::var(k).unwrap_or_else(|_| d.to_string())
+}
+
+fn arg(i: usize, d: u64) -> u64 {
+    std::env::args()
+        .nth(i)
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(d)
+}
+
+/// CPU seconds (user + system) of this process so far.
+fn cpu_seconds() -> f64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    let fields: Vec<&str> = stat
+        .rsplit(')')
+        .next()
+        .unwrap_or("")
+        .split_whitespace()
+        .collect();
+    let ticks: f64 = fields.get(11).and_then(|v| v.parse().ok()).unwrap_or(0.0)
+        + fields.get(12).and_then(|v| v.parse().ok()).unwrap_or(0.0);
+    ticks / 100.0
+}
+
+fn peak_rss_mb() -> f64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    status
+        .lines()
+        .find(|l| l.starts_with("VmHWM:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse::<f64>().ok())
+        .unwrap_or(0.0)
+        / 1024.0
+}
+
+async fn admin() -> Result<mysql_async::Conn> {
+    let opts = mysql_async::OptsBuilder::default()
+        .ip_or_hostname(env_or("ECST_MYSQL_HOST", "127.0.0.1"))
+        .tcp_port(env_or("ECST_MYSQL_PORT", "13306").parse()?)
+        .user(Some(env_or("ECST_MYSQL_ADMIN_USER", "ecst_admin")))
+        .pass(Some(env_or("ECST_MYSQL_ADMIN_PASSWORD", "ecst_admin")))
+        .prefer_socket(false);
+    Ok(mysql_async::Conn::new(opts).await?)
+}
+
+fn config(name: &str, db: &str, table: &str, mongo_db: &str, sink: bool) -> Result<Config> {
+    let mut s = format!(
+        r#"
+        name = "{name}"
+        [mysql]
+        host = "{host}"
+        port = {port}
+        user = "{user}"
+        password = "{pw}"
+        server_id = {sid}
+        [source]
+        tables = ["{db}.{table}"]
+        snapshot_chunk_size = 20000
+        [kafka]
+        bootstrap_servers = "{kafka}"
+        [schema_registry]
+        url = "{registry}"
+        [metrics]
+        listen = ""
+        [mongo]
+        uri = "{mongo}"
+        database = "{mongo_db}"
+        "#,
+        host = env_or("ECST_MYSQL_HOST", "127.0.0.1"),
+        port = env_or("ECST_MYSQL_PORT", "13306"),
+        user = env_or("ECST_MYSQL_USER", "ecst"),
+        pw = env_or("ECST_MYSQL_PASSWORD", "ecst"),
+        sid = 900_000 + std::process::id() % 10_000,
+        kafka = env_or("ECST_KAFKA_BOOTSTRAP", "127.0.0.1:19092"),
+        registry = env_or(
+            "ECST_SCHEMA_REGISTRY_URL",
+            "http://127.0.0.1:18081/apis/ccompat/v7"
+        ),
+        mongo = env_or("ECST_MONGO_URI", "mongodb://127.0.0.1:27117/"),
+    );
+    if sink {
+        s.push_str(&format!(
+            r#"
+            [sink]
+            group_id = "{name}-sink"
+            [[sink.mappings]]
+            name = "user_in_orders"
+            topic = "{name}.{db}.{table}"
+            kind = "embedded"
+            collection = "purchase_order"
+            match_path = "user.id"
+            target_path = "user"
+            fields = ["id", "firstname", "lastname", "email"]
+            "#
+        ));
+    }
+    Config::from_toml_str(&s, Vec::new()).map_err(|e| anyhow::anyhow!("{e}"))
+}
+
+struct Running {
+    tx: Arc<ecst::shutdown::ShutdownTx>,
+    handle: tokio::task::JoinHandle<Result<(), ecst::app::AppError>>,
+}
+
+fn start(cfg: Config, which: Components) -> Running {
+    let (tx, rx) = ecst::shutdown::channel();
+    let tx = Arc::new(tx);
+    let handle = tokio::spawn(ecst::app::run(Arc::new(cfg), which, tx.clone(), rx));
+    Running { tx, handle }
+}
+
+impl Running {
+    async fn stop(self) -> Result<()> {
+        self.tx.trigger();
+        self.handle.await?.map_err(|e| anyhow::anyhow!("{e}"))
+    }
+}
+
+async fn wait_offset(
+    cfg: &Config,
+    done: impl Fn(&ecst::offsets::SourceOffset) -> bool,
+) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(1800);
+    loop {
+        if let Some(o) = ecst::source::load_offset(cfg, &cfg.offsets_topic()).await?
+            && done(&o)
+        {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!("timed out");
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// p50/p99 from a Prometheus histogram rendering (linear within a bucket, as histogram_quantile).
+fn quantiles(render: &str, metric: &str) -> Option<(f64, f64, u64)> {
+    let mut buckets: Vec<(f64, f64)> = Vec::new();
+    for line in render
+        .lines()
+        .filter(|l| l.starts_with(&format!("{metric}_bucket")))
+    {
+        let le = line.split("le=\"").nth(1)?.split('"').next()?;
+        let le: f64 = if le == "+Inf" {
+            f64::INFINITY
+        } else {
+            le.parse().ok()?
+        };
+        let count: f64 = line.rsplit(' ').next()?.parse().ok()?;
+        buckets.push((le, count));
+    }
+    let total = buckets.last()?.1;
+    if total == 0.0 {
+        return None;
+    }
+    let q = |p: f64| {
+        let target = p * total;
+        let mut prev = (0.0, 0.0);
+        for &(le, c) in &buckets {
+            if c >= target {
+                if le.is_infinite() {
+                    return prev.0;
+                }
+                let frac = if c > prev.1 {
+                    (target - prev.1) / (c - prev.1)
+                } else {
+                    0.0
+                };
+                return prev.0 + (le - prev.0) * frac;
+            }
+            prev = (le, c);
+        }
+        prev.0
+    };
+    Some((q(0.5), q(0.99), total as u64))
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    let rows = arg(1, 1_000_000);
+    let updates = arg(2, 1_000_000);
+    let rate = arg(3, 200);
+    let seconds = arg(4, 30);
+    let orders = arg(5, 2_000);
+    let _tls = rustls::crypto::ring::default_provider().install_default();
+    let handle = ecst::metrics::install().map_err(|e| anyhow::anyhow!(e))?;
+    let stamp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)?
+        .as_secs();
+    let db = format!("bench_{stamp}");
+    let name = format!("bench-{stamp}");
+    let mongo_db = format!("bench_{stamp}");
+    let mut c = admin().await?;
+    c.query_drop(format!("CREATE DATABASE `{db}` CHARACTER SET utf8mb4"))
+        .await?;
+    c.query_drop(format!(
+        "CREATE TABLE `{db}`.users (id INT PRIMARY KEY, firstname VARCHAR(45), lastname VARCHAR(45), email VARCHAR(45), \
+         n INT, created DATETIME(6), note VARCHAR(100))"
+    ))
+    .await?;
+    let t = Instant::now();
+    let mut done = 0;
+    while done < rows {
+        let upto = (done + 100_000).min(rows);
+        c.query_drop(format!(
+            "INSERT INTO `{db}`.users SELECT seq, CONCAT('first', seq), CONCAT('last', seq), CONCAT('user', seq, '@gmail.com'), \
+             0, NOW(6), 'note with emoji 😀' FROM `{db}`.seq_{}_to_{upto}",
+            done + 1
+        ))
+        .await?;
+        done = upto;
+    }
+    eprintln!("loaded {rows} rows in {:.1}s", t.elapsed().as_secs_f64());
+
+    // 1. snapshot
+    let cfg = config(&name, &db, "users", &mongo_db, false)?;
+    let (cpu0, t0) = (cpu_seconds(), Instant::now());
+    let run = start(cfg.clone(), Components::Source);
+    wait_offset(&cfg, |o| o.snapshot_completed).await?;
+    let snap_s = t0.elapsed().as_secs_f64();
+    let snap_cpu = cpu_seconds() - cpu0;
+    run.stop().await?;
+    eprintln!("snapshot: {rows} rows in {snap_s:.2}s");
+
+    // 2. streaming catch-up
+    let t = Instant::now();
+    let mut id = 1;
+    let mut written = 0;
+    while written < updates {
+        let hi = (id + 999).min(rows);
+        c.query_drop(format!(
+            "UPDATE `{db}`.users SET n = n + 1 WHERE id BETWEEN {id} AND {hi}"
+        ))
+        .await?;
+        written += hi - id + 1;
+        id = if hi >= rows { 1 } else { hi + 1 };
+    }
+    let end: mysql_async::Row = c
+        .query_first("SHOW MASTER STATUS")
+        .await?
+        .context("binlog status")?;
+    let end_file: String = end.get(0).context("file")?;
+    let end_pos: u64 = end.get(1).context("pos")?;
+    eprintln!(
+        "wrote {written} updates in {:.1}s; streaming them",
+        t.elapsed().as_secs_f64()
+    );
+    let end = ecst::offsets::BinlogPosition {
+        file: end_file,
+        pos: end_pos,
+    };
+    let (cpu0, t0) = (cpu_seconds(), Instant::now());
+    let run = start(cfg.clone(), Components::Source);
+    wait_offset(&cfg, |o| {
+        o.position
+            .partial_cmp(&end)
+            .is_some_and(|c| c != std::cmp::Ordering::Less)
+    })
+    .await?;
+    let stream_s = t0.elapsed().as_secs_f64();
+    let stream_cpu = cpu_seconds() - cpu0;
+    run.stop().await?;
+    eprintln!("streaming: {written} rows in {stream_s:.2}s");
+
+    // 3. sink at a steady rate
+    let client =
+        mongodb::Client::with_uri_str(env_or("ECST_MONGO_URI", "mongodb://127.0.0.1:27117/"))
+            .await?;
+    let coll = client
+        .database(&mongo_db)
+        .collection::<bson::Document>("purchase_order");
+    let users = orders.div_ceil(2).max(1);
+    let docs: Vec<bson::Document> = (0..orders)
+        .map(|i| bson::doc! { "user": { "id": (i % users + 1) as i32 }, "price": i as f64 })
+        .collect();
+    coll.insert_many(docs).await?;
+    // A table of its own, so the sink's history is just its snapshot.
+    c.query_drop(format!("CREATE TABLE `{db}`.small LIKE `{db}`.users"))
+        .await?;
+    c.query_drop(format!(
+        "INSERT INTO `{db}`.small SELECT * FROM `{db}`.users WHERE id <= {users}"
+    ))
+    .await?;
+    let cfg = config(&format!("{name}-sink"), &db, "small", &mongo_db, true)?;
+    let run = start(cfg.clone(), Components::Both);
+    // Let the sink catch up with the history first (snapshot + phase 2), then measure steady state.
+    let catch_up = Instant::now();
+    loop {
+        let lag = handle
+            .render()
+            .lines()
+            .find(|l| l.starts_with("ecst_sink_consumer_lag "))
+            .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok());
+        if lag == Some(0.0) || catch_up.elapsed() > Duration::from_secs(1800) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    eprintln!(
+        "sink caught up with history in {:.1}s",
+        catch_up.elapsed().as_secs_f64()
+    );
+    let before = quantiles(&handle.render(), "ecst_pipeline_latency_seconds").map_or(0, |q| q.2);
+    let t0 = Instant::now();
+    let mut tick = tokio::time::interval(Duration::from_secs_f64(1.0 / rate as f64));
+    let mut k: u64 = 0;
+    while t0.elapsed() < Duration::from_secs(seconds) {
+        tick.tick().await;
+        k += 1;
+        let uid = k % users + 1;
+        c.query_drop(format!(
+            "UPDATE `{db}`.small SET email = 'u{uid}.{k}@hotmail.com' WHERE id = {uid}"
+        ))
+        .await?;
+    }
+    let gen_s = t0.elapsed().as_secs_f64();
+    // Drain, then read the histogram.
+    let drain = Instant::now();
+    loop {
+        let n = quantiles(&handle.render(), "ecst_pipeline_latency_seconds").map_or(0, |q| q.2);
+        if n >= before + k || drain.elapsed() > Duration::from_secs(600) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let applied_s = gen_s + drain.elapsed().as_secs_f64();
+    let render = handle.render();
+    run.stop().await?;
+    let (p50, p99, _) =
+        quantiles(&render, "ecst_pipeline_latency_seconds").unwrap_or((0.0, 0.0, 0));
+    let machine = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
+        })
+        .unwrap_or_default();
+    println!("| phase | volume | seconds | rows/s | ecst CPU s |");
+    println!("|---|---|---|---|---|");
+    println!(
+        "| snapshot → Kafka (Avro) | {rows} rows | {snap_s:.2} | {:.0} | {snap_cpu:.2} |",
+        rows as f64 / snap_s
+    );
+    println!(
+        "| binlog streaming → Kafka (Avro) | {written} row updates | {stream_s:.2} | {:.0} | {stream_cpu:.2} |",
+        written as f64 / stream_s
+    );
+    println!(
+        "| sink, embedded fan-out ({orders} orders, {users} users) at {rate}/s | {k} updates | {applied_s:.2} | {:.0} applied/s | - |",
+        k as f64 / applied_s
+    );
+    println!();
+    println!(
+        "sink pipeline latency (binlog read → MongoDB ack) at {rate} updates/s: p50 {:.1} ms, p99 {:.1} ms",
+        p50 * 1e3,
+        p99 * 1e3
+    );
+    println!(
+        "peak RSS of the benchmark process (ecst in-process + driver): {:.0} MB; cpu: {machine}; cores: {}",
+        peak_rss_mb(),
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(0)
+    );
+    Ok(())
+}

@@ -1,0 +1,521 @@
+//! Test harness: endpoints from the environment (as printed by `dev/stack env`, with the same
+//! loopback defaults), unique names per test, condition waits with timeouts, and helpers to run
+//! ecst in-process or as a child process.
+#![allow(dead_code)]
+
+use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use ecst::config::Config;
+use mysql_async::prelude::Queryable;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::OwnedMessage;
+use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
+
+/// Service endpoints.
+#[derive(Debug, Clone)]
+pub struct Endpoints {
+    pub mysql_host: String,
+    pub mysql_port: u16,
+    pub mysql_user: String,
+    pub mysql_password: String,
+    pub mysql_admin_user: String,
+    pub mysql_admin_password: String,
+    pub kafka: String,
+    pub registry: String,
+    pub mongo: String,
+}
+
+fn env_or(k: &str, d: &str) -> String {
+    std::env::var(k).unwrap_or_else(|_| d.to_string())
+}
+
+pub fn endpoints() -> Endpoints {
+    Endpoints {
+        mysql_host: env_or("ECST_MYSQL_HOST", "127.0.0.1"),
+        mysql_port: env_or("ECST_MYSQL_PORT", "13306").parse().unwrap_or(13306),
+        mysql_user: env_or("ECST_MYSQL_USER", "ecst"),
+        mysql_password: env_or("ECST_MYSQL_PASSWORD", "ecst"),
+        mysql_admin_user: env_or("ECST_MYSQL_ADMIN_USER", "ecst_admin"),
+        mysql_admin_password: env_or("ECST_MYSQL_ADMIN_PASSWORD", "ecst_admin"),
+        kafka: env_or("ECST_KAFKA_BOOTSTRAP", "127.0.0.1:19092"),
+        registry: env_or(
+            "ECST_SCHEMA_REGISTRY_URL",
+            "http://127.0.0.1:18081/apis/ccompat/v7",
+        ),
+        mongo: env_or("ECST_MONGO_URI", "mongodb://127.0.0.1:27117/"),
+    }
+}
+
+static COUNTER: AtomicU32 = AtomicU32::new(0);
+
+/// A name unique across tests and runs: `<prefix>_<pid><n><nanos>`.
+pub fn unique(prefix: &str) -> String {
+    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0);
+    format!(
+        "{prefix}_{}{n}{:x}",
+        std::process::id() % 10_000,
+        nanos % 0xfffff
+    )
+}
+
+/// A server id unique enough among concurrently running readers.
+pub fn unique_server_id() -> u32 {
+    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+    1_000 + (std::process::id() % 50_000) * 64 + n % 64
+}
+
+/// An admin connection to MySQL.
+pub async fn admin() -> Result<mysql_async::Conn> {
+    let e = endpoints();
+    let opts = mysql_async::OptsBuilder::default()
+        .ip_or_hostname(e.mysql_host)
+        .tcp_port(e.mysql_port)
+        .user(Some(e.mysql_admin_user))
+        .pass(Some(e.mysql_admin_password))
+        .prefer_socket(false);
+    mysql_async::Conn::new(opts)
+        .await
+        .context("mysql admin connection (is the stack up? dev/stack up)")
+}
+
+/// Creates a fresh database with the seed tables and rows; returns its name.
+pub async fn seed_database() -> Result<String> {
+    let db = unique("t");
+    let mut c = admin().await?;
+    c.query_drop(format!("CREATE DATABASE `{db}` CHARACTER SET utf8mb4"))
+        .await?;
+    c.query_drop(format!(
+        "CREATE TABLE `{db}`.users (id INT NOT NULL, firstname VARCHAR(45) NULL, lastname VARCHAR(45) NULL, \
+         email VARCHAR(45) NULL, PRIMARY KEY (id))"
+    ))
+    .await?;
+    c.query_drop(format!(
+        "INSERT INTO `{db}`.users VALUES (1,'Neha','Parate','neha.parate@gmail.com'), \
+         (2,'Aravind','Dekate','aravind.dekate@gmail.com'), (3,'Mayur','Devghare','mayur.devghare@gmail.com'), \
+         (4,'Suchita','Vinchurkar','suchita.vinchurkar@gmail.com')"
+    ))
+    .await?;
+    c.query_drop(format!(
+        "CREATE TABLE `{db}`.product (id INT NOT NULL, description VARCHAR(500) NULL, price INT NULL, \
+         qty_available INT NULL, PRIMARY KEY (id))"
+    ))
+    .await?;
+    c.query_drop(format!("INSERT INTO `{db}`.product VALUES (1,'IPad',300,10),(2,'IPhone',650,50),(3,'Sony TV',320,100)"))
+        .await?;
+    c.disconnect().await?;
+    Ok(db)
+}
+
+/// Runs one statement as admin.
+pub async fn sql(stmt: impl AsRef<str>) -> Result<()> {
+    let mut c = admin().await?;
+    c.query_drop(stmt.as_ref())
+        .await
+        .with_context(|| stmt.as_ref().to_string())?;
+    c.disconnect().await?;
+    Ok(())
+}
+
+/// Options of a generated test configuration.
+#[derive(Debug, Clone)]
+pub struct TestConfig {
+    pub name: String,
+    pub db: String,
+    pub tables: Vec<String>,
+    pub mongo_db: String,
+    pub extra_source: String,
+    pub sink: Option<String>,
+    pub server_id: u32,
+}
+
+impl TestConfig {
+    pub fn new(db: &str, tables: &[&str]) -> Self {
+        TestConfig {
+            name: unique("e"),
+            db: db.to_string(),
+            tables: tables.iter().map(|t| format!("{db}.{t}")).collect(),
+            mongo_db: unique("m"),
+            extra_source: String::new(),
+            sink: None,
+            server_id: unique_server_id(),
+        }
+    }
+
+    pub fn topic(&self, table: &str) -> String {
+        format!("{}.{}.{table}", self.name, self.db)
+    }
+
+    /// The seed's two embedded mappings on this test's topics.
+    pub fn with_seed_mappings(mut self) -> Self {
+        self.sink = Some(format!(
+            r#"
+            [sink]
+            group_id = "{name}-sink"
+            batch_timeout_ms = 10
+            [[sink.mappings]]
+            name = "user_in_orders"
+            topic = "{users}"
+            kind = "embedded"
+            collection = "purchase_order"
+            match_path = "user.id"
+            target_path = "user"
+            fields = ["id", "firstname", "lastname", "email"]
+            [[sink.mappings]]
+            name = "product_in_orders"
+            topic = "{product}"
+            kind = "embedded"
+            collection = "purchase_order"
+            match_path = "product.productId"
+            target_path = "product"
+            fields = ["id", "description"]
+            rename = {{ id = "productId" }}
+            "#,
+            name = self.name,
+            users = self.topic("users"),
+            product = self.topic("product"),
+        ));
+        self
+    }
+
+    pub fn toml(&self, with_source: bool) -> String {
+        let e = endpoints();
+        let tables: Vec<String> = self.tables.iter().map(|t| format!("\"{t}\"")).collect();
+        let mut s = format!(
+            r#"
+            name = "{name}"
+            shutdown_timeout_ms = 20000
+            [kafka]
+            bootstrap_servers = "{kafka}"
+            [schema_registry]
+            url = "{registry}"
+            [metrics]
+            listen = ""
+            [mongo]
+            uri = "{mongo}"
+            database = "{mongo_db}"
+            "#,
+            name = self.name,
+            kafka = e.kafka,
+            registry = e.registry,
+            mongo = e.mongo,
+            mongo_db = self.mongo_db,
+        );
+        if with_source {
+            s.push_str(&format!(
+                r#"
+                [mysql]
+                host = "{host}"
+                port = {port}
+                user = "{user}"
+                password = "{pw}"
+                server_id = {sid}
+                heartbeat_ms = 1000
+                [source]
+                tables = [{tables}]
+                commit_interval_ms = 50
+                {extra}
+                "#,
+                host = e.mysql_host,
+                port = e.mysql_port,
+                user = e.mysql_user,
+                pw = e.mysql_password,
+                sid = self.server_id,
+                tables = tables.join(", "),
+                extra = self.extra_source,
+            ));
+        }
+        if let Some(sink) = &self.sink {
+            s.push_str(sink);
+        }
+        s
+    }
+
+    pub fn config(&self, with_source: bool) -> Result<Config> {
+        Config::from_toml_str(&self.toml(with_source), Vec::new())
+            .map_err(|e| anyhow::anyhow!("{e}"))
+    }
+}
+
+/// ecst running in-process; stopped (gracefully) by `stop` or on drop.
+pub struct Running {
+    tx: Arc<ecst::shutdown::ShutdownTx>,
+    handle: Option<tokio::task::JoinHandle<Result<(), ecst::app::AppError>>>,
+}
+
+pub fn start(cfg: Config, which: ecst::app::Components) -> Running {
+    install_tls();
+    init_logs();
+    let (tx, rx) = ecst::shutdown::channel();
+    let tx = Arc::new(tx);
+    let handle = tokio::spawn(ecst::app::run(Arc::new(cfg), which, tx.clone(), rx));
+    Running {
+        tx,
+        handle: Some(handle),
+    }
+}
+
+impl Running {
+    pub async fn stop(mut self) -> Result<()> {
+        self.tx.trigger();
+        match self.handle.take() {
+            Some(h) => h.await?.map_err(|e| anyhow::anyhow!("{e}")),
+            None => Ok(()),
+        }
+    }
+
+    /// Whether the components ended by themselves (an error).
+    pub fn is_finished(&self) -> bool {
+        self.handle.as_ref().is_none_or(|h| h.is_finished())
+    }
+
+    pub async fn join_error(mut self) -> Option<String> {
+        let h = self.handle.take()?;
+        match h.await {
+            Ok(Ok(())) => None,
+            Ok(Err(e)) => Some(e.to_string()),
+            Err(e) => Some(e.to_string()),
+        }
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        self.tx.trigger();
+    }
+}
+
+/// Logs of the in-process components, filtered by `RUST_LOG` (default: warnings).
+pub fn init_logs() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+            .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+        let _other_subscriber = tracing_subscriber::fmt()
+            .with_env_filter(filter)
+            .with_test_writer()
+            .try_init();
+    });
+}
+
+pub fn install_tls() {
+    // Already installed by another test: fine.
+    let _already = rustls::crypto::ring::default_provider().install_default();
+}
+
+/// Polls `cond` until it returns `Ok(Some(v))` or the timeout passes.
+pub async fn wait_for<T, F, Fut>(what: &str, timeout: Duration, cond: F) -> Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<Option<T>>>,
+{
+    wait_for_every(what, timeout, Duration::from_millis(100), cond).await
+}
+
+/// Like [`wait_for`], polling every `every` (for checks that are heavy for the server).
+pub async fn wait_for_every<T, F, Fut>(
+    what: &str,
+    timeout: Duration,
+    every: Duration,
+    mut cond: F,
+) -> Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<Option<T>>>,
+{
+    let start = Instant::now();
+    let mut last_err = None;
+    loop {
+        match cond().await {
+            Ok(Some(v)) => return Ok(v),
+            Ok(None) => {}
+            Err(e) => last_err = Some(e),
+        }
+        if start.elapsed() > timeout {
+            bail!("timed out after {timeout:?} waiting for {what} (last error: {last_err:?})");
+        }
+        tokio::time::sleep(every).await;
+    }
+}
+
+/// Reads committed messages of `topic` (all partitions) until `n` are read or the timeout passes.
+pub async fn read_topic(topic: &str, n: usize, timeout: Duration) -> Result<Vec<OwnedMessage>> {
+    let e = endpoints();
+    let topic = topic.to_string();
+    tokio::task::spawn_blocking(move || -> Result<Vec<OwnedMessage>> {
+        let consumer: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", &e.kafka)
+            .set("group.id", unique("reader"))
+            .set("enable.auto.commit", "false")
+            .set("isolation.level", "read_committed")
+            .set("auto.offset.reset", "earliest")
+            .create()?;
+        let start = Instant::now();
+        let md = loop {
+            let md = consumer.fetch_metadata(Some(&topic), Duration::from_secs(5))?;
+            let parts = md
+                .topics()
+                .first()
+                .map(|t| t.partitions().len())
+                .unwrap_or(0);
+            if parts > 0 {
+                break parts;
+            }
+            if start.elapsed() > timeout {
+                bail!("topic {topic} does not exist");
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        };
+        let mut tpl = TopicPartitionList::new();
+        for p in 0..md {
+            tpl.add_partition_offset(&topic, p as i32, Offset::Beginning)?;
+        }
+        consumer.assign(&tpl)?;
+        let mut out = Vec::new();
+        while out.len() < n && start.elapsed() < timeout {
+            if let Some(m) = consumer.poll(Duration::from_millis(200)) {
+                out.push(m?.detach());
+            }
+        }
+        // Anything beyond n that is already there counts too (to detect duplicates).
+        let grace = Instant::now();
+        while grace.elapsed() < Duration::from_millis(500) {
+            if let Some(m) = consumer.poll(Duration::from_millis(100)) {
+                out.push(m?.detach());
+            }
+        }
+        Ok(out)
+    })
+    .await?
+}
+
+/// A registry client for decoding in tests.
+pub fn registry() -> ecst::events::registry::Registry {
+    install_tls();
+    ecst::events::registry::Registry::new(&ecst::events::registry::RegistrySettings {
+        url: endpoints().registry,
+        username: None,
+        password: None,
+        timeout: Duration::from_secs(10),
+    })
+    .expect("registry settings")
+}
+
+/// Decodes change messages (skipping tombstones) into events.
+pub async fn decode_all(msgs: &[OwnedMessage]) -> Result<Vec<ecst::sink::decode::DecodedEvent>> {
+    let reg = registry();
+    let mut out = Vec::new();
+    for m in msgs {
+        if let Some(ev) =
+            ecst::sink::decode::decode_message(&reg, m.key(), m.payload(), &[]).await?
+        {
+            out.push(ev);
+        }
+    }
+    Ok(out)
+}
+
+/// A MongoDB database handle.
+pub async fn mongo_db(name: &str) -> Result<mongodb::Database> {
+    install_tls();
+    let client = mongodb::Client::with_uri_str(endpoints().mongo).await?;
+    Ok(client.database(name))
+}
+
+/// Inserts the seed's purchase orders: `n_per_user` orders for each of users 1..=4.
+pub async fn seed_orders(db: &mongodb::Database, n_per_user: i64) -> Result<()> {
+    let coll = db.collection::<bson::Document>("purchase_order");
+    let users = [
+        (1, "Neha", "Parate", "neha.parate@gmail.com"),
+        (2, "Aravind", "Dekate", "aravind.dekate@gmail.com"),
+        (3, "Mayur", "Devghare", "mayur.devghare@gmail.com"),
+        (4, "Suchita", "Vinchurkar", "suchita.vinchurkar@gmail.com"),
+    ];
+    let products = [
+        (1i64, "IPad", 300.0),
+        (2, "IPhone", 650.0),
+        (3, "Sony TV", 320.0),
+    ];
+    let mut docs = Vec::new();
+    for (id, f, l, e) in users {
+        for k in 0..n_per_user {
+            let (pid, desc, price) = products[(k as usize) % products.len()];
+            docs.push(bson::doc! {
+                "user": { "id": id, "firstname": f, "lastname": l, "email": e },
+                "product": { "productId": pid, "description": desc },
+                "price": price,
+            });
+        }
+    }
+    coll.insert_many(docs).await?;
+    Ok(())
+}
+
+/// The run-binary path of ecst.
+pub fn ecst_bin() -> &'static str {
+    env!("CARGO_BIN_EXE_ecst")
+}
+
+/// Tests that stop shared services or purge binlogs take this lock exclusively; all others
+/// share it, so disruptive tests never run beside the rest.
+pub static STACK_LOCK: tokio::sync::RwLock<()> = tokio::sync::RwLock::const_new(());
+
+/// Runs `dev/stack <args>` (for outage tests).
+pub async fn stack(args: &[&str]) -> Result<()> {
+    let root = env!("CARGO_MANIFEST_DIR");
+    let out = tokio::process::Command::new(format!("{root}/dev/stack"))
+        .args(args)
+        .output()
+        .await?;
+    if !out.status.success() {
+        bail!(
+            "dev/stack {args:?} failed: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(())
+}
+
+/// Counts messages of a topic that decode to events (not tombstones).
+pub async fn events_of(
+    topic: &str,
+    n: usize,
+    timeout: Duration,
+) -> Result<Vec<ecst::sink::decode::DecodedEvent>> {
+    let msgs = read_topic(topic, n, timeout).await?;
+    decode_all(&msgs).await
+}
+
+/// Waits until `topic` holds at least `n` change events (tombstones excluded); returns them.
+pub async fn wait_events(
+    topic: &str,
+    n: usize,
+    timeout: Duration,
+) -> Result<Vec<ecst::sink::decode::DecodedEvent>> {
+    let start = Instant::now();
+    loop {
+        let left = timeout
+            .saturating_sub(start.elapsed())
+            .max(Duration::from_secs(1));
+        let evs = events_of(topic, n, left.min(Duration::from_secs(10)))
+            .await
+            .unwrap_or_default();
+        if evs.len() >= n {
+            return Ok(evs);
+        }
+        if start.elapsed() > timeout {
+            bail!(
+                "topic {topic}: {} of {n} events after {timeout:?}",
+                evs.len()
+            );
+        }
+    }
+}

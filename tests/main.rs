@@ -1,0 +1,6 @@
+//! Integration tests on the real stack (`dev/stack up`). One binary, modules per behaviour.
+
+mod common;
+mod sink;
+mod smoke;
+mod source;

@@ -1,0 +1,469 @@
+//! Source scenarios on the real stack: MariaDB binlog → Avro in Kafka.
+
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use bson::Bson;
+use ecst::app::Components;
+use ecst::events::Op;
+use mysql_async::prelude::Queryable;
+use rdkafka::Message;
+
+use crate::common::*;
+
+const T: Duration = Duration::from_secs(60);
+
+fn email(ev: &ecst::sink::decode::DecodedEvent, image: &str) -> Option<String> {
+    let d = if image == "before" {
+        ev.before.as_ref()
+    } else {
+        ev.after.as_ref()
+    }?;
+    d.get_str("email").ok().map(str::to_string)
+}
+
+#[tokio::test]
+async fn seed_rows_are_snapshotted_then_nehas_email_update_is_one_u_event() -> Result<()> {
+    let _shared = STACK_LOCK.read().await;
+    let db = seed_database().await?;
+    let tc = TestConfig::new(&db, &["users", "product"]);
+    let run = start(tc.config(true)?, Components::Source);
+    let snap = wait_events(&tc.topic("users"), 4, T).await?;
+    assert!(
+        snap.iter().all(|e| e.op == Op::Read),
+        "snapshot events are reads"
+    );
+    let ids: Vec<i32> = snap
+        .iter()
+        .filter_map(|e| e.key.get_i32("id").ok())
+        .collect();
+    assert_eq!(ids, vec![1, 2, 3, 4]);
+    assert_eq!(wait_events(&tc.topic("product"), 3, T).await?.len(), 3);
+    sql(format!(
+        "UPDATE `{db}`.users SET email = 'neha.parate@hotmail.com' WHERE id = 1"
+    ))
+    .await?;
+    let evs = wait_events(&tc.topic("users"), 5, T).await?;
+    assert_eq!(evs.len(), 5, "exactly one new event");
+    let u = &evs[4];
+    assert_eq!(u.op, Op::Update);
+    assert_eq!(email(u, "before").as_deref(), Some("neha.parate@gmail.com"));
+    assert_eq!(
+        email(u, "after").as_deref(),
+        Some("neha.parate@hotmail.com")
+    );
+    assert!(
+        u.version > snap[3].version,
+        "stream versions sort after the snapshot's"
+    );
+    run.stop().await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn inserts_updates_deletes_and_tombstones_are_streamed_in_order() -> Result<()> {
+    let _shared = STACK_LOCK.read().await;
+    let db = seed_database().await?;
+    let tc = TestConfig::new(&db, &["users"]);
+    let run = start(tc.config(true)?, Components::Source);
+    wait_events(&tc.topic("users"), 4, T).await?;
+    sql(format!(
+        "INSERT INTO `{db}`.users VALUES (5, 'Test', 'User', 'test@example.com')"
+    ))
+    .await?;
+    sql(format!(
+        "UPDATE `{db}`.users SET lastname = 'Changed' WHERE id = 5"
+    ))
+    .await?;
+    sql(format!("DELETE FROM `{db}`.users WHERE id = 5")).await?;
+    let evs = wait_events(&tc.topic("users"), 7, T).await?;
+    let ops: Vec<Op> = evs[4..].iter().map(|e| e.op).collect();
+    assert_eq!(ops, vec![Op::Create, Op::Update, Op::Delete]);
+    assert_eq!(
+        evs[6]
+            .before
+            .as_ref()
+            .and_then(|b| b.get_str("lastname").ok()),
+        Some("Changed")
+    );
+    let raw = read_topic(&tc.topic("users"), 8, T).await?;
+    let last = raw.last().context("messages")?;
+    assert!(last.payload().is_none(), "a tombstone follows the delete");
+    assert_eq!(
+        last.key(),
+        raw[raw.len() - 2].key(),
+        "tombstone has the deleted key"
+    );
+    run.stop().await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_multi_statement_transaction_arrives_whole_and_in_commit_order() -> Result<()> {
+    let _shared = STACK_LOCK.read().await;
+    let db = seed_database().await?;
+    let tc = TestConfig::new(&db, &["users"]);
+    let run = start(tc.config(true)?, Components::Source);
+    wait_events(&tc.topic("users"), 4, T).await?;
+    let mut c = admin().await?;
+    let mut tx = c.start_transaction(mysql_async::TxOpts::default()).await?;
+    tx.query_drop(format!(
+        "UPDATE `{db}`.users SET firstname = CONCAT(firstname, '!') WHERE id IN (1, 2, 3)"
+    ))
+    .await?;
+    tx.query_drop(format!(
+        "UPDATE `{db}`.users SET firstname = 'Neha?' WHERE id = 1"
+    ))
+    .await?;
+    tx.commit().await?;
+    let evs = wait_events(&tc.topic("users"), 8, T).await?;
+    let after: Vec<(i32, String)> = evs[4..]
+        .iter()
+        .map(|e| {
+            (
+                e.key.get_i32("id").unwrap_or(-1),
+                e.after
+                    .as_ref()
+                    .and_then(|a| a.get_str("firstname").ok())
+                    .unwrap_or("")
+                    .to_string(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        after,
+        vec![
+            (1, "Neha!".into()),
+            (2, "Aravind!".into()),
+            (3, "Mayur!".into()),
+            (1, "Neha?".into())
+        ]
+    );
+    run.stop().await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn alter_table_mid_stream_registers_a_new_schema_and_events_continue() -> Result<()> {
+    let _shared = STACK_LOCK.read().await;
+    let db = seed_database().await?;
+    let tc = TestConfig::new(&db, &["users"]);
+    let run = start(tc.config(true)?, Components::Source);
+    wait_events(&tc.topic("users"), 4, T).await?;
+    sql(format!(
+        "ALTER TABLE `{db}`.users ADD COLUMN phone VARCHAR(20) NULL"
+    ))
+    .await?;
+    sql(format!(
+        "UPDATE `{db}`.users SET phone = '+91-98765' WHERE id = 2"
+    ))
+    .await?;
+    sql(format!("ALTER TABLE `{db}`.users DROP COLUMN lastname")).await?;
+    sql(format!(
+        "UPDATE `{db}`.users SET firstname = 'Mayur2' WHERE id = 3"
+    ))
+    .await?;
+    let evs = wait_events(&tc.topic("users"), 6, T).await?;
+    let after = evs[4].after.as_ref().context("after")?;
+    assert_eq!(after.get_str("phone").ok(), Some("+91-98765"));
+    let after = evs[5].after.as_ref().context("after")?;
+    assert!(after.get("lastname").is_none() && after.get_str("firstname").ok() == Some("Mayur2"));
+    let raw = read_topic(&tc.topic("users"), 6, T).await?;
+    let ids: Vec<u32> = raw
+        .iter()
+        .filter_map(|m| m.payload())
+        .filter_map(|p| ecst::events::registry::unframe(p).ok().map(|(id, _)| id))
+        .collect();
+    assert_eq!(
+        ids.iter().collect::<std::collections::BTreeSet<_>>().len(),
+        3,
+        "three value schema versions: {ids:?}"
+    );
+    assert!(!run.is_finished());
+    run.stop().await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_not_null_column_without_default_is_refused_by_the_registry_and_stops_the_source_naming_it()
+-> Result<()> {
+    let _shared = STACK_LOCK.read().await;
+    let db = seed_database().await?;
+    let tc = TestConfig::new(&db, &["users"]);
+    let run = start(tc.config(true)?, Components::Source);
+    wait_events(&tc.topic("users"), 4, T).await?;
+    sql(format!(
+        "ALTER TABLE `{db}`.users ADD COLUMN tier INT NOT NULL DEFAULT 1"
+    ))
+    .await?;
+    sql(format!("UPDATE `{db}`.users SET tier = 2 WHERE id = 4")).await?;
+    let err = tokio::time::timeout(T, run.join_error())
+        .await?
+        .context("the source must stop")?;
+    assert!(err.contains("tier") && err.contains("refused"), "{err}");
+    // Nothing after the refused change was written.
+    let evs = events_of(&tc.topic("users"), 5, Duration::from_secs(3)).await?;
+    assert_eq!(evs.len(), 4);
+    Ok(())
+}
+
+#[tokio::test]
+async fn every_type_has_identical_values_and_schema_from_snapshot_and_binlog() -> Result<()> {
+    let _shared = STACK_LOCK.read().await;
+    let db = unique("types");
+    sql(format!("CREATE DATABASE `{db}` CHARACTER SET utf8mb4")).await?;
+    sql(format!(
+        "CREATE TABLE `{db}`.t (id INT PRIMARY KEY, ti TINYINT, tiu TINYINT UNSIGNED, si SMALLINT, mi MEDIUMINT, \
+         miu MEDIUMINT UNSIGNED, i INT, iu INT UNSIGNED, bi BIGINT, biu BIGINT UNSIGNED, dec1 DECIMAL(12,4), \
+         dec2 DECIMAL(40,10), f FLOAT, d DOUBLE, dt DATE, dtt DATETIME(6), ts TIMESTAMP(6) NULL, tm TIME(3), y YEAR, \
+         c CHAR(5), vc VARCHAR(50), l1 VARCHAR(20) CHARACTER SET latin1, tx TEXT, bin BINARY(4), vb VARBINARY(10), \
+         bl BLOB, e ENUM('small','medium','large'), s SET('a','b','c'), b1 BIT(1), b10 BIT(10), j JSON, n INT NULL)"
+    ))
+    .await?;
+    let values = "-3, 250, -32768, -5, 16777215, -2147483648, 4294967295, -9223372036854775808, 18446744073709551615, \
+        -1234.5678, 123456789012345678901234567890.0123456789, 1.5, -2.25, '2024-02-29', '2024-02-29 12:34:56.123456', \
+        '2024-01-01 00:00:00.123000', '-12:34:56.789', 2024, 'ab', 'Emoji 😀🚀', 'café', 'Ünïcödé', X'00FF0102', X'DEADBEEF', \
+        X'0001', 'medium', 'a,c', b'1', b'1010101010', '{\"k\": [1, 2]}', NULL";
+    sql(format!(
+        "SET time_zone = '+00:00'; INSERT INTO `{db}`.t VALUES (1, {values})"
+    ))
+    .await?;
+    let tc = TestConfig::new(&db, &["t"]);
+    let run = start(tc.config(true)?, Components::Source);
+    wait_events(&tc.topic("t"), 1, T).await?;
+    sql(format!(
+        "SET time_zone = '+00:00'; INSERT INTO `{db}`.t VALUES (2, {values})"
+    ))
+    .await?;
+    let evs = wait_events(&tc.topic("t"), 2, T).await?;
+    let (snap, stream) = (&evs[0], &evs[1]);
+    assert_eq!((snap.op, stream.op), (Op::Read, Op::Create));
+    let mut a = snap.after.clone().context("after")?;
+    let mut b = stream.after.clone().context("after")?;
+    a.remove("id");
+    b.remove("id");
+    assert_eq!(a, b, "snapshot and binlog values differ");
+    // Spot-check the mapping itself.
+    match b.get("biu") {
+        Some(Bson::Decimal128(d)) => assert_eq!(
+            d.to_string(),
+            "18446744073709551615",
+            "BIGINT UNSIGNED is exact"
+        ),
+        other => bail!("biu is {other:?}"),
+    }
+    assert_eq!(b.get("mi"), Some(&Bson::Int32(-5)));
+    assert_eq!(b.get("tm"), Some(&Bson::Int64(-45_296_789_000)));
+    assert_eq!(b.get_str("l1").ok(), Some("café"));
+    assert_eq!(b.get_str("vc").ok(), Some("Emoji 😀🚀"));
+    assert_eq!(b.get_str("e").ok(), Some("medium"));
+    assert_eq!(b.get_str("s").ok(), Some("a,c"));
+    assert_eq!(b.get("b1"), Some(&Bson::Boolean(true)));
+    assert_eq!(b.get("y"), Some(&Bson::Int32(2024)));
+    assert_eq!(b.get("n"), Some(&Bson::Null));
+    match b.get("dec1") {
+        Some(Bson::Decimal128(d)) => assert_eq!(d.to_string(), "-1234.5678"),
+        other => bail!("dec1 is {other:?}"),
+    }
+    // Same Avro schema id for both paths: the binlog-derived shape equals the snapshot one.
+    let raw = read_topic(&tc.topic("t"), 2, T).await?;
+    let ids: Vec<u32> = raw
+        .iter()
+        .filter_map(|m| m.payload())
+        .filter_map(|p| ecst::events::registry::unframe(p).ok().map(|(id, _)| id))
+        .collect();
+    assert_eq!(ids.len(), 2);
+    assert_eq!(
+        ids[0], ids[1],
+        "snapshot and binlog registered different schemas"
+    );
+    run.stop().await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_20_mb_row_and_a_100000_row_transaction_go_through() -> Result<()> {
+    let _shared = STACK_LOCK.read().await;
+    let db = unique("big");
+    sql(format!("CREATE DATABASE `{db}` CHARACTER SET utf8mb4")).await?;
+    sql(format!(
+        "CREATE TABLE `{db}`.t (id INT PRIMARY KEY, body LONGTEXT)"
+    ))
+    .await?;
+    let tc = TestConfig::new(&db, &["t"]);
+    let run = start(tc.config(true)?, Components::Source);
+    // Nothing to snapshot; make sure streaming started before writing.
+    wait_for("source ready", T, || async {
+        Ok(
+            if read_topic(&format!("{}.offsets", tc.name), 1, Duration::from_secs(2))
+                .await?
+                .is_empty()
+            {
+                None
+            } else {
+                Some(())
+            },
+        )
+    })
+    .await?;
+    sql(format!(
+        "INSERT INTO `{db}`.t VALUES (1, REPEAT('x', 20971520))"
+    ))
+    .await?;
+    sql(format!(
+        "INSERT INTO `{db}`.t SELECT 1 + seq, 'row' FROM `{db}`.seq_1_to_100000"
+    ))
+    .await?;
+    let evs = wait_events(&tc.topic("t"), 100_001, Duration::from_secs(180)).await?;
+    assert_eq!(evs.len(), 100_001);
+    let big = evs[0]
+        .after
+        .as_ref()
+        .and_then(|a| a.get_str("body").ok())
+        .map(str::len);
+    assert_eq!(big, Some(20_971_520));
+    run.stop().await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_killed_dump_connection_is_resumed_without_loss_or_duplicates() -> Result<()> {
+    let _shared = STACK_LOCK.read().await;
+    let db = seed_database().await?;
+    let tc = TestConfig::new(&db, &["users"]);
+    let run = start(tc.config(true)?, Components::Source);
+    wait_events(&tc.topic("users"), 4, T).await?;
+    sql(format!(
+        "UPDATE `{db}`.users SET email = 'one@x' WHERE id = 1"
+    ))
+    .await?;
+    wait_events(&tc.topic("users"), 5, T).await?;
+    let mut c = admin().await?;
+    let ids: Vec<(u64, Option<String>)> = c
+        .query(
+            "SELECT ID, USER FROM information_schema.PROCESSLIST WHERE COMMAND LIKE 'Binlog Dump%'",
+        )
+        .await?;
+    // Kill only ours: the one whose replica server id matches (MariaDB shows it in SHOW SLAVE HOSTS).
+    let hosts: Vec<mysql_async::Row> = c.query("SHOW SLAVE HOSTS").await?;
+    assert!(
+        hosts
+            .iter()
+            .any(|h| h.get::<u32, _>(0) == Some(tc.server_id)),
+        "our replica is registered"
+    );
+    for (id, _) in ids {
+        // Killing another test's dump connection is harmless too: every reader resumes.
+        let _ignored = c.query_drop(format!("KILL {id}")).await;
+    }
+    sql(format!(
+        "UPDATE `{db}`.users SET email = 'two@x' WHERE id = 2"
+    ))
+    .await?;
+    let evs = wait_events(&tc.topic("users"), 6, T).await?;
+    let extra = events_of(&tc.topic("users"), 7, Duration::from_secs(3)).await?;
+    assert_eq!(extra.len(), 6, "no duplicate after the reconnect");
+    assert_eq!(email(&evs[5], "after").as_deref(), Some("two@x"));
+    run.stop().await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_second_source_with_the_same_name_fences_the_first() -> Result<()> {
+    let _shared = STACK_LOCK.read().await;
+    let db = seed_database().await?;
+    let tc = TestConfig::new(&db, &["users"]);
+    let first = start(tc.config(true)?, Components::Source);
+    wait_events(&tc.topic("users"), 4, T).await?;
+    let mut tc2 = tc.clone();
+    tc2.server_id = unique_server_id();
+    let second = start(tc2.config(true)?, Components::Source);
+    // The second one's init_transactions fences the first; its next commit fails definitively.
+    wait_for("second source streaming", T, || async {
+        sql(format!(
+            "UPDATE `{db}`.users SET email = CONCAT(email, '.') WHERE id = 3"
+        ))
+        .await?;
+        Ok(if first.is_finished() { Some(()) } else { None })
+    })
+    .await?;
+    let err = first.join_error().await.unwrap_or_default();
+    assert!(
+        err.to_lowercase().contains("fenc"),
+        "first source must report being fenced: {err}"
+    );
+    sql(format!(
+        "UPDATE `{db}`.users SET email = 'final@x' WHERE id = 4"
+    ))
+    .await?;
+    let evs = wait_for("final event", T, || async {
+        let evs = events_of(&tc.topic("users"), 1000, Duration::from_secs(3)).await?;
+        Ok(
+            if evs
+                .iter()
+                .any(|e| email(e, "after").as_deref() == Some("final@x"))
+            {
+                Some(evs)
+            } else {
+                None
+            },
+        )
+    })
+    .await?;
+    // Each email state of user 3 appears once: no change written twice.
+    let user3: Vec<String> = evs
+        .iter()
+        .filter(|e| e.key.get_i32("id") == Ok(3) && e.op == Op::Update)
+        .filter_map(|e| email(e, "after"))
+        .collect();
+    let unique_states: std::collections::HashSet<&String> = user3.iter().collect();
+    assert_eq!(
+        unique_states.len(),
+        user3.len(),
+        "duplicated change: {user3:?}"
+    );
+    second.stop().await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_purged_position_resnapshots_with_when_needed_and_fails_clearly_with_initial()
+-> Result<()> {
+    let _exclusive = STACK_LOCK.write().await;
+    let db = seed_database().await?;
+    let tc = TestConfig::new(&db, &["users"]);
+    let run = start(tc.config(true)?, Components::Source);
+    wait_events(&tc.topic("users"), 4, T).await?;
+    run.stop().await?;
+    let mut c = admin().await?;
+    c.query_drop("FLUSH BINARY LOGS").await?;
+    c.query_drop("FLUSH BINARY LOGS").await?;
+    let row: mysql_async::Row = c
+        .query_first("SHOW MASTER STATUS")
+        .await?
+        .context("status")?;
+    let current: String = row.get(0).context("file")?;
+    c.query_drop(format!("PURGE BINARY LOGS TO '{current}'"))
+        .await?;
+    // initial: a clear error naming the fix.
+    let failing = start(tc.config(true)?, Components::Source);
+    let err = tokio::time::timeout(T, failing.join_error())
+        .await?
+        .context("must fail")?;
+    assert!(
+        err.contains("purged") && err.contains("when_needed"),
+        "{err}"
+    );
+    // when_needed: a new snapshot.
+    let mut tc2 = tc.clone();
+    tc2.extra_source = "snapshot_mode = \"when_needed\"".into();
+    let run = start(tc2.config(true)?, Components::Source);
+    let evs = wait_events(&tc.topic("users"), 8, T).await?;
+    assert_eq!(
+        evs.iter().filter(|e| e.op == Op::Read).count(),
+        8,
+        "the table was snapshotted again"
+    );
+    run.stop().await?;
+    Ok(())
+}
