@@ -320,11 +320,12 @@ impl Sink {
             metrics::counter!(m::SINK_APPLIED_TOTAL, m::MAPPING_LABEL => self.mappings[*mi].cfg.name.clone()).increment(*n);
         }
         for (_, _, ev) in &entries {
-            if let Some(ts) = ev.source_ts_ms
-                && ts > 0
-            {
+            if let Some(ts) = ev.source_ts_ms.filter(|t| *t > 0) {
                 metrics::histogram!(m::END_TO_END_LATENCY)
                     .record((now - ts).max(0) as f64 / 1000.0);
+            }
+            if let Some(ts) = ev.read_ts_ms.filter(|t| *t > 0) {
+                metrics::histogram!(m::PIPELINE_LATENCY).record((now - ts).max(0) as f64 / 1000.0);
             }
         }
         Ok(BatchStats {
@@ -487,11 +488,15 @@ pub async fn run(
         let missing = tokio::task::spawn_blocking(move || -> Vec<String> {
             t.into_iter()
                 .filter(|topic| {
-                    c.fetch_metadata(Some(topic), Duration::from_secs(5))
+                    // All topics, not the one by name: a named metadata request auto-creates
+                    // the topic on brokers with auto.create.topics.enable.
+                    c.fetch_metadata(None, Duration::from_secs(5))
                         .map(|md| {
-                            md.topics()
-                                .first()
-                                .is_none_or(|x| x.partitions().is_empty() || x.error().is_some())
+                            !md.topics().iter().any(|x| {
+                                x.name() == topic.as_str()
+                                    && !x.partitions().is_empty()
+                                    && x.error().is_none()
+                            })
                         })
                         .unwrap_or(true)
                 })

@@ -1,0 +1,311 @@
+//! Operating ecst as a process: `check`, metrics, SIGTERM and kill -9 with restarts.
+
+use std::process::Stdio;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use ecst::events::Op;
+use mysql_async::prelude::Queryable;
+use tokio::process::{Child, Command};
+
+use crate::common::*;
+
+const T: Duration = Duration::from_secs(90);
+
+fn write_config(
+    tc: &TestConfig,
+    with_source: bool,
+    metrics: Option<u16>,
+) -> Result<std::path::PathBuf> {
+    let mut toml = tc.toml(with_source);
+    if let Some(port) = metrics {
+        toml = toml.replace("listen = \"\"", &format!("listen = \"127.0.0.1:{port}\""));
+    }
+    let path = std::env::temp_dir().join(format!("{}.toml", tc.name));
+    std::fs::write(&path, toml)?;
+    Ok(path)
+}
+
+fn spawn(cfg: &std::path::Path, cmd: &str) -> Result<Child> {
+    Ok(Command::new(ecst_bin())
+        .args(["--config", &cfg.to_string_lossy(), cmd])
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .kill_on_drop(true)
+        .spawn()?)
+}
+
+fn free_port() -> Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+async fn http_get(port: u16, path: &str) -> Result<String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
+    s.write_all(format!("GET {path} HTTP/1.1\r\nhost: x\r\n\r\n").as_bytes())
+        .await?;
+    let mut out = String::new();
+    s.read_to_string(&mut out).await?;
+    Ok(out)
+}
+
+#[tokio::test]
+async fn check_fails_the_binlog_format_line_with_statement_and_passes_the_others() -> Result<()> {
+    let _exclusive = STACK_LOCK.write().await;
+    let db = seed_database().await?;
+    let tc = TestConfig::new(&db, &["users"]).with_seed_mappings();
+    let cfg = write_config(&tc, true, None)?;
+    sql("SET GLOBAL binlog_format = 'STATEMENT'").await?;
+    let out = Command::new(ecst_bin())
+        .args(["--config", &cfg.to_string_lossy(), "check"])
+        .output()
+        .await;
+    sql("SET GLOBAL binlog_format = 'ROW'").await?;
+    let out = out?;
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(!out.status.success(), "check must exit non-zero:\n{text}");
+    let failing: Vec<&str> = text.lines().filter(|l| l.starts_with("FAIL")).collect();
+    assert_eq!(failing.len(), 1, "exactly one failing line:\n{text}");
+    assert!(
+        failing[0].contains("binlog_format") && failing[0].contains("must be ROW"),
+        "{text}"
+    );
+    for expected in [
+        "kafka reachable",
+        "schema registry reachable",
+        "mysql binlog_row_image",
+        "mongodb reachable",
+    ] {
+        assert!(
+            text.lines()
+                .any(|l| l.starts_with("PASS") && l.contains(expected)),
+            "{expected} must pass:\n{text}"
+        );
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn metrics_expose_the_named_series_and_the_latency_histogram_moves_when_changes_flow()
+-> Result<()> {
+    let _shared = STACK_LOCK.read().await;
+    let db = seed_database().await?;
+    let tc = TestConfig::new(&db, &["users", "product"]).with_seed_mappings();
+    let mdb = mongo_db(&tc.mongo_db).await?;
+    seed_orders(&mdb, 1).await?;
+    let port = free_port()?;
+    let cfg = write_config(&tc, true, Some(port))?;
+    let mut child = spawn(&cfg, "run")?;
+    let ready = wait_for("ready", T, || async {
+        Ok(http_get(port, "/ready")
+            .await
+            .ok()
+            .filter(|r| r.starts_with("HTTP/1.1 200"))
+            .map(|_| ()))
+    })
+    .await;
+    ready?;
+    let count = |body: &str| -> f64 {
+        body.lines()
+            .find(|l| l.starts_with("ecst_pipeline_latency_seconds_count"))
+            .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+            .unwrap_or(0.0)
+    };
+    let last = std::sync::Mutex::new(String::new());
+    let before = wait_for("snapshot applied", T, || async {
+        let body = http_get(port, "/metrics").await?;
+        let c = count(&body);
+        if let Ok(mut l) = last.lock() {
+            *l = body;
+        }
+        Ok(Some(c).filter(|c| *c >= 7.0))
+    })
+    .await
+    .map_err(|e| {
+        anyhow::anyhow!(
+            "{e}\nlast /metrics:\n{}",
+            last.lock().map(|l| l.clone()).unwrap_or_default()
+        )
+    })?;
+    sql(format!(
+        "UPDATE `{db}`.users SET email = 'metrics@x' WHERE id = 1"
+    ))
+    .await?;
+    let body = wait_for("latency recorded", T, || async {
+        let body = http_get(port, "/metrics").await?;
+        Ok((count(&body) > before).then_some(body))
+    })
+    .await?;
+    for name in [
+        "ecst_source_events_total",
+        "ecst_source_binlog_position",
+        "ecst_snapshot_rows_done",
+        "ecst_sink_applied_total",
+        "ecst_end_to_end_latency_seconds_bucket",
+        "ecst_pipeline_latency_seconds_bucket",
+    ] {
+        assert!(body.contains(name), "{name} missing from /metrics");
+    }
+    assert!(http_get(port, "/health").await?.starts_with("HTTP/1.1 200"));
+    child.kill().await?;
+    Ok(())
+}
+
+/// Sends SIGTERM (graceful) to a child.
+fn sigterm(child: &Child) -> Result<()> {
+    let pid = child.id().context("child pid")?;
+    let status = std::process::Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status()?;
+    anyhow::ensure!(status.success(), "kill -TERM failed");
+    Ok(())
+}
+
+/// `count` updates of `counter` rows (ids 1..=100), 10 per transaction, each setting n = n + 1.
+async fn write_counter_updates(db: &str, count: u32) -> Result<()> {
+    let mut c = admin().await?;
+    for batch in 0..count / 10 {
+        let mut tx = c.start_transaction(mysql_async::TxOpts::default()).await?;
+        for i in 0..10 {
+            let id = (batch * 10 + i) % 100 + 1;
+            tx.query_drop(format!(
+                "UPDATE `{db}`.counter SET n = n + 1 WHERE id = {id}"
+            ))
+            .await?;
+        }
+        tx.commit().await?;
+    }
+    Ok(())
+}
+
+/// Every (id, n) value of the update events must appear exactly once, n = 1..=expected per id.
+fn assert_exactly_once(evs: &[ecst::sink::decode::DecodedEvent], per_id: i32) {
+    let mut seen: std::collections::HashMap<i32, Vec<i32>> = std::collections::HashMap::new();
+    for e in evs.iter().filter(|e| e.op == Op::Update) {
+        let id = e.key.get_i32("id").unwrap_or(-1);
+        let n = e
+            .after
+            .as_ref()
+            .and_then(|a| a.get_i32("n").ok())
+            .unwrap_or(-1);
+        seen.entry(id).or_default().push(n);
+    }
+    assert_eq!(seen.len(), 100, "every row changed");
+    for (id, ns) in seen {
+        let expected: Vec<i32> = (1..=per_id).collect();
+        assert_eq!(
+            ns, expected,
+            "row {id}: each change exactly once, in commit order"
+        );
+    }
+}
+
+async fn counter_table() -> Result<String> {
+    let db = unique("ops");
+    sql(format!("CREATE DATABASE `{db}`")).await?;
+    sql(format!(
+        "CREATE TABLE `{db}`.counter (id INT PRIMARY KEY, n INT NOT NULL)"
+    ))
+    .await?;
+    sql(format!(
+        "INSERT INTO `{db}`.counter SELECT seq, 0 FROM `{db}`.seq_1_to_100"
+    ))
+    .await?;
+    Ok(db)
+}
+
+#[tokio::test]
+async fn kill_9_during_10000_changes_then_restart_delivers_each_change_exactly_once() -> Result<()>
+{
+    let _shared = STACK_LOCK.read().await;
+    let db = counter_table().await?;
+    let tc = TestConfig::new(&db, &["counter"]);
+    let cfg = write_config(&tc, true, None)?;
+    let mut child = spawn(&cfg, "source")?;
+    wait_events(&tc.topic("counter"), 100, T).await?;
+    let writer = tokio::spawn({
+        let db = db.clone();
+        async move { write_counter_updates(&db, 10_000).await }
+    });
+    // Kill -9 twice while the stream is busy, restarting each time.
+    for _ in 0..2 {
+        wait_for("stream busy", T, || async {
+            let n = read_topic(&tc.topic("counter"), 100_000, Duration::from_millis(500))
+                .await?
+                .len();
+            Ok((n > 1_000).then_some(()))
+        })
+        .await?;
+        child.kill().await?; // SIGKILL
+        child.wait().await?;
+        child = spawn(&cfg, "source")?;
+    }
+    writer.await??;
+    let evs = wait_events(&tc.topic("counter"), 10_100, Duration::from_secs(240)).await?;
+    assert_exactly_once(&evs, 100);
+    child.kill().await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn sigterm_during_a_busy_stream_exits_0_and_a_restart_loses_and_repeats_nothing() -> Result<()>
+{
+    let _shared = STACK_LOCK.read().await;
+    let db = counter_table().await?;
+    let mut tc = TestConfig::new(&db, &["counter"]);
+    tc.sink = Some(format!(
+        r#"
+        [sink]
+        group_id = "{name}-sink"
+        [[sink.mappings]]
+        name = "counters"
+        topic = "{topic}"
+        kind = "document"
+        collection = "counters"
+        on_delete = "unset"
+        "#,
+        name = tc.name,
+        topic = tc.topic("counter"),
+    ));
+    let cfg = write_config(&tc, true, None)?;
+    let mut child = spawn(&cfg, "run")?;
+    wait_events(&tc.topic("counter"), 100, T).await?;
+    let writer = tokio::spawn({
+        let db = db.clone();
+        async move { write_counter_updates(&db, 2_000).await }
+    });
+    wait_for("stream busy", T, || async {
+        Ok(
+            (read_topic(&tc.topic("counter"), 100_000, Duration::from_millis(500))
+                .await?
+                .len()
+                > 400)
+                .then_some(()),
+        )
+    })
+    .await?;
+    sigterm(&child)?;
+    let status = tokio::time::timeout(Duration::from_secs(40), child.wait())
+        .await
+        .context("exits within the deadline")??;
+    assert!(status.success(), "graceful shutdown exits 0, got {status}");
+    child = spawn(&cfg, "run")?;
+    writer.await??;
+    let evs = wait_events(&tc.topic("counter"), 2_100, Duration::from_secs(180)).await?;
+    assert_exactly_once(&evs, 20);
+    let mdb = mongo_db(&tc.mongo_db).await?;
+    let coll = mdb.collection::<bson::Document>("counters");
+    wait_for("replica converged", Duration::from_secs(180), || async {
+        use futures::TryStreamExt;
+        let docs: Vec<bson::Document> = coll.find(bson::doc! {}).await?.try_collect().await?;
+        Ok((docs.len() == 100 && docs.iter().all(|d| d.get_i32("n") == Ok(20))).then_some(()))
+    })
+    .await?;
+    sigterm(&child)?;
+    let status = tokio::time::timeout(Duration::from_secs(40), child.wait()).await??;
+    assert!(status.success());
+    Ok(())
+}
