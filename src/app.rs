@@ -88,46 +88,25 @@ pub async fn run(
     let registry = registry(&cfg)?;
     let mut tasks = Vec::new();
     if run_source {
-        let (c, r, s, rd, tx) = (
+        let fut = crate::source::run(
             cfg.clone(),
             registry.clone(),
             shutdown_rx.clone(),
             readiness.clone(),
-            shutdown_tx.clone(),
         );
         tasks.push((
             "source",
-            tokio::spawn(async move {
-                let res = crate::source::run(c, r, s, rd)
-                    .await
-                    .map_err(|e| format!("source ({}): {e}", e.class().as_str()));
-                if res.is_err() {
-                    tx.trigger();
-                }
-                res
-            }),
+            spawn_component("source", fut, shutdown_tx.clone()),
         ));
     }
     if run_sink {
-        let (c, r, s, rd, tx) = (
+        let fut = crate::sink::run(
             cfg.clone(),
             registry.clone(),
             shutdown_rx.clone(),
             readiness.clone(),
-            shutdown_tx.clone(),
         );
-        tasks.push((
-            "sink",
-            tokio::spawn(async move {
-                let res = crate::sink::run(c, r, s, rd)
-                    .await
-                    .map_err(|e| format!("sink ({}): {e}", e.class().as_str()));
-                if res.is_err() {
-                    tx.trigger();
-                }
-                res
-            }),
-        ));
+        tasks.push(("sink", spawn_component("sink", fut, shutdown_tx.clone())));
     }
     let deadline = Duration::from_millis(cfg.shutdown_timeout_ms);
     let mut rx = shutdown_rx.clone();
@@ -162,6 +141,23 @@ pub async fn run(
     } else {
         Err(AppError::Components(errors))
     }
+}
+
+/// Runs one component; its error (rendered with its class) stops the other one too.
+fn spawn_component<E: std::fmt::Display + Classify>(
+    name: &'static str,
+    fut: impl std::future::Future<Output = Result<(), E>> + Send + 'static,
+    shutdown: Arc<ShutdownTx>,
+) -> tokio::task::JoinHandle<Result<(), String>> {
+    tokio::spawn(async move {
+        let res = fut
+            .await
+            .map_err(|e| format!("{name} ({}): {e}", e.class().as_str()));
+        if res.is_err() {
+            shutdown.trigger();
+        }
+        res
+    })
 }
 
 /// Spawns the signal handler: the first SIGTERM/SIGINT asks for a graceful shutdown, a second

@@ -467,3 +467,35 @@ async fn a_purged_position_resnapshots_with_when_needed_and_fails_clearly_with_i
     run.stop().await?;
     Ok(())
 }
+
+#[tokio::test]
+async fn the_checked_in_avro_schemas_are_what_the_seed_tables_produce() -> Result<()> {
+    let _shared = STACK_LOCK.read().await;
+    let db = seed_database().await?;
+    let mut c = admin().await?;
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("avro");
+    for table in ["users", "product"] {
+        let mut schema =
+            ecst::source::table_map::from_information_schema(&mut c, &db, table).await?;
+        // The files describe the seed as deployed: database `test`, connector name `ecst`.
+        schema.db = "test".into();
+        let avro = ecst::events::avro::TableAvro::derive("ecst", &schema)?;
+        for (part, json) in [("key", &avro.key_json), ("value", &avro.value_json)] {
+            let path = dir.join(format!("ecst.test.{table}-{part}.avsc"));
+            let generated: serde_json::Value = serde_json::from_str(json)?;
+            if std::env::var("ECST_WRITE_AVRO").is_ok() {
+                std::fs::write(&path, serde_json::to_string_pretty(&generated)? + "\n")?;
+            }
+            let text = std::fs::read_to_string(&path)
+                .with_context(|| format!("{} (ECST_WRITE_AVRO=1 regenerates)", path.display()))?;
+            let checked_in: serde_json::Value = serde_json::from_str(&text)?;
+            assert_eq!(
+                checked_in,
+                generated,
+                "{} differs from what ecst registers",
+                path.display()
+            );
+        }
+    }
+    Ok(())
+}

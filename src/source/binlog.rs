@@ -132,15 +132,7 @@ pub async fn run_reader(
                             file: file.clone(),
                             pos: r.position(),
                         };
-                        send(
-                            &tx,
-                            SourceMsg::Commit {
-                                position,
-                                gtid: None,
-                                ts_ms: 0,
-                            },
-                        )
-                        .await?;
+                        send(&tx, commit(position, None, 0)).await?;
                     }
                 }
             }
@@ -182,15 +174,7 @@ pub async fn run_reader(
                         file: file.clone(),
                         pos: u64::from(header.log_pos()),
                     };
-                    send(
-                        &tx,
-                        SourceMsg::Commit {
-                            position,
-                            gtid: gtid.take(),
-                            ts_ms: tx_ts_ms,
-                        },
-                    )
-                    .await?;
+                    send(&tx, commit(position, gtid.take(), tx_ts_ms)).await?;
                     in_tx = false;
                     if query != "COMMIT" {
                         // DDL may have changed table shapes; new TABLE_MAPs will follow.
@@ -204,15 +188,7 @@ pub async fn run_reader(
                     file: file.clone(),
                     pos: u64::from(header.log_pos()),
                 };
-                send(
-                    &tx,
-                    SourceMsg::Commit {
-                        position,
-                        gtid: gtid.take(),
-                        ts_ms: tx_ts_ms,
-                    },
-                )
-                .await?;
+                send(&tx, commit(position, gtid.take(), tx_ts_ms)).await?;
             }
             TABLE_MAP_EVENT => {
                 let tme: TableMapEvent<'_> =
@@ -299,6 +275,15 @@ pub async fn run_reader(
 
 fn bits(b: &bitvec::slice::BitSlice<u8>) -> Vec<bool> {
     b.iter().by_vals().collect()
+}
+
+/// A transaction-boundary message.
+fn commit(position: BinlogPosition, gtid: Option<String>, ts_ms: i64) -> SourceMsg {
+    SourceMsg::Commit {
+        position,
+        gtid,
+        ts_ms,
+    }
 }
 
 async fn send(tx: &mpsc::Sender<SourceMsg>, msg: SourceMsg) -> Result<(), SourceError> {

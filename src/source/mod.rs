@@ -300,9 +300,11 @@ pub async fn load_offset(cfg: &Config, topic: &str) -> Result<Option<SourceOffse
         consumer.assign(&tpl).map_err(|e| e.to_string())?;
         let deadline = Instant::now() + Duration::from_secs(30);
         let mut last = None;
+        let mut idle_since = Instant::now();
         loop {
             if let Some(msg) = consumer.poll(Duration::from_millis(200)) {
                 let msg = msg.map_err(|e| e.to_string())?;
+                idle_since = Instant::now();
                 if msg.key() == Some(name.as_bytes())
                     && let Some(payload) = msg.payload()
                 {
@@ -317,7 +319,11 @@ pub async fn load_offset(cfg: &Config, topic: &str) -> Result<Option<SourceOffse
                     .find_partition(&t, 0)
                     .and_then(|p| p.offset().to_raw())
                     .unwrap_or(-1);
-                if at >= high {
+                // The log may end with an aborted transaction and its marker: a read_committed
+                // consumer never delivers them, so its position can stay below the high
+                // watermark. Our own init_transactions already aborted anything still open, so
+                // a fetcher that is running and idle for 2 s has read everything committed.
+                if at >= high || (at >= 0 && idle_since.elapsed() > Duration::from_secs(2)) {
                     break;
                 }
             }
