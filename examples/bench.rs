@@ -155,6 +155,65 @@ async fn wait_offset(
     }
 }
 
+/// Cumulative bucket counts `(le, count)` of a histogram in a Prometheus rendering.
+fn buckets(render: &str, metric: &str) -> Vec<(f64, f64)> {
+    let prefix = format!("{metric}_bucket");
+    render
+        .lines()
+        .filter(|l| l.starts_with(&prefix))
+        .filter_map(|line| {
+            let le = line.split("le=\"").nth(1)?.split('"').next()?;
+            let le: f64 = if le == "+Inf" {
+                f64::INFINITY
+            } else {
+                le.parse().ok()?
+            };
+            Some((le, line.rsplit(' ').next()?.parse().ok()?))
+        })
+        .collect()
+}
+
+/// p50/p99 of the observations between two bucket snapshots (linear within a bucket, as
+/// Prometheus' histogram_quantile does).
+fn delta_quantiles(before: &[(f64, f64)], after: &[(f64, f64)]) -> Option<(f64, f64, u64)> {
+    let delta: Vec<(f64, f64)> = after
+        .iter()
+        .map(|(le, c)| {
+            (
+                *le,
+                c - before
+                    .iter()
+                    .find(|(l, _)| l == le)
+                    .map_or(0.0, |(_, b)| *b),
+            )
+        })
+        .collect();
+    let total = delta.last()?.1;
+    if total <= 0.0 {
+        return None;
+    }
+    let q = |p: f64| {
+        let target = p * total;
+        let mut prev = (0.0, 0.0);
+        for &(le, c) in &delta {
+            if c >= target {
+                if le.is_infinite() {
+                    return prev.0;
+                }
+                let frac = if c > prev.1 {
+                    (target - prev.1) / (c - prev.1)
+                } else {
+                    0.0
+                };
+                return prev.0 + (le - prev.0) * frac;
+            }
+            prev = (le, c);
+        }
+        prev.0
+    };
+    Some((q(0.5), q(0.99), total as u64))
+}
+
 /// p50/p99 from a Prometheus histogram rendering (linear within a bucket, as histogram_quantile).
 fn quantiles(render: &str, metric: &str) -> Option<(f64, f64, u64)> {
     let mut buckets: Vec<(f64, f64)> = Vec::new();
@@ -325,6 +384,7 @@ async fn main() -> Result<()> {
         catch_up.elapsed().as_secs_f64()
     );
     let before = quantiles(&handle.render(), "ecst_pipeline_latency_seconds").map_or(0, |q| q.2);
+    let before_buckets = buckets(&handle.render(), "ecst_pipeline_latency_seconds");
     let t0 = Instant::now();
     let mut tick = tokio::time::interval(Duration::from_secs_f64(1.0 / rate as f64));
     let mut k: u64 = 0;
@@ -350,8 +410,8 @@ async fn main() -> Result<()> {
     let applied_s = gen_s + drain.elapsed().as_secs_f64();
     let render = handle.render();
     run.stop().await?;
-    let (p50, p99, _) =
-        quantiles(&render, "ecst_pipeline_latency_seconds").unwrap_or((0.0, 0.0, 0));
+    let after_buckets = buckets(&render, "ecst_pipeline_latency_seconds");
+    let (p50, p99, _) = delta_quantiles(&before_buckets, &after_buckets).unwrap_or((0.0, 0.0, 0));
     let machine = std::fs::read_to_string("/proc/cpuinfo")
         .ok()
         .and_then(|s| {
