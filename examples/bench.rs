@@ -214,46 +214,9 @@ fn delta_quantiles(before: &[(f64, f64)], after: &[(f64, f64)]) -> Option<(f64, 
     Some((q(0.5), q(0.99), total as u64))
 }
 
-/// p50/p99 from a Prometheus histogram rendering (linear within a bucket, as histogram_quantile).
+/// p50/p99 and count of everything a histogram recorded so far.
 fn quantiles(render: &str, metric: &str) -> Option<(f64, f64, u64)> {
-    let mut buckets: Vec<(f64, f64)> = Vec::new();
-    for line in render
-        .lines()
-        .filter(|l| l.starts_with(&format!("{metric}_bucket")))
-    {
-        let le = line.split("le=\"").nth(1)?.split('"').next()?;
-        let le: f64 = if le == "+Inf" {
-            f64::INFINITY
-        } else {
-            le.parse().ok()?
-        };
-        let count: f64 = line.rsplit(' ').next()?.parse().ok()?;
-        buckets.push((le, count));
-    }
-    let total = buckets.last()?.1;
-    if total == 0.0 {
-        return None;
-    }
-    let q = |p: f64| {
-        let target = p * total;
-        let mut prev = (0.0, 0.0);
-        for &(le, c) in &buckets {
-            if c >= target {
-                if le.is_infinite() {
-                    return prev.0;
-                }
-                let frac = if c > prev.1 {
-                    (target - prev.1) / (c - prev.1)
-                } else {
-                    0.0
-                };
-                return prev.0 + (le - prev.0) * frac;
-            }
-            prev = (le, c);
-        }
-        prev.0
-    };
-    Some((q(0.5), q(0.99), total as u64))
+    delta_quantiles(&[], &buckets(render, metric))
 }
 
 #[tokio::main]
