@@ -17,6 +17,10 @@ use ecst::app::Components;
 use ecst::config::Config;
 use mysql_async::prelude::Queryable;
 
+/// The same allocator as the `ecst` binary, so the figures are the binary's.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn env_or(k: &str, d: &str) -> String {
     std::env::var(k).unwrap_or_else(|_| d.to_string())
 }
@@ -76,6 +80,7 @@ fn config(name: &str, db: &str, table: &str, mongo_db: &str, sink: bool) -> Resu
         [source]
         tables = ["{db}.{table}"]
         snapshot_chunk_size = 20000
+        commit_interval_ms = {commit}
         [kafka]
         bootstrap_servers = "{kafka}"
         [schema_registry]
@@ -97,6 +102,7 @@ fn config(name: &str, db: &str, table: &str, mongo_db: &str, sink: bool) -> Resu
             "http://127.0.0.1:18081/apis/ccompat/v7"
         ),
         mongo = env_or("ECST_MONGO_URI", "mongodb://127.0.0.1:27117/"),
+        commit = env_or("ECST_BENCH_COMMIT_INTERVAL_MS", "100"),
     );
     if sink {
         s.push_str(&format!(

@@ -167,7 +167,8 @@ pub struct SourceConfig {
     /// Write a tombstone (null value) after each delete. Default true.
     #[serde(default = "default_true")]
     pub tombstones_on_delete: bool,
-    /// Kafka transaction commit interval (ms). Default 100.
+    /// Kafka transaction commit interval (ms). Default 100. Under full load a transaction stays
+    /// open up to 9× the last commit's duration (at most 10 intervals) so commits cost ≤ 10%.
     #[serde(default = "default_commit_interval_ms")]
     pub commit_interval_ms: u64,
     /// Partitions of topics ecst creates. Default 1.

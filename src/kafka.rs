@@ -31,12 +31,19 @@ pub enum KafkaClientError {
     /// Any other broker error.
     #[error("kafka: {0}")]
     Broker(#[from] KafkaError),
+    /// The client hit a fatal error (e.g. its transactional id was fenced by a newer instance);
+    /// `reason` is librdkafka's account of the first fatal error.
+    #[error("kafka producer stopped by a fatal error: {reason}")]
+    Fatal {
+        /// librdkafka's description of the underlying error.
+        reason: String,
+    },
 }
 
 impl Classify for KafkaClientError {
     fn class(&self) -> ErrorClass {
         match self {
-            KafkaClientError::Config(_) => ErrorClass::Definite,
+            KafkaClientError::Config(_) | KafkaClientError::Fatal { .. } => ErrorClass::Definite,
             KafkaClientError::CreateTopic { source, .. } | KafkaClientError::Broker(source) => {
                 kafka_error_class(source)
             }

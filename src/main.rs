@@ -8,6 +8,11 @@ use clap::{Parser, Subcommand};
 use ecst::app::{self, Components};
 use ecst::config::{Config, LogFormat};
 
+/// mimalloc instead of glibc malloc: rows are decoded on the reader task and freed on the
+/// producer task, a cross-thread pattern that glibc's arenas handle poorly (see BENCHMARKS.md).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// Event-Carried State Transfer sidecar: MySQL/MariaDB binlog → Avro/Kafka → copies in MongoDB.
 #[derive(Parser)]
 #[command(name = "ecst", version, about, long_about = None)]

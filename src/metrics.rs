@@ -55,6 +55,8 @@ pub const END_TO_END_LATENCY: &str = "ecst_end_to_end_latency_seconds";
 /// Histogram (seconds): ecst read the change from the binlog → MongoDB acknowledged
 /// (millisecond precision; MariaDB stamps commits in whole seconds only).
 pub const PIPELINE_LATENCY: &str = "ecst_pipeline_latency_seconds";
+/// Histogram (seconds): duration of one source Kafka transaction commit (flush + end marker).
+pub const SOURCE_COMMIT_SECONDS: &str = "ecst_source_commit_seconds";
 /// Histogram (seconds): duration of one sink batch write to MongoDB.
 pub const SINK_BATCH_SECONDS: &str = "ecst_sink_batch_write_seconds";
 
@@ -126,6 +128,11 @@ pub fn install() -> Result<PrometheusHandle, String> {
         END_TO_END_LATENCY,
         Unit::Seconds,
         "MySQL commit to MongoDB applied"
+    );
+    describe_histogram!(
+        SOURCE_COMMIT_SECONDS,
+        Unit::Seconds,
+        "Source Kafka transaction commit duration"
     );
     describe_histogram!(
         SINK_BATCH_SECONDS,

@@ -214,9 +214,9 @@ pub struct SourceInfo {
     /// Server id of the writing server (0 during the snapshot).
     pub server_id: u32,
     /// GTID of the transaction, if known (`0-1-42` on MariaDB).
-    pub gtid: Option<String>,
+    pub gtid: Option<Arc<str>>,
     /// Binlog file name.
-    pub file: String,
+    pub file: Arc<str>,
     /// Binlog position (end of the rows event; snapshot: the consistent position).
     pub pos: u64,
     /// Row index inside the rows event.

@@ -242,14 +242,17 @@ pub async fn run_reader(
                     }
                 };
                 let read_ts_ms = crate::events::now_ms();
+                let ev_file: Arc<str> = Arc::from(file.as_str());
+                let ev_gtid: Option<Arc<str>> = gtid.as_deref().map(Arc::from);
                 let decoded = decode_rows(
                     &table,
                     rows.rows_data(),
                     before.as_deref(),
                     after.as_deref(),
                 )?;
+                let mut batch = Vec::with_capacity(decoded.len());
                 for (row, (b, a)) in decoded.into_iter().enumerate() {
-                    let ev = ChangeEvent {
+                    batch.push(ChangeEvent {
                         schema: table.schema.clone(),
                         op,
                         before: b,
@@ -258,15 +261,16 @@ pub async fn run_reader(
                             ts_ms: tx_ts_ms,
                             snapshot: "false",
                             server_id: header.server_id(),
-                            gtid: gtid.clone(),
-                            file: file.clone(),
+                            gtid: ev_gtid.clone(),
+                            file: ev_file.clone(),
                             pos: u64::from(header.log_pos()),
                             row: row as u32,
                             read_ts_ms,
                         },
-                    };
-                    send(&tx, SourceMsg::Change(ev)).await?;
+                    });
                 }
+                // One message per rows event: the channel costs per message, not per row.
+                send(&tx, SourceMsg::Changes(batch)).await?;
             }
             _ => {}
         }

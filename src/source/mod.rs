@@ -39,7 +39,7 @@ use mysql_async::prelude::Queryable;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, OwnedHeaders};
-use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
 use rdkafka::{Message, Offset, TopicPartitionList};
 use tokio::sync::mpsc;
 
@@ -51,9 +51,7 @@ use crate::events::{
     ChangeEvent, HEADER_NEW_KEY, HEADER_OLD_KEY, HEADER_READ_TS, HEADER_SOURCE_TS, Op, TableSchema,
     key_json,
 };
-use crate::kafka::{
-    KafkaClientError, MAX_MESSAGE_BYTES, TopicSpec, client_config, ensure_topics, kafka_error_class,
-};
+use crate::kafka::{KafkaClientError, MAX_MESSAGE_BYTES, TopicSpec, client_config, ensure_topics};
 use crate::metrics::{self as m, Readiness};
 use crate::offsets::{BinlogPosition, SourceOffset};
 use crate::shutdown::ShutdownRx;
@@ -233,8 +231,8 @@ impl Classify for SourceError {
 /// What the reader hands to the producer loop.
 #[derive(Debug)]
 pub enum SourceMsg {
-    /// One row change.
-    Change(ChangeEvent),
+    /// Row changes in source order (one rows event, or one snapshot chunk).
+    Changes(Vec<ChangeEvent>),
     /// A source transaction boundary: everything before it is complete.
     Commit {
         /// Resume position after this transaction.
@@ -397,10 +395,15 @@ fn timing_headers(ev: &ChangeEvent) -> OwnedHeaders {
         })
 }
 
+/// The transactional producer. Per-record delivery reports are not awaited (no future or
+/// channel per record): librdkafka fails `commit_transaction` if any record of the transaction
+/// failed, which is where the source learns of it and re-reads the whole transaction.
+type TxProducer = Arc<ThreadedProducer<DefaultProducerContext>>;
+
 /// The producer side: encodes, registers schemas, produces in Kafka transactions.
 struct Publisher {
     cfg: Arc<Config>,
-    producer: FutureProducer,
+    producer: TxProducer,
     registry: Registry,
     states: HashMap<usize, (Arc<TableSchema>, Arc<TableState>)>,
     last_shapes: HashMap<String, Arc<TableSchema>>,
@@ -409,6 +412,8 @@ struct Publisher {
     val_buf: Vec<u8>,
     datum: Vec<u8>,
     events_since_commit: u64,
+    /// How long the last commit took (it sizes the next transaction, see [`pump`]).
+    last_commit_took: Duration,
     /// Events per topic since the last commit (metrics are emitted per commit, not per row).
     counts: HashMap<String, u64>,
 }
@@ -466,7 +471,9 @@ impl Publisher {
 
     fn begin(&mut self) -> Result<(), SourceError> {
         if !self.open {
-            self.producer.begin_transaction()?;
+            self.producer
+                .begin_transaction()
+                .map_err(|e| self.explain(e))?;
             self.open = true;
         }
         Ok(())
@@ -480,20 +487,30 @@ impl Publisher {
         payload: Option<&[u8]>,
         headers: OwnedHeaders,
     ) -> Result<(), SourceError> {
-        let mut record = FutureRecord::to(topic).key(key).headers(headers);
+        let mut record = BaseRecord::to(topic).key(key).headers(headers);
         if let Some(p) = payload {
             record = record.payload(p);
         }
         loop {
-            match self.producer.send_result(record) {
+            match self.producer.send(record) {
                 // Delivery failures surface at commit_transaction, which then fails as a whole.
-                Ok(_delivery) => return Ok(()),
+                Ok(()) => return Ok(()),
                 Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), r)) => {
                     record = r;
                     tokio::time::sleep(Duration::from_millis(2)).await;
                 }
-                Err((e, _)) => return Err(e.into()),
+                Err((e, _)) => return Err(self.explain(e)),
             }
+        }
+    }
+
+    /// Replaces librdkafka's bare "Fatal error" by the fatal error it stands for (fencing, …).
+    fn explain(&self, e: KafkaError) -> SourceError {
+        let fatal = e.rdkafka_error_code() == Some(RDKafkaErrorCode::Fatal)
+            || matches!(&e, KafkaError::Transaction(t) if t.is_fatal());
+        match self.producer.client().fatal_error() {
+            Some((_, reason)) if fatal => SourceError::Kafka(KafkaClientError::Fatal { reason }),
+            _ => e.into(),
         }
     }
 
@@ -588,9 +605,13 @@ impl Publisher {
         )
         .await?;
         let p = self.producer.clone();
+        let started = Instant::now();
         tokio::task::spawn_blocking(move || p.commit_transaction(Duration::from_secs(60)))
             .await
-            .map_err(|e| SourceError::Task(e.to_string()))??;
+            .map_err(|e| SourceError::Task(e.to_string()))?
+            .map_err(|e| self.explain(e))?;
+        self.last_commit_took = started.elapsed();
+        metrics::histogram!(m::SOURCE_COMMIT_SECONDS).record(self.last_commit_took.as_secs_f64());
         self.open = false;
         self.events_since_commit = 0;
         metrics::counter!(m::SOURCE_TRANSACTIONS_TOTAL).increment(1);
@@ -621,7 +642,7 @@ impl Publisher {
 }
 
 /// Creates the transactional producer and fences older instances with the same name.
-async fn transactional_producer(cfg: &Config) -> Result<FutureProducer, SourceError> {
+async fn transactional_producer(cfg: &Config) -> Result<TxProducer, SourceError> {
     let mut cc = client_config(&cfg.kafka);
     cc.set("transactional.id", format!("ecst-source-{}", cfg.name))
         .set("enable.idempotence", "true")
@@ -631,9 +652,10 @@ async fn transactional_producer(cfg: &Config) -> Result<FutureProducer, SourceEr
         .set("compression.type", "lz4")
         .set("transaction.timeout.ms", "300000")
         .set("queue.buffering.max.kbytes", "262144");
-    let producer: FutureProducer = cc
-        .create()
-        .map_err(|e| SourceError::Kafka(KafkaClientError::Config(e)))?;
+    let producer: TxProducer = Arc::new(
+        cc.create()
+            .map_err(|e| SourceError::Kafka(KafkaClientError::Config(e)))?,
+    );
     let p = producer.clone();
     tokio::task::spawn_blocking(move || p.init_transactions(Duration::from_secs(30)))
         .await
@@ -692,10 +714,14 @@ pub async fn run(
                 }
             }
             Err(e) => {
-                if let SourceError::Kafka(k) = &e
-                    && matches!(k, KafkaClientError::Broker(ke) if ke.rdkafka_error_code() == Some(RDKafkaErrorCode::ProducerFenced) || kafka_error_class(ke) == ErrorClass::Definite)
-                {
-                    tracing::error!(error = %e, "source stopped: another instance with the same name took over (fenced) or kafka refused");
+                if let SourceError::Kafka(k) = &e {
+                    let fenced = e.to_string().to_lowercase().contains("fenced")
+                        || matches!(k, KafkaClientError::Broker(ke) if ke.rdkafka_error_code() == Some(RDKafkaErrorCode::ProducerFenced));
+                    if fenced {
+                        tracing::error!(error = %e, "source stopped: another instance with the same name took over (fenced)");
+                    } else {
+                        tracing::error!(error = %e, "source stopped: kafka refused definitively");
+                    }
                 }
                 return Err(e);
             }
@@ -743,6 +769,7 @@ async fn session(
             val_buf: Vec::new(),
             datum: Vec::new(),
             events_since_commit: 0,
+            last_commit_took: Duration::ZERO,
             counts: HashMap::new(),
         });
         // The producer's init_transactions aborted any transaction a previous incarnation left
@@ -850,6 +877,14 @@ async fn session(
     }
 }
 
+/// How long a busy transaction stays open: at least `interval`, and long enough that the
+/// commit (which stalls producing until every record is acknowledged) takes at most a tenth of
+/// the time, capped at ten intervals. Idle or light traffic keeps `interval` (low latency);
+/// a full-speed catch-up gets larger transactions (throughput).
+fn busy_interval(interval: Duration, last_commit_took: Duration) -> Duration {
+    interval.max((last_commit_took * 9).min(interval * 10))
+}
+
 /// The producer loop of one session.
 async fn pump(
     src: &SourceConfig,
@@ -890,9 +925,11 @@ async fn pump(
             },
         };
         match msg {
-            Some(SourceMsg::Change(ev)) => {
+            Some(SourceMsg::Changes(evs)) => {
                 at_boundary = false;
-                publisher.publish(ev).await?;
+                for ev in evs {
+                    publisher.publish(ev).await?;
+                }
             }
             Some(SourceMsg::Commit {
                 position,
@@ -934,7 +971,7 @@ async fn pump(
             continue;
         }
         let due = if publisher.open {
-            last_commit.elapsed() >= interval
+            last_commit.elapsed() >= busy_interval(interval, publisher.last_commit_took)
         } else {
             last_commit.elapsed() >= idle_interval
         };

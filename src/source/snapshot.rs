@@ -77,6 +77,7 @@ pub async fn run_snapshot(
     tracing::info!(%position, tables = tables.len(), "snapshot started");
     metrics::gauge!(m::SNAPSHOT_RUNNING).set(1.0);
     let ts_ms = crate::events::now_ms();
+    let file: std::sync::Arc<str> = std::sync::Arc::from(position.file.as_str());
     let mut schemas = Vec::new();
     for qn in tables {
         let (db, table) = qn.split_once('.').unwrap_or(("", qn));
@@ -103,9 +104,10 @@ pub async fn run_snapshot(
         loop {
             let rows = read_chunk(&mut conn, schema, last_key.as_deref(), chunk_size).await?;
             let n = rows.len();
+            let mut batch = Vec::with_capacity(n);
             for row in rows {
                 if let Some(ev) = pending.take() {
-                    send(tx, SourceMsg::Change(ev)).await?;
+                    batch.push(ev);
                 }
                 last_key = Some(schema.key_of(&row));
                 pending = Some(ChangeEvent {
@@ -118,12 +120,15 @@ pub async fn run_snapshot(
                         snapshot: "true",
                         server_id: 0,
                         gtid: None,
-                        file: position.file.clone(),
+                        file: file.clone(),
                         pos: position.pos,
                         row: 0,
                         read_ts_ms: ts_ms,
                     },
                 });
+            }
+            if !batch.is_empty() {
+                send(tx, SourceMsg::Changes(batch)).await?;
             }
             done += n as u64;
             metrics::gauge!(m::SNAPSHOT_ROWS_DONE, m::TABLE_LABEL => qn.clone()).set(done as f64);
@@ -143,7 +148,7 @@ pub async fn run_snapshot(
             if ti == last_table {
                 ev.source.snapshot = "last";
             }
-            send(tx, SourceMsg::Change(ev)).await?;
+            send(tx, SourceMsg::Changes(vec![ev])).await?;
         }
         tracing::info!(table = %qn, rows = done, "snapshot of table finished");
     }
