@@ -9,6 +9,10 @@
 //! [`SourceOffset`] is what the source stores, as JSON, in its offsets topic *in the same Kafka
 //! transaction* as the events it covers. It only ever moves forward.
 //!
+//! While a snapshot runs (and while the stream replays the binlog stretch it spans after a
+//! resumed snapshot), the offset also carries [`SnapshotSegment`]s: which rows were read at
+//! which consistent position (see `source::window`).
+//!
 //! [`version_of`] turns `(file, pos, row)` into a fixed-width string whose lexicographic order is
 //! the binlog order: the sink stores it beside each copy and only overwrites older versions.
 
@@ -17,6 +21,8 @@ use std::fmt;
 use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
+
+use crate::events::Value;
 
 /// A position in one server's binlog.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -87,8 +93,20 @@ impl FromStr for BinlogPosition {
     }
 }
 
+/// One stretch of a snapshot read at one consistent position: the rows after the previous
+/// segment's boundary, up to and including this one's, were read at `at`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SnapshotSegment {
+    /// The consistent binlog position these rows were read at.
+    pub at: BinlogPosition,
+    /// Tables (in [`SourceOffset::tables`] order) read completely up to this boundary.
+    pub tables_done: usize,
+    /// Inside table number `tables_done`: the last primary key read (`None`: none of it).
+    pub last_key: Option<Vec<Value>>,
+}
+
 /// What the source stores in its offsets topic.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct SourceOffset {
     /// Resume position (a transaction boundary).
     pub position: BinlogPosition,
@@ -97,9 +115,14 @@ pub struct SourceOffset {
     /// Whether the initial snapshot finished. A stored offset with `false` means a snapshot was
     /// interrupted: it is redone.
     pub snapshot_completed: bool,
-    /// Tables covered by the snapshot (a newly added table is snapshotted on its own).
+    /// Tables covered by the snapshot, in the order they are read.
     #[serde(default)]
     pub tables: Vec<String>,
+    /// Snapshot progress: while `snapshot_completed` is false, what has been read so far (a
+    /// restart resumes after the last boundary); once completed, present only while the stream
+    /// still replays the binlog stretch that a resumed snapshot spanned.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub snapshot_segments: Vec<SnapshotSegment>,
 }
 
 impl SourceOffset {
@@ -159,9 +182,19 @@ mod tests {
                 pos: 42,
             },
             gtid: Some("0-1-5".into()),
-            snapshot_completed: true,
+            snapshot_completed: false,
             tables: vec!["test.users".into()],
+            snapshot_segments: vec![SnapshotSegment {
+                at: "f.000001:42".parse().expect("parses"),
+                tables_done: 0,
+                last_key: Some(vec![Value::Long(7), Value::Bytes(vec![1, 2])]),
+            }],
         };
-        assert_eq!(SourceOffset::from_bytes(&o.to_bytes()), Ok(o));
+        assert_eq!(SourceOffset::from_bytes(&o.to_bytes()), Ok(o.clone()));
+        // Offsets written before segments existed still read.
+        let old =
+            br#"{"position":{"file":"f.000001","pos":4},"gtid":null,"snapshot_completed":true}"#;
+        let old = SourceOffset::from_bytes(old).expect("old offset parses");
+        assert!(old.snapshot_segments.is_empty() && old.tables.is_empty());
     }
 }

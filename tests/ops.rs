@@ -309,3 +309,165 @@ async fn sigterm_during_a_busy_stream_exits_0_and_a_restart_loses_and_repeats_no
     assert!(status.success());
     Ok(())
 }
+
+/// The last committed source offset of `tc`'s source.
+async fn committed_offset(tc: &TestConfig) -> Result<Option<ecst::offsets::SourceOffset>> {
+    let cfg = tc.config(true)?;
+    Ok(ecst::source::load_offset(&cfg, &cfg.offsets_topic()).await?)
+}
+
+fn key_id(e: &ecst::sink::decode::DecodedEvent) -> i32 {
+    e.key.get_i32("id").unwrap_or(-1)
+}
+
+#[tokio::test]
+async fn a_snapshot_killed_mid_table_resumes_after_its_last_committed_chunk_exactly_once()
+-> Result<()> {
+    let _shared = STACK_LOCK.read().await;
+    const ROWS: i32 = 40_000;
+    let db = unique("resume");
+    sql(format!("CREATE DATABASE `{db}`")).await?;
+    for t in ["big", "small"] {
+        sql(format!(
+            "CREATE TABLE `{db}`.{t} (id INT PRIMARY KEY, n INT NOT NULL)"
+        ))
+        .await?;
+    }
+    sql(format!(
+        "INSERT INTO `{db}`.big SELECT seq, 0 FROM `{db}`.seq_1_to_{ROWS}"
+    ))
+    .await?;
+    sql(format!(
+        "INSERT INTO `{db}`.small SELECT seq, 0 FROM `{db}`.seq_1_to_10"
+    ))
+    .await?;
+    let mut tc = TestConfig::new(&db, &["big", "small"]);
+    tc.extra_source = "snapshot_chunk_size = 100".into();
+    let cfg = write_config(&tc, true, None)?;
+    let mut child = spawn(&cfg, "source")?;
+    // Kill -9 once a chunk past key 1000 is committed, well before the table's end.
+    wait_for_every(
+        "a committed snapshot chunk past key 1000",
+        T,
+        Duration::from_millis(20),
+        || async {
+            let o = committed_offset(&tc).await?;
+            Ok(o.and_then(|o| o.snapshot_segments.last()?.last_key.clone())
+                .and_then(|k| match k.first() {
+                    Some(ecst::events::Value::Int(id)) if *id >= 1000 => Some(()),
+                    _ => None,
+                }))
+        },
+    )
+    .await?;
+    child.kill().await?;
+    child.wait().await?;
+    let o = committed_offset(&tc)
+        .await?
+        .context("an offset is stored")?;
+    assert!(!o.snapshot_completed, "killed mid-snapshot: {o:?}");
+    let Some(ecst::events::Value::Int(checkpoint)) = o
+        .snapshot_segments
+        .last()
+        .and_then(|s| s.last_key.as_ref()?.first().cloned())
+    else {
+        anyhow::bail!("killed mid-table: {o:?}");
+    };
+    assert!(
+        (1000..ROWS - 100).contains(&checkpoint),
+        "checkpoint {checkpoint} is mid-table"
+    );
+    // Changes while ecst is down, on both sides of the checkpoint and in the unread table.
+    sql(format!(
+        "UPDATE `{db}`.big SET n = 1 WHERE id <= 10 OR id > {}",
+        ROWS - 10
+    ))
+    .await?;
+    sql(format!(
+        "DELETE FROM `{db}`.big WHERE id = 5 OR id = {}",
+        ROWS - 20
+    ))
+    .await?;
+    sql(format!("INSERT INTO `{db}`.big VALUES ({}, 7)", ROWS + 1)).await?;
+    sql(format!("UPDATE `{db}`.small SET n = 1 WHERE id = 1")).await?;
+    child = spawn(&cfg, "source")?;
+    wait_for("the resumed snapshot to complete", T, || async {
+        Ok(committed_offset(&tc)
+            .await?
+            .filter(|o| o.snapshot_completed)
+            .map(|_| ()))
+    })
+    .await?;
+    // A change after the resumed snapshot: the stream goes on, and the window closes.
+    sql(format!("UPDATE `{db}`.big SET n = 2 WHERE id = 1")).await?;
+    sql(format!("UPDATE `{db}`.small SET n = 2 WHERE id = 2")).await?;
+    wait_for("the stream to pass the resumed stretch", T, || async {
+        Ok(committed_offset(&tc)
+            .await?
+            .filter(|o| o.snapshot_completed && o.snapshot_segments.is_empty())
+            .map(|_| ()))
+    })
+    .await?;
+    let small = wait_events(&tc.topic("small"), 11, T).await?;
+    let big = wait_events(
+        &tc.topic("big"),
+        ROWS as usize + 12,
+        Duration::from_secs(180),
+    )
+    .await?;
+    child.kill().await?;
+
+    // No row read twice.
+    let mut reads = std::collections::HashSet::new();
+    for e in big.iter().filter(|e| e.op == Op::Read) {
+        assert!(reads.insert(key_id(e)), "row {} read twice", key_id(e));
+    }
+    // Rows read before the crash got the changes made while ecst was down, exactly once;
+    // rows read after it show them in their snapshot row and got no event for them.
+    let updates_of = |id: i32| {
+        big.iter()
+            .filter(|e| e.op == Op::Update && key_id(e) == id)
+            .count()
+    };
+    assert_eq!(
+        updates_of(1),
+        2,
+        "row 1: the update while down and the final one"
+    );
+    assert_eq!(
+        updates_of(2),
+        1,
+        "row 2: read before the crash, updated while down"
+    );
+    assert_eq!(updates_of(ROWS), 0, "row {ROWS}: read after the restart");
+    assert!(
+        small
+            .iter()
+            .all(|e| !(e.op == Op::Update && key_id(e) == 1))
+    );
+    // Replaying the topics gives exactly the tables.
+    for (table, evs) in [("big", &big), ("small", &small)] {
+        let mut state = std::collections::BTreeMap::new();
+        for e in evs.iter() {
+            match (&e.after, e.op) {
+                (Some(a), _) if e.op != Op::Delete => {
+                    state.insert(key_id(e), a.get_i32("n")?);
+                }
+                _ => {
+                    state.remove(&key_id(e));
+                }
+            }
+        }
+        let mut c = admin().await?;
+        let rows: Vec<(i32, i32)> = c
+            .query(format!("SELECT id, n FROM `{db}`.{table} ORDER BY id"))
+            .await?;
+        let expected: std::collections::BTreeMap<i32, i32> = rows.into_iter().collect();
+        assert_eq!(state.len(), expected.len(), "{table}: row count");
+        assert!(
+            state == expected,
+            "{table}: replayed topic equals the table"
+        );
+    }
+    Ok(())
+}

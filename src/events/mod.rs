@@ -110,8 +110,9 @@ impl TableSchema {
     }
 }
 
-/// A decoded column value. Integers are already widened to their Avro type.
-#[derive(Debug, Clone, PartialEq)]
+/// A decoded column value. Integers are already widened to their Avro type. Serializable
+/// because snapshot progress stores the last key read in the offsets topic.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub enum Value {
     /// SQL NULL.
     Null,

@@ -28,6 +28,7 @@ use tokio::sync::mpsc;
 
 use super::decode::decode_rows;
 use super::table_map::{BinlogTable, from_table_map};
+use super::window::Window;
 use super::{SourceError, SourceMsg, connect};
 use crate::config::MysqlConfig;
 use crate::events::{ChangeEvent, Op, SourceInfo};
@@ -57,6 +58,7 @@ pub async fn run_reader(
     cfg: MysqlConfig,
     tables: HashSet<String>,
     start: BinlogPosition,
+    mut window: Option<Window>,
     tx: mpsc::Sender<SourceMsg>,
     mut shutdown: ShutdownRx,
 ) -> Result<(), SourceError> {
@@ -250,9 +252,17 @@ pub async fn run_reader(
                     before.as_deref(),
                     after.as_deref(),
                 )?;
+                let at = BinlogPosition {
+                    file: file.clone(),
+                    pos: u64::from(header.log_pos()),
+                };
+                if window.as_ref().is_some_and(|w| w.passed(&at)) {
+                    tracing::info!(position = %at, "stream passed the resumed snapshot's stretch");
+                    window = None;
+                }
                 let mut batch = Vec::with_capacity(decoded.len());
                 for (row, (b, a)) in decoded.into_iter().enumerate() {
-                    batch.push(ChangeEvent {
+                    let ev = ChangeEvent {
                         schema: table.schema.clone(),
                         op,
                         before: b,
@@ -267,7 +277,15 @@ pub async fn run_reader(
                             row: row as u32,
                             read_ts_ms,
                         },
-                    });
+                    };
+                    let ev = match &window {
+                        Some(w) => w.filter(ev, &at),
+                        None => Some(ev),
+                    };
+                    batch.extend(ev);
+                }
+                if batch.is_empty() {
+                    continue;
                 }
                 // One message per rows event: the channel costs per message, not per row.
                 send(&tx, SourceMsg::Changes(batch)).await?;

@@ -29,6 +29,7 @@ pub mod decode;
 pub mod preflight;
 pub mod snapshot;
 pub mod table_map;
+pub mod window;
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -53,8 +54,9 @@ use crate::events::{
 };
 use crate::kafka::{KafkaClientError, MAX_MESSAGE_BYTES, TopicSpec, client_config, ensure_topics};
 use crate::metrics::{self as m, Readiness};
-use crate::offsets::{BinlogPosition, SourceOffset};
+use crate::offsets::{BinlogPosition, SnapshotSegment, SourceOffset};
 use crate::shutdown::ShutdownRx;
+use window::Window;
 
 /// Errors of the source half.
 #[derive(Debug, thiserror::Error)]
@@ -242,10 +244,12 @@ pub enum SourceMsg {
         /// Its commit time (ms), 0 if unknown.
         ts_ms: i64,
     },
-    /// The snapshot finished; streaming starts at `position`.
+    /// A snapshot chunk boundary: everything sent before it is covered by these segments.
+    SnapshotProgress(Vec<SnapshotSegment>),
+    /// The snapshot finished; streaming starts at the first segment's position.
     SnapshotDone {
-        /// The snapshot's consistent position.
-        position: BinlogPosition,
+        /// Every segment of the snapshot (more than one if it was resumed).
+        segments: Vec<SnapshotSegment>,
     },
 }
 
@@ -781,8 +785,22 @@ async fn session(
     };
 
     let stored = committed.clone().filter(|o| o.snapshot_completed);
-    let checks =
-        preflight::check_mysql(mysql, &src.tables, stored.as_ref().map(|o| &o.position)).await?;
+    // An interrupted snapshot of the same tables resumes after its last committed chunk
+    // (`snapshot_mode = always` starts over on each process start, as documented).
+    let mut resume: Vec<SnapshotSegment> = committed
+        .as_ref()
+        .filter(|o| {
+            !o.snapshot_completed
+                && o.tables == src.tables
+                && !(first && src.snapshot_mode == SnapshotMode::Always)
+        })
+        .map(|o| o.snapshot_segments.clone())
+        .unwrap_or_default();
+    let needed_position = stored
+        .as_ref()
+        .map(|o| &o.position)
+        .or_else(|| resume.first().map(|s| &s.at));
+    let checks = preflight::check_mysql(mysql, &src.tables, needed_position).await?;
     let purged = checks
         .iter()
         .any(|c| c.name == "mysql resume position" && !c.ok);
@@ -799,6 +817,12 @@ async fn session(
         (_, None) => true,
         (_, Some(_)) => false,
     };
+    if purged && !resume.is_empty() {
+        tracing::warn!(
+            "the interrupted snapshot's start position was purged from the server, snapshotting from the start"
+        );
+        resume.clear();
+    }
     if purged && !need_snapshot {
         match (src.snapshot_mode, &stored) {
             (SnapshotMode::WhenNeeded, _) => {
@@ -834,23 +858,32 @@ async fn session(
     let tables: Vec<String> = src.tables.clone();
     let chunk = src.snapshot_chunk_size;
     let reader_shutdown = shutdown.clone();
+    // Streaming inside the stretch a resumed snapshot spanned keeps filtering after a restart.
+    let stored_window = stored
+        .as_ref()
+        .and_then(|o| Window::new(&o.snapshot_segments, &o.tables));
     let reader = tokio::spawn(async move {
-        let start = match start {
-            Some(p) => p,
+        let (start, window) = match start {
+            Some(p) => (p, stored_window),
             None => {
-                let position = snapshot::run_snapshot(&reader_cfg, &tables, chunk, &tx).await?;
-                tx.send(SourceMsg::SnapshotDone {
-                    position: position.clone(),
-                })
-                .await
-                .map_err(|_| SourceError::ChannelClosed)?;
-                position
+                let segments =
+                    snapshot::run_snapshot(&reader_cfg, &tables, chunk, &tx, resume).await?;
+                let start = segments
+                    .first()
+                    .map(|s| s.at.clone())
+                    .ok_or(SourceError::NoBinlogPosition)?;
+                let window = Window::new(&segments, &tables);
+                tx.send(SourceMsg::SnapshotDone { segments })
+                    .await
+                    .map_err(|_| SourceError::ChannelClosed)?;
+                (start, window)
             }
         };
         binlog::run_reader(
             reader_cfg,
             tables.into_iter().collect::<HashSet<_>>(),
             start,
+            window,
             tx,
             reader_shutdown,
         )
@@ -904,6 +937,11 @@ async fn pump(
     let mut pending: Option<SourceOffset> = None;
     let mut last_ts_ms: i64 = 0;
     let tables = src.tables.clone();
+    // While the stream replays a resumed snapshot's stretch, offsets keep its segments.
+    let mut window = committed
+        .as_ref()
+        .filter(|o| o.snapshot_completed)
+        .and_then(|o| Window::new(&o.snapshot_segments, &o.tables));
     readiness.source_ready.store(true, Ordering::Relaxed);
     loop {
         let msg = tokio::select! {
@@ -941,22 +979,49 @@ async fn pump(
                     last_ts_ms = ts_ms;
                 }
                 if snapshot_done {
+                    if window.as_ref().is_some_and(|w| w.passed(&position)) {
+                        window = None;
+                    }
                     pending = Some(SourceOffset {
                         position,
                         gtid,
                         snapshot_completed: true,
                         tables: tables.clone(),
+                        snapshot_segments: window
+                            .as_ref()
+                            .map(|w| w.segments().to_vec())
+                            .unwrap_or_default(),
                     });
                 }
             }
-            Some(SourceMsg::SnapshotDone { position }) => {
+            Some(SourceMsg::SnapshotProgress(segments)) => {
+                at_boundary = true;
+                if let Some(first) = segments.first() {
+                    pending = Some(SourceOffset {
+                        position: first.at.clone(),
+                        gtid: None,
+                        snapshot_completed: false,
+                        tables: tables.clone(),
+                        snapshot_segments: segments,
+                    });
+                }
+            }
+            Some(SourceMsg::SnapshotDone { segments }) => {
                 at_boundary = true;
                 snapshot_done = true;
+                window = Window::new(&segments, &tables);
+                let Some(first) = segments.first() else {
+                    return Err(SourceError::NoBinlogPosition);
+                };
                 pending = Some(SourceOffset {
-                    position,
+                    position: first.at.clone(),
                     gtid: None,
                     snapshot_completed: true,
                     tables: tables.clone(),
+                    snapshot_segments: window
+                        .as_ref()
+                        .map(|w| w.segments().to_vec())
+                        .unwrap_or_default(),
                 });
                 // The end of a snapshot is committed at once.
                 if let Some(o) = pending.take() {

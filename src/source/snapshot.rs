@@ -14,9 +14,11 @@
 //! the final row) and the snapshot position as their version, so the sink never lets a snapshot
 //! row overwrite a newer streamed change.
 //!
-//! Failure: an interrupted snapshot (crash, outage) is redone from the start on restart, since
-//! the stored offset says `snapshot_completed = false`; duplicates of `r` events are possible
-//! then, never losses.
+//! Progress and resume: after each chunk the snapshot sends a [`SourceMsg::SnapshotProgress`]
+//! with its [`SnapshotSegment`]s, which the producer stores in the same Kafka transaction as the
+//! chunk's events. A restart resumes after the last stored boundary, in a new consistent read;
+//! `source::window` explains how the stream then stays exact. Tables whose key does not order
+//! the same in Rust and MySQL are checkpointed only at their end (see [`window::orderable`]).
 
 use std::time::Instant;
 
@@ -25,19 +27,22 @@ use tokio::sync::mpsc;
 
 use super::decode::{Origin, convert};
 use super::table_map::from_information_schema;
+use super::window;
 use super::{SourceError, SourceMsg, connect};
 use crate::config::MysqlConfig;
 use crate::events::{ChangeEvent, Op, SourceInfo, TableSchema, Value};
 use crate::metrics as m;
-use crate::offsets::BinlogPosition;
+use crate::offsets::{BinlogPosition, SnapshotSegment};
 
-/// Snapshots `tables` and returns the binlog position to stream from.
+/// Snapshots `tables`, resuming after the last of `resume` (empty: from the start), and
+/// returns every segment; the stream starts at the first segment's position.
 pub async fn run_snapshot(
     cfg: &MysqlConfig,
     tables: &[String],
     chunk_size: u32,
     tx: &mpsc::Sender<SourceMsg>,
-) -> Result<BinlogPosition, SourceError> {
+    resume: Vec<SnapshotSegment>,
+) -> Result<Vec<SnapshotSegment>, SourceError> {
     let mut conn = connect(cfg).await?;
     conn.query_drop("SET SESSION time_zone = '+00:00'").await?;
     conn.query_drop("SET SESSION TRANSACTION ISOLATION LEVEL REPEATABLE READ")
@@ -74,7 +79,20 @@ pub async fn run_snapshot(
     if position.file.is_empty() {
         return Err(SourceError::NoBinlogPosition);
     }
-    tracing::info!(%position, tables = tables.len(), "snapshot started");
+    let (first_table, first_key) = resume
+        .last()
+        .map_or((0, None), |s| (s.tables_done, s.last_key.clone()));
+    if resume.is_empty() {
+        tracing::info!(%position, tables = tables.len(), "snapshot started");
+    } else {
+        tracing::info!(%position, tables = tables.len(), tables_done = first_table, resume_after_key = ?first_key, "snapshot resumed after the last committed chunk");
+    }
+    let mut segments = resume;
+    segments.push(SnapshotSegment {
+        at: position.clone(),
+        tables_done: first_table,
+        last_key: first_key.clone(),
+    });
     metrics::gauge!(m::SNAPSHOT_RUNNING).set(1.0);
     let ts_ms = crate::events::now_ms();
     let file: std::sync::Arc<str> = std::sync::Arc::from(position.file.as_str());
@@ -86,7 +104,7 @@ pub async fn run_snapshot(
         ));
     }
     let last_table = schemas.len().saturating_sub(1);
-    for (ti, schema) in schemas.iter().enumerate() {
+    for (ti, schema) in schemas.iter().enumerate().skip(first_table) {
         let qn = schema.qualified_name();
         let estimate: Option<u64> = conn
             .exec_first(
@@ -99,7 +117,11 @@ pub async fn run_snapshot(
         metrics::gauge!(m::SNAPSHOT_ROWS_TOTAL, m::TABLE_LABEL => qn.clone()).set(estimate as f64);
         let started = Instant::now();
         let mut done: u64 = 0;
-        let mut last_key: Option<Vec<Value>> = None;
+        let mut last_key: Option<Vec<Value>> = if ti == first_table {
+            first_key.clone()
+        } else {
+            None
+        };
         let mut pending: Option<ChangeEvent> = None;
         loop {
             let rows = read_chunk(&mut conn, schema, last_key.as_deref(), chunk_size).await?;
@@ -127,8 +149,16 @@ pub async fn run_snapshot(
                     },
                 });
             }
-            if !batch.is_empty() {
+            if let Some(sent_key) = batch.last().map(|ev| ev.key()) {
                 send(tx, SourceMsg::Changes(batch)).await?;
+                // Checkpoint after the last row *sent* (the held-back one is not covered yet).
+                if window::orderable(&sent_key)
+                    && let Some(seg) = segments.last_mut()
+                {
+                    seg.tables_done = ti;
+                    seg.last_key = Some(sent_key);
+                    send(tx, SourceMsg::SnapshotProgress(segments.clone())).await?;
+                }
             }
             done += n as u64;
             metrics::gauge!(m::SNAPSHOT_ROWS_DONE, m::TABLE_LABEL => qn.clone()).set(done as f64);
@@ -150,12 +180,17 @@ pub async fn run_snapshot(
             }
             send(tx, SourceMsg::Changes(vec![ev])).await?;
         }
+        if let Some(seg) = segments.last_mut() {
+            seg.tables_done = ti + 1;
+            seg.last_key = None;
+        }
+        send(tx, SourceMsg::SnapshotProgress(segments.clone())).await?;
         tracing::info!(table = %qn, rows = done, "snapshot of table finished");
     }
     conn.query_drop("COMMIT").await?;
     metrics::gauge!(m::SNAPSHOT_RUNNING).set(0.0);
     tracing::info!(%position, "snapshot finished");
-    Ok(position)
+    Ok(segments)
 }
 
 fn quote_ident(s: &str) -> String {
