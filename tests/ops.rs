@@ -471,3 +471,100 @@ async fn a_snapshot_killed_mid_table_resumes_after_its_last_committed_chunk_exac
     }
     Ok(())
 }
+
+/// A `document` mapping of `counter` rows into collection `counters`.
+fn counter_sink(tc: &TestConfig) -> String {
+    format!(
+        r#"
+        [sink]
+        group_id = "{name}-sink"
+        [[sink.mappings]]
+        name = "counters"
+        topic = "{topic}"
+        kind = "document"
+        collection = "counters"
+        "#,
+        name = tc.name,
+        topic = tc.topic("counter"),
+    )
+}
+
+#[tokio::test]
+async fn kafka_down_mid_stream_pauses_the_source_which_resumes_by_itself_exactly_once() -> Result<()>
+{
+    let _exclusive = STACK_LOCK.write().await;
+    let db = counter_table().await?;
+    let tc = TestConfig::new(&db, &["counter"]);
+    let run = start(tc.config(true)?, ecst::app::Components::Source);
+    wait_events(&tc.topic("counter"), 100, T).await?;
+    write_counter_updates(&db, 500).await?;
+    wait_events(&tc.topic("counter"), 600, T).await?;
+    stack(&["stop", "kafka"]).await?;
+    // Changes while Kafka is down stay in the binlog; the source retries with backoff.
+    write_counter_updates(&db, 1_000).await?;
+    stack(&["start", "kafka"]).await?;
+    write_counter_updates(&db, 500).await?;
+    let evs = wait_events(&tc.topic("counter"), 2_100, Duration::from_secs(180)).await?;
+    assert_exactly_once(&evs, 20);
+    assert!(!run.is_finished(), "the source resumed by itself");
+    run.stop().await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn registry_down_pauses_source_and_sink_which_resume_by_themselves_without_dead_letters()
+-> Result<()> {
+    let _exclusive = STACK_LOCK.write().await;
+    let db = counter_table().await?;
+    let mut tc = TestConfig::new(&db, &["counter"]);
+    tc.sink = Some(counter_sink(&tc));
+    let source = start(tc.config(true)?, ecst::app::Components::Source);
+    wait_events(&tc.topic("counter"), 100, T).await?;
+    stack(&["stop", "registry"]).await?;
+    // The sink starts without the registry: it cannot decode yet, and must wait, not
+    // dead-letter. The source meets a new table shape it cannot register, and must wait too.
+    let sink = start(tc.config(false)?, ecst::app::Components::Sink);
+    sql(format!(
+        "ALTER TABLE `{db}`.counter ADD COLUMN note VARCHAR(20) NULL"
+    ))
+    .await?;
+    sql(format!(
+        "UPDATE `{db}`.counter SET n = n + 1, note = 'after outage'"
+    ))
+    .await?;
+    stack(&["start", "registry"]).await?;
+    let evs = wait_events(&tc.topic("counter"), 200, Duration::from_secs(120)).await?;
+    assert_eq!(evs.len(), 200, "each change once");
+    let notes = evs
+        .iter()
+        .filter(|e| {
+            e.after
+                .as_ref()
+                .and_then(|a| a.get_str("note").ok())
+                .is_some_and(|n| n == "after outage")
+        })
+        .count();
+    assert_eq!(notes, 100, "the updates carry the new column");
+    let mdb = mongo_db(&tc.mongo_db).await?;
+    let coll = mdb.collection::<bson::Document>("counters");
+    wait_for("the sink to apply every row", T, || async {
+        let n = coll
+            .count_documents(bson::doc! { "n": 1, "note": "after outage" })
+            .await?;
+        Ok((n == 100).then_some(()))
+    })
+    .await?;
+    let dlq = format!("{}.dlq", tc.name);
+    let dead = read_topic(&dlq, 1, Duration::from_secs(3))
+        .await
+        .map(|m| m.len())
+        .unwrap_or(0);
+    assert_eq!(dead, 0, "an unreachable registry is not a poison message");
+    assert!(
+        !source.is_finished() && !sink.is_finished(),
+        "both resumed by themselves"
+    );
+    source.stop().await?;
+    sink.stop().await?;
+    Ok(())
+}
