@@ -19,7 +19,9 @@ Commands (connection from the ECST_MYSQL_* variables of `dev/stack env`, admin u
                                                      single-row email updates at R/s, one per
                                                      autocommit transaction; writes one JSON line
                                                      per update: {"k", "id", "commit"} (commit =
-                                                     wall-clock seconds when COMMIT returned)
+                                                     wall-clock seconds when COMMIT returned);
+                                                     --first-k continues the numbering of an
+                                                     earlier call
 
 The steady updates set email = 'u<id>.<k>@hotmail.com', k = 1, 2, ... so that a reader of the
 target can tell which update of a row it sees (and that every earlier one was applied).
@@ -110,8 +112,11 @@ def steady_plan(rows: int, count: int, seed: int) -> list[int]:
     return [rng.randint(1, rows) for _ in range(count)]
 
 
-def steady(db, rate, seconds, rows, seed=1, table="users", stop=None, on_commit=None):
+def steady(db, rate, seconds, rows, seed=1, table="users", stop=None, on_commit=None, first_k=1):
     """Single-row updates at `rate`/s for `seconds` s; returns [(k, id, commit_wall_s)].
+
+    k counts from `first_k`: successive calls on one table continue the numbering, so a value
+    is never written twice.
 
     The schedule is absolute (update k is due at start + (k-1)/rate): a slow statement is
     caught up, not skipped. `stop` (a threading.Event) ends early; `on_commit(k, id, t)` is
@@ -122,14 +127,15 @@ def steady(db, rate, seconds, rows, seed=1, table="users", stop=None, on_commit=
     out = []
     with connect() as c, c.cursor() as cur:
         t0 = time.monotonic()
-        for k in range(1, count + 1):
-            due = t0 + (k - 1) / rate
+        for i in range(count):
+            k = first_k + i
+            due = t0 + i / rate
             wait = due - time.monotonic()
             if wait > 0:
                 time.sleep(wait)
             if stop is not None and stop.is_set():
                 break
-            uid = plan[k - 1]
+            uid = plan[i]
             cur.execute(
                 f"UPDATE {q(db)}.{q(table)} SET email = %s WHERE id = %s",
                 (f"u{uid}.{k}@hotmail.com", uid),
@@ -164,6 +170,7 @@ def main(argv: list[str]) -> int:
     a.add_argument("--rows", type=int, required=True)
     a.add_argument("--seed", type=int, default=1)
     a.add_argument("--table", default="users")
+    a.add_argument("--first-k", type=int, default=1, help="number of the first update (default 1)")
     a.add_argument("--out", help="JSON lines file (default stdout)")
     args = p.parse_args(argv)
 
@@ -181,6 +188,7 @@ def main(argv: list[str]) -> int:
             res = steady(
                 args.db, args.rate, args.seconds, args.rows, args.seed, args.table,
                 on_commit=lambda k, uid, t: print(json.dumps({"k": k, "id": uid, "commit": t}), file=out),
+                first_k=args.first_k,
             )
         finally:
             if out is not sys.stdout:
