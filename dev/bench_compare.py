@@ -33,12 +33,15 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.parse
+import urllib.request
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pymongo
 from confluent_kafka import Consumer, TopicPartition
+from confluent_kafka.admin import AdminClient
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import workload  # noqa: E402
@@ -441,7 +444,7 @@ def run_side(side: Side, i: int, stamp: int, args, stack: Stack, mongo: pymongo.
     db = f"cmp_{tag}"
     prefix = f"cmp{stamp}{side.name}{i}"
     log = side.workdir / f"{tag}.log"
-    res: dict = {"side": side.name, "run": i, "db": db, "log": str(log)}
+    res: dict = {"side": side.name, "run": i, "db": db, "prefix": prefix, "log": str(log)}
     say(f"{side.name} run {i}: database {db}, topic prefix {prefix}, log {log}")
     phases = args.phases
 
@@ -575,6 +578,31 @@ def end_to_end(side, mapping, tag, db, prefix, args, stack, mongo, log) -> dict:
     return out
 
 
+def cleanup(res: dict, stack: Stack, mongo: pymongo.MongoClient) -> None:
+    """Drops what a run created: its MySQL database, MongoDB databases, Kafka topics and registry
+    subjects (soft delete)."""
+    db, prefix = res["db"], res["prefix"]
+    try:
+        with workload.connect() as c, c.cursor() as cur:
+            cur.execute(f"DROP DATABASE IF EXISTS {workload.q(db)}")
+        for name in mongo.list_database_names():
+            if name.startswith(db):
+                mongo.drop_database(name)
+        admin = AdminClient({"bootstrap.servers": stack.kafka})
+        topics = [t for t in admin.list_topics(timeout=10).topics if t.startswith(prefix)]
+        if topics:
+            for f in admin.delete_topics(topics, operation_timeout=30).values():
+                f.result()
+        subjects = [x for x in json.load(urllib.request.urlopen(f"{stack.registry}/subjects", timeout=10))
+                    if x.startswith(prefix)]
+        for x in subjects:
+            url = f"{stack.registry}/subjects/{urllib.parse.quote(x, safe='')}"
+            urllib.request.urlopen(urllib.request.Request(url, method="DELETE"), timeout=10).read()
+        say(f"  dropped {db}, its MongoDB databases, {len(topics)} topics and {len(subjects)} subjects")
+    except Exception as e:  # noqa: BLE001 - cleanup is best effort; the results stand
+        say(f"  cleanup of {db} incomplete: {e}")
+
+
 # ----------------------------------------------------------------------------------------------
 # report
 
@@ -690,6 +718,8 @@ def main(argv):
     p.add_argument("--anchor-sink-class", default=None,
                    help="sink connector class (default: the MongoDB Kafka sink if installed, else Debezium's)")
     p.add_argument("--out", default=None, help="JSON results file (default .bench/compare-<stamp>/results.json)")
+    p.add_argument("--keep", action="store_true",
+                   help="keep each run's database, MongoDB databases and topics (default: drop them)")
     p.add_argument("--report", metavar="RESULTS_JSON", help="only print the table of an earlier run's results")
     args = p.parse_args(argv)
     if args.report:
@@ -738,7 +768,10 @@ def main(argv):
     for i in range(1, args.runs + 1):
         for name in ("ecst", "anchor"):
             if name in sides_wanted:
-                results.append(run_side(sides[name], i, stamp, args, stack, mongo))
+                res = run_side(sides[name], i, stamp, args, stack, mongo)
+                results.append(res)
+                if not args.keep:
+                    cleanup(res, stack, mongo)
                 (Path(args.out) if args.out else workdir / "results.json").write_text(
                     json.dumps({"meta": meta, "results": results}, indent=1))
     text = report(results, args, meta)
