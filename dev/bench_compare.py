@@ -91,15 +91,14 @@ def proc_usage(pid: int) -> tuple[float, float]:
 
 
 class Side:
-    """One side under test: knows how to write its config and start its process."""
+    """One side under test: writes its configuration and starts its process (`start`, whose
+    arguments differ per side: a TOML file for ecst, connector files and a run name for Kafka
+    Connect)."""
 
     name = ""
 
     def __init__(self, stack: Stack, workdir: Path, args):
         self.stack, self.workdir, self.args = stack, workdir, args
-
-    def start(self, tag: str, log: Path) -> subprocess.Popen:
-        raise NotImplementedError
 
 
 class Ecst(Side):
