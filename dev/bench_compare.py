@@ -122,7 +122,8 @@ class Ecst(Side):
             "[schema_registry]",
             f'url = "{s.registry}"',
             "[metrics]",
-            'listen = ""',
+            # ECST_BENCH_METRICS=127.0.0.1:9299 exposes /metrics during a run (for profiling).
+            f'listen = "{os.environ.get("ECST_BENCH_METRICS", "")}"',
             "[log]",
             'level = "info"',
         ]

@@ -167,8 +167,9 @@ pub struct SourceConfig {
     /// Write a tombstone (null value) after each delete. Default true.
     #[serde(default = "default_true")]
     pub tombstones_on_delete: bool,
-    /// Kafka transaction commit interval (ms). Default 100. Under full load a transaction stays
-    /// open up to 9× the last commit's duration (at most 10 intervals) so commits cost ≤ 10%.
+    /// Kafka transaction commit interval (ms) while changes keep coming. Default 100. When the
+    /// source is caught up it commits at once; while catching up a transaction stays open up
+    /// to 9× the last commit's duration (at most 10 intervals).
     #[serde(default = "default_commit_interval_ms")]
     pub commit_interval_ms: u64,
     /// Partitions of topics ecst creates. Default 1.
@@ -191,6 +192,10 @@ pub struct KafkaConfig {
     /// Values whose key contains `password` or `secret` are redacted by `print-config`.
     #[serde(default)]
     pub properties: std::collections::BTreeMap<String, String>,
+    /// librdkafka properties read from files (secret mounts), e.g.
+    /// `{ "sasl.password" = "/run/secrets/kafka" }`. Always redacted by `print-config`.
+    #[serde(default)]
+    pub secret_files: std::collections::BTreeMap<String, String>,
 }
 
 /// `[schema_registry]`
@@ -203,6 +208,8 @@ pub struct RegistryConfig {
     pub username: Option<String>,
     /// Basic-auth password.
     pub password: Option<Secret>,
+    /// File holding the basic-auth password (trailing newline ignored).
+    pub password_file: Option<String>,
     /// Request timeout (ms). Default 10000.
     #[serde(default = "default_registry_timeout_ms")]
     pub timeout_ms: u64,
@@ -212,8 +219,12 @@ pub struct RegistryConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct MongoConfig {
-    /// Connection string (options such as `tls=true` go here). Treated as a secret.
+    /// Connection string (options such as `tls=true` go here). Treated as a secret. Required
+    /// unless `uri_file` is set.
+    #[serde(default)]
     pub uri: Secret,
+    /// File holding the connection string (it usually embeds credentials).
+    pub uri_file: Option<String>,
     /// Database holding the target collections.
     pub database: String,
 }
@@ -486,20 +497,57 @@ impl Config {
         let mut cfg: Config = built
             .try_deserialize()
             .map_err(|e| ConfigError::Parse(with_suggestion(e.to_string())))?;
-        if let Some(m) = cfg.mysql.as_mut()
+        let mut issues = cfg.read_secret_files();
+        if let Err(more) = cfg.validate() {
+            issues.extend(more);
+        }
+        if !issues.is_empty() {
+            return Err(ConfigError::Invalid(issues));
+        }
+        Ok(cfg)
+    }
+
+    /// Reads every `*_file` secret (Docker/Kubernetes secret mounts) into its field, unless the
+    /// field is set inline or by the environment. Returns one issue per unreadable file.
+    fn read_secret_files(&mut self) -> Vec<ConfigIssue> {
+        let mut issues = Vec::new();
+        let mut read = |field: String, path: &str| match std::fs::read_to_string(path) {
+            Ok(s) => Some(s.trim_end_matches(['\n', '\r']).to_string()),
+            Err(e) => {
+                issues.push(ConfigIssue {
+                    field,
+                    message: format!("cannot read `{path}`: {e}"),
+                });
+                None
+            }
+        };
+        if let Some(m) = self.mysql.as_mut()
             && m.password.is_none()
             && let Some(file) = &m.password_file
         {
-            let pw = std::fs::read_to_string(file).map_err(|e| {
-                ConfigError::Invalid(vec![ConfigIssue {
-                    field: "mysql.password_file".into(),
-                    message: format!("cannot be read: {e}"),
-                }])
-            })?;
-            m.password = Some(Secret::new(pw.trim_end_matches(['\n', '\r'])));
+            m.password = read("mysql.password_file".into(), file).map(Secret::new);
         }
-        cfg.validate().map_err(ConfigError::Invalid)?;
-        Ok(cfg)
+        let r = &mut self.schema_registry;
+        if r.password.is_none()
+            && let Some(file) = &r.password_file
+        {
+            r.password = read("schema_registry.password_file".into(), file).map(Secret::new);
+        }
+        if let Some(m) = self.mongo.as_mut()
+            && m.uri.expose().is_empty()
+            && let Some(file) = &m.uri_file
+            && let Some(uri) = read("mongo.uri_file".into(), file)
+        {
+            m.uri = Secret::new(uri);
+        }
+        for (key, file) in &self.kafka.secret_files {
+            if !self.kafka.properties.contains_key(key)
+                && let Some(v) = read(format!("kafka.secret_files.\"{key}\""), file)
+            {
+                self.kafka.properties.insert(key.clone(), v);
+            }
+        }
+        issues
     }
 
     /// Topic of the positions (`source.offsets_topic` or `<name>.offsets`).
@@ -600,6 +648,12 @@ impl Config {
                 issue("source.commit_interval_ms", "must be at least 1");
             }
         }
+        if let Some(m) = &self.mongo
+            && m.uri.expose().is_empty()
+            && m.uri_file.is_none()
+        {
+            issue("mongo.uri", "is required (or set mongo.uri_file)");
+        }
         if let Some(sink) = &self.sink {
             if self.mongo.is_none() {
                 issue("mongo", "section is required when [sink] is present");
@@ -678,7 +732,10 @@ impl Config {
         // Kafka passthrough properties may carry secrets as plain strings.
         for (k, v) in &self.kafka.properties {
             let lk = k.to_ascii_lowercase();
-            if (lk.contains("password") || lk.contains("secret") || lk.contains("jaas"))
+            if (lk.contains("password")
+                || lk.contains("secret")
+                || lk.contains("jaas")
+                || self.kafka.secret_files.contains_key(k))
                 && !v.is_empty()
             {
                 s = s.replace(&format!("{v:?}"), "\"***\"");
@@ -752,6 +809,68 @@ mod tests {
                 "source.snapshot_chunk_size"
             ]
         );
+    }
+
+    #[test]
+    fn secrets_are_read_from_files_never_printed_and_a_missing_file_names_its_field() {
+        let dir = std::env::temp_dir().join(format!("ecst-secrets-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let write = |name: &str, value: &str| {
+            let p = dir.join(name);
+            std::fs::write(&p, format!("{value}\n")).expect("write secret");
+            p.display().to_string()
+        };
+        let reg = write("registry", "reg-file-secret");
+        let kafka = write("kafka", "kafka-file-secret");
+        let mongo = write("mongo", "mongodb://u:mongo-file-secret@127.0.0.1:1/");
+        let text = format!(
+            r#"
+            [kafka]
+            bootstrap_servers = "127.0.0.1:9092"
+            secret_files = {{ "sasl.password" = "{kafka}" }}
+            [schema_registry]
+            url = "http://127.0.0.1:8081"
+            username = "u"
+            password_file = "{reg}"
+            [mongo]
+            uri_file = "{mongo}"
+            database = "orders"
+            [sink]
+            [[sink.mappings]]
+            name = "m"
+            topic = "t"
+            kind = "document"
+            collection = "c"
+            "#
+        );
+        let cfg = Config::from_toml_str(&text, Vec::new()).expect("valid");
+        assert_eq!(
+            cfg.schema_registry.password.as_ref().map(Secret::expose),
+            Some("reg-file-secret")
+        );
+        assert_eq!(
+            cfg.kafka
+                .properties
+                .get("sasl.password")
+                .map(String::as_str),
+            Some("kafka-file-secret")
+        );
+        assert!(
+            cfg.mongo
+                .as_ref()
+                .is_some_and(|m| m.uri.expose().contains("mongo-file-secret"))
+        );
+        let shown = cfg.redacted();
+        assert!(!shown.contains("file-secret"), "{shown}");
+
+        let broken = text.replace(&reg, "/nonexistent/registry-password");
+        let Err(ConfigError::Invalid(issues)) = Config::from_toml_str(&broken, Vec::new()) else {
+            panic!("an unreadable secret file must be an error");
+        };
+        assert_eq!(issues.len(), 1, "{issues:?}");
+        assert_eq!(issues[0].field, "schema_registry.password_file");
+        assert!(issues[0].message.contains("/nonexistent/registry-password"));
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

@@ -2,10 +2,10 @@
 
 use std::time::Duration;
 
-use rdkafka::ClientConfig;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-use rdkafka::client::DefaultClientContext;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::producer::{BaseProducer, DeliveryResult, Producer, ProducerContext};
+use rdkafka::{ClientConfig, ClientContext};
 
 use crate::config::KafkaConfig;
 use crate::error::{Classify, ErrorClass};
@@ -31,6 +31,14 @@ pub enum KafkaClientError {
     /// Any other broker error.
     #[error("kafka: {0}")]
     Broker(#[from] KafkaError),
+    /// The broker refused the credentials (SASL or TLS client authentication).
+    #[error(
+        "kafka refused the credentials: {reason}; fix: check kafka.properties (sasl.*, ssl.*) and kafka.secret_files"
+    )]
+    Auth {
+        /// librdkafka's account of the failure.
+        reason: String,
+    },
     /// The client hit a fatal error (e.g. its transactional id was fenced by a newer instance);
     /// `reason` is librdkafka's account of the first fatal error.
     #[error("kafka producer stopped by a fatal error: {reason}")]
@@ -43,7 +51,9 @@ pub enum KafkaClientError {
 impl Classify for KafkaClientError {
     fn class(&self) -> ErrorClass {
         match self {
-            KafkaClientError::Config(_) | KafkaClientError::Fatal { .. } => ErrorClass::Definite,
+            KafkaClientError::Config(_)
+            | KafkaClientError::Fatal { .. }
+            | KafkaClientError::Auth { .. } => ErrorClass::Definite,
             KafkaClientError::CreateTopic { source, .. } | KafkaClientError::Broker(source) => {
                 kafka_error_class(source)
             }
@@ -100,14 +110,61 @@ pub struct TopicSpec {
     pub config: Vec<(&'static str, String)>,
 }
 
+/// Remembers an authentication failure that librdkafka reports only on its error channel:
+/// with bad credentials a request just times out, which would look like a transient outage.
+#[derive(Default)]
+pub struct AuthWatch {
+    failure: std::sync::Mutex<Option<String>>,
+}
+
+impl AuthWatch {
+    /// The authentication failure seen so far, if any.
+    pub fn failure(&self) -> Option<String> {
+        self.failure.lock().ok().and_then(|f| f.clone())
+    }
+}
+
+impl ClientContext for AuthWatch {
+    fn error(&self, error: KafkaError, reason: &str) {
+        let auth = matches!(
+            error.rdkafka_error_code(),
+            Some(RDKafkaErrorCode::Authentication | RDKafkaErrorCode::SaslAuthenticationFailed)
+        );
+        if auth && let Ok(mut f) = self.failure.lock() {
+            *f = Some(reason.to_string());
+        }
+        tracing::debug!(error = %error, reason, "kafka client error");
+    }
+}
+
+impl ProducerContext for AuthWatch {
+    type DeliveryOpaque = ();
+    fn delivery(&self, _: &DeliveryResult<'_>, _: ()) {}
+}
+
 /// Creates `topics` if missing (an existing topic is fine; any other failure is returned).
+/// This is each component's first request, so it is also where bad credentials are caught.
 pub async fn ensure_topics(
     cfg: &KafkaConfig,
     topics: &[TopicSpec],
 ) -> Result<(), KafkaClientError> {
-    let admin: AdminClient<DefaultClientContext> = client_config(cfg)
+    let admin: AdminClient<_> = client_config(cfg)
         .create()
         .map_err(KafkaClientError::Config)?;
+    // The admin client never serves its error events; an idle producer with the same settings
+    // does, and it connects (and authenticates) as soon as it is created.
+    let probe: BaseProducer<AuthWatch> = client_config(cfg)
+        .create_with_context(AuthWatch::default())
+        .map_err(KafkaClientError::Config)?;
+    let watch = async {
+        loop {
+            probe.poll(Duration::ZERO);
+            if let Some(reason) = probe.context().failure() {
+                return reason;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    };
     let new: Vec<NewTopic<'_>> = topics
         .iter()
         .map(|spec| {
@@ -119,7 +176,10 @@ pub async fn ensure_topics(
         })
         .collect();
     let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
-    let results = admin.create_topics(&new, &opts).await?;
+    let results = tokio::select! {
+        r = admin.create_topics(&new, &opts) => r?,
+        reason = watch => return Err(KafkaClientError::Auth { reason }),
+    };
     for r in results {
         match r {
             Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}

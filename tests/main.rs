@@ -2,6 +2,7 @@
 
 mod common;
 mod ops;
+mod security;
 mod sink;
 mod smoke;
 mod source;

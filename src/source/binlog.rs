@@ -24,12 +24,11 @@ use mysql_async::BinlogStreamRequest;
 use mysql_async::prelude::Queryable;
 use mysql_common::binlog::consts::BinlogChecksumAlg;
 use mysql_common::binlog::events::{EventData, RowsEventData, TableMapEvent};
-use tokio::sync::mpsc;
 
 use super::decode::decode_rows;
 use super::table_map::{BinlogTable, from_table_map};
 use super::window::Window;
-use super::{SourceError, SourceMsg, connect};
+use super::{Outbox, SourceError, SourceMsg, connect};
 use crate::config::MysqlConfig;
 use crate::events::{ChangeEvent, Op, SourceInfo};
 use crate::offsets::BinlogPosition;
@@ -59,7 +58,7 @@ pub async fn run_reader(
     tables: HashSet<String>,
     start: BinlogPosition,
     mut window: Option<Window>,
-    tx: mpsc::Sender<SourceMsg>,
+    tx: Outbox,
     mut shutdown: ShutdownRx,
 ) -> Result<(), SourceError> {
     let mut conn = connect(&cfg).await?;
@@ -134,7 +133,7 @@ pub async fn run_reader(
                             file: file.clone(),
                             pos: r.position(),
                         };
-                        send(&tx, commit(position, None, 0)).await?;
+                        tx.send(commit(position, None, 0)).await?;
                     }
                 }
             }
@@ -176,7 +175,7 @@ pub async fn run_reader(
                         file: file.clone(),
                         pos: u64::from(header.log_pos()),
                     };
-                    send(&tx, commit(position, gtid.take(), tx_ts_ms)).await?;
+                    tx.send(commit(position, gtid.take(), tx_ts_ms)).await?;
                     in_tx = false;
                     if query != "COMMIT" {
                         // DDL may have changed table shapes; new TABLE_MAPs will follow.
@@ -190,7 +189,7 @@ pub async fn run_reader(
                     file: file.clone(),
                     pos: u64::from(header.log_pos()),
                 };
-                send(&tx, commit(position, gtid.take(), tx_ts_ms)).await?;
+                tx.send(commit(position, gtid.take(), tx_ts_ms)).await?;
             }
             TABLE_MAP_EVENT => {
                 let tme: TableMapEvent<'_> =
@@ -288,7 +287,7 @@ pub async fn run_reader(
                     continue;
                 }
                 // One message per rows event: the channel costs per message, not per row.
-                send(&tx, SourceMsg::Changes(batch)).await?;
+                tx.send(SourceMsg::Changes(batch)).await?;
             }
             _ => {}
         }
@@ -306,10 +305,6 @@ fn commit(position: BinlogPosition, gtid: Option<String>, ts_ms: i64) -> SourceM
         gtid,
         ts_ms,
     }
-}
-
-async fn send(tx: &mpsc::Sender<SourceMsg>, msg: SourceMsg) -> Result<(), SourceError> {
-    tx.send(msg).await.map_err(|_| SourceError::ChannelClosed)
 }
 
 #[cfg(test)]

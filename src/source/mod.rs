@@ -7,8 +7,9 @@
 //! **Positions and exactly-once.** The reader emits row changes as it decodes them and a
 //! [`SourceMsg::Commit`] at every transaction boundary of the source. The producer loop writes the
 //! changes inside an open Kafka transaction and, at a boundary, writes the [`SourceOffset`] to the
-//! offsets topic *in the same Kafka transaction* and commits it (every `commit_interval_ms`, so
-//! many MySQL transactions share one Kafka transaction). A `read_committed` consumer therefore
+//! offsets topic *in the same Kafka transaction* and commits it: at once when caught up (no
+//! input waiting), else every `commit_interval_ms` or longer if commits are slow, so many MySQL
+//! transactions share one Kafka transaction (group commit). A `read_committed` consumer therefore
 //! sees each change exactly once: after `kill -9` the open Kafka transaction is aborted (by the
 //! restarted producer's `init_transactions`, which also fences any zombie instance with the same
 //! `name`), and reading resumes from the last committed offset.
@@ -204,6 +205,15 @@ impl Classify for SourceError {
                 {
                     ErrorClass::Definite
                 }
+                // A certificate the CA does not vouch for, a bad CA file: retrying cannot help.
+                mysql_async::Error::Io(mysql_async::IoError::Tls(_)) => ErrorClass::Definite,
+                mysql_async::Error::Io(mysql_async::IoError::Io(io))
+                    if io
+                        .get_ref()
+                        .is_some_and(|inner| inner.downcast_ref::<rustls::Error>().is_some()) =>
+                {
+                    ErrorClass::Definite
+                }
                 _ => ErrorClass::Transient,
             },
             E::ConnectTimeout { .. }
@@ -228,6 +238,72 @@ impl Classify for SourceError {
             | E::Task(_) => ErrorClass::Definite,
         }
     }
+}
+
+/// Messages the hand-over holds at most (commits and batches alike); rows are bounded
+/// separately by [`Outbox`]'s permits.
+const CHANNEL_MESSAGES: usize = 1024;
+
+/// The reader's end of the hand-over to the producer loop. A message carries a whole rows
+/// event or snapshot chunk, so a message count alone would not bound memory: sending a batch
+/// first takes one permit per row (`source.channel_capacity` in all), and the producer loop
+/// returns them once the rows are handed to Kafka.
+#[derive(Clone)]
+pub struct Outbox {
+    tx: mpsc::Sender<SourceMsg>,
+    rows: Arc<tokio::sync::Semaphore>,
+    capacity: u32,
+}
+
+impl Outbox {
+    /// A hand-over bounded to `capacity` buffered rows, and the producer loop's end.
+    fn new(capacity: usize) -> (Outbox, Inbox) {
+        let (tx, rx) = mpsc::channel(CHANNEL_MESSAGES);
+        let capacity = u32::try_from(capacity.max(1)).unwrap_or(u32::MAX);
+        let rows = Arc::new(tokio::sync::Semaphore::new(capacity as usize));
+        let inbox = Inbox {
+            rx,
+            rows: rows.clone(),
+            capacity,
+        };
+        (Outbox { tx, rows, capacity }, inbox)
+    }
+
+    /// Sends `msg`, waiting while the producer loop holds `channel_capacity` rows.
+    pub async fn send(&self, msg: SourceMsg) -> Result<(), SourceError> {
+        if let SourceMsg::Changes(evs) = &msg {
+            let n = permits_for(evs.len(), self.capacity);
+            self.rows
+                .acquire_many(n)
+                .await
+                .map_err(|_| SourceError::ChannelClosed)?
+                .forget();
+        }
+        self.tx
+            .send(msg)
+            .await
+            .map_err(|_| SourceError::ChannelClosed)
+    }
+}
+
+/// The producer loop's end of the hand-over.
+struct Inbox {
+    rx: mpsc::Receiver<SourceMsg>,
+    rows: Arc<tokio::sync::Semaphore>,
+    capacity: u32,
+}
+
+impl Inbox {
+    /// Returns the permits of a batch of `rows` rows once they are handed to Kafka.
+    fn release(&self, rows: usize) {
+        self.rows
+            .add_permits(permits_for(rows, self.capacity) as usize);
+    }
+}
+
+/// Permits a batch takes: one per row, at most the whole capacity (a larger batch goes alone).
+fn permits_for(rows: usize, capacity: u32) -> u32 {
+    u32::try_from(rows).unwrap_or(u32::MAX).clamp(1, capacity)
 }
 
 /// What the reader hands to the producer loop.
@@ -608,8 +684,15 @@ impl Publisher {
             OwnedHeaders::new(),
         )
         .await?;
-        let p = self.producer.clone();
         let started = Instant::now();
+        // rdkafka's commit_transaction flushes first, and its flush polls in whole 100 ms
+        // rounds whenever anything is still in flight: every commit took >= 100 ms
+        // (ecst_source_commit_seconds). Waiting for the acknowledgements here, in 1 ms steps,
+        // lets that flush find nothing to do.
+        while self.producer.in_flight_count() > 0 && started.elapsed() < Duration::from_secs(30) {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        let p = self.producer.clone();
         tokio::task::spawn_blocking(move || p.commit_transaction(Duration::from_secs(60)))
             .await
             .map_err(|e| SourceError::Task(e.to_string()))?
@@ -655,7 +738,7 @@ async fn transactional_producer(cfg: &Config) -> Result<TxProducer, SourceError>
         .set("linger.ms", "5")
         .set("compression.type", "lz4")
         .set("transaction.timeout.ms", "300000")
-        .set("queue.buffering.max.kbytes", "262144");
+        .set("queue.buffering.max.kbytes", "65536");
     let producer: TxProducer = Arc::new(
         cc.create()
             .map_err(|e| SourceError::Kafka(KafkaClientError::Config(e)))?,
@@ -853,7 +936,7 @@ async fn session(
         (_, true) => None,
     };
 
-    let (tx, mut rx) = mpsc::channel::<SourceMsg>(src.channel_capacity);
+    let (tx, mut rx) = Outbox::new(src.channel_capacity);
     let reader_cfg = mysql.clone();
     let tables: Vec<String> = src.tables.clone();
     let chunk = src.snapshot_chunk_size;
@@ -873,9 +956,7 @@ async fn session(
                     .map(|s| s.at.clone())
                     .ok_or(SourceError::NoBinlogPosition)?;
                 let window = Window::new(&segments, &tables);
-                tx.send(SourceMsg::SnapshotDone { segments })
-                    .await
-                    .map_err(|_| SourceError::ChannelClosed)?;
+                tx.send(SourceMsg::SnapshotDone { segments }).await?;
                 (start, window)
             }
         };
@@ -910,10 +991,10 @@ async fn session(
     }
 }
 
-/// How long a busy transaction stays open: at least `interval`, and long enough that the
-/// commit (which stalls producing until every record is acknowledged) takes at most a tenth of
-/// the time, capped at ten intervals. Idle or light traffic keeps `interval` (low latency);
-/// a full-speed catch-up gets larger transactions (throughput).
+/// How long a transaction stays open while input is waiting (catching up): at least
+/// `interval`, and long enough that the commit (which stalls producing until every record is
+/// acknowledged) takes at most a tenth of the time, capped at ten intervals. When caught up the
+/// pump commits at once (latency).
 fn busy_interval(interval: Duration, last_commit_took: Duration) -> Duration {
     interval.max((last_commit_took * 9).min(interval * 10))
 }
@@ -923,7 +1004,7 @@ async fn pump(
     src: &SourceConfig,
     publisher: &mut Publisher,
     committed: &mut Option<SourceOffset>,
-    rx: &mut mpsc::Receiver<SourceMsg>,
+    rx: &mut Inbox,
     shutdown: &mut ShutdownRx,
     readiness: &Arc<Readiness>,
 ) -> Result<(), SourceError> {
@@ -957,7 +1038,7 @@ async fn pump(
             // PRIORITY 2: the commit timer.
             _ = tick.tick() => None,
             // PRIORITY 3: new input.
-            m = rx.recv() => match m {
+            m = rx.rx.recv() => match m {
                 Some(m) => Some(m),
                 None => return Err(SourceError::ChannelClosed),
             },
@@ -965,9 +1046,11 @@ async fn pump(
         match msg {
             Some(SourceMsg::Changes(evs)) => {
                 at_boundary = false;
+                let n = evs.len();
                 for ev in evs {
                     publisher.publish(ev).await?;
                 }
+                rx.release(n);
             }
             Some(SourceMsg::Commit {
                 position,
@@ -1036,7 +1119,15 @@ async fn pump(
             continue;
         }
         let due = if publisher.open {
-            last_commit.elapsed() >= busy_interval(interval, publisher.last_commit_took)
+            // Caught up (nothing waiting): commit now, a lone change is not held back.
+            // Behind: collect for at least the interval, longer if commits are slow, so
+            // commits stay a small share of the time (group commit).
+            let open_for = if rx.rx.is_empty() {
+                Duration::ZERO
+            } else {
+                busy_interval(interval, publisher.last_commit_took)
+            };
+            last_commit.elapsed() >= open_for
         } else {
             last_commit.elapsed() >= idle_interval
         };

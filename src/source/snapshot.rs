@@ -23,12 +23,11 @@
 use std::time::Instant;
 
 use mysql_async::prelude::Queryable;
-use tokio::sync::mpsc;
 
 use super::decode::{Origin, convert};
 use super::table_map::from_information_schema;
 use super::window;
-use super::{SourceError, SourceMsg, connect};
+use super::{Outbox, SourceError, SourceMsg, connect};
 use crate::config::MysqlConfig;
 use crate::events::{ChangeEvent, Op, SourceInfo, TableSchema, Value};
 use crate::metrics as m;
@@ -40,7 +39,7 @@ pub async fn run_snapshot(
     cfg: &MysqlConfig,
     tables: &[String],
     chunk_size: u32,
-    tx: &mpsc::Sender<SourceMsg>,
+    tx: &Outbox,
     resume: Vec<SnapshotSegment>,
 ) -> Result<Vec<SnapshotSegment>, SourceError> {
     let mut conn = connect(cfg).await?;
@@ -150,14 +149,15 @@ pub async fn run_snapshot(
                 });
             }
             if let Some(sent_key) = batch.last().map(|ev| ev.key()) {
-                send(tx, SourceMsg::Changes(batch)).await?;
+                tx.send(SourceMsg::Changes(batch)).await?;
                 // Checkpoint after the last row *sent* (the held-back one is not covered yet).
                 if window::orderable(&sent_key)
                     && let Some(seg) = segments.last_mut()
                 {
                     seg.tables_done = ti;
                     seg.last_key = Some(sent_key);
-                    send(tx, SourceMsg::SnapshotProgress(segments.clone())).await?;
+                    tx.send(SourceMsg::SnapshotProgress(segments.clone()))
+                        .await?;
                 }
             }
             done += n as u64;
@@ -178,13 +178,14 @@ pub async fn run_snapshot(
             if ti == last_table {
                 ev.source.snapshot = "last";
             }
-            send(tx, SourceMsg::Changes(vec![ev])).await?;
+            tx.send(SourceMsg::Changes(vec![ev])).await?;
         }
         if let Some(seg) = segments.last_mut() {
             seg.tables_done = ti + 1;
             seg.last_key = None;
         }
-        send(tx, SourceMsg::SnapshotProgress(segments.clone())).await?;
+        tx.send(SourceMsg::SnapshotProgress(segments.clone()))
+            .await?;
         tracing::info!(table = %qn, rows = done, "snapshot of table finished");
     }
     conn.query_drop("COMMIT").await?;
@@ -313,10 +314,6 @@ fn civil_from_days(z: i64) -> (i64, u32, u32) {
     let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
     let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
     (if m <= 2 { y + 1 } else { y }, m, d)
-}
-
-async fn send(tx: &mpsc::Sender<SourceMsg>, msg: SourceMsg) -> Result<(), SourceError> {
-    tx.send(msg).await.map_err(|_| SourceError::ChannelClosed)
 }
 
 #[cfg(test)]
