@@ -60,6 +60,16 @@ fn secured_toml(tc: &TestConfig, with_source: bool, kafka_password: &str) -> Res
     Ok(toml)
 }
 
+/// Starts a source from `toml` and returns the error it stops with (empty if none).
+async fn source_error(toml: &str) -> Result<String> {
+    let cfg = ecst::config::Config::from_toml_str(toml, Vec::new())
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let run = start(cfg, Components::Source);
+    Ok(tokio::time::timeout(T, run.join_error())
+        .await?
+        .unwrap_or_default())
+}
+
 #[tokio::test]
 async fn source_and_sink_run_over_mysql_tls_and_kafka_sasl_with_passwords_from_files() -> Result<()>
 {
@@ -98,12 +108,7 @@ async fn a_wrong_kafka_sasl_password_stops_the_source_with_an_authentication_err
     let db = seed_database().await?;
     let tc = TestConfig::new(&db, &["users"]);
     let toml = secured_toml(&tc, true, "not-the-password")?;
-    let cfg = ecst::config::Config::from_toml_str(&toml, Vec::new())
-        .map_err(|e| anyhow::anyhow!("{e}"))?;
-    let run = start(cfg, Components::Source);
-    let err = tokio::time::timeout(T, run.join_error())
-        .await?
-        .unwrap_or_default();
+    let err = source_error(&toml).await?;
     assert!(
         err.to_lowercase().contains("authentication"),
         "a definite error naming authentication: {err}"
@@ -138,12 +143,7 @@ async fn a_mysql_certificate_from_an_unknown_ca_is_refused_definitely() -> Resul
     );
     let toml = secured_toml(&tc, true, &env("ECST_KAFKA_SASL_PASSWORD", "ecst-sasl"))?
         .replace(&stack_ca, &ca.display().to_string());
-    let cfg = ecst::config::Config::from_toml_str(&toml, Vec::new())
-        .map_err(|e| anyhow::anyhow!("{e}"))?;
-    let run = start(cfg, Components::Source);
-    let err = tokio::time::timeout(T, run.join_error())
-        .await?
-        .unwrap_or_default();
+    let err = source_error(&toml).await?;
     assert!(
         err.to_lowercase().contains("certificate"),
         "a definite error naming the certificate: {err}"

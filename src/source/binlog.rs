@@ -251,11 +251,14 @@ pub async fn run_reader(
                     before.as_deref(),
                     after.as_deref(),
                 )?;
-                let at = BinlogPosition {
+                // Only a resumed snapshot's stretch needs the position of each rows event.
+                let at = window.as_ref().map(|_| BinlogPosition {
                     file: file.clone(),
                     pos: u64::from(header.log_pos()),
-                };
-                if window.as_ref().is_some_and(|w| w.passed(&at)) {
+                });
+                if let (Some(w), Some(at)) = (&window, &at)
+                    && w.passed(at)
+                {
                     tracing::info!(position = %at, "stream passed the resumed snapshot's stretch");
                     window = None;
                 }
@@ -277,9 +280,9 @@ pub async fn run_reader(
                             read_ts_ms,
                         },
                     };
-                    let ev = match &window {
-                        Some(w) => w.filter(ev, &at),
-                        None => Some(ev),
+                    let ev = match (&window, &at) {
+                        (Some(w), Some(at)) => w.filter(ev, at),
+                        _ => Some(ev),
                     };
                     batch.extend(ev);
                 }

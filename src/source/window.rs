@@ -171,7 +171,8 @@ impl Window {
             return true;
         };
         match self.read_at(t, key) {
-            Some(at) => x.partial_cmp(at) != Some(Ordering::Less) && x != at,
+            // Strictly after the read; another binlog sequence does not compare: admit.
+            Some(at) => !matches!(x.partial_cmp(at), Some(Ordering::Less | Ordering::Equal)),
             None => true,
         }
     }
