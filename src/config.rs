@@ -32,8 +32,12 @@ pub const DEFAULT_TOPIC_PARTITIONS: i32 = 1;
 pub const DEFAULT_CHANNEL_CAPACITY: usize = 8_192;
 /// Default sink consumer group.
 pub const DEFAULT_GROUP_ID: &str = "ecst-sink";
-/// Default sink batch size (messages).
-pub const DEFAULT_BATCH_SIZE: usize = 1_000;
+/// Default sink batch size (messages). Large on purpose: a batch only fills beyond what arrived
+/// within `batch_timeout_ms` when the sink is behind, and then every message collapsed into the
+/// newest change of its key is a write saved (10,000 updates of 1,000 users: at most 1,000 writes).
+pub const DEFAULT_BATCH_SIZE: usize = 10_000;
+/// Default bound of one sink batch in key + value bytes (the batch is held in memory).
+pub const DEFAULT_BATCH_MAX_BYTES: usize = 32 * 1024 * 1024;
 /// Default time a sink batch waits to fill, in ms.
 pub const DEFAULT_BATCH_TIMEOUT_MS: u64 = 20;
 /// Default metrics/health listen address.
@@ -299,9 +303,13 @@ pub struct SinkConfig {
     pub group_id: String,
     /// Dead-letter topic. Default `<name>.dlq`.
     pub dead_letter_topic: Option<String>,
-    /// Max messages per batch. Default 1000.
+    /// Max messages per batch. Default 10000.
     #[serde(default = "default_batch_size")]
     pub batch_size: usize,
+    /// Max key + value bytes per batch (a batch ends after the message that reaches it).
+    /// Default 33554432 (32 MiB).
+    #[serde(default = "default_batch_max_bytes")]
+    pub batch_max_bytes: usize,
     /// Max wait to fill a batch (ms). Default 20.
     #[serde(default = "default_batch_timeout_ms")]
     pub batch_timeout_ms: u64,
@@ -389,6 +397,9 @@ fn default_group_id() -> String {
 }
 fn default_batch_size() -> usize {
     DEFAULT_BATCH_SIZE
+}
+fn default_batch_max_bytes() -> usize {
+    DEFAULT_BATCH_MAX_BYTES
 }
 fn default_batch_timeout_ms() -> u64 {
     DEFAULT_BATCH_TIMEOUT_MS
@@ -660,6 +671,9 @@ impl Config {
             }
             if sink.batch_size == 0 {
                 issue("sink.batch_size", "must be at least 1");
+            }
+            if sink.batch_max_bytes == 0 {
+                issue("sink.batch_max_bytes", "must be at least 1");
             }
             if sink.mappings.is_empty() {
                 issue("sink.mappings", "must contain at least one mapping");

@@ -12,9 +12,10 @@
 //! auto-commit then commits stored offsets, and shutdown commits synchronously. At-least-once
 //! delivery plus version-guarded statements means each change takes effect once.
 //!
-//! **Order and batching.** A batch holds up to `batch_size` messages (or what arrived within
-//! `batch_timeout_ms`). One key always lives in one partition, so arrival order is source order
-//! per key; within a batch only the newest change per (mapping, key) is kept (except the
+//! **Order and batching.** A batch holds what arrived within `batch_timeout_ms` plus whatever is
+//! already queued, up to `batch_size` messages and `batch_max_bytes`: small when caught up
+//! (latency), large when behind, where collapsing per key saves writes. One key always lives in
+//! one partition, so arrival order is source order per key; within a batch only the newest change per (mapping, key) is kept (except the
 //! create half of a key change, which moves old copies). Statements for one collection run in
 //! order, up to 1,000 per round trip; the next batch is read only when this one is done
 //! (in-flight work is bounded by one batch).
@@ -423,6 +424,96 @@ fn consumer_for(cfg: &Config) -> Result<StreamConsumer, SinkError> {
         .map_err(|e| SinkError::Kafka(KafkaClientError::Config(e)))
 }
 
+/// Messages received while a batch was written, in arrival order.
+#[derive(Default)]
+struct Carry {
+    messages: std::collections::VecDeque<OwnedMessage>,
+    bytes: usize,
+    /// Whether the assigned partitions were paused because the carry is full.
+    paused: bool,
+}
+
+impl Carry {
+    fn push(&mut self, m: OwnedMessage) {
+        self.bytes += message_bytes(&m);
+        self.messages.push_back(m);
+    }
+    fn pop(&mut self) -> Option<OwnedMessage> {
+        let m = self.messages.pop_front()?;
+        self.bytes -= message_bytes(&m);
+        Some(m)
+    }
+    fn is_empty(&self) -> bool {
+        self.messages.is_empty()
+    }
+    fn is_full(&self, (max_messages, max_bytes): (usize, usize)) -> bool {
+        self.messages.len() >= max_messages || self.bytes >= max_bytes
+    }
+}
+
+/// Pauses fetching for every assigned partition (polling then only keeps the membership).
+/// librdkafka drops what it fetched but did not deliver, and resumes after the last message
+/// delivered, so nothing is skipped.
+fn pause_assigned(consumer: &StreamConsumer) -> bool {
+    match consumer.assignment() {
+        Ok(tpl) if tpl.count() > 0 => match consumer.pause(&tpl) {
+            Ok(()) => {
+                tracing::debug!(
+                    partitions = tpl.count(),
+                    "fetching paused: the next batch is full"
+                );
+                true
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "pausing partitions failed");
+                false
+            }
+        },
+        _ => false,
+    }
+}
+
+fn resume_assigned(consumer: &StreamConsumer) {
+    if let Ok(tpl) = consumer.assignment()
+        && let Err(e) = consumer.resume(&tpl)
+    {
+        tracing::warn!(error = %e, "resuming partitions failed");
+    }
+}
+
+/// Applies one batch, retrying transient failures with backoff. `Ok(false)`: shutdown came first
+/// (the batch is not acknowledged; it is read again after a restart).
+async fn apply_until_done(
+    sink: &Sink,
+    batch: &[OwnedMessage],
+    backoff: &mut Backoff,
+    shutdown: &mut ShutdownRx,
+) -> Result<bool, SinkError> {
+    loop {
+        match sink.process(batch).await {
+            Ok(_) => {
+                backoff.reset();
+                return Ok(true);
+            }
+            Err(e) if e.class() == ErrorClass::Transient => {
+                let delay = backoff.next_delay();
+                metrics::counter!(m::RETRIES_TOTAL, m::COMPONENT_LABEL => "sink", m::CLASS_LABEL => "transient").increment(1);
+                tracing::warn!(error = %e, retry_in_ms = delay.as_millis() as u64, messages = batch.len(), "batch not applied, retrying");
+                tokio::select! {
+                    () = shutdown.wait() => return Ok(false),
+                    () = tokio::time::sleep(delay) => {}
+                }
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// Key + value bytes of a message (what a batch holds in memory).
+fn message_bytes(m: &OwnedMessage) -> usize {
+    m.key().map_or(0, <[u8]>::len) + m.payload().map_or(0, <[u8]>::len)
+}
+
 /// Sums high watermark minus position over the assigned partitions (blocking: broker round trips).
 fn record_lag(consumer: &StreamConsumer) {
     let (Ok(assignment), Ok(position)) = (consumer.assignment(), consumer.position()) else {
@@ -523,60 +614,100 @@ pub async fn run(
     readiness.sink_ready.store(true, Ordering::Relaxed);
     tracing::info!(topics = ?topics, group = %sink_cfg.group_id, "sink consuming");
     let batch_timeout = Duration::from_millis(sink_cfg.batch_timeout_ms);
+    let bounds = (sink_cfg.batch_size, sink_cfg.batch_max_bytes);
     let mut last_lag = Instant::now();
+    // What arrived while the previous batch was written: the start of the next one.
+    let mut carry = Carry::default();
     'outer: loop {
-        // Gather a batch: block for the first message, then fill until size or timeout.
-        let first = tokio::select! {
-            biased;
-            // PRIORITY 1: shutdown.
-            () = shutdown.wait() => break 'outer,
-            // PRIORITY 2: input.
-            r = consumer.recv() => r,
-        };
-        let first = match first {
-            Ok(m) => m.detach(),
-            Err(e) => {
-                let delay = backoff.next_delay();
-                metrics::counter!(m::RETRIES_TOTAL, m::COMPONENT_LABEL => "sink", m::CLASS_LABEL => "transient").increment(1);
-                tracing::warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "kafka consume error");
-                tokio::select! {
+        // Gather a batch: what was carried over, else block for the first message; then fill
+        // until size, bytes or timeout.
+        let first = match carry.pop() {
+            Some(m) => m,
+            None => {
+                let r = tokio::select! {
+                    biased;
+                    // PRIORITY 1: shutdown.
                     () = shutdown.wait() => break 'outer,
-                    () = tokio::time::sleep(delay) => {}
-                }
-                continue;
-            }
-        };
-        let mut batch = vec![first];
-        let deadline = tokio::time::Instant::now() + batch_timeout;
-        while batch.len() < sink_cfg.batch_size {
-            match tokio::time::timeout_at(deadline, consumer.recv()).await {
-                Ok(Ok(m)) => batch.push(m.detach()),
-                Ok(Err(e)) => {
-                    tracing::warn!(error = %e, "kafka consume error while filling a batch");
-                    break;
-                }
-                Err(_) => break,
-            }
-        }
-        tracing::debug!(messages = batch.len(), "batch received");
-        // Apply, retrying transient failures until they pass (offsets do not move meanwhile).
-        loop {
-            match sink.process(&batch).await {
-                Ok(_) => {
-                    backoff.reset();
-                    break;
-                }
-                Err(e) if e.class() == ErrorClass::Transient => {
-                    let delay = backoff.next_delay();
-                    metrics::counter!(m::RETRIES_TOTAL, m::COMPONENT_LABEL => "sink", m::CLASS_LABEL => "transient").increment(1);
-                    tracing::warn!(error = %e, retry_in_ms = delay.as_millis() as u64, messages = batch.len(), "batch not applied, retrying");
-                    tokio::select! {
-                        () = shutdown.wait() => break 'outer,
-                        () = tokio::time::sleep(delay) => {}
+                    // PRIORITY 2: input.
+                    r = consumer.recv() => r,
+                };
+                match r {
+                    Ok(m) => m.detach(),
+                    Err(e) => {
+                        let delay = backoff.next_delay();
+                        metrics::counter!(m::RETRIES_TOTAL, m::COMPONENT_LABEL => "sink", m::CLASS_LABEL => "transient").increment(1);
+                        tracing::warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "kafka consume error");
+                        tokio::select! {
+                            () = shutdown.wait() => break 'outer,
+                            () = tokio::time::sleep(delay) => {}
+                        }
+                        continue;
                     }
                 }
-                Err(e) => return Err(e),
             }
+        };
+        let mut bytes = message_bytes(&first);
+        let mut batch = vec![first];
+        while batch.len() < bounds.0
+            && bytes < bounds.1
+            && let Some(m) = carry.pop()
+        {
+            bytes += message_bytes(&m);
+            batch.push(m);
+        }
+        if carry.paused && !carry.is_full(bounds) {
+            resume_assigned(&consumer);
+            carry.paused = false;
+        }
+        if carry.is_empty() {
+            let deadline = tokio::time::Instant::now() + batch_timeout;
+            // Past the deadline `timeout_at` still takes a message that is already queued, so a
+            // backlog fills the batch up to its bounds.
+            while batch.len() < bounds.0 && bytes < bounds.1 {
+                match tokio::time::timeout_at(deadline, consumer.recv()).await {
+                    Ok(Ok(m)) => {
+                        let m = m.detach();
+                        bytes += message_bytes(&m);
+                        batch.push(m);
+                    }
+                    Ok(Err(e)) => {
+                        tracing::warn!(error = %e, "kafka consume error while filling a batch");
+                        break;
+                    }
+                    Err(_) => break,
+                }
+            }
+        }
+        tracing::debug!(messages = batch.len(), bytes, "batch received");
+        // Apply, retrying transient failures until they pass (offsets do not move meanwhile).
+        // The consumer is polled meanwhile, however long that takes: librdkafka leaves the group
+        // when it is not polled within max.poll.interval.ms (a rebalance, and the batch applied
+        // twice). What arrives is carried into the next batch; at the bounds, the assigned
+        // partitions are paused, and polling them only keeps the membership alive.
+        let applied = {
+            let work = apply_until_done(&sink, &batch, &mut backoff, &mut shutdown);
+            tokio::pin!(work);
+            loop {
+                tokio::select! {
+                    biased;
+                    r = &mut work => break r,
+                    r = consumer.recv() => match r {
+                        Ok(m) => {
+                            carry.push(m.detach());
+                            if carry.is_full(bounds) {
+                                carry.paused = pause_assigned(&consumer) || carry.paused;
+                            }
+                        }
+                        Err(e) => {
+                            tracing::debug!(error = %e, "kafka consume error while a batch is written");
+                            tokio::time::sleep(Duration::from_millis(100)).await;
+                        }
+                    },
+                }
+            }
+        };
+        if !applied? {
+            break 'outer;
         }
         let mut tpl = TopicPartitionList::new();
         let mut highest: HashMap<(String, i32), i64> = HashMap::new();
@@ -607,4 +738,44 @@ pub async fn run(
     }
     tracing::info!("sink stopped");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rdkafka::Timestamp;
+
+    fn message(offset: i64, payload_len: usize) -> OwnedMessage {
+        OwnedMessage::new(
+            Some(vec![0; payload_len]),
+            Some(vec![1, 2]),
+            "t".into(),
+            Timestamp::NotAvailable,
+            0,
+            offset,
+            None,
+        )
+    }
+
+    #[test]
+    fn the_carry_keeps_arrival_order_and_counts_key_and_value_bytes() {
+        let mut c = Carry::default();
+        c.push(message(7, 10));
+        c.push(message(8, 20));
+        assert_eq!(c.bytes, 12 + 22);
+        assert_eq!(c.pop().map(|m| m.offset()), Some(7));
+        assert_eq!(c.bytes, 22);
+        assert_eq!(c.pop().map(|m| m.offset()), Some(8));
+        assert!(c.is_empty() && c.bytes == 0 && c.pop().is_none());
+    }
+
+    #[test]
+    fn the_carry_is_full_at_either_bound() {
+        let mut c = Carry::default();
+        c.push(message(1, 8));
+        assert!(!c.is_full((2, 100)));
+        assert!(c.is_full((1, 100)), "message bound");
+        assert!(c.is_full((2, 10)), "byte bound (8 + 2 key bytes)");
+        assert!(!c.is_full((2, 11)));
+    }
 }
