@@ -222,11 +222,17 @@ async fn group_caught_up(group: &str, topics: &[String]) -> Result<bool> {
     .await?
 }
 
+/// The consumer group of a sink configured by `mapping_toml`: one per MongoDB database, so that
+/// sinks of one source writing to different databases each read every change.
+fn sink_group(tc: &TestConfig) -> String {
+    format!("{}-{}-sink", tc.name, tc.mongo_db)
+}
+
 fn mapping_toml(tc: &TestConfig, name: &str, kind: &str, on_delete: &str, extra: &str) -> String {
     format!(
         r#"
         [sink]
-        group_id = "{g}-sink"
+        group_id = "{g}"
         batch_timeout_ms = 10
         [[sink.mappings]]
         name = "{name}"
@@ -236,7 +242,7 @@ fn mapping_toml(tc: &TestConfig, name: &str, kind: &str, on_delete: &str, extra:
         on_delete = "{on_delete}"
         {extra}
         "#,
-        g = tc.name,
+        g = sink_group(tc),
         topic = tc.topic("users"),
         coll = if kind == "embedded" {
             "purchase_order"
@@ -481,7 +487,7 @@ async fn ten_thousand_random_updates_over_1000_users_converge_to_the_mysql_table
     // (Inserted after the sink consumed the snapshot: FerretDB 1.x on SQLite rewrites a document
     // in time proportional to the collection, about 67 ms at 5,000 documents, so refreshing
     // every copy from the snapshot first would only add five minutes to the run.)
-    let group = format!("{}-sink", tc.name);
+    let group = sink_group(&tc);
     wait_for("the sink consumed the snapshot", T, || async {
         Ok(group_caught_up(&group, &[tc.topic("users")])
             .await?
