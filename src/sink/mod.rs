@@ -15,10 +15,12 @@
 //! **Order and batching.** A batch holds what arrived within `batch_timeout_ms` plus whatever is
 //! already queued, up to `batch_size` messages and `batch_max_bytes`: small when caught up
 //! (latency), large when behind, where collapsing per key saves writes. One key always lives in
-//! one partition, so arrival order is source order per key; within a batch only the newest change per (mapping, key) is kept (except the
-//! create half of a key change, which moves old copies). Statements for one collection run in
-//! order, up to 1,000 per round trip; the next batch is read only when this one is done
-//! (in-flight work is bounded by one batch).
+//! one partition, so arrival order is source order per key; within a batch only the newest
+//! change per (mapping, key) is kept (except the create half of a key change, which moves old
+//! copies). Statements for one collection run in order, up to 1,000 per round trip. While a
+//! batch is written the consumer keeps polling (so a slow write never exceeds
+//! `max.poll.interval.ms`) and the next batch gathers, up to the same bounds; then fetching is
+//! paused. In memory: at most the batch being written and the next one.
 //!
 //! **Errors.** Transient (MongoDB, Kafka or registry unavailable): the batch is retried with
 //! backoff; offsets do not move. Definite (bad framing, unknown schema id, undecodable datum,
