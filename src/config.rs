@@ -826,6 +826,23 @@ mod tests {
     }
 
     #[test]
+    fn sink_batch_bounds_default_large_and_zero_names_the_field() {
+        let sink = "[mongo]\nuri = \"mongodb://127.0.0.1:27017\"\ndatabase = \"orders\"\n[sink]\n[[sink.mappings]]\nname = \"u\"\ntopic = \"t\"\nkind = \"document\"\ncollection = \"users\"\n";
+        let cfg = Config::from_toml_str(&format!("{MINIMAL}{sink}"), Vec::new())
+            .expect("sink config with defaults");
+        let s = cfg.sink.expect("sink");
+        assert_eq!(
+            (s.batch_size, s.batch_max_bytes),
+            (10_000, 32 * 1024 * 1024)
+        );
+        let bad = sink.replace("[sink]\n", "[sink]\nbatch_max_bytes = 0\n");
+        let err = Config::from_toml_str(&format!("{MINIMAL}{bad}"), Vec::new())
+            .expect_err("must fail")
+            .to_string();
+        assert!(err.contains("sink.batch_max_bytes"), "{err}");
+    }
+
+    #[test]
     fn secrets_are_read_from_files_never_printed_and_a_missing_file_names_its_field() {
         let dir = std::env::temp_dir().join(format!("ecst-secrets-{}", std::process::id()));
         std::fs::create_dir_all(&dir).expect("temp dir");
