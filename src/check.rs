@@ -5,7 +5,7 @@ use std::time::Duration;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 
-use crate::config::{Config, MappingKind};
+use crate::config::{Config, MappingKind, SnapshotMode};
 use crate::events::avro::TableAvro;
 use crate::kafka::client_config;
 use crate::sink::mongo::MongoWriter;
@@ -18,6 +18,28 @@ fn pass(name: &str, detail: impl Into<String>) -> Check {
         ok: true,
         detail: detail.into(),
     }
+}
+/// A purged resume position fails the check only where the source would stop on it: with
+/// `when_needed` or `always` it re-snapshots, and the line says so.
+fn resume_check_for_mode(c: Check, mode: SnapshotMode) -> Check {
+    let mode = match mode {
+        SnapshotMode::WhenNeeded => "when_needed",
+        SnapshotMode::Always => "always",
+        SnapshotMode::Initial | SnapshotMode::Never => return c,
+    };
+    if c.name != "mysql resume position" || c.ok {
+        return c;
+    }
+    let what = c
+        .detail
+        .split("; fix:")
+        .next()
+        .unwrap_or(&c.detail)
+        .to_string();
+    pass(
+        &c.name,
+        format!("{what}; the source will re-snapshot (snapshot_mode = \"{mode}\")"),
+    )
 }
 fn fail(name: &str, detail: impl Into<String>) -> Check {
     Check {
@@ -141,7 +163,11 @@ pub async fn run_checks(cfg: &Config) -> Vec<Check> {
             .filter(|o| o.snapshot_completed)
             .map(|o| &o.position);
         match check_mysql(mysql, &src.tables, resume).await {
-            Ok(checks) => out.extend(checks),
+            Ok(checks) => out.extend(
+                checks
+                    .into_iter()
+                    .map(|c| resume_check_for_mode(c, src.snapshot_mode)),
+            ),
             Err(e) => out.push(fail(
                 "mysql connection",
                 format!("{e}; fix: check [mysql] host, port, user and password"),
@@ -200,4 +226,32 @@ pub async fn run_checks(cfg: &Config) -> Vec<Check> {
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn purged() -> Check {
+        fail(
+            "mysql resume position",
+            "b.000013:4 was purged from the server (oldest is b.000043); fix: snapshot_mode = \"when_needed\" re-snapshots",
+        )
+    }
+
+    #[test]
+    fn a_purged_position_fails_the_check_only_where_the_source_would_stop() {
+        for mode in [SnapshotMode::Initial, SnapshotMode::Never] {
+            assert!(!resume_check_for_mode(purged(), mode).ok, "{mode:?}");
+        }
+        let c = resume_check_for_mode(purged(), SnapshotMode::WhenNeeded);
+        assert!(c.ok);
+        assert_eq!(
+            c.detail,
+            "b.000013:4 was purged from the server (oldest is b.000043); the source will re-snapshot (snapshot_mode = \"when_needed\")"
+        );
+        assert!(resume_check_for_mode(purged(), SnapshotMode::Always).ok);
+        let other = fail("mysql log_bin", "off");
+        assert!(!resume_check_for_mode(other, SnapshotMode::WhenNeeded).ok);
+    }
 }
