@@ -9,7 +9,7 @@ use crate::config::{Config, MappingKind, SnapshotMode};
 use crate::events::avro::TableAvro;
 use crate::kafka::client_config;
 use crate::sink::mongo::MongoWriter;
-use crate::source::preflight::{Check, check_mysql};
+use crate::source::preflight::{Check, RESUME_POSITION_CHECK, check_mysql};
 use crate::source::{connect, load_offset, table_map};
 
 fn pass(name: &str, detail: impl Into<String>) -> Check {
@@ -27,7 +27,7 @@ fn resume_check_for_mode(c: Check, mode: SnapshotMode) -> Check {
         SnapshotMode::Always => "always",
         SnapshotMode::Initial | SnapshotMode::Never => return c,
     };
-    if c.name != "mysql resume position" || c.ok {
+    if c.name != RESUME_POSITION_CHECK || c.ok {
         return c;
     }
     let what = c

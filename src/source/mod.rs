@@ -886,10 +886,10 @@ async fn session(
     let checks = preflight::check_mysql(mysql, &src.tables, needed_position).await?;
     let purged = checks
         .iter()
-        .any(|c| c.name == "mysql resume position" && !c.ok);
+        .any(|c| c.name == preflight::RESUME_POSITION_CHECK && !c.ok);
     let failed: Vec<_> = checks
         .into_iter()
-        .filter(|c| !c.ok && c.name != "mysql resume position")
+        .filter(|c| !c.ok && c.name != preflight::RESUME_POSITION_CHECK)
         .collect();
     if !failed.is_empty() {
         return Err(SourceError::Preflight(failed));

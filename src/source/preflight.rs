@@ -9,6 +9,10 @@ use super::{SourceError, connect};
 use crate::config::MysqlConfig;
 use crate::offsets::BinlogPosition;
 
+/// Name of the line about the stored resume position: the source reads a failing one as "purged",
+/// and `ecst check` words it after the snapshot mode.
+pub const RESUME_POSITION_CHECK: &str = "mysql resume position";
+
 /// One preflight result.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Check {
@@ -125,12 +129,12 @@ pub async fn check_mysql(
             if let Some(pos) = resume {
                 if names.iter().any(|n| n == &pos.file) {
                     out.push(Check::pass(
-                        "mysql resume position",
+                        RESUME_POSITION_CHECK,
                         format!("{pos} is still on the server"),
                     ));
                 } else {
                     out.push(Check::fail(
-                        "mysql resume position",
+                        RESUME_POSITION_CHECK,
                         format!(
                             "{pos} was purged from the server (oldest is {}); fix: snapshot_mode = \"when_needed\" re-snapshots",
                             names.first().map_or("none", String::as_str)
