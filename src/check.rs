@@ -196,36 +196,48 @@ pub async fn run_checks(cfg: &Config) -> Vec<Check> {
     if let (Some(mongo), Some(sink)) = (&cfg.mongo, &cfg.sink) {
         match MongoWriter::connect(mongo.uri.expose(), &mongo.database).await {
             Err(e) => out.push(fail("mongodb connection", e.to_string())),
-            Ok(w) => match w.database().run_command(bson::doc! { "ping": 1 }).await {
-                Err(e) => out.push(fail(
-                    "mongodb reachable",
-                    format!("{e}; fix: check mongo.uri"),
-                )),
-                Ok(_) => {
-                    out.push(pass(
-                        "mongodb reachable",
-                        format!("database `{}`", mongo.database),
-                    ));
-                    for m in &sink.mappings {
-                        if m.kind != MappingKind::Embedded {
-                            continue;
-                        }
-                        let path = m.match_path.clone().unwrap_or_default();
-                        let name = format!("mongodb index {}.{path}", m.collection);
-                        match w.ensure_index(&m.collection, &path, false).await {
-                            Ok(()) => out.push(pass(&name, "present")),
-                            Err(e) if sink.create_indexes => out.push(pass(
-                                &name,
-                                format!("missing, will be created at start ({e})"),
-                            )),
-                            Err(e) => out.push(fail(&name, e.to_string())),
-                        }
-                    }
-                }
-            },
+            Ok(w) => {
+                check_mongo(&w, mongo, sink, &mut out).await;
+                w.close().await;
+            }
         }
     }
     out
+}
+
+/// The MongoDB lines of `check` over an open writer.
+async fn check_mongo(
+    w: &MongoWriter,
+    mongo: &crate::config::MongoConfig,
+    sink: &crate::config::SinkConfig,
+    out: &mut Vec<Check>,
+) {
+    if let Err(e) = w.database().run_command(bson::doc! { "ping": 1 }).await {
+        out.push(fail(
+            "mongodb reachable",
+            format!("{e}; fix: check mongo.uri"),
+        ));
+        return;
+    }
+    out.push(pass(
+        "mongodb reachable",
+        format!("database `{}`", mongo.database),
+    ));
+    for m in &sink.mappings {
+        if m.kind != MappingKind::Embedded {
+            continue;
+        }
+        let path = m.match_path.clone().unwrap_or_default();
+        let name = format!("mongodb index {}.{path}", m.collection);
+        match w.ensure_index(&m.collection, &path, false).await {
+            Ok(()) => out.push(pass(&name, "present")),
+            Err(e) if sink.create_indexes => out.push(pass(
+                &name,
+                format!("missing, will be created at start ({e})"),
+            )),
+            Err(e) => out.push(fail(&name, e.to_string())),
+        }
+    }
 }
 
 #[cfg(test)]

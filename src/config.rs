@@ -46,6 +46,11 @@ pub const DEFAULT_METRICS_LISTEN: &str = "127.0.0.1:9187";
 pub const DEFAULT_REGISTRY_TIMEOUT_MS: u64 = 10_000;
 /// Default graceful-shutdown deadline, in ms.
 pub const DEFAULT_SHUTDOWN_TIMEOUT_MS: u64 = 30_000;
+/// Default bound on waiting for MySQL's global read lock when a snapshot needs one, in s.
+pub const DEFAULT_SNAPSHOT_LOCK_WAIT_S: u64 = 10;
+/// Default bound on how long a component retries one run of transient errors before it stops,
+/// in ms; 0 is unbounded (as Kafka Connect's `errors.retry.timeout` defaults to for sources).
+pub const DEFAULT_MAX_RETRY_DURATION_MS: u64 = 0;
 
 /// A secret string: never printed, never serialized.
 #[derive(Clone, Deserialize, Default)]
@@ -97,6 +102,10 @@ pub struct Config {
     /// Graceful shutdown deadline in ms. Default 30000.
     #[serde(default = "default_shutdown_timeout_ms")]
     pub shutdown_timeout_ms: u64,
+    /// How long a component may keep retrying transient errors without one success before it
+    /// stops with the last cause (ms). Default 0: retry for as long as it takes.
+    #[serde(default)]
+    pub max_retry_duration_ms: u64,
 }
 
 /// TLS mode to MySQL.
@@ -184,6 +193,10 @@ pub struct SourceConfig {
     /// Events buffered between reader and producer. Default 8192.
     #[serde(default = "default_channel_capacity")]
     pub channel_capacity: usize,
+    /// MySQL only: seconds a snapshot waits for `FLUSH TABLES WITH READ LOCK` before it gives
+    /// up (and retries later) rather than stall every writer queued behind it. Default 10.
+    #[serde(default = "default_snapshot_lock_wait_s")]
+    pub snapshot_lock_wait_s: u64,
 }
 
 /// `[kafka]`
@@ -388,6 +401,9 @@ fn default_topic_partitions() -> i32 {
 }
 fn default_channel_capacity() -> usize {
     DEFAULT_CHANNEL_CAPACITY
+}
+fn default_snapshot_lock_wait_s() -> u64 {
+    DEFAULT_SNAPSHOT_LOCK_WAIT_S
 }
 fn default_registry_timeout_ms() -> u64 {
     DEFAULT_REGISTRY_TIMEOUT_MS
@@ -657,6 +673,9 @@ impl Config {
             }
             if s.commit_interval_ms == 0 {
                 issue("source.commit_interval_ms", "must be at least 1");
+            }
+            if s.snapshot_lock_wait_s == 0 {
+                issue("source.snapshot_lock_wait_s", "must be at least 1");
             }
         }
         if let Some(m) = &self.mongo

@@ -31,6 +31,18 @@ impl ErrorClass {
 pub trait Classify {
     /// Whether retrying can help.
     fn class(&self) -> ErrorClass;
+
+    /// A low-cardinality name of the cause, for the `kind` metric label and for telling a run
+    /// of identical failures from changing ones: a server error code (`mysql_1040`), a client
+    /// error family (`kafka`, `registry_unreachable`), never a free-form message.
+    fn kind(&self) -> String {
+        "error".into()
+    }
+
+    /// What an operator should check when this error keeps coming back.
+    fn hint(&self) -> &'static str {
+        "that the server named in the error is up, reachable from ecst, and accepts its credentials"
+    }
 }
 
 /// Exponential backoff with a cap, used by every retry loop (no jitter needed: one process,

@@ -90,6 +90,11 @@ fn main() -> ExitCode {
         _ => {}
     }
     init_logs(Some(&cfg), cli.log_format.as_deref());
+    // A panic is a bug: one structured line with its message and place, instead of the default
+    // hook's free text. The task boundary then stops the component with a definite error.
+    std::panic::set_hook(Box::new(|info| {
+        tracing::error!(panic = %info, "a task panicked; this is a bug in ecst, please report it");
+    }));
     // One TLS provider for every client (rustls with ring): set before any client exists.
     if rustls::crypto::ring::default_provider()
         .install_default()

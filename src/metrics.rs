@@ -5,8 +5,9 @@
 //! low-cardinality (`table`, `mapping`, `class`), never a key value. Emission happens per batch or
 //! per transaction, not inside per-row loops, except where a counter increment is the whole cost.
 
-use std::sync::Arc;
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 
 use metrics::{Unit, describe_counter, describe_gauge, describe_histogram};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
@@ -21,6 +22,15 @@ pub const MAPPING_LABEL: &str = "mapping";
 pub const CLASS_LABEL: &str = "class";
 /// Label: component (`source` / `sink`).
 pub const COMPONENT_LABEL: &str = "component";
+/// Label: kind of an error (a server error code such as `mysql_1040`, or a client error family).
+pub const KIND_LABEL: &str = "kind";
+
+/// Gauge, labels `component`: 1 while the component retries a run of transient errors.
+pub const COMPONENT_RETRYING: &str = "ecst_component_retrying";
+/// Gauge, labels `component`: Unix time (s) of the component's last failure.
+pub const COMPONENT_LAST_ERROR_TS: &str = "ecst_component_last_error_timestamp_seconds";
+/// Counter, labels `component`, `kind`: transient failures by kind.
+pub const COMPONENT_ERRORS_TOTAL: &str = "ecst_component_errors_total";
 
 /// Counter, labels `table`: change events produced to Kafka (committed or not).
 pub const SOURCE_EVENTS_TOTAL: &str = "ecst_source_events_total";
@@ -60,19 +70,47 @@ pub const SOURCE_COMMIT_SECONDS: &str = "ecst_source_commit_seconds";
 /// Histogram (seconds): duration of one sink batch write to MongoDB.
 pub const SINK_BATCH_SECONDS: &str = "ecst_sink_batch_write_seconds";
 
-/// Readiness flags set by the components.
+/// Readiness flags set by the components, and the cause of each retry run under way.
 #[derive(Debug, Default)]
 pub struct Readiness {
     /// Source connected and streaming (or not configured).
     pub source_ready: AtomicBool,
     /// Sink consuming (or not configured).
     pub sink_ready: AtomicBool,
+    /// Component → what its retry run says (set by `retry::RetryLoop`).
+    retrying: Mutex<BTreeMap<&'static str, String>>,
 }
 
 impl Readiness {
-    /// Whether every configured component is ready.
+    /// Whether every configured component is ready and none is retrying.
     pub fn ready(&self) -> bool {
-        self.source_ready.load(Ordering::Relaxed) && self.sink_ready.load(Ordering::Relaxed)
+        self.source_ready.load(Ordering::Relaxed)
+            && self.sink_ready.load(Ordering::Relaxed)
+            && self.retrying.lock().map(|r| r.is_empty()).unwrap_or(false)
+    }
+
+    /// Marks `component` as retrying with `status` (`None`: no longer).
+    pub fn set_retrying(&self, component: &'static str, status: Option<String>) {
+        if let Ok(mut r) = self.retrying.lock() {
+            match status {
+                Some(s) => r.insert(component, s),
+                None => r.remove(component),
+            };
+        }
+    }
+
+    /// One line per reason the process is not ready (empty when ready).
+    pub fn not_ready_reasons(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        if let Ok(r) = self.retrying.lock() {
+            out.extend(r.iter().map(|(c, s)| format!("{c}: {s}")));
+        }
+        for (component, flag) in [("source", &self.source_ready), ("sink", &self.sink_ready)] {
+            if !flag.load(Ordering::Relaxed) && !out.iter().any(|l| l.starts_with(component)) {
+                out.push(format!("{component}: starting"));
+            }
+        }
+        out
     }
 }
 
@@ -123,6 +161,19 @@ pub fn install() -> Result<PrometheusHandle, String> {
     );
     describe_counter!(SINK_DLQ_TOTAL, "Messages sent to the dead-letter topic");
     describe_counter!(RETRIES_TOTAL, "Retries after errors");
+    describe_gauge!(
+        COMPONENT_RETRYING,
+        "1 while the component retries a run of transient errors"
+    );
+    describe_gauge!(
+        COMPONENT_LAST_ERROR_TS,
+        Unit::Seconds,
+        "Unix time of the component's last failure"
+    );
+    describe_counter!(
+        COMPONENT_ERRORS_TOTAL,
+        "Transient failures of the component by kind"
+    );
     describe_gauge!(SINK_CONSUMER_LAG, "Sink consumer lag in messages");
     describe_histogram!(
         END_TO_END_LATENCY,
@@ -161,7 +212,10 @@ pub async fn serve(listener: TcpListener, handle: PrometheusHandle, readiness: A
                 "/metrics" => ("200 OK", handle.render()),
                 "/health" => ("200 OK", "ok\n".to_string()),
                 "/ready" if readiness.ready() => ("200 OK", "ready\n".to_string()),
-                "/ready" => ("503 Service Unavailable", "not ready\n".to_string()),
+                "/ready" => (
+                    "503 Service Unavailable",
+                    format!("not ready\n{}\n", readiness.not_ready_reasons().join("\n")),
+                ),
                 _ => ("404 Not Found", "not found\n".to_string()),
             };
             let resp = format!(

@@ -1,6 +1,10 @@
 //! Integration tests on the real stack (`dev/stack up`). One binary, modules per behaviour.
 
+// Tests may unwrap and panic (the library may not: see Cargo.toml [lints]).
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
 mod common;
+mod failures;
 mod ops;
 mod security;
 mod sink;

@@ -1,56 +1,15 @@
 //! Operating ecst as a process: `check`, metrics, SIGTERM and kill -9 with restarts.
 
-use std::process::Stdio;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
 use ecst::events::Op;
 use mysql_async::prelude::Queryable;
-use tokio::process::{Child, Command};
+use tokio::process::Command;
 
 use crate::common::*;
 
 const T: Duration = Duration::from_secs(90);
-
-fn write_config(
-    tc: &TestConfig,
-    with_source: bool,
-    metrics: Option<u16>,
-) -> Result<std::path::PathBuf> {
-    let mut toml = tc.toml(with_source);
-    if let Some(port) = metrics {
-        toml = toml.replace("listen = \"\"", &format!("listen = \"127.0.0.1:{port}\""));
-    }
-    let path = std::env::temp_dir().join(format!("{}.toml", tc.name));
-    std::fs::write(&path, toml)?;
-    Ok(path)
-}
-
-fn spawn(cfg: &std::path::Path, cmd: &str) -> Result<Child> {
-    Ok(Command::new(ecst_bin())
-        .args(["--config", &cfg.to_string_lossy(), cmd])
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
-        .kill_on_drop(true)
-        .spawn()?)
-}
-
-fn free_port() -> Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
-}
-
-async fn http_get(port: u16, path: &str) -> Result<String> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
-    s.write_all(format!("GET {path} HTTP/1.1\r\nhost: x\r\n\r\n").as_bytes())
-        .await?;
-    let mut out = String::new();
-    s.read_to_string(&mut out).await?;
-    Ok(out)
-}
 
 #[tokio::test]
 async fn check_fails_the_binlog_format_line_with_statement_and_passes_the_others() -> Result<()> {
@@ -154,16 +113,6 @@ async fn metrics_expose_the_named_series_and_the_latency_histogram_moves_when_ch
     Ok(())
 }
 
-/// Sends SIGTERM (graceful) to a child.
-fn sigterm(child: &Child) -> Result<()> {
-    let pid = child.id().context("child pid")?;
-    let status = std::process::Command::new("kill")
-        .args(["-TERM", &pid.to_string()])
-        .status()?;
-    anyhow::ensure!(status.success(), "kill -TERM failed");
-    Ok(())
-}
-
 /// `count` updates of `counter` rows (ids 1..=100), 10 per transaction, each setting n = n + 1.
 async fn write_counter_updates(db: &str, count: u32) -> Result<()> {
     let mut c = admin().await?;
@@ -224,25 +173,27 @@ async fn kill_9_during_10000_changes_then_restart_delivers_each_change_exactly_o
     let db = counter_table().await?;
     let tc = TestConfig::new(&db, &["counter"]);
     let cfg = write_config(&tc, true, None)?;
-    let mut child = spawn(&cfg, "source")?;
+    // Each run's binlog reader pauses for good inside a MySQL transaction (10 one-row updates
+    // each: the 305th rows event is the 5th of one), so each kill lands with an open Kafka
+    // transaction holding half of it, on any machine.
+    let (env, reached) = failpoint("stream.rows_events", 305);
+    let mut child = spawn_captured(&cfg, "source", &env, "warn")?.child;
     wait_events(&tc.topic("counter"), 100, T).await?;
     let writer = tokio::spawn({
         let db = db.clone();
         async move { write_counter_updates(&db, 10_000).await }
     });
-    // Kill -9 twice while the stream is busy, restarting each time.
     for _ in 0..2 {
-        wait_for("stream busy", T, || async {
-            let n = read_topic(&tc.topic("counter"), 100_000, Duration::from_millis(500))
-                .await?
-                .len();
-            Ok((n > 1_000).then_some(()))
-        })
-        .await?;
+        wait_for_failpoint(&reached, T).await?;
+        std::fs::remove_file(&reached)?;
         child.kill().await?; // SIGKILL
         child.wait().await?;
-        child = spawn(&cfg, "source")?;
+        child = spawn_captured(&cfg, "source", &env, "warn")?.child;
     }
+    wait_for_failpoint(&reached, T).await?;
+    child.kill().await?;
+    child.wait().await?;
+    child = spawn(&cfg, "source")?;
     writer.await??;
     let evs = wait_events(&tc.topic("counter"), 10_100, Duration::from_secs(240)).await?;
     assert_exactly_once(&evs, 100);
@@ -344,8 +295,11 @@ async fn a_snapshot_killed_mid_table_resumes_after_its_last_committed_chunk_exac
     let mut tc = TestConfig::new(&db, &["big", "small"]);
     tc.extra_source = "snapshot_chunk_size = 100".into();
     let cfg = write_config(&tc, true, None)?;
-    let mut child = spawn(&cfg, "source")?;
-    // Kill -9 once a chunk past key 1000 is committed, well before the table's end.
+    // The snapshot pauses for good once 1,000 rows are handed over (test pause point), so the
+    // kill lands mid-table on any machine; the producer loop meanwhile commits what it got.
+    let (env, reached) = failpoint("snapshot.rows", 1_000);
+    let mut child = spawn_captured(&cfg, "source", &env, "warn")?.child;
+    wait_for_failpoint(&reached, T).await?;
     wait_for_every(
         "a committed snapshot chunk past key 1000",
         T,

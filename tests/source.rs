@@ -508,3 +508,57 @@ async fn the_checked_in_avro_schemas_are_what_the_seed_tables_produce() -> Resul
     }
     Ok(())
 }
+
+#[tokio::test]
+async fn snapshot_mode_never_without_a_stored_position_commits_its_changes_and_resumes_exactly_once()
+-> Result<()> {
+    let _shared = STACK_LOCK.read().await;
+    let db = seed_database().await?;
+    let mut tc = TestConfig::new(&db, &["users"]);
+    tc.extra_source = "snapshot_mode = \"never\"".into();
+    let run = start(tc.config(true)?, Components::Source);
+    // No snapshot: the stream starts at the binlog's end once the source is up (its topics
+    // exist), so the first change is written after that.
+    wait_for("the source's offsets topic", T, || async {
+        let cfg = tc.config(true)?;
+        Ok(
+            read_topic(&cfg.offsets_topic(), 0, Duration::from_millis(300))
+                .await
+                .ok()
+                .map(|_| ()),
+        )
+    })
+    .await?;
+    let mut inserted = 0;
+    let evs = wait_for("a committed change", T, || {
+        inserted += 1;
+        let id = 100 + inserted;
+        let db = db.clone();
+        let topic = tc.topic("users");
+        async move {
+            sql(format!(
+                "INSERT INTO `{db}`.users VALUES ({id}, 'N', 'Ever', 'never@x')"
+            ))
+            .await?;
+            let evs = events_of(&topic, 1, Duration::from_secs(2)).await?;
+            Ok((!evs.is_empty()).then_some(evs))
+        }
+    })
+    .await?;
+    assert!(evs.iter().all(|e| e.op == Op::Create), "no snapshot reads");
+    run.stop().await?;
+    let before = events_of(&tc.topic("users"), 1_000, Duration::from_secs(2))
+        .await?
+        .len();
+    // Changes while stopped are read after the restart: the stored position was committed.
+    sql(format!(
+        "INSERT INTO `{db}`.users VALUES (999, 'While', 'Down', 'down@x')"
+    ))
+    .await?;
+    let run = start(tc.config(true)?, Components::Source);
+    let evs = wait_events(&tc.topic("users"), before + 1, T).await?;
+    assert_eq!(evs.len(), before + 1, "each change exactly once");
+    assert_eq!(evs.last().and_then(|e| e.key.get_i32("id").ok()), Some(999));
+    run.stop().await?;
+    Ok(())
+}

@@ -44,10 +44,11 @@ use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::{Message, TopicPartitionList};
 
 use crate::config::{Config, MappingKind};
-use crate::error::{Backoff, Classify, ErrorClass};
+use crate::error::{Classify, ErrorClass};
 use crate::events::registry::{Registry, RegistryError};
 use crate::kafka::{KafkaClientError, MAX_MESSAGE_BYTES, TopicSpec, client_config, ensure_topics};
 use crate::metrics::{self as m, Readiness};
+use crate::retry::{RetryLoop, Verdict};
 use crate::shutdown::ShutdownRx;
 use decode::{DecodeError, DecodedEvent, decode_message};
 use mapping::Mapping;
@@ -126,6 +127,34 @@ impl Classify for SinkError {
             SinkError::MissingIndex { .. } | SinkError::NotConfigured(_) => ErrorClass::Definite,
         }
     }
+
+    fn kind(&self) -> String {
+        match self {
+            SinkError::Mongo(e) => match e.kind.as_ref() {
+                mongodb::error::ErrorKind::Command(c) => format!("mongo_{}", c.code),
+                mongodb::error::ErrorKind::Write(_) => "mongo_write".into(),
+                _ => "mongo".into(),
+            },
+            SinkError::MongoWrite { code, .. } => format!("mongo_{code}"),
+            SinkError::Kafka(_) => "kafka".into(),
+            SinkError::Registry(_) => "registry".into(),
+            SinkError::DeadLetter { .. } => "dead_letter_topic".into(),
+            SinkError::MissingIndex { .. } | SinkError::NotConfigured(_) => "sink".into(),
+        }
+    }
+
+    fn hint(&self) -> &'static str {
+        match self {
+            SinkError::Mongo(_) | SinkError::MongoWrite { .. } => {
+                "that MongoDB at mongo.uri is up, has a primary, and accepts the user"
+            }
+            SinkError::Registry(_) => "that the schema registry at schema_registry.url is up",
+            SinkError::Kafka(_) | SinkError::DeadLetter { .. } => {
+                "that the Kafka brokers in kafka.bootstrap_servers are up"
+            }
+            SinkError::MissingIndex { .. } | SinkError::NotConfigured(_) => "the error above",
+        }
+    }
 }
 
 /// A message that will be dead-lettered.
@@ -170,6 +199,11 @@ pub struct Sink {
 }
 
 impl Sink {
+    /// Closes the MongoDB client (see [`MongoWriter::close`]).
+    pub async fn close(self) {
+        self.writer.close().await;
+    }
+
     /// Connects to MongoDB, checks indexes, prepares the dead-letter producer.
     pub async fn new(cfg: Arc<Config>, registry: Registry) -> Result<Self, SinkError> {
         let sink_cfg = cfg.sink.clone().ok_or(SinkError::NotConfigured("[sink]"))?;
@@ -488,19 +522,20 @@ fn resume_assigned(consumer: &StreamConsumer) {
 async fn apply_until_done(
     sink: &Sink,
     batch: &[OwnedMessage],
-    backoff: &mut Backoff,
+    retry: &mut RetryLoop,
     shutdown: &mut ShutdownRx,
 ) -> Result<bool, SinkError> {
     loop {
         match sink.process(batch).await {
             Ok(_) => {
-                backoff.reset();
+                retry.recovered();
                 return Ok(true);
             }
             Err(e) if e.class() == ErrorClass::Transient => {
-                let delay = backoff.next_delay();
-                metrics::counter!(m::RETRIES_TOTAL, m::COMPONENT_LABEL => "sink", m::CLASS_LABEL => "transient").increment(1);
-                tracing::warn!(error = %e, retry_in_ms = delay.as_millis() as u64, messages = batch.len(), "batch not applied, retrying");
+                let Verdict::RetryIn(delay) = retry.failed("sink batch not applied", &e) else {
+                    return Err(e);
+                };
+                tracing::debug!(messages = batch.len(), "batch held until it can be applied");
                 tokio::select! {
                     () = shutdown.wait() => return Ok(false),
                     () = tokio::time::sleep(delay) => {}
@@ -548,14 +583,21 @@ pub async fn run(
     let Some(sink_cfg) = cfg.sink.clone() else {
         return Ok(());
     };
-    let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(30));
+    let mut retry = RetryLoop::new(
+        "sink",
+        Duration::from_millis(200),
+        Duration::from_secs(30),
+        cfg.max_retry_duration_ms,
+        readiness.clone(),
+    );
     // Start-up (MongoDB reachable, indexes) retried like any transient error.
     let sink = loop {
         match Sink::new(cfg.clone(), registry.clone()).await {
             Ok(s) => break s,
             Err(e) if e.class() == ErrorClass::Transient => {
-                let delay = backoff.next_delay();
-                tracing::warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "sink cannot start yet");
+                let Verdict::RetryIn(delay) = retry.failed("sink cannot start yet", &e) else {
+                    return Err(e);
+                };
                 tokio::select! {
                     () = shutdown.wait() => return Ok(()),
                     () = tokio::time::sleep(delay) => {}
@@ -564,8 +606,32 @@ pub async fn run(
             Err(e) => return Err(e),
         }
     };
-    backoff.reset();
-    let consumer = Arc::new(consumer_for(&cfg)?);
+    retry.recovered();
+    let result = consume(
+        &cfg,
+        &sink_cfg,
+        &sink,
+        &mut retry,
+        &mut shutdown,
+        &readiness,
+    )
+    .await;
+    // Close the MongoDB client while the runtime still runs: dropped at runtime shutdown, the
+    // driver's background tasks panic on their closed channels.
+    sink.close().await;
+    result
+}
+
+/// The consume → batch → apply → store-offsets loop, until shutdown or a definite error.
+async fn consume(
+    cfg: &Arc<Config>,
+    sink_cfg: &crate::config::SinkConfig,
+    sink: &Sink,
+    retry: &mut RetryLoop,
+    shutdown: &mut ShutdownRx,
+    readiness: &Arc<Readiness>,
+) -> Result<(), SinkError> {
+    let consumer = Arc::new(consumer_for(cfg)?);
     let topics: Vec<String> = {
         let mut t: Vec<String> = sink_cfg.mappings.iter().map(|m| m.topic.clone()).collect();
         t.sort();
@@ -636,9 +702,11 @@ pub async fn run(
                 match r {
                     Ok(m) => m.detach(),
                     Err(e) => {
-                        let delay = backoff.next_delay();
-                        metrics::counter!(m::RETRIES_TOTAL, m::COMPONENT_LABEL => "sink", m::CLASS_LABEL => "transient").increment(1);
-                        tracing::warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "kafka consume error");
+                        let e = SinkError::Kafka(KafkaClientError::Broker(e));
+                        let Verdict::RetryIn(delay) = retry.failed("kafka consume error", &e)
+                        else {
+                            return Err(e);
+                        };
                         tokio::select! {
                             () = shutdown.wait() => break 'outer,
                             () = tokio::time::sleep(delay) => {}
@@ -687,7 +755,7 @@ pub async fn run(
         // twice). What arrives is carried into the next batch; at the bounds, the assigned
         // partitions are paused, and polling them only keeps the membership alive.
         let applied = {
-            let work = apply_until_done(&sink, &batch, &mut backoff, &mut shutdown);
+            let work = apply_until_done(sink, &batch, retry, shutdown);
             tokio::pin!(work);
             loop {
                 tokio::select! {

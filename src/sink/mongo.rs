@@ -81,6 +81,7 @@ pub enum FanOutPlan {
 /// The writer.
 #[derive(Clone)]
 pub struct MongoWriter {
+    client: mongodb::Client,
     db: mongodb::Database,
     plan: FanOutPlan,
 }
@@ -110,7 +111,19 @@ impl MongoWriter {
         } else {
             FanOutPlan::UpdateMany
         };
-        Ok(MongoWriter { db, plan })
+        Ok(MongoWriter { client, db, plan })
+    }
+
+    /// Shuts the client down: its background tasks end and its connections close now, while
+    /// the runtime runs (bounded: a server that does not answer does not hold up the exit).
+    pub async fn close(self) {
+        let shutdown = self.client.shutdown();
+        if tokio::time::timeout(std::time::Duration::from_secs(5), shutdown)
+            .await
+            .is_err()
+        {
+            tracing::warn!("mongodb client did not shut down within 5 s");
+        }
     }
 
     /// The fan-out plan chosen for this server.

@@ -10,6 +10,20 @@
 //! held in memory), and a [`SourceMsg::Commit`] follows each XID/COMMIT or standalone DDL. Only
 //! those positions are ever stored, because the protocol cannot resume inside a transaction.
 //!
+//! Positions come from the stream, never from a header field a server may leave at 0. MariaDB
+//! 11.4 (`binlog_legacy_event_pos = OFF`, its default) writes `end_log_pos 0` in the header of
+//! every event copied from a transaction cache; only events written directly (GTID, XID, …)
+//! carry one. So:
+//! * a change is placed at its transaction's start — the end of its GTID (or BEGIN) event, else
+//!   the last boundary — plus its row index in the transaction ([`TxPlace`]). That orders every
+//!   change of a server's binlog exactly, and it compares with boundaries as the change itself
+//!   would: after the previous transaction's end, before its own;
+//! * a boundary whose header has no position (a COMMIT query or DDL written from a cache) is
+//!   *deferred*: the transaction is complete, but its resume point is only known exactly from the
+//!   next event that has one — the next GTID event starts there (`end - size`), a heartbeat
+//!   reports it, a rotate replaces it. Computing it by summing event sizes would be wrong: the
+//!   server does not send every event of the file (ANNOTATE_ROWS is skipped unless asked for).
+//!
 //! Failure modes: any read error, a CRC mismatch or silence longer than twice the heartbeat ends
 //! the reader with a transient error; the source then aborts the open Kafka transaction and
 //! reconnects from the last *committed* position, so partial transactions are re-read, never
@@ -41,7 +55,44 @@ const FORMAT_DESCRIPTION_EVENT: u8 = 15;
 const TABLE_MAP_EVENT: u8 = 19;
 const HEARTBEAT_EVENT: u8 = 27;
 const MYSQL_GTID_EVENT: u8 = 33;
+const MYSQL_ANONYMOUS_GTID_EVENT: u8 = 34;
 const MARIADB_GTID_EVENT: u8 = 162;
+
+/// Where a transaction's changes are placed in the binlog order (see the module note).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TxPlace {
+    /// The transaction's start: the end of its GTID/BEGIN event, or the last boundary.
+    pub pos: u64,
+    /// Rows of the transaction placed so far (the next row's index).
+    pub next_row: u32,
+}
+
+impl TxPlace {
+    /// The place of a transaction opened by an event whose header says `log_pos` (0: none),
+    /// after the boundary `boundary`.
+    pub fn open(log_pos: u32, boundary: u64) -> TxPlace {
+        TxPlace {
+            pos: if log_pos == 0 {
+                boundary
+            } else {
+                u64::from(log_pos)
+            },
+            next_row: 0,
+        }
+    }
+
+    /// The `(pos, row)` of the next row.
+    pub fn place_row(&mut self) -> (u64, u32) {
+        let row = self.next_row;
+        self.next_row = self.next_row.saturating_add(1);
+        (self.pos, row)
+    }
+}
+
+/// The exact start of an event whose header says it ends at `log_pos` (0: unknown).
+pub fn event_start(log_pos: u32, event_size: u32) -> Option<u64> {
+    (log_pos != 0).then(|| u64::from(log_pos).saturating_sub(u64::from(event_size)))
+}
 
 /// Decodes a MariaDB GTID event body: `seq u64 LE | domain u32 LE | flags2 u8`.
 /// Returns `(domain-server-seq, standalone)`.
@@ -83,6 +134,15 @@ pub async fn run_reader(
     // Inside a transaction (after BEGIN or a MariaDB non-standalone GTID, until XID/COMMIT).
     let mut in_tx = false;
     let mut tx_ts_ms: i64 = 0;
+    // The last resume point (a transaction boundary), and where the open transaction's changes
+    // are placed.
+    let mut boundary = start.pos;
+    let mut place = TxPlace::open(0, boundary);
+    // A transaction that ended on an event without a position: its GTID and commit time, sent
+    // as a boundary once the next positioned event says where it ended.
+    let mut deferred: Option<(Option<String>, i64)> = None;
+    // Rows events handed over (test pause points count them).
+    let mut rows_events: u64 = 0;
     // table_id → (raw TABLE_MAP body, decoded shape); None = not captured.
     let mut tables_by_id: HashMap<u64, (Vec<u8>, Option<Arc<BinlogTable>>)> = HashMap::new();
 
@@ -106,6 +166,7 @@ pub async fn run_reader(
         };
         let header = event.header();
         let etype = header.event_type_raw();
+        let log_pos = header.log_pos();
         if crc
             && fde_seen
             && let Some(sum) = event.checksum()
@@ -114,8 +175,29 @@ pub async fn run_reader(
             if u32::from_le_bytes(sum) != expected {
                 return Err(SourceError::Checksum {
                     file: file.clone(),
-                    pos: u64::from(header.log_pos()),
+                    pos: u64::from(log_pos),
                 });
+            }
+        }
+        // A deferred boundary is known exactly once a positioned event follows: a GTID event
+        // starts where the transaction before it ended; a heartbeat says where the dump is.
+        if deferred.is_some() {
+            let known = match etype {
+                MARIADB_GTID_EVENT | MYSQL_GTID_EVENT | MYSQL_ANONYMOUS_GTID_EVENT => {
+                    event_start(log_pos, header.event_size())
+                }
+                HEARTBEAT_EVENT => (log_pos != 0).then_some(u64::from(log_pos)),
+                _ => None,
+            };
+            if let Some(end) = known.filter(|&e| e >= boundary)
+                && let Some((g, ts)) = deferred.take()
+            {
+                boundary = end;
+                let position = BinlogPosition {
+                    file: file.clone(),
+                    pos: end,
+                };
+                tx.send(commit(position, g, ts)).await?;
             }
         }
         match etype {
@@ -126,14 +208,16 @@ pub async fn run_reader(
                         name.truncate(name.len() - 4);
                     }
                     file = String::from_utf8_lossy(&name).into_owned();
-                    if header.log_pos() != 0 && !in_tx {
+                    if (log_pos != 0 || deferred.is_some()) && !in_tx {
                         // A real rotate between transactions: the next file's start is a safe
-                        // resume point.
+                        // resume point (and replaces a deferred one).
+                        boundary = r.position();
                         let position = BinlogPosition {
                             file: file.clone(),
-                            pos: r.position(),
+                            pos: boundary,
                         };
-                        tx.send(commit(position, None, 0)).await?;
+                        let (g, ts) = deferred.take().unwrap_or((None, 0));
+                        tx.send(commit(position, g, ts)).await?;
                     }
                 }
             }
@@ -145,6 +229,7 @@ pub async fn run_reader(
                 in_tx = parsed.as_ref().is_some_and(|(_, standalone)| !*standalone);
                 gtid = parsed.map(|(g, _)| g);
                 tx_ts_ms = i64::from(header.timestamp()) * 1000;
+                place = TxPlace::open(log_pos, boundary);
             }
             MYSQL_GTID_EVENT => {
                 if let Ok(Some(EventData::GtidEvent(g))) = event.read_data() {
@@ -161,6 +246,11 @@ pub async fn run_reader(
                     ));
                 }
                 tx_ts_ms = i64::from(header.timestamp()) * 1000;
+                place = TxPlace::open(log_pos, boundary);
+            }
+            MYSQL_ANONYMOUS_GTID_EVENT => {
+                tx_ts_ms = i64::from(header.timestamp()) * 1000;
+                place = TxPlace::open(log_pos, boundary);
             }
             QUERY_EVENT => {
                 let query = match event.read_data() {
@@ -168,28 +258,42 @@ pub async fn run_reader(
                     _ => String::new(),
                 };
                 if query == "BEGIN" {
+                    // MariaDB announced the transaction with its GTID event already.
+                    if !in_tx {
+                        place = TxPlace::open(log_pos, boundary);
+                    }
                     in_tx = true;
                     tx_ts_ms = i64::from(header.timestamp()) * 1000;
                 } else if query == "COMMIT" || !in_tx {
-                    let position = BinlogPosition {
-                        file: file.clone(),
-                        pos: u64::from(header.log_pos()),
-                    };
-                    tx.send(commit(position, gtid.take(), tx_ts_ms)).await?;
                     in_tx = false;
                     if query != "COMMIT" {
                         // DDL may have changed table shapes; new TABLE_MAPs will follow.
                         tables_by_id.clear();
                     }
+                    if log_pos == 0 {
+                        deferred = Some((gtid.take(), tx_ts_ms));
+                    } else {
+                        boundary = u64::from(log_pos);
+                        let position = BinlogPosition {
+                            file: file.clone(),
+                            pos: boundary,
+                        };
+                        tx.send(commit(position, gtid.take(), tx_ts_ms)).await?;
+                    }
                 }
             }
             XID_EVENT => {
                 in_tx = false;
-                let position = BinlogPosition {
-                    file: file.clone(),
-                    pos: u64::from(header.log_pos()),
-                };
-                tx.send(commit(position, gtid.take(), tx_ts_ms)).await?;
+                if log_pos == 0 {
+                    deferred = Some((gtid.take(), tx_ts_ms));
+                } else {
+                    boundary = u64::from(log_pos);
+                    let position = BinlogPosition {
+                        file: file.clone(),
+                        pos: boundary,
+                    };
+                    tx.send(commit(position, gtid.take(), tx_ts_ms)).await?;
+                }
             }
             TABLE_MAP_EVENT => {
                 let tme: TableMapEvent<'_> =
@@ -251,10 +355,10 @@ pub async fn run_reader(
                     before.as_deref(),
                     after.as_deref(),
                 )?;
-                // Only a resumed snapshot's stretch needs the position of each rows event.
+                // Only a resumed snapshot's stretch needs a position per change.
                 let at = window.as_ref().map(|_| BinlogPosition {
                     file: file.clone(),
-                    pos: u64::from(header.log_pos()),
+                    pos: place.pos,
                 });
                 if let (Some(w), Some(at)) = (&window, &at)
                     && w.passed(at)
@@ -263,7 +367,8 @@ pub async fn run_reader(
                     window = None;
                 }
                 let mut batch = Vec::with_capacity(decoded.len());
-                for (row, (b, a)) in decoded.into_iter().enumerate() {
+                for (b, a) in decoded {
+                    let (pos, row) = place.place_row();
                     let ev = ChangeEvent {
                         schema: table.schema.clone(),
                         op,
@@ -275,8 +380,8 @@ pub async fn run_reader(
                             server_id: header.server_id(),
                             gtid: ev_gtid.clone(),
                             file: ev_file.clone(),
-                            pos: u64::from(header.log_pos()),
-                            row: row as u32,
+                            pos,
+                            row,
                             read_ts_ms,
                         },
                     };
@@ -291,6 +396,8 @@ pub async fn run_reader(
                 }
                 // One message per rows event: the channel costs per message, not per row.
                 tx.send(SourceMsg::Changes(batch)).await?;
+                rows_events += 1;
+                crate::failpoint::pause_if_armed("stream.rows_events", rows_events).await;
             }
             _ => {}
         }

@@ -37,7 +37,6 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use mysql_async::prelude::Queryable;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, OwnedHeaders};
@@ -46,7 +45,7 @@ use rdkafka::{Message, Offset, TopicPartitionList};
 use tokio::sync::mpsc;
 
 use crate::config::{Config, MysqlConfig, SnapshotMode, SourceConfig, TlsMode};
-use crate::error::{Backoff, Classify, ErrorClass};
+use crate::error::{Classify, ErrorClass};
 use crate::events::avro::{AvroError, TableAvro, encode_envelope, encode_key};
 use crate::events::registry::{Registry, RegistryError, frame_into};
 use crate::events::{
@@ -56,6 +55,7 @@ use crate::events::{
 use crate::kafka::{KafkaClientError, MAX_MESSAGE_BYTES, TopicSpec, client_config, ensure_topics};
 use crate::metrics::{self as m, Readiness};
 use crate::offsets::{BinlogPosition, SnapshotSegment, SourceOffset};
+use crate::retry::{RetryLoop, Verdict};
 use crate::shutdown::ShutdownRx;
 use window::Window;
 
@@ -137,6 +137,16 @@ pub enum SourceError {
     TableNotFound {
         /// Table.
         table: String,
+    },
+    /// MySQL's global read lock for the snapshot's position could not be taken in time.
+    #[error(
+        "snapshot: FLUSH TABLES WITH READ LOCK not granted within {seconds} s ({detail}); a long-running query or lock holds it. The snapshot retries; raise source.snapshot_lock_wait_s, or end the blocking query (SHOW PROCESSLIST)"
+    )]
+    SnapshotLock {
+        /// The bound waited.
+        seconds: u64,
+        /// The server's answer.
+        detail: String,
     },
     /// The server reported no binlog position (binary logging off?).
     #[error("the server reports no binlog position: is log_bin enabled?")]
@@ -221,6 +231,7 @@ impl Classify for SourceError {
             | E::StreamEnded
             | E::Checksum { .. }
             | E::ChannelClosed
+            | E::SnapshotLock { .. }
             | E::Offsets { .. } => ErrorClass::Transient,
             E::Registry(e) => e.class(),
             E::Kafka(e) => e.class(),
@@ -236,6 +247,42 @@ impl Classify for SourceError {
             | E::SchemaRefused { .. }
             | E::Avro(_)
             | E::Task(_) => ErrorClass::Definite,
+        }
+    }
+
+    fn kind(&self) -> String {
+        use SourceError as E;
+        match self {
+            E::Mysql(mysql_async::Error::Server(s)) => format!("mysql_{}", s.code),
+            E::Mysql(mysql_async::Error::Io(_)) => "mysql_io".into(),
+            E::Mysql(_) => "mysql".into(),
+            E::ConnectTimeout { .. } => "mysql_connect_timeout".into(),
+            E::Stalled { .. } => "binlog_stalled".into(),
+            E::StreamEnded => "binlog_ended".into(),
+            E::Checksum { .. } => "binlog_checksum".into(),
+            E::SnapshotLock { .. } => "snapshot_lock".into(),
+            E::Registry(_) => "registry".into(),
+            E::Kafka(_) => "kafka".into(),
+            E::Offsets { .. } => "offsets_topic".into(),
+            E::ChannelClosed => "channel_closed".into(),
+            _ => "source".into(),
+        }
+    }
+
+    fn hint(&self) -> &'static str {
+        use SourceError as E;
+        match self {
+            E::Mysql(_) | E::ConnectTimeout { .. } | E::Stalled { .. } | E::StreamEnded => {
+                "that MySQL at mysql.host:mysql.port is up and reachable, accepts the ecst user (grants, max_connections), and that no network device drops idle connections"
+            }
+            E::SnapshotLock { .. } => {
+                "long-running queries or LOCK TABLES sessions on MySQL (SHOW PROCESSLIST)"
+            }
+            E::Registry(_) => "that the schema registry at schema_registry.url is up",
+            E::Kafka(_) | E::Offsets { .. } => {
+                "that the Kafka brokers in kafka.bootstrap_servers are up and the offsets topic is available"
+            }
+            _ => "the error above",
         }
     }
 }
@@ -760,7 +807,13 @@ pub async fn run(
     let (Some(src), Some(mysql)) = (cfg.source.clone(), cfg.mysql.clone()) else {
         return Ok(());
     };
-    let mut backoff = Backoff::new(Duration::from_millis(500), Duration::from_secs(30));
+    let mut retry = RetryLoop::new(
+        "source",
+        Duration::from_millis(500),
+        Duration::from_secs(30),
+        cfg.max_retry_duration_ms,
+        readiness.clone(),
+    );
     let mut first = true;
     let mut publisher: Option<Publisher> = None;
     let mut committed: Option<SourceOffset> = None;
@@ -778,6 +831,7 @@ pub async fn run(
             first,
             shutdown.clone(),
             &readiness,
+            &mut retry,
         )
         .await;
         readiness.source_ready.store(false, Ordering::Relaxed);
@@ -787,10 +841,13 @@ pub async fn run(
         match res {
             Ok(()) => return Ok(()),
             Err(e) if e.class() == ErrorClass::Transient => {
-                let delay = backoff.next_delay();
                 metrics::counter!(m::SOURCE_RESTARTS_TOTAL).increment(1);
-                metrics::counter!(m::RETRIES_TOTAL, m::COMPONENT_LABEL => "source", m::CLASS_LABEL => "transient").increment(1);
-                tracing::warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "source interrupted, will resume from the last committed position");
+                let Verdict::RetryIn(delay) = retry.failed(
+                    "source interrupted, will resume from the last committed position",
+                    &e,
+                ) else {
+                    return Err(e);
+                };
                 // A fenced or broken producer must be recreated; a fresh one also aborts leftovers.
                 if matches!(&e, SourceError::Kafka(_)) {
                     publisher = None;
@@ -809,6 +866,8 @@ pub async fn run(
                     } else {
                         tracing::error!(error = %e, "source stopped: kafka refused definitively");
                     }
+                } else {
+                    tracing::error!(error = %e, kind = e.kind(), "source stopped");
                 }
                 return Err(e);
             }
@@ -828,6 +887,7 @@ async fn session(
     first: bool,
     mut shutdown: ShutdownRx,
     readiness: &Arc<Readiness>,
+    retry: &mut RetryLoop,
 ) -> Result<(), SourceError> {
     let offsets_topic = cfg.offsets_topic();
     let mut topics = vec![TopicSpec {
@@ -927,11 +987,9 @@ async fn session(
         (None, false) => {
             // snapshot_mode = never and nothing stored: start at the current end.
             let mut conn = connect(mysql).await?;
-            let st: Option<mysql_async::Row> = conn.query_first("SHOW MASTER STATUS").await?;
-            let st = st.ok_or(SourceError::NoBinlogPosition)?;
-            let file: String = st.get(0).ok_or(SourceError::NoBinlogPosition)?;
-            let pos: u64 = st.get(1).ok_or(SourceError::NoBinlogPosition)?;
-            Some(BinlogPosition { file, pos })
+            let end = preflight::binlog_end(&mut conn).await?;
+            tracing::info!(position = %end, "no stored position and snapshot_mode = never: streaming from the binlog's current end");
+            Some(end)
         }
         (_, true) => None,
     };
@@ -940,6 +998,7 @@ async fn session(
     let reader_cfg = mysql.clone();
     let tables: Vec<String> = src.tables.clone();
     let chunk = src.snapshot_chunk_size;
+    let lock_wait_s = src.snapshot_lock_wait_s;
     let reader_shutdown = shutdown.clone();
     // Streaming inside the stretch a resumed snapshot spanned keeps filtering after a restart.
     let stored_window = stored
@@ -950,7 +1009,8 @@ async fn session(
             Some(p) => (p, stored_window),
             None => {
                 let segments =
-                    snapshot::run_snapshot(&reader_cfg, &tables, chunk, &tx, resume).await?;
+                    snapshot::run_snapshot(&reader_cfg, &tables, chunk, lock_wait_s, &tx, resume)
+                        .await?;
                 let start = segments
                     .first()
                     .map(|s| s.at.clone())
@@ -971,23 +1031,57 @@ async fn session(
         .await
     });
     let abort_reader = reader.abort_handle();
-    let result = pump(src, publisher, committed, &mut rx, &mut shutdown, readiness).await;
+    let result = pump(
+        src,
+        publisher,
+        committed,
+        !need_snapshot,
+        &mut rx,
+        &mut shutdown,
+        readiness,
+        retry,
+    )
+    .await;
     drop(rx);
-    let reader_result = match result {
-        Ok(()) => {
-            // Shutdown: the reader stops on the same signal.
-            reader.await
-        }
+    match result {
+        // Shutdown: the reader stops on the same signal.
+        Ok(()) => reader_outcome(reader.await).map(|_| ()),
+        // The reader ended first, and its end is the cause: report that, not the closed
+        // channel the producer loop saw.
+        Err(SourceError::ChannelClosed) => match reader_outcome(reader.await) {
+            Err(cause) => Err(cause),
+            Ok(()) => Err(SourceError::ChannelClosed),
+        },
         Err(e) => {
             abort_reader.abort();
-            return Err(e);
+            Err(e)
         }
-    };
-    match reader_result {
+    }
+}
+
+/// What the reader task's end means for the session: its own error, a panic turned into a
+/// definite error with its message, or nothing (it stopped on shutdown or was cancelled).
+fn reader_outcome(
+    joined: Result<Result<(), SourceError>, tokio::task::JoinError>,
+) -> Result<(), SourceError> {
+    match joined {
         Ok(Ok(())) | Ok(Err(SourceError::ChannelClosed)) => Ok(()),
         Ok(Err(e)) => Err(e),
         Err(join) if join.is_cancelled() => Ok(()),
-        Err(join) => Err(SourceError::Task(join.to_string())),
+        Err(join) => {
+            let detail = match join.try_into_panic() {
+                Ok(payload) => payload
+                    .downcast_ref::<&str>()
+                    .map(|s| (*s).to_string())
+                    .or_else(|| payload.downcast_ref::<String>().cloned())
+                    .unwrap_or_else(|| "a panic without a message".into()),
+                Err(join) => join.to_string(),
+            };
+            tracing::error!(task = "binlog reader", panic = %detail, "source task panicked");
+            Err(SourceError::Task(format!(
+                "binlog reader panicked: {detail}"
+            )))
+        }
     }
 }
 
@@ -999,24 +1093,34 @@ fn busy_interval(interval: Duration, last_commit_took: Duration) -> Duration {
     interval.max((last_commit_took * 9).min(interval * 10))
 }
 
+/// How long a session must stream without an error before a retry run counts as over.
+const RECOVERED_AFTER: Duration = Duration::from_secs(10);
+
 /// The producer loop of one session.
+#[allow(clippy::too_many_arguments)]
 async fn pump(
     src: &SourceConfig,
     publisher: &mut Publisher,
     committed: &mut Option<SourceOffset>,
+    no_snapshot: bool,
     rx: &mut Inbox,
     shutdown: &mut ShutdownRx,
     readiness: &Arc<Readiness>,
+    retry: &mut RetryLoop,
 ) -> Result<(), SourceError> {
     let interval = Duration::from_millis(src.commit_interval_ms);
+    let started = Instant::now();
     let idle_interval = interval.max(Duration::from_secs(1));
     let mut tick = tokio::time::interval(interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last_commit = Instant::now();
     let mut at_boundary = true;
-    let mut snapshot_done = committed.as_ref().is_some_and(|o| o.snapshot_completed);
+    // Without a snapshot in this session (a stored position, or `snapshot_mode = never` from the
+    // binlog's end) every boundary is a resume point to commit.
+    let mut snapshot_done = no_snapshot || committed.as_ref().is_some_and(|o| o.snapshot_completed);
     let mut pending: Option<SourceOffset> = None;
     let mut last_ts_ms: i64 = 0;
+    let mut committed_here = false;
     let tables = src.tables.clone();
     // While the stream replays a resumed snapshot's stretch, offsets keep its segments.
     let mut window = committed
@@ -1115,6 +1219,11 @@ async fn pump(
             }
             None => {}
         }
+        // A retry run is over once this session has held up: it committed, or it has been
+        // streaming for a while without an error (an idle source has nothing to commit).
+        if retry.is_retrying() && (committed_here || started.elapsed() >= RECOVERED_AFTER) {
+            retry.recovered();
+        }
         if !at_boundary {
             continue;
         }
@@ -1135,6 +1244,7 @@ async fn pump(
             if committed.as_ref() != Some(&o) {
                 publisher.commit(&o).await?;
                 *committed = Some(o);
+                committed_here = true;
                 if last_ts_ms > 0 {
                     let now = crate::events::now_ms();
                     metrics::gauge!(m::SOURCE_MS_BEHIND).set((now - last_ts_ms).max(0) as f64);

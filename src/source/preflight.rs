@@ -55,6 +55,34 @@ fn setting(name: &str, actual: Option<&str>, expected: &str, fix: &str) -> Check
     }
 }
 
+/// The server's current binlog end, read by column name (MySQL 8.0 returns five columns where
+/// MariaDB returns four): `SHOW BINARY LOG STATUS` (MySQL 8.2+; 8.4 removed the older statement),
+/// else `SHOW MASTER STATUS` (MySQL before 8.2, MariaDB).
+pub async fn binlog_end(conn: &mut mysql_async::Conn) -> Result<BinlogPosition, SourceError> {
+    let row: Option<mysql_async::Row> = match conn.query_first("SHOW BINARY LOG STATUS").await {
+        Ok(r) => r,
+        // 1064: a syntax error, the server predates the statement.
+        Err(mysql_async::Error::Server(e)) if e.code == 1064 => {
+            conn.query_first("SHOW MASTER STATUS").await?
+        }
+        Err(e) => return Err(e.into()),
+    };
+    let row = row.ok_or(SourceError::NoBinlogPosition)?;
+    position_of_status_row(&row).ok_or(SourceError::NoBinlogPosition)
+}
+
+/// `File` and `Position` of a binlog status row, whatever other columns it has.
+fn position_of_status_row(row: &mysql_async::Row) -> Option<BinlogPosition> {
+    let idx = |name: &str| {
+        row.columns_ref()
+            .iter()
+            .position(|c| c.name_str().eq_ignore_ascii_case(name))
+    };
+    let file: String = row.get_opt(idx("File")?)?.ok()?;
+    let pos: u64 = row.get_opt(idx("Position")?)?.ok()?;
+    (!file.is_empty()).then_some(BinlogPosition { file, pos })
+}
+
 /// Runs every MySQL check. A connection failure is returned as an error (transient).
 pub async fn check_mysql(
     cfg: &MysqlConfig,

@@ -39,6 +39,7 @@ pub async fn run_snapshot(
     cfg: &MysqlConfig,
     tables: &[String],
     chunk_size: u32,
+    lock_wait_s: u64,
     tx: &Outbox,
     resume: Vec<SnapshotSegment>,
 ) -> Result<Vec<SnapshotSegment>, SourceError> {
@@ -67,13 +68,33 @@ pub async fn run_snapshot(
             .unwrap_or(0);
         BinlogPosition { file, pos }
     } else {
-        conn.query_drop("FLUSH TABLES WITH READ LOCK").await?;
-        conn.query_drop("START TRANSACTION WITH CONSISTENT SNAPSHOT, READ ONLY")
-            .await?;
-        let status: Option<(String, u64)> = conn.query_first("SHOW MASTER STATUS").await?;
+        // The global read lock is held only while the position is read and the snapshot
+        // transaction opened; waiting for it is bounded, so a long query makes this attempt
+        // fail (and retry later) instead of stalling every writer behind the lock request.
+        conn.query_drop(format!(
+            "SET SESSION lock_wait_timeout = {}",
+            lock_wait_s.max(1)
+        ))
+        .await?;
+        match conn.query_drop("FLUSH TABLES WITH READ LOCK").await {
+            Ok(()) => {}
+            // 1205: lock wait timeout exceeded.
+            Err(mysql_async::Error::Server(e)) if e.code == 1205 => {
+                return Err(SourceError::SnapshotLock {
+                    seconds: lock_wait_s,
+                    detail: e.message,
+                });
+            }
+            Err(e) => return Err(e.into()),
+        }
+        let opened = async {
+            conn.query_drop("START TRANSACTION WITH CONSISTENT SNAPSHOT, READ ONLY")
+                .await?;
+            super::preflight::binlog_end(&mut conn).await
+        }
+        .await;
         conn.query_drop("UNLOCK TABLES").await?;
-        let (file, pos) = status.unwrap_or_default();
-        BinlogPosition { file, pos }
+        opened?
     };
     if position.file.is_empty() {
         return Err(SourceError::NoBinlogPosition);
@@ -103,6 +124,8 @@ pub async fn run_snapshot(
         ));
     }
     let last_table = schemas.len().saturating_sub(1);
+    // Rows handed over by this run of the snapshot (test pause points count them).
+    let mut sent_rows: u64 = 0;
     for (ti, schema) in schemas.iter().enumerate().skip(first_table) {
         let qn = schema.qualified_name();
         let estimate: Option<u64> = conn
@@ -149,6 +172,7 @@ pub async fn run_snapshot(
                 });
             }
             if let Some(sent_key) = batch.last().map(|ev| ev.key()) {
+                sent_rows += batch.len() as u64;
                 tx.send(SourceMsg::Changes(batch)).await?;
                 // Checkpoint after the last row *sent* (the held-back one is not covered yet).
                 if window::orderable(&sent_key)
@@ -159,6 +183,7 @@ pub async fn run_snapshot(
                     tx.send(SourceMsg::SnapshotProgress(segments.clone()))
                         .await?;
                 }
+                crate::failpoint::pause_if_armed("snapshot.rows", sent_rows).await;
             }
             done += n as u64;
             metrics::gauge!(m::SNAPSHOT_ROWS_DONE, m::TABLE_LABEL => qn.clone()).set(done as f64);

@@ -14,6 +14,8 @@ use mysql_async::prelude::Queryable;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::OwnedMessage;
 use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
+use std::process::Stdio;
+use tokio::process::{Child, Command};
 
 /// Service endpoints.
 #[derive(Debug, Clone)]
@@ -518,4 +520,153 @@ pub async fn wait_events(
             );
         }
     }
+}
+
+// ---- ecst as a child process
+
+pub fn write_config(
+    tc: &TestConfig,
+    with_source: bool,
+    metrics: Option<u16>,
+) -> Result<std::path::PathBuf> {
+    let mut toml = tc.toml(with_source);
+    if let Some(port) = metrics {
+        toml = toml.replace("listen = \"\"", &format!("listen = \"127.0.0.1:{port}\""));
+    }
+    let path = std::env::temp_dir().join(format!("{}.toml", tc.name));
+    std::fs::write(&path, toml)?;
+    Ok(path)
+}
+
+pub fn spawn(cfg: &std::path::Path, cmd: &str) -> Result<Child> {
+    Ok(Command::new(ecst_bin())
+        .args(["--config", &cfg.to_string_lossy(), cmd])
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .kill_on_drop(true)
+        .spawn()?)
+}
+
+pub fn free_port() -> Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+pub async fn http_get(port: u16, path: &str) -> Result<String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
+    s.write_all(format!("GET {path} HTTP/1.1\r\nhost: x\r\n\r\n").as_bytes())
+        .await?;
+    let mut out = String::new();
+    s.read_to_string(&mut out).await?;
+    Ok(out)
+}
+
+/// Sends SIGTERM (graceful) to a child.
+pub fn sigterm(child: &Child) -> Result<()> {
+    let pid = child.id().context("child pid")?;
+    let status = std::process::Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status()?;
+    anyhow::ensure!(status.success(), "kill -TERM failed");
+    Ok(())
+}
+
+/// `ecst <cmd>` as a child with extra environment, its stdout and stderr collected (and echoed
+/// to the test's stderr, so a failing test still shows them).
+pub struct Captured {
+    pub child: Child,
+    output: Arc<std::sync::Mutex<String>>,
+}
+
+pub fn spawn_captured(
+    cfg: &std::path::Path,
+    cmd: &str,
+    env: &[(String, String)],
+    rust_log: &str,
+) -> Result<Captured> {
+    let mut child = Command::new(ecst_bin())
+        .args(["--config", &cfg.to_string_lossy(), cmd])
+        .env("RUST_LOG", rust_log)
+        .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()?;
+    let output = Arc::new(std::sync::Mutex::new(String::new()));
+    for pipe in [
+        child
+            .stdout
+            .take()
+            .map(|p| Box::new(p) as Box<dyn tokio::io::AsyncRead + Unpin + Send>),
+        child
+            .stderr
+            .take()
+            .map(|p| Box::new(p) as Box<dyn tokio::io::AsyncRead + Unpin + Send>),
+    ]
+    .into_iter()
+    .flatten()
+    {
+        let output = output.clone();
+        tokio::spawn(async move {
+            use tokio::io::AsyncBufReadExt;
+            let mut lines = tokio::io::BufReader::new(pipe).lines();
+            while let Ok(Some(line)) = lines.next_line().await {
+                eprintln!("[ecst] {line}");
+                if let Ok(mut o) = output.lock() {
+                    o.push_str(&line);
+                    o.push('\n');
+                }
+            }
+        });
+    }
+    Ok(Captured { child, output })
+}
+
+impl Captured {
+    /// Everything the child printed so far.
+    pub fn output(&self) -> String {
+        self.output.lock().map(|o| o.clone()).unwrap_or_default()
+    }
+
+    /// Waits until the output contains `needle`.
+    pub async fn wait_for_output(&self, needle: &str, timeout: Duration) -> Result<()> {
+        wait_for(&format!("`{needle}` in ecst's output"), timeout, || async {
+            Ok(self.output().contains(needle).then_some(()))
+        })
+        .await
+    }
+}
+
+/// The environment that arms test pause point `name` at `at` (ecst built with
+/// `--features failpoints`, as `dev/test` does), and the file it creates when reached.
+pub fn failpoint(name: &str, at: u64) -> (Vec<(String, String)>, std::path::PathBuf) {
+    let file = std::env::temp_dir().join(unique("failpoint"));
+    let var = format!(
+        "ECST_FAILPOINT_{}",
+        name.to_ascii_uppercase().replace('.', "_")
+    );
+    (
+        vec![
+            (var, at.to_string()),
+            (
+                "ECST_FAILPOINT_FILE".into(),
+                file.to_string_lossy().into_owned(),
+            ),
+        ],
+        file,
+    )
+}
+
+/// Waits until a pause point reached by ecst created `file`.
+pub async fn wait_for_failpoint(file: &std::path::Path, timeout: Duration) -> Result<()> {
+    if !cfg!(feature = "failpoints") {
+        bail!("this test needs ecst built with `--features failpoints` (dev/test builds it so)");
+    }
+    wait_for("the test pause point to be reached", timeout, || async {
+        Ok(file.exists().then_some(()))
+    })
+    .await
 }

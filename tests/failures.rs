@@ -1,0 +1,304 @@
+//! Failures name their real cause, retry loops are visible, and shutdown is quiet.
+
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use mysql_async::prelude::Queryable;
+use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
+
+use crate::common::*;
+
+const T: Duration = Duration::from_secs(90);
+
+/// The binlog file the server writes now.
+async fn current_binlog_file() -> Result<String> {
+    let mut c = admin().await?;
+    let row: Option<mysql_async::Row> = c.query_first("SHOW MASTER STATUS").await?;
+    c.disconnect().await?;
+    row.and_then(|r| r.get::<String, _>(0))
+        .context("the server reports a binlog file")
+}
+
+/// Appends `offset` as `tc`'s stored source position (as an operator restoring a bad backup of
+/// the offsets topic would).
+async fn store_offset(tc: &TestConfig, offset: &ecst::offsets::SourceOffset) -> Result<()> {
+    let cfg = tc.config(true)?;
+    let topic = cfg.offsets_topic();
+    let bytes = offset.to_bytes();
+    let name = tc.name.clone();
+    let bootstrap = endpoints().kafka;
+    tokio::task::spawn_blocking(move || -> Result<()> {
+        let p: ThreadedProducer<DefaultProducerContext> = rdkafka::ClientConfig::new()
+            .set("bootstrap.servers", &bootstrap)
+            .create()?;
+        p.send(BaseRecord::to(&topic).key(name.as_bytes()).payload(&bytes))
+            .map_err(|(e, _)| e)?;
+        p.flush(Duration::from_secs(10))?;
+        Ok(())
+    })
+    .await?
+}
+
+#[tokio::test]
+async fn a_binlog_position_the_server_refuses_stops_the_source_with_the_servers_own_error()
+-> Result<()> {
+    let _shared = STACK_LOCK.read().await;
+    let db = seed_database().await?;
+    let tc = TestConfig::new(&db, &["users"]);
+    let cfg = write_config(&tc, true, None)?;
+    // A stored position in a file the server has, far past its end: preflight (the file
+    // exists) passes, and the binlog reader's dump request is what the server refuses.
+    store_offset(
+        &tc,
+        &ecst::offsets::SourceOffset {
+            position: ecst::offsets::BinlogPosition {
+                file: current_binlog_file().await?,
+                pos: 4_000_000_000,
+            },
+            gtid: None,
+            snapshot_completed: true,
+            tables: tc.tables.clone(),
+            snapshot_segments: Vec::new(),
+        },
+    )
+    .await?;
+    let mut run = spawn_captured(&cfg, "source", &[], "info")?;
+    let status = tokio::time::timeout(T, run.child.wait())
+        .await
+        .context("the source stops instead of retrying for ever")??;
+    let out = run.output();
+    assert!(!status.success(), "a refused position is a failure: {out}");
+    assert!(
+        out.contains("1236"),
+        "the server's error (1236) is what the source reports:\n{out}"
+    );
+    assert!(
+        !out.contains("internal channel closed"),
+        "the symptom seen across the channel is not reported as the cause:\n{out}"
+    );
+    Ok(())
+}
+
+/// Sets an hourly connection quota on every account of ecst's MySQL user (0: none) and
+/// resets the counters.
+async fn connection_quota(per_hour: u32) -> Result<()> {
+    let mut c = admin().await?;
+    let hosts: Vec<String> = c
+        .exec(
+            "SELECT Host FROM mysql.user WHERE User = ?",
+            (endpoints().mysql_user,),
+        )
+        .await?;
+    for host in hosts {
+        c.query_drop(format!(
+            "ALTER USER '{}'@'{host}' WITH MAX_CONNECTIONS_PER_HOUR {per_hour}",
+            endpoints().mysql_user
+        ))
+        .await?;
+    }
+    c.query_drop("FLUSH USER_RESOURCES").await?;
+    c.disconnect().await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn while_mysql_refuses_the_reader_ready_metrics_and_log_name_the_cause_until_it_recovers()
+-> Result<()> {
+    let _exclusive = STACK_LOCK.write().await;
+    let db = seed_database().await?;
+    let tc = TestConfig::new(&db, &["users"]);
+    let port = free_port()?;
+    let cfg = write_config(&tc, true, Some(port))?;
+    let run = spawn_captured(&cfg, "source", &[], "info")?;
+    wait_for("ready", T, || async {
+        Ok(http_get(port, "/ready")
+            .await
+            .ok()
+            .filter(|r| r.starts_with("HTTP/1.1 200"))
+            .map(|_| ()))
+    })
+    .await?;
+    // A quota of one new connection an hour, then ecst's connections cut: the session's
+    // preflight connection gets the one, the binlog reader's is refused (1226), and so is
+    // every later attempt until the quota is lifted.
+    connection_quota(1).await?;
+    let mut admin_conn = admin().await?;
+    let ids: Vec<u64> = admin_conn
+        .exec(
+            "SELECT ID FROM information_schema.PROCESSLIST WHERE USER = ? AND ID <> CONNECTION_ID()",
+            (endpoints().mysql_user,),
+        )
+        .await?;
+    for id in ids {
+        // Gone already: fine.
+        let _gone = admin_conn.query_drop(format!("KILL {id}")).await;
+    }
+    admin_conn.disconnect().await?;
+    let outcome = async {
+        let body = wait_for("/ready to name the refusal", T, || async {
+            let r = http_get(port, "/ready").await?;
+            Ok((r.starts_with("HTTP/1.1 503") && r.contains("1226")).then_some(r))
+        })
+        .await?;
+        assert!(
+            body.contains("source") && body.contains("max_connections_per_hour"),
+            "{body}"
+        );
+        let metrics = http_get(port, "/metrics").await?;
+        assert!(
+            metrics
+                .lines()
+                .any(|l| l.starts_with("ecst_component_retrying{component=\"source\"} 1")),
+            "retrying gauge:\n{metrics}"
+        );
+        assert!(
+            metrics.lines().any(|l| l.starts_with(
+                "ecst_component_errors_total{component=\"source\",kind=\"mysql_1226\"}"
+            )),
+            "errors by kind:\n{metrics}"
+        );
+        assert!(metrics.contains("ecst_component_last_error_timestamp_seconds"));
+        run.wait_for_output("max_connections_per_hour", Duration::from_secs(5))
+            .await?;
+        let out = run.output();
+        assert!(
+            out.lines()
+                .any(|l| l.contains("WARN") && l.contains("1226") && l.contains("attempts")),
+            "the log line carries the cause and the attempt count:\n{out}"
+        );
+        assert!(
+            !out.contains("internal channel closed"),
+            "the reader's own error is reported, not the closed channel:\n{out}"
+        );
+        Ok::<_, anyhow::Error>(())
+    }
+    .await;
+    connection_quota(0).await?;
+    outcome?;
+    // Connections allowed again: the source recovers by itself and says so everywhere.
+    sql(format!(
+        "UPDATE `{db}`.users SET email = 'after@x' WHERE id = 1"
+    ))
+    .await?;
+    let evs = wait_events(&tc.topic("users"), 5, T).await?;
+    assert!(
+        evs.iter()
+            .any(|e| e.after.as_ref().and_then(|a| a.get_str("email").ok()) == Some("after@x"))
+    );
+    wait_for("ready again", T, || async {
+        Ok(http_get(port, "/ready")
+            .await
+            .ok()
+            .filter(|r| r.starts_with("HTTP/1.1 200"))
+            .map(|_| ()))
+    })
+    .await?;
+    let metrics = http_get(port, "/metrics").await?;
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("ecst_component_retrying{component=\"source\"} 0")),
+        "{metrics}"
+    );
+    Ok(())
+}
+
+/// Starts `ecst <cmd>` on the seed scenario, lets it work, sends SIGTERM; returns its output.
+async fn run_then_sigterm(cmd: &str) -> Result<String> {
+    let db = seed_database().await?;
+    let tc = TestConfig::new(&db, &["users", "product"]).with_seed_mappings();
+    let mdb = mongo_db(&tc.mongo_db).await?;
+    seed_orders(&mdb, 2).await?;
+    let cfg = write_config(&tc, true, None)?;
+    // The sink alone is fed by a source of its own, which is not the process under test.
+    let feeder = if cmd == "sink" {
+        Some(spawn(&cfg, "source")?)
+    } else {
+        None
+    };
+    let mut run = spawn_captured(&cfg, cmd, &[], "info")?;
+    if cmd == "source" {
+        wait_events(&tc.topic("users"), 4, T).await?;
+    } else {
+        let orders = mdb.collection::<bson::Document>("purchase_order");
+        sql(format!(
+            "UPDATE `{db}`.users SET email = 'neha.parate@hotmail.com' WHERE id = 1"
+        ))
+        .await?;
+        wait_for("the new copy in every order", T, || async {
+            let n = orders
+                .count_documents(bson::doc! { "user.email": "neha.parate@hotmail.com" })
+                .await?;
+            Ok((n == 2).then_some(()))
+        })
+        .await?;
+    }
+    sigterm(&run.child)?;
+    let status = tokio::time::timeout(Duration::from_secs(40), run.child.wait())
+        .await
+        .context("exits within the shutdown deadline")??;
+    if let Some(mut f) = feeder {
+        f.kill().await?;
+    }
+    let out = run.output();
+    assert!(
+        status.success(),
+        "`ecst {cmd}` exits 0 on SIGTERM, got {status}:\n{out}"
+    );
+    assert!(
+        !out.contains("panicked"),
+        "`ecst {cmd}` prints no panic on shutdown:\n{out}"
+    );
+    Ok(out)
+}
+
+#[tokio::test]
+async fn sigterm_stops_ecst_run_with_exit_0_and_no_panic() -> Result<()> {
+    let _shared = STACK_LOCK.read().await;
+    let out = run_then_sigterm("run").await?;
+    assert!(out.contains("stopped"), "{out}");
+    Ok(())
+}
+
+#[tokio::test]
+async fn sigterm_stops_ecst_sink_with_exit_0_and_no_panic() -> Result<()> {
+    let _shared = STACK_LOCK.read().await;
+    run_then_sigterm("sink").await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn sigterm_stops_ecst_source_with_exit_0_and_no_panic() -> Result<()> {
+    let _shared = STACK_LOCK.read().await;
+    run_then_sigterm("source").await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_second_sigterm_exits_at_once_while_the_first_one_drains() -> Result<()> {
+    let _shared = STACK_LOCK.read().await;
+    let db = seed_database().await?;
+    let tc = TestConfig::new(&db, &["users"]);
+    let cfg = write_config(&tc, true, None)?;
+    // A reader paused for good (test pause point) cannot drain: the first SIGTERM waits for
+    // the shutdown deadline (20 s here), the second one must not.
+    let (env, reached) = failpoint("snapshot.rows", 1);
+    let mut run = spawn_captured(&cfg, "source", &env, "info")?;
+    wait_for_failpoint(&reached, T).await?;
+    sigterm(&run.child)?;
+    run.wait_for_output("shutdown requested", Duration::from_secs(10))
+        .await?;
+    let sent = std::time::Instant::now();
+    sigterm(&run.child)?;
+    let status = tokio::time::timeout(Duration::from_secs(10), run.child.wait())
+        .await
+        .context("a second SIGTERM exits at once")??;
+    assert!(
+        sent.elapsed() < Duration::from_secs(5),
+        "exited {:?} after the second signal",
+        sent.elapsed()
+    );
+    assert_eq!(status.code(), Some(130), "{}", run.output());
+    assert!(!run.output().contains("panicked"), "{}", run.output());
+    Ok(())
+}
