@@ -627,3 +627,35 @@ async fn group_state(group: &str) -> Result<(String, usize)> {
     })
     .await?
 }
+
+#[tokio::test]
+async fn a_sink_pointed_at_a_wrong_registry_path_stops_naming_it_and_dead_letters_nothing()
+-> Result<()> {
+    let _shared = STACK_LOCK.read().await;
+    let db = seed_database().await?;
+    let tc = TestConfig::new(&db, &["users", "product"]).with_seed_mappings();
+    let mdb = mongo_db(&tc.mongo_db).await?;
+    seed_orders(&mdb, 1).await?;
+    let source = start(tc.config(true)?, Components::Source);
+    wait_events(&tc.topic("users"), 4, T).await?;
+    // The registry answers, but not at this path: every id "is unknown". That is the
+    // environment (a wrong URL), not four poison messages.
+    let wrong = tc
+        .toml(false)
+        .replace("/apis/ccompat/v7", "/apis/ccompat/v7/no/such/path");
+    let cfg = ecst::config::Config::from_toml_str(&wrong, Vec::new())
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let sink = start(cfg, Components::Sink);
+    let stopped = tokio::time::timeout(T, sink.join_error())
+        .await
+        .context("the sink stops instead of dead-lettering")?
+        .context("the sink stops with an error")?;
+    assert!(stopped.contains("registry"), "{stopped}");
+    let dead = read_topic(&format!("{}.dlq", tc.name), 1, Duration::from_secs(3))
+        .await
+        .map(|m| m.len())
+        .unwrap_or(0);
+    assert_eq!(dead, 0, "nothing diverted to the dead-letter topic");
+    source.stop().await?;
+    Ok(())
+}

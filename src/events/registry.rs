@@ -51,6 +51,15 @@ pub enum RegistryError {
         #[source]
         source: apache_avro::Error,
     },
+    /// The registry refused ecst's credentials (HTTP 401/403): a rotated password or a missing
+    /// permission, never a property of one message.
+    #[error(
+        "schema registry refused the credentials ({detail}); fix: schema_registry.username and password (or password_file), or the registry's permissions for that user"
+    )]
+    Unauthorized {
+        /// The registry's answer.
+        detail: String,
+    },
     /// Settings could not be built (bad URL or TLS setup).
     #[error("schema registry settings: {0}")]
     Settings(String),
@@ -63,6 +72,7 @@ impl Classify for RegistryError {
             RegistryError::Refused { .. }
             | RegistryError::UnknownId { .. }
             | RegistryError::BadSchema { .. }
+            | RegistryError::Unauthorized { .. }
             | RegistryError::Settings(_) => ErrorClass::Definite,
         }
     }
@@ -120,23 +130,37 @@ pub struct Registry {
     schemas: Arc<Mutex<HashMap<u32, Arc<apache_avro::Schema>>>>,
 }
 
-fn classify_src(err: &SRCError) -> (bool, String) {
-    let text = match &err.cause {
+fn error_text(err: &SRCError) -> String {
+    match &err.cause {
         Some(c) => format!("{}: {c}", err.error),
         None => err.error.clone(),
-    };
-    // "HTTP request to schema registry failed with status 409 Conflict": 4xx is definite except
-    // 408 and 429; no status at all means the request never got an answer (transient).
-    let status = text
-        .split("status ")
+    }
+}
+
+/// The HTTP status in the client's error text ("… failed with status 409 Conflict").
+fn status_of(text: &str) -> Option<u16> {
+    text.split("status ")
         .nth(1)
         .and_then(|rest| rest.get(..3))
-        .and_then(|s| s.parse::<u16>().ok());
-    let transient = match status {
+        .and_then(|s| s.parse::<u16>().ok())
+}
+
+fn classify_src(err: &SRCError) -> (bool, String) {
+    let text = error_text(err);
+    // 4xx is definite except 408 and 429; no status at all means the request never got an
+    // answer (transient).
+    let transient = match status_of(&text) {
         Some(s) => s >= 500 || s == 408 || s == 429,
         None => err.retriable || !text.contains("could not parse"),
     };
     (transient, text)
+}
+
+/// A credentials refusal, whatever the call was.
+fn unauthorized(text: &str) -> Option<RegistryError> {
+    matches!(status_of(text), Some(401 | 403)).then(|| RegistryError::Unauthorized {
+        detail: text.to_string(),
+    })
 }
 
 impl Registry {
@@ -170,6 +194,8 @@ impl Registry {
                 let (transient, text) = classify_src(&e);
                 if transient {
                     RegistryError::Unavailable(text)
+                } else if let Some(auth) = unauthorized(&text) {
+                    auth
                 } else {
                     RegistryError::Refused {
                         subject: subject.to_string(),
@@ -190,6 +216,8 @@ impl Registry {
             let (transient, text) = classify_src(&e);
             if transient {
                 RegistryError::Unavailable(text)
+            } else if let Some(auth) = unauthorized(&text) {
+                auth
             } else {
                 RegistryError::Settings(text)
             }
@@ -230,6 +258,8 @@ impl Registry {
             let (transient, text) = classify_src(&e);
             if transient {
                 RegistryError::Unavailable(text)
+            } else if let Some(auth) = unauthorized(&text) {
+                auth
             } else {
                 RegistryError::UnknownId { id, detail: text }
             }
@@ -261,6 +291,18 @@ mod tests {
         assert_eq!(unframe(&out), Ok((258, &b"abc"[..])));
         assert_eq!(unframe(&[0, 1]), Err(FrameError::TooShort(2)));
         assert_eq!(unframe(&[7, 0, 0, 0, 1]), Err(FrameError::BadMagic(7)));
+    }
+
+    #[test]
+    fn a_credentials_refusal_is_its_own_definite_error_and_other_statuses_are_not() {
+        let e = unauthorized("HTTP request to schema registry failed with status 401 Unauthorized")
+            .expect("401 is a credentials refusal");
+        assert!(matches!(e, RegistryError::Unauthorized { .. }));
+        assert_eq!(e.class(), ErrorClass::Definite);
+        assert!(e.to_string().contains("schema_registry.username"));
+        assert!(unauthorized("failed with status 403 Forbidden").is_some());
+        assert!(unauthorized("failed with status 404 Not Found").is_none());
+        assert!(unauthorized("connection refused").is_none());
     }
 
     #[test]

@@ -32,7 +32,7 @@ pub mod decode;
 pub mod mapping;
 pub mod mongo;
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
@@ -81,6 +81,15 @@ pub enum SinkError {
         /// Message.
         message: String,
     },
+    /// The server applied a write but could not satisfy its write concern: it may be rolled
+    /// back, so the batch is not acknowledged and is written again.
+    #[error("mongodb write concern not satisfied ({code}): {message}")]
+    WriteConcern {
+        /// Server code.
+        code: i32,
+        /// Message.
+        message: String,
+    },
     /// A match path is not indexed and `create_indexes` is off.
     #[error(
         "collection `{collection}` has no index on `{path}`: every update would scan the collection; create it with db.{collection}.createIndex({{\"{path}\": 1}}) or set sink.create_indexes = true"
@@ -121,7 +130,9 @@ impl Classify for SinkError {
                     ErrorClass::Definite
                 }
             }
-            SinkError::MongoWrite { .. } | SinkError::DeadLetter { .. } => ErrorClass::Transient,
+            SinkError::MongoWrite { .. }
+            | SinkError::WriteConcern { .. }
+            | SinkError::DeadLetter { .. } => ErrorClass::Transient,
             SinkError::Kafka(e) => e.class(),
             SinkError::Registry(e) => e.class(),
             SinkError::MissingIndex { .. } | SinkError::NotConfigured(_) => ErrorClass::Definite,
@@ -135,7 +146,9 @@ impl Classify for SinkError {
                 mongodb::error::ErrorKind::Write(_) => "mongo_write".into(),
                 _ => "mongo".into(),
             },
-            SinkError::MongoWrite { code, .. } => format!("mongo_{code}"),
+            SinkError::MongoWrite { code, .. } | SinkError::WriteConcern { code, .. } => {
+                format!("mongo_{code}")
+            }
             SinkError::Kafka(_) => "kafka".into(),
             SinkError::Registry(_) => "registry".into(),
             SinkError::DeadLetter { .. } => "dead_letter_topic".into(),
@@ -145,7 +158,7 @@ impl Classify for SinkError {
 
     fn hint(&self) -> &'static str {
         match self {
-            SinkError::Mongo(_) | SinkError::MongoWrite { .. } => {
+            SinkError::Mongo(_) | SinkError::MongoWrite { .. } | SinkError::WriteConcern { .. } => {
                 "that MongoDB at mongo.uri is up, has a primary, and accepts the user"
             }
             SinkError::Registry(_) => "that the schema registry at schema_registry.url is up",
@@ -155,6 +168,30 @@ impl Classify for SinkError {
             SinkError::MissingIndex { .. } | SinkError::NotConfigured(_) => "the error above",
         }
     }
+}
+
+/// Which entries of a batch to write: per (mapping, key) the change with the highest version
+/// (ties: the later arrival), whatever order they arrived in — after partitions are added, or
+/// when a replay interleaves, an older change can arrive last. Key-change creates are always
+/// kept (they carry the move of the copies from the old key).
+fn newest_per_key(entries: &[(usize, usize, Arc<DecodedEvent>)]) -> Vec<bool> {
+    let mut best: HashMap<(usize, String), usize> = HashMap::new();
+    for (idx, (mi, _, ev)) in entries.iter().enumerate() {
+        let slot = best.entry((*mi, ev.key.to_string())).or_insert(idx);
+        if entries[*slot].2.version <= ev.version {
+            *slot = idx;
+        }
+    }
+    let mut keep = vec![false; entries.len()];
+    for idx in best.into_values() {
+        keep[idx] = true;
+    }
+    for (idx, (_, _, ev)) in entries.iter().enumerate() {
+        if ev.old_key.is_some() {
+            keep[idx] = true;
+        }
+    }
+    keep
 }
 
 /// A message that will be dead-lettered.
@@ -272,10 +309,28 @@ impl Sink {
                         }
                     }
                 }
+                // The registry itself failing (down, refusing our credentials, a wrong URL) is
+                // the environment, never the message: retry or stop, but do not divert data.
+                // Only an id the registry demonstrably does not know is poison.
                 Err(DecodeError::Registry { source, .. })
-                    if source.class() == ErrorClass::Transient =>
+                    if !matches!(
+                        source,
+                        RegistryError::UnknownId { .. } | RegistryError::BadSchema { .. }
+                    ) =>
                 {
                     return Err(SinkError::Registry(source));
+                }
+                Err(e @ DecodeError::Registry { .. }) => {
+                    if let Err(probe) = self.registry.subjects().await {
+                        tracing::warn!(error = %probe, unknown = %e, "the registry does not answer its subject list either: an environment problem, not a poison message");
+                        return Err(SinkError::Registry(probe));
+                    }
+                    dead.push(DeadLetter {
+                        msg: i,
+                        stage: "decode",
+                        class: ErrorClass::Definite,
+                        error: e.to_string(),
+                    });
                 }
                 Err(e) => dead.push(DeadLetter {
                     msg: i,
@@ -285,13 +340,7 @@ impl Sink {
                 }),
             }
         }
-        // Keep only the newest change per (mapping, key); key-change creates are kept always.
-        let mut seen: HashSet<(usize, String)> = HashSet::new();
-        let mut keep = vec![false; entries.len()];
-        for (idx, (mi, _, ev)) in entries.iter().enumerate().rev() {
-            let first_time = seen.insert((*mi, ev.key.to_string()));
-            keep[idx] = first_time || ev.old_key.is_some();
-        }
+        let keep = newest_per_key(&entries);
         let mut per_collection: HashMap<&str, Vec<Tagged>> = HashMap::new();
         let mut applied_per_mapping: HashMap<usize, u64> = HashMap::new();
         for (idx, (mi, msg_i, ev)) in entries.iter().enumerate() {
@@ -326,7 +375,12 @@ impl Sink {
             let outcome = self.writer.apply(coll, stmts).await?;
             for (entry, error) in outcome.failed {
                 if let Some((mi, msg_i, _)) = entries.get(entry) {
-                    *applied_per_mapping.entry(*mi).or_default() -= 1;
+                    // A change whose several statements failed is one dead letter, counted once.
+                    if dead.iter().any(|d| d.msg == *msg_i && d.stage == "write") {
+                        continue;
+                    }
+                    let applied = applied_per_mapping.entry(*mi).or_default();
+                    *applied = applied.saturating_sub(1);
                     dead.push(DeadLetter {
                         msg: *msg_i,
                         stage: "write",
@@ -825,6 +879,35 @@ mod tests {
             offset,
             None,
         )
+    }
+
+    fn change(key: i32, version: &str) -> Arc<DecodedEvent> {
+        Arc::new(DecodedEvent {
+            op: crate::events::Op::Update,
+            key: bson::doc! { "id": key },
+            before: None,
+            after: Some(bson::doc! { "id": key }),
+            version: version.into(),
+            source_ts_ms: None,
+            read_ts_ms: None,
+            old_key: None,
+            new_key: None,
+        })
+    }
+
+    #[test]
+    fn the_collapse_keeps_the_highest_version_per_key_not_the_last_arrival() {
+        let entries = vec![
+            (0, 0, change(1, "0000000002.000000000000100.000000000")),
+            (0, 1, change(1, "0000000001.000000000000900.000000000")),
+            (0, 2, change(2, "0000000001.000000000000100.000000000")),
+            (1, 2, change(1, "0000000001.000000000000100.000000000")),
+        ];
+        assert_eq!(
+            newest_per_key(&entries),
+            vec![true, false, true, true],
+            "key 1 of mapping 0: the higher version arrived first and wins"
+        );
     }
 
     #[test]

@@ -34,13 +34,23 @@ const MAX_STATEMENTS_PER_COMMAND: usize = 1_000;
 /// more statements waits forever for a connection. Measured: 1,000 hangs, 50 works.
 const MAX_STATEMENTS_PER_COMMAND_FERRETDB: usize = 50;
 
-/// Server error codes that are worth retrying.
+/// Server error codes that say something about the server or the environment, never about the
+/// change: retried (the retry loop makes a long run visible), never dead-lettered. Network and
+/// election codes (6, 7, 89, 91, 189, 262, 9001, 10107, 11600, 11602, 13435, 13436, 50),
+/// authorization and quotas (13 Unauthorized, 8000 AtlasError), lock and interruption
+/// (24 LockTimeout, 11601 Interrupted, 112 WriteConflict), sharding (13388 StaleConfig,
+/// 63 StaleShardVersion, 150 StaleEpoch) and write-concern failures (64, 91).
 const TRANSIENT_CODES: &[i32] = &[
-    6, 7, 89, 91, 189, 262, 9001, 10107, 11600, 11602, 13435, 13436, 50,
+    6, 7, 89, 91, 189, 262, 9001, 10107, 11600, 11602, 13435, 13436, 50, 13, 8000, 24, 11601, 112,
+    13388, 63, 150, 64,
 ];
 
 /// Classes a driver error.
 pub fn is_transient(e: &mongodb::error::Error) -> bool {
+    // The server's own verdict on a write: retry it.
+    if e.contains_label("RetryableWriteError") || e.contains_label("TransientTransactionError") {
+        return true;
+    }
     match e.kind.as_ref() {
         ErrorKind::Command(c) => TRANSIENT_CODES.contains(&c.code),
         ErrorKind::Write(_) | ErrorKind::InsertMany(_) => false,
@@ -84,6 +94,8 @@ pub struct MongoWriter {
     client: mongodb::Client,
     db: mongodb::Database,
     plan: FanOutPlan,
+    /// The URI's write concern, sent with every command (`run_command` applies none itself).
+    write_concern: Option<Document>,
 }
 
 impl MongoWriter {
@@ -96,6 +108,7 @@ impl MongoWriter {
         if opts.server_selection_timeout.is_none() {
             opts.server_selection_timeout = Some(std::time::Duration::from_secs(5));
         }
+        let opts_write_concern = opts.write_concern.clone();
         let client = mongodb::Client::with_options(opts).map_err(SinkError::Mongo)?;
         let db = client.database(database);
         let info = db
@@ -111,7 +124,22 @@ impl MongoWriter {
         } else {
             FanOutPlan::UpdateMany
         };
-        Ok(MongoWriter { client, db, plan })
+        let write_concern = match &opts_write_concern {
+            Some(wc) if wc.w.is_some() || wc.w_timeout.is_some() || wc.journal.is_some() => {
+                Some(bson::to_document(wc).map_err(|e| {
+                    SinkError::Mongo(mongodb::error::Error::custom(format!(
+                        "write concern of mongo.uri: {e}"
+                    )))
+                })?)
+            }
+            _ => None,
+        };
+        Ok(MongoWriter {
+            client,
+            db,
+            plan,
+            write_concern,
+        })
     }
 
     /// Shuts the client down: its background tasks end and its connections close now, while
@@ -224,7 +252,10 @@ impl MongoWriter {
         let mut from = 0;
         while from < run.len() {
             let part = &run[from..];
-            let cmd = command(collection, part);
+            let mut cmd = command(collection, part);
+            if let Some(wc) = &self.write_concern {
+                cmd.insert("writeConcern", wc.clone());
+            }
             let reply = match self.db.run_command(cmd).await {
                 Ok(r) => r,
                 Err(e) if is_transient(&e) => return Err(SinkError::Mongo(e)),
@@ -242,6 +273,11 @@ impl MongoWriter {
                     return Ok(());
                 }
             };
+            // `ok: 1` with a writeConcernError: the writes may be rolled back (a primary that
+            // stepped down during a majority wait). Not acknowledged, so retried as a whole.
+            if let Some(e) = write_concern_error(&reply) {
+                return Err(e);
+            }
             let first_error = reply
                 .get_array("writeErrors")
                 .ok()
@@ -265,8 +301,15 @@ impl MongoWriter {
                         return Ok(());
                     };
                     let is_upsert = matches!(tagged.stmt, Statement::Update { upsert: true, .. });
-                    if code == 11000 && is_upsert {
+                    if code == 11000 && is_upsert && duplicate_is_on_id(err) {
                         outcome.stale.push(tagged.entry);
+                    } else if code == 11000 {
+                        // Another unique index (e.g. on email) refused the copy: not stale,
+                        // and not silent.
+                        outcome.failed.push((
+                            tagged.entry,
+                            format!("a unique index other than _id refused the write: {msg}"),
+                        ));
                     } else if TRANSIENT_CODES.contains(&code) {
                         return Err(SinkError::MongoWrite { code, message: msg });
                     } else {
@@ -279,6 +322,30 @@ impl MongoWriter {
             }
         }
         Ok(())
+    }
+}
+
+/// The write-concern error of a command reply, if any (`ok: 1` does not mean acknowledged).
+fn write_concern_error(reply: &Document) -> Option<SinkError> {
+    let wce = reply.get_document("writeConcernError").ok()?;
+    Some(SinkError::WriteConcern {
+        code: wce.get_i32("code").unwrap_or(0),
+        message: wce
+            .get_str("errmsg")
+            .unwrap_or("write concern error")
+            .into(),
+    })
+}
+
+/// Whether a duplicate-key write error is on `_id` (the race of two guarded upserts of one
+/// document: the other, newer one won) rather than on another unique index.
+fn duplicate_is_on_id(err: &Document) -> bool {
+    match err.get_document("keyPattern") {
+        Ok(kp) => kp.keys().eq(["_id"]),
+        // Servers that report no key pattern name the index in the message.
+        Err(_) => err
+            .get_str("errmsg")
+            .is_ok_and(|m| m.contains("index: _id_ ") || m.contains("_id_ dup key")),
     }
 }
 
@@ -447,5 +514,49 @@ fn command(collection: &str, part: &[Tagged]) -> Document {
         doc! { "delete": collection, "deletes": items, "ordered": true }
     } else {
         doc! { "update": collection, "updates": items, "ordered": true }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::error::{Classify, ErrorClass};
+
+    #[test]
+    fn an_ok_reply_with_a_write_concern_error_is_a_transient_failure_not_a_success() {
+        let reply = doc! {
+            "ok": 1, "n": 3, "nModified": 3,
+            "writeConcernError": { "code": 91, "codeName": "ShutdownInProgress", "errmsg": "primary stepped down" },
+        };
+        let e = write_concern_error(&reply).expect("a write concern error");
+        assert_eq!(e.class(), ErrorClass::Transient);
+        assert!(e.to_string().contains("primary stepped down"), "{e}");
+        assert!(write_concern_error(&doc! { "ok": 1, "n": 3 }).is_none());
+    }
+
+    #[test]
+    fn a_duplicate_key_is_stale_only_on_the_id_index() {
+        let on_id = doc! { "code": 11000, "keyPattern": { "_id": 1 }, "errmsg": "E11000 duplicate key error collection: d.c index: _id_ dup key: { _id: 1 }" };
+        let on_email = doc! { "code": 11000, "keyPattern": { "email": 1 }, "errmsg": "E11000 duplicate key error collection: d.c index: email_1 dup key: { email: \"a@x\" }" };
+        assert!(duplicate_is_on_id(&on_id));
+        assert!(!duplicate_is_on_id(&on_email));
+        // Without a key pattern, the index name in the message decides.
+        assert!(duplicate_is_on_id(
+            &doc! { "errmsg": "E11000 duplicate key error collection: d.c index: _id_ dup key: { _id: 1 }" }
+        ));
+        assert!(!duplicate_is_on_id(
+            &doc! { "errmsg": "E11000 duplicate key error collection: d.c index: email_1 dup key" }
+        ));
+    }
+
+    #[test]
+    fn environment_codes_and_retryable_labels_are_transient() {
+        for code in [13, 8000, 24, 11601, 13388, 112, 91] {
+            assert!(TRANSIENT_CODES.contains(&code), "{code}");
+        }
+        assert!(
+            !TRANSIENT_CODES.contains(&11000),
+            "a duplicate key is about the data"
+        );
     }
 }

@@ -401,11 +401,22 @@ pub async fn connect(cfg: &MysqlConfig) -> Result<mysql_async::Conn, SourceError
     }
 }
 
+/// How long reading the offsets topic may go without any progress before it is an error
+/// (a broker that answers nothing); a large topic that keeps delivering takes as long as it takes.
+const OFFSETS_STALL: Duration = Duration::from_secs(60);
+
 /// Reads the last committed offset of `name` from the offsets topic (read_committed).
+///
+/// It reads up to the end of the partition as the broker reports it (`enable.partition.eof`),
+/// which counts the records a `read_committed` consumer never delivers (aborted transactions,
+/// commit markers): no idle heuristic that a slow fetch could fool, and no fixed deadline that
+/// a large topic could exceed. Our own `init_transactions` has already aborted anything still
+/// open, so the end of the partition is final.
 pub async fn load_offset(cfg: &Config, topic: &str) -> Result<Option<SourceOffset>, SourceError> {
     let mut cc = client_config(&cfg.kafka);
     cc.set("group.id", format!("{}-offsets-reader", cfg.name))
         .set("enable.auto.commit", "false")
+        .set("enable.partition.eof", "true")
         .set("isolation.level", "read_committed")
         .set("auto.offset.reset", "earliest");
     let name = cfg.name.clone();
@@ -423,37 +434,28 @@ pub async fn load_offset(cfg: &Config, topic: &str) -> Result<Option<SourceOffse
         tpl.add_partition_offset(&t, 0, Offset::Beginning)
             .map_err(|e| e.to_string())?;
         consumer.assign(&tpl).map_err(|e| e.to_string())?;
-        let deadline = Instant::now() + Duration::from_secs(30);
         let mut last = None;
-        let mut idle_since = Instant::now();
+        let mut progress_at = Instant::now();
         loop {
-            if let Some(msg) = consumer.poll(Duration::from_millis(200)) {
-                let msg = msg.map_err(|e| e.to_string())?;
-                idle_since = Instant::now();
-                if msg.key() == Some(name.as_bytes())
-                    && let Some(payload) = msg.payload()
-                {
-                    last = Some(SourceOffset::from_bytes(payload).map_err(|e| e.to_string())?);
+            match consumer.poll(Duration::from_millis(200)) {
+                Some(Ok(msg)) => {
+                    progress_at = Instant::now();
+                    if msg.key() == Some(name.as_bytes())
+                        && let Some(payload) = msg.payload()
+                    {
+                        last = Some(SourceOffset::from_bytes(payload).map_err(|e| e.to_string())?);
+                    }
                 }
-                if msg.offset() >= high - 1 {
-                    break;
+                // The end of the partition as of this fetch: everything committed is read.
+                Some(Err(KafkaError::PartitionEOF(_))) => break,
+                Some(Err(e)) => return Err(e.to_string()),
+                None if progress_at.elapsed() > OFFSETS_STALL => {
+                    return Err(format!(
+                        "no progress reading the offsets topic for {} s",
+                        OFFSETS_STALL.as_secs()
+                    ));
                 }
-            } else {
-                let pos = consumer.position().map_err(|e| e.to_string())?;
-                let at = pos
-                    .find_partition(&t, 0)
-                    .and_then(|p| p.offset().to_raw())
-                    .unwrap_or(-1);
-                // The log may end with an aborted transaction and its marker: a read_committed
-                // consumer never delivers them, so its position can stay below the high
-                // watermark. Our own init_transactions already aborted anything still open, so
-                // a fetcher that is running and idle for 2 s has read everything committed.
-                if at >= high || (at >= 0 && idle_since.elapsed() > Duration::from_secs(2)) {
-                    break;
-                }
-            }
-            if Instant::now() > deadline {
-                return Err(format!("could not read up to offset {high} within 30 s"));
+                None => {}
             }
         }
         Ok(last)
