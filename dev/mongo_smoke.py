@@ -193,6 +193,8 @@ def main():
     p.add_argument("--timeout", type=float, default=60.0, help="socket timeout per request, seconds")
     p.add_argument("--bench", action="store_true", help="also print timings")
     args = p.parse_args()
+    if args.docs < 3 * args.max_statements:
+        p.error("--docs must be at least 3 x --max-statements (each client updates its own documents)")
     try:
         run(args)
     except PyMongoError as e:
