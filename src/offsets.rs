@@ -13,8 +13,26 @@
 //! resumed snapshot), the offset also carries [`SnapshotSegment`]s: which rows were read at
 //! which consistent position (see `source::window`).
 //!
-//! [`version_of`] turns `(file, pos, row)` into a fixed-width string whose lexicographic order is
-//! the binlog order: the sink stores it beside each copy and only overwrites older versions.
+//! [`version_of`] turns `(epoch, file, pos, row)` into a fixed-width string whose lexicographic
+//! order is the source order: the sink stores it beside each copy and only overwrites older
+//! versions.
+//!
+//! **Epochs.** Binlog positions order changes only within one server's binlog numbering. A
+//! failover to a replica, a restore, `RESET MASTER` or a host rename restarts or replaces that
+//! numbering, and new changes would get *lower* versions than the copies already hold: every
+//! guarded write would match nothing, silently. So the stored position carries an **epoch**,
+//! and the source increments it whenever continuity is broken and it snapshots anew (the stored
+//! position is gone, lies beyond the end of its file, or was written by another server — see
+//! [`SourceOffset::server_id`] — and at every `snapshot_mode = "always"` start). The epoch comes
+//! first in the version, so everything read after the break sorts after everything before it,
+//! and the new snapshot (the current state of every row) supersedes the old copies.
+//!
+//! A new epoch is the wall-clock second of the break, or the stored epoch + 1 if that is
+//! larger ([`next_epoch`]): so a deployment started afresh (its offsets topic deleted or
+//! renamed) also sorts after the copies an earlier one left. Epoch 0 — positions stored before
+//! epochs existed — keeps the old format (`seq.pos.row`, digits only); epoch N ≥ 1 is
+//! `eNNNNNNNNNN.seq.pos.row`, and `e` sorts after every digit, so no stored version needs
+//! migrating: a deployment that never breaks continuity keeps writing the versions it wrote.
 
 use std::cmp::Ordering;
 use std::fmt;
@@ -118,6 +136,16 @@ pub struct SourceOffset {
     /// Tables covered by the snapshot, in the order they are read.
     #[serde(default)]
     pub tables: Vec<String>,
+    /// Continuity epoch (see the module note); 0 for positions stored before epochs existed.
+    #[serde(default)]
+    pub epoch: u64,
+    /// `@@server_id` of the server that wrote `position`: a resume on a server with another id
+    /// is not a resume (its byte offsets mean nothing here).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub server_id: Option<u32>,
+    /// `@@server_uuid` of that server, where it has one (MySQL).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub server_uuid: Option<String>,
     /// Snapshot progress: while `snapshot_completed` is false, what has been read so far (a
     /// restart resumes after the last boundary); once completed, present only while the stream
     /// still replays the binlog stretch that a resumed snapshot spanned.
@@ -138,13 +166,26 @@ impl SourceOffset {
     }
 }
 
-/// Fixed-width, lexicographically ordered version of a change: `file_seq.pos.row`.
-pub fn version_of(file: &str, pos: u64, row: u32) -> String {
+/// The epoch of a new snapshot after `stored` (none: a fresh start): the current Unix second,
+/// or one more than the stored epoch if the clock is behind it.
+pub fn next_epoch(stored: Option<u64>, now_s: u64) -> u64 {
+    stored
+        .map_or(now_s, |e| now_s.max(e.saturating_add(1)))
+        .max(1)
+}
+
+/// Fixed-width, lexicographically ordered version of a change: `file_seq.pos.row`, prefixed by
+/// `eNNNNNNNNNN.` from epoch 1 on (see the module note).
+pub fn version_of(epoch: u64, file: &str, pos: u64, row: u32) -> String {
     let seq = file
         .rsplit_once('.')
         .and_then(|(_, n)| n.parse::<u64>().ok())
         .unwrap_or(0);
-    format!("{seq:010}.{pos:015}.{row:09}")
+    if epoch == 0 {
+        format!("{seq:010}.{pos:015}.{row:09}")
+    } else {
+        format!("e{epoch:010}.{seq:010}.{pos:015}.{row:09}")
+    }
 }
 
 #[cfg(test)]
@@ -168,10 +209,41 @@ mod tests {
 
     #[test]
     fn versions_sort_like_binlog_order() {
-        let v1 = version_of("mariadb-bin.000009", 99_999, 3);
-        let v2 = version_of("mariadb-bin.000010", 4, 0);
-        let v3 = version_of("mariadb-bin.000010", 4, 1);
+        let v1 = version_of(0, "mariadb-bin.000009", 99_999, 3);
+        let v2 = version_of(0, "mariadb-bin.000010", 4, 0);
+        let v3 = version_of(0, "mariadb-bin.000010", 4, 1);
         assert!(v1 < v2 && v2 < v3, "{v1} {v2} {v3}");
+        assert_eq!(
+            v2, "0000000010.000000000000004.000000000",
+            "epoch 0: the old format"
+        );
+    }
+
+    #[test]
+    fn after_a_continuity_break_every_version_sorts_after_every_version_before_it() {
+        // Before: far into one server's numbering. After RESET MASTER (or on a promoted
+        // replica) the numbering starts again, in epoch 1.
+        let before = version_of(0, "mariadb-bin.000912", 987_654_321, 7);
+        let after = version_of(1, "mariadb-bin.000001", 4, 0);
+        assert!(after > before, "{after} > {before}");
+        let later = version_of(2, "replica-bin.000001", 4, 0);
+        assert!(later > version_of(1, "mariadb-bin.999999", u64::MAX / 2, 9));
+        assert!(version_of(10, "f.000001", 4, 0) > version_of(9, "f.000001", 4, 0));
+    }
+
+    #[test]
+    fn a_new_epoch_is_later_than_the_stored_one_even_when_the_clock_is_behind() {
+        assert_eq!(next_epoch(None, 1_764_620_000), 1_764_620_000);
+        assert_eq!(next_epoch(Some(0), 1_764_620_000), 1_764_620_000);
+        assert_eq!(
+            next_epoch(Some(1_764_620_000), 1_764_619_000),
+            1_764_620_001
+        );
+        assert_eq!(
+            next_epoch(None, 0),
+            1,
+            "never epoch 0, the pre-epoch format"
+        );
     }
 
     #[test]
@@ -183,6 +255,9 @@ mod tests {
             },
             gtid: Some("0-1-5".into()),
             snapshot_completed: false,
+            epoch: 2,
+            server_id: Some(1),
+            server_uuid: None,
             tables: vec!["test.users".into()],
             snapshot_segments: vec![SnapshotSegment {
                 at: "f.000001:42".parse().expect("parses"),

@@ -46,16 +46,21 @@ async fn a_binlog_position_the_server_refuses_stops_the_source_with_the_servers_
     let db = seed_database().await?;
     let tc = TestConfig::new(&db, &["users"]);
     let cfg = write_config(&tc, true, None)?;
-    // A stored position in a file the server has, far past its end: preflight (the file
-    // exists) passes, and the binlog reader's dump request is what the server refuses.
+    // A stored position inside a file the server has, but not at an event boundary (as a
+    // position of another server with the same file names would be, stored before positions
+    // carried the server's identity): preflight passes, and the binlog reader's dump request
+    // is what the server refuses.
     store_offset(
         &tc,
         &ecst::offsets::SourceOffset {
             position: ecst::offsets::BinlogPosition {
                 file: current_binlog_file().await?,
-                pos: 4_000_000_000,
+                pos: 5,
             },
             gtid: None,
+            epoch: 0,
+            server_id: None,
+            server_uuid: None,
             snapshot_completed: true,
             tables: tc.tables.clone(),
             snapshot_segments: Vec::new(),

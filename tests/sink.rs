@@ -193,35 +193,6 @@ async fn copies_converge_after_the_sink_was_down_during_changes_and_a_replay_cha
 }
 
 /// Whether a consumer group has committed offsets at the end of every partition of `topics`.
-async fn group_caught_up(group: &str, topics: &[String]) -> Result<bool> {
-    let e = endpoints();
-    let group = group.to_string();
-    let topics = topics.to_vec();
-    tokio::task::spawn_blocking(move || -> Result<bool> {
-        use rdkafka::consumer::{BaseConsumer, Consumer};
-        let c: BaseConsumer = rdkafka::ClientConfig::new()
-            .set("bootstrap.servers", &e.kafka)
-            .set("group.id", &group)
-            .create()?;
-        let mut tpl = rdkafka::TopicPartitionList::new();
-        for t in &topics {
-            tpl.add_partition(t, 0);
-        }
-        let committed = c.committed_offsets(tpl, Duration::from_secs(5))?;
-        for el in committed.elements() {
-            let (_, high) =
-                c.fetch_watermarks(el.topic(), el.partition(), Duration::from_secs(5))?;
-            // With transactions the last offset is a commit marker: committed may stop one short.
-            let at = el.offset().to_raw().unwrap_or(-1);
-            if at < high - 1 || at < 0 {
-                return Ok(false);
-            }
-        }
-        Ok(true)
-    })
-    .await?
-}
-
 /// The consumer group of a sink configured by `mapping_toml`: one per MongoDB database, so that
 /// sinks of one source writing to different databases each read every change.
 fn sink_group(tc: &TestConfig) -> String {

@@ -459,6 +459,7 @@ mod tests {
                 file: "mariadb-bin.000001".into(),
                 pos: 1234,
                 row: 2,
+                epoch: 0,
                 read_ts_ms: 0,
             },
         };

@@ -218,10 +218,13 @@ pub struct SourceInfo {
     pub gtid: Option<Arc<str>>,
     /// Binlog file name.
     pub file: Arc<str>,
-    /// Binlog position (end of the rows event; snapshot: the consistent position).
+    /// Binlog position: the start of the change's transaction (the end of its GTID or BEGIN
+    /// event); snapshot: the consistent position.
     pub pos: u64,
-    /// Row index inside the rows event.
+    /// Row index inside the transaction.
     pub row: u32,
+    /// Continuity epoch of the source position (`offsets`); carried in the `ecst.epoch` header.
+    pub epoch: u64,
     /// When ecst read the change (ms since epoch): carried in a header, not in the envelope.
     pub read_ts_ms: i64,
 }
@@ -258,6 +261,8 @@ pub const HEADER_SOURCE_TS: &str = "ecst.source.ts_ms";
 pub const HEADER_READ_TS: &str = "ecst.read.ts_ms";
 /// Header on the delete half of a primary-key change: the new key as JSON (as Debezium does).
 pub const HEADER_NEW_KEY: &str = "__debezium.newkey";
+/// Header: the continuity epoch of the change's version (absent: 0; see `offsets`).
+pub const HEADER_EPOCH: &str = "ecst.epoch";
 /// Header on the create half of a primary-key change: the old key as JSON.
 pub const HEADER_OLD_KEY: &str = "__debezium.oldkey";
 

@@ -23,7 +23,9 @@ use bson::{Bson, Document};
 use num_bigint::{BigInt, Sign};
 
 use crate::events::registry::{FrameError, Registry, RegistryError, unframe};
-use crate::events::{HEADER_NEW_KEY, HEADER_OLD_KEY, HEADER_READ_TS, HEADER_SOURCE_TS, Op};
+use crate::events::{
+    HEADER_EPOCH, HEADER_NEW_KEY, HEADER_OLD_KEY, HEADER_READ_TS, HEADER_SOURCE_TS, Op,
+};
 use crate::offsets::version_of;
 
 /// Why a message could not be decoded. Every variant except `Registry(Unavailable)` is definite
@@ -320,7 +322,15 @@ pub async fn decode_message(
         Some(Bson::Int32(x)) => i64::from(*x),
         _ => 0,
     };
-    let version = version_of(&file, num("pos").max(0) as u64, num("row").max(0) as u32);
+    let epoch = header_str(headers, HEADER_EPOCH)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let version = version_of(
+        epoch,
+        &file,
+        num("pos").max(0) as u64,
+        num("row").max(0) as u32,
+    );
     if matches!(op, Op::Create | Op::Update | Op::Read) && after.is_none() {
         return Err(DecodeError::Envelope(format!(
             "op `{}` without `after`",

@@ -472,12 +472,15 @@ impl MongoWriter {
                         continue; // stale for this document
                     }
                     versions.insert(version_path.clone(), version.clone());
+                    // `multi: true` on a unique `_id` means the same as false, but FerretDB on
+                    // PostgreSQL holds a pooled connection per *single* statement until the
+                    // command ends: 50 of them wedge its default pool of 50 for good.
                     out.push(Tagged {
                         entry: t.entry,
                         stmt: Statement::Update {
                             q: doc! { "_id": id.clone() },
                             u: u.clone(),
-                            multi: false,
+                            multi: true,
                             upsert: false,
                         },
                     });

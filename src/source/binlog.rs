@@ -108,6 +108,7 @@ pub async fn run_reader(
     cfg: MysqlConfig,
     tables: HashSet<String>,
     start: BinlogPosition,
+    epoch: u64,
     mut window: Option<Window>,
     tx: Outbox,
     mut shutdown: ShutdownRx,
@@ -382,6 +383,7 @@ pub async fn run_reader(
                             file: ev_file.clone(),
                             pos,
                             row,
+                            epoch,
                             read_ts_ms,
                         },
                     };

@@ -49,12 +49,12 @@ use crate::error::{Classify, ErrorClass};
 use crate::events::avro::{AvroError, TableAvro, encode_envelope, encode_key};
 use crate::events::registry::{Registry, RegistryError, frame_into};
 use crate::events::{
-    ChangeEvent, HEADER_NEW_KEY, HEADER_OLD_KEY, HEADER_READ_TS, HEADER_SOURCE_TS, Op, TableSchema,
-    key_json,
+    ChangeEvent, HEADER_EPOCH, HEADER_NEW_KEY, HEADER_OLD_KEY, HEADER_READ_TS, HEADER_SOURCE_TS,
+    Op, TableSchema, key_json,
 };
 use crate::kafka::{KafkaClientError, MAX_MESSAGE_BYTES, TopicSpec, client_config, ensure_topics};
 use crate::metrics::{self as m, Readiness};
-use crate::offsets::{BinlogPosition, SnapshotSegment, SourceOffset};
+use crate::offsets::{self, BinlogPosition, SnapshotSegment, SourceOffset};
 use crate::retry::{RetryLoop, Verdict};
 use crate::shutdown::ShutdownRx;
 use window::Window;
@@ -162,6 +162,17 @@ pub enum SourceError {
         /// The stored position.
         position: BinlogPosition,
     },
+    /// The stored position was written by another server and the snapshot mode does not allow a
+    /// new snapshot.
+    #[error(
+        "the stored position {position} was written by another server ({why}): a failover, a restore or mysql.host pointed elsewhere. Its byte offsets mean nothing on this server; set source.snapshot_mode = \"when_needed\" to re-snapshot in a new epoch (copies keep updating), or point mysql.host back"
+    )]
+    ForeignPosition {
+        /// The stored position.
+        position: BinlogPosition,
+        /// Which identity differs.
+        why: String,
+    },
     /// The registry refused a new schema version.
     #[error(
         "schema change of `{table}` refused by the registry ({columns}); the source stopped before that change, nothing after it is lost. {detail}"
@@ -244,6 +255,7 @@ impl Classify for SourceError {
             | E::NoBinlogPosition
             | E::Preflight(_)
             | E::Purged { .. }
+            | E::ForeignPosition { .. }
             | E::SchemaRefused { .. }
             | E::Avro(_)
             | E::Task(_) => ErrorClass::Definite,
@@ -513,7 +525,7 @@ fn describe_change(old: Option<&TableSchema>, new: &TableSchema) -> String {
 fn timing_headers(ev: &ChangeEvent) -> OwnedHeaders {
     let source_ts = ev.source.ts_ms.to_string();
     let read_ts = ev.source.read_ts_ms.to_string();
-    OwnedHeaders::new()
+    let headers = OwnedHeaders::new()
         .insert(Header {
             key: HEADER_SOURCE_TS,
             value: Some(source_ts.as_bytes()),
@@ -521,7 +533,15 @@ fn timing_headers(ev: &ChangeEvent) -> OwnedHeaders {
         .insert(Header {
             key: HEADER_READ_TS,
             value: Some(read_ts.as_bytes()),
-        })
+        });
+    if ev.source.epoch == 0 {
+        return headers;
+    }
+    let epoch = ev.source.epoch.to_string();
+    headers.insert(Header {
+        key: HEADER_EPOCH,
+        value: Some(epoch.as_bytes()),
+    })
 }
 
 /// The transactional producer. Per-record delivery reports are not awaited (no future or
@@ -962,6 +982,32 @@ async fn session(
         (_, None) => true,
         (_, Some(_)) => false,
     };
+    // A position written by another server is no position here, whatever its file is called:
+    // resuming at its byte offset would read another server's events from an arbitrary point.
+    let identity = preflight::server_identity(mysql).await?;
+    let foreign = committed.as_ref().and_then(|o| {
+        preflight::foreign_position(o.server_id, o.server_uuid.as_deref(), &identity).or_else(
+            || {
+                let (stored, now) = (o.gtid.as_deref()?, identity.gtid_binlog_pos.as_deref()?);
+                preflight::gtid_went_back(stored, now).then(|| {
+                    format!("its GTID {stored} is ahead of the binlog's {now:?}: the binlog was reset (RESET MASTER) or restored")
+                })
+            },
+        )
+    });
+    if let Some(why) = &foreign {
+        tracing::warn!(%why, "the stored position was written by another server (a failover, a restore, or mysql.host pointed elsewhere)");
+        if src.snapshot_mode != SnapshotMode::WhenNeeded
+            && src.snapshot_mode != SnapshotMode::Always
+            && let Some(o) = committed.as_ref()
+        {
+            return Err(SourceError::ForeignPosition {
+                position: o.position.clone(),
+                why: why.clone(),
+            });
+        }
+    }
+    let purged = purged || foreign.is_some();
     if purged && !resume.is_empty() {
         tracing::warn!(
             "the interrupted snapshot's start position was purged from the server, snapshotting from the start"
@@ -984,6 +1030,30 @@ async fn session(
             (_, None) => {}
         }
     }
+    // A new snapshot after a stored position starts a new epoch, so that everything it reads
+    // and streams sorts after every version written before (offsets' module note); a fresh
+    // start does too. Resuming keeps the stored epoch.
+    let now_s = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let stored_epoch = committed.as_ref().map(|o| o.epoch);
+    let epoch = match stored_epoch {
+        None => offsets::next_epoch(None, now_s),
+        Some(e) if need_snapshot && resume.is_empty() => offsets::next_epoch(Some(e), now_s),
+        Some(e) => e,
+    };
+    if stored_epoch.is_some_and(|e| e != epoch) {
+        tracing::info!(
+            epoch,
+            previous = stored_epoch,
+            "new snapshot in a new epoch: its versions supersede every earlier copy"
+        );
+    }
+    let lineage = Lineage {
+        epoch,
+        server_id: Some(identity.server_id),
+        server_uuid: identity.server_uuid.clone(),
+    };
     let start = match (&stored, need_snapshot) {
         (Some(o), false) => Some(o.position.clone()),
         (None, false) => {
@@ -1010,9 +1080,16 @@ async fn session(
         let (start, window) = match start {
             Some(p) => (p, stored_window),
             None => {
-                let segments =
-                    snapshot::run_snapshot(&reader_cfg, &tables, chunk, lock_wait_s, &tx, resume)
-                        .await?;
+                let segments = snapshot::run_snapshot(
+                    &reader_cfg,
+                    &tables,
+                    chunk,
+                    lock_wait_s,
+                    epoch,
+                    &tx,
+                    resume,
+                )
+                .await?;
                 let start = segments
                     .first()
                     .map(|s| s.at.clone())
@@ -1026,6 +1103,7 @@ async fn session(
             reader_cfg,
             tables.into_iter().collect::<HashSet<_>>(),
             start,
+            epoch,
             window,
             tx,
             reader_shutdown,
@@ -1038,6 +1116,7 @@ async fn session(
         publisher,
         committed,
         !need_snapshot,
+        &lineage,
         &mut rx,
         &mut shutdown,
         readiness,
@@ -1095,6 +1174,14 @@ fn busy_interval(interval: Duration, last_commit_took: Duration) -> Duration {
     interval.max((last_commit_took * 9).min(interval * 10))
 }
 
+/// Where this session's positions come from: their epoch and the server that writes them,
+/// stored with every offset.
+struct Lineage {
+    epoch: u64,
+    server_id: Option<u32>,
+    server_uuid: Option<String>,
+}
+
 /// How long a session must stream without an error before a retry run counts as over.
 const RECOVERED_AFTER: Duration = Duration::from_secs(10);
 
@@ -1105,6 +1192,7 @@ async fn pump(
     publisher: &mut Publisher,
     committed: &mut Option<SourceOffset>,
     no_snapshot: bool,
+    lineage: &Lineage,
     rx: &mut Inbox,
     shutdown: &mut ShutdownRx,
     readiness: &Arc<Readiness>,
@@ -1174,6 +1262,9 @@ async fn pump(
                     pending = Some(SourceOffset {
                         position,
                         gtid,
+                        epoch: lineage.epoch,
+                        server_id: lineage.server_id,
+                        server_uuid: lineage.server_uuid.clone(),
                         snapshot_completed: true,
                         tables: tables.clone(),
                         snapshot_segments: window
@@ -1189,6 +1280,9 @@ async fn pump(
                     pending = Some(SourceOffset {
                         position: first.at.clone(),
                         gtid: None,
+                        epoch: lineage.epoch,
+                        server_id: lineage.server_id,
+                        server_uuid: lineage.server_uuid.clone(),
                         snapshot_completed: false,
                         tables: tables.clone(),
                         snapshot_segments: segments,
@@ -1205,6 +1299,9 @@ async fn pump(
                 pending = Some(SourceOffset {
                     position: first.at.clone(),
                     gtid: None,
+                    epoch: lineage.epoch,
+                    server_id: lineage.server_id,
+                    server_uuid: lineage.server_uuid.clone(),
                     snapshot_completed: true,
                     tables: tables.clone(),
                     snapshot_segments: window

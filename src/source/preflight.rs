@@ -55,6 +55,79 @@ fn setting(name: &str, actual: Option<&str>, expected: &str, fix: &str) -> Check
     }
 }
 
+/// Who the server is: what a stored position is checked against before a resume.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServerIdentity {
+    /// `@@server_id`.
+    pub server_id: u32,
+    /// `@@server_uuid` (MySQL; MariaDB has none).
+    pub server_uuid: Option<String>,
+    /// `@@gtid_binlog_pos` (MariaDB): the last GTID of each domain in the binlog.
+    pub gtid_binlog_pos: Option<String>,
+}
+
+/// Reads the server's identity.
+pub async fn server_identity(cfg: &MysqlConfig) -> Result<ServerIdentity, SourceError> {
+    let mut conn = connect(cfg).await?;
+    let server_id: Option<u32> = conn.query_first("SELECT @@server_id").await?;
+    // MariaDB: "Unknown system variable" (1193).
+    let server_uuid: Option<String> = match conn.query_first("SELECT @@server_uuid").await {
+        Ok(v) => v,
+        Err(mysql_async::Error::Server(e)) if e.code == 1193 => None,
+        Err(e) => return Err(e.into()),
+    };
+    let gtid_binlog_pos: Option<String> = if server_uuid.is_none() {
+        conn.query_first("SELECT @@gtid_binlog_pos").await?
+    } else {
+        None
+    };
+    Ok(ServerIdentity {
+        server_id: server_id.unwrap_or(0),
+        server_uuid,
+        gtid_binlog_pos,
+    })
+}
+
+/// Whether the binlog went back behind a stored MariaDB GTID (`domain-server-seq`): its domain
+/// is gone from `@@gtid_binlog_pos`, or holds a lower sequence number. `RESET MASTER` does that
+/// (the binlog and its GTID state start again), as does a restore of an older backup; purging
+/// old files does not (the binlog keeps the GTID state).
+pub fn gtid_went_back(stored: &str, binlog_pos: &str) -> bool {
+    let parse = |g: &str| -> Option<(u32, u64)> {
+        let mut it = g.trim().split('-');
+        let domain = it.next()?.parse().ok()?;
+        let _server: u32 = it.next()?.parse().ok()?;
+        let seq = it.next()?.parse().ok()?;
+        it.next().is_none().then_some((domain, seq))
+    };
+    let Some((domain, seq)) = parse(stored) else {
+        return false; // not a MariaDB GTID: nothing to compare
+    };
+    let now = binlog_pos
+        .split(',')
+        .filter_map(parse)
+        .find(|(d, _)| *d == domain);
+    now.is_none_or(|(_, s)| s < seq)
+}
+
+/// Why a stored position written by `stored_id`/`stored_uuid` is not a position on `now`
+/// (`None`: it is, or nothing says otherwise).
+pub fn foreign_position(
+    stored_id: Option<u32>,
+    stored_uuid: Option<&str>,
+    now: &ServerIdentity,
+) -> Option<String> {
+    if let (Some(a), Some(b)) = (stored_uuid, now.server_uuid.as_deref())
+        && a != b
+    {
+        return Some(format!("server_uuid {a}, now {b}"));
+    }
+    match stored_id {
+        Some(id) if id != now.server_id => Some(format!("server_id {id}, now {}", now.server_id)),
+        _ => None,
+    }
+}
+
 /// The server's current binlog end, read by column name (MySQL 8.0 returns five columns where
 /// MariaDB returns four): `SHOW BINARY LOG STATUS` (MySQL 8.2+; 8.4 removed the older statement),
 /// else `SHOW MASTER STATUS` (MySQL before 8.2, MariaDB).
@@ -150,12 +223,27 @@ pub async fn check_mysql(
     match conn.query::<mysql_async::Row, _>("SHOW BINARY LOGS").await {
         Ok(logs) => {
             let names: Vec<String> = logs.iter().filter_map(|r| r.get::<String, _>(0)).collect();
+            let size_of = |file: &str| {
+                logs.iter()
+                    .find(|r| r.get::<String, _>(0).as_deref() == Some(file))
+                    .and_then(|r| r.get::<u64, _>(1))
+            };
             out.push(Check::pass(
                 "mysql grant binlog monitor",
                 format!("{} binlog file(s) visible", names.len()),
             ));
             if let Some(pos) = resume {
-                if names.iter().any(|n| n == &pos.file) {
+                if let Some(size) = size_of(&pos.file).filter(|&size| pos.pos > size) {
+                    // The file is there but shorter: the binlog was reset (RESET MASTER) and
+                    // has been written again, or this is another server with the same names.
+                    out.push(Check::fail(
+                        RESUME_POSITION_CHECK,
+                        format!(
+                            "{pos} lies beyond the end of {} ({size} bytes): the binlog was reset (RESET MASTER) or this is another server; fix: snapshot_mode = \"when_needed\" re-snapshots",
+                            pos.file
+                        ),
+                    ));
+                } else if names.iter().any(|n| n == &pos.file) {
                     out.push(Check::pass(
                         RESUME_POSITION_CHECK,
                         format!("{pos} is still on the server"),
@@ -206,4 +294,53 @@ pub async fn check_mysql(
         }
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_position_written_by_another_server_is_foreign_and_an_unknown_writer_is_not() {
+        let now = ServerIdentity {
+            server_id: 3,
+            server_uuid: None,
+            gtid_binlog_pos: None,
+        };
+        assert!(foreign_position(Some(1), None, &now).is_some_and(|w| w.contains("server_id 1")));
+        assert_eq!(foreign_position(Some(3), None, &now), None);
+        assert_eq!(
+            foreign_position(None, None, &now),
+            None,
+            "positions stored before identities existed resume as before"
+        );
+        let mysql = ServerIdentity {
+            server_id: 1,
+            server_uuid: Some("b".into()),
+            gtid_binlog_pos: None,
+        };
+        assert!(foreign_position(Some(1), Some("a"), &mysql).is_some_and(|w| w.contains("uuid")));
+    }
+
+    #[test]
+    fn a_binlog_reset_behind_the_stored_gtid_is_seen_and_progress_is_not() {
+        assert!(
+            gtid_went_back("0-1-500", ""),
+            "RESET MASTER empties the state"
+        );
+        assert!(
+            gtid_went_back("0-1-500", "0-1-3"),
+            "and numbering starts again"
+        );
+        assert!(!gtid_went_back("0-1-500", "0-1-500"));
+        assert!(!gtid_went_back("0-1-500", "1-1-2,0-1-900"));
+        assert!(
+            gtid_went_back("1-1-7", "0-1-900"),
+            "the stored domain is gone"
+        );
+        assert!(
+            !gtid_went_back("3e11fa47-71ca-11e1-9e33-c80aa9429562:23", ""),
+            "MySQL GTIDs are not compared here"
+        );
+    }
 }

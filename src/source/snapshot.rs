@@ -40,6 +40,7 @@ pub async fn run_snapshot(
     tables: &[String],
     chunk_size: u32,
     lock_wait_s: u64,
+    epoch: u64,
     tx: &Outbox,
     resume: Vec<SnapshotSegment>,
 ) -> Result<Vec<SnapshotSegment>, SourceError> {
@@ -167,6 +168,7 @@ pub async fn run_snapshot(
                         file: file.clone(),
                         pos: position.pos,
                         row: 0,
+                        epoch,
                         read_ts_ms: ts_ms,
                     },
                 });
