@@ -562,3 +562,65 @@ async fn snapshot_mode_never_without_a_stored_position_commits_its_changes_and_r
     run.stop().await?;
     Ok(())
 }
+
+/// Runs `stmts` on one admin connection (session settings hold for the statements after them).
+async fn in_one_session(stmts: &[String]) -> Result<()> {
+    let mut c = admin().await?;
+    for s in stmts {
+        c.query_drop(s).await.with_context(|| s.clone())?;
+    }
+    c.disconnect().await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_session_writing_minimal_row_images_stops_the_source_instead_of_publishing_nulls()
+-> Result<()> {
+    let _shared = STACK_LOCK.read().await;
+    let db = seed_database().await?;
+    let tc = TestConfig::new(&db, &["users"]);
+    let run = start(tc.config(true)?, Components::Source);
+    wait_events(&tc.topic("users"), 4, T).await?;
+    in_one_session(&[
+        "SET SESSION binlog_row_image = MINIMAL".into(),
+        format!("UPDATE `{db}`.users SET email = 'minimal@x' WHERE id = 1"),
+    ])
+    .await?;
+    let err = tokio::time::timeout(T, run.join_error())
+        .await
+        .context("the source stops")?
+        .context("with an error")?;
+    assert!(
+        err.contains(&format!("{db}.users"))
+            && err.contains("binlog_row_image")
+            && err.contains("firstname"),
+        "names the table, the setting and a missing column: {err}"
+    );
+    let evs = events_of(&tc.topic("users"), 5, Duration::from_secs(3)).await?;
+    assert_eq!(evs.len(), 4, "the partial row was not published");
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_statement_format_update_of_a_captured_table_stops_the_source_instead_of_being_lost()
+-> Result<()> {
+    let _shared = STACK_LOCK.read().await;
+    let db = seed_database().await?;
+    let tc = TestConfig::new(&db, &["users"]);
+    let run = start(tc.config(true)?, Components::Source);
+    wait_events(&tc.topic("users"), 4, T).await?;
+    in_one_session(&[
+        "SET SESSION binlog_format = STATEMENT".into(),
+        format!("UPDATE `{db}`.users SET email = 'statement@x' WHERE id = 1"),
+    ])
+    .await?;
+    let err = tokio::time::timeout(T, run.join_error())
+        .await
+        .context("the source stops")?
+        .context("with an error")?;
+    assert!(
+        err.contains("statement-format") && err.contains(&format!("{db}.users")),
+        "{err}"
+    );
+    Ok(())
+}

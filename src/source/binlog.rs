@@ -57,6 +57,11 @@ const HEARTBEAT_EVENT: u8 = 27;
 const MYSQL_GTID_EVENT: u8 = 33;
 const MYSQL_ANONYMOUS_GTID_EVENT: u8 = 34;
 const MARIADB_GTID_EVENT: u8 = 162;
+const INCIDENT_EVENT: u8 = 26;
+const TRANSACTION_PAYLOAD_EVENT: u8 = 40;
+const MARIADB_QUERY_COMPRESSED_EVENT: u8 = 165;
+const MARIADB_ROWS_COMPRESSED_FIRST: u8 = 166;
+const MARIADB_ROWS_COMPRESSED_LAST: u8 = 171;
 
 /// Where a transaction's changes are placed in the binlog order (see the module note).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -258,6 +263,19 @@ pub async fn run_reader(
                     Ok(Some(EventData::QueryEvent(q))) => q.query().trim().to_ascii_uppercase(),
                     _ => String::new(),
                 };
+                let default_db = match event.read_data() {
+                    Ok(Some(EventData::QueryEvent(q))) => q.schema().into_owned(),
+                    _ => String::new(),
+                };
+                if let Some(table) = statement_dml_on(&query, &default_db, &tables) {
+                    return Err(SourceError::StatementDml {
+                        table,
+                        position: BinlogPosition {
+                            file: file.clone(),
+                            pos: place.pos,
+                        },
+                    });
+                }
                 if query == "BEGIN" {
                     // MariaDB announced the transaction with its GTID event already.
                     if !in_tx {
@@ -347,6 +365,23 @@ pub async fn run_reader(
                         });
                     }
                 };
+                // A partial image (a session with binlog_row_image = MINIMAL or NOBLOB, which
+                // preflight cannot see) would be published as a row with NULLs: refuse it.
+                for (image, present) in [("before", &before), ("after", &after)] {
+                    if let Some(missing) =
+                        present.as_deref().and_then(|p| missing_columns(&table, p))
+                    {
+                        return Err(SourceError::PartialRowImage {
+                            table: table.schema.qualified_name(),
+                            image,
+                            missing,
+                            position: BinlogPosition {
+                                file: file.clone(),
+                                pos: place.pos,
+                            },
+                        });
+                    }
+                }
                 let read_ts_ms = crate::events::now_ms();
                 let ev_file: Arc<str> = Arc::from(file.as_str());
                 let ev_gtid: Option<Arc<str>> = gtid.as_deref().map(Arc::from);
@@ -401,9 +436,110 @@ pub async fn run_reader(
                 rows_events += 1;
                 crate::failpoint::pause_if_armed("stream.rows_events", rows_events).await;
             }
+            // Written by the server but not decoded here: refused, never skipped.
+            TRANSACTION_PAYLOAD_EVENT => {
+                return Err(SourceError::Unsupported {
+                    what: "a compressed transaction (TRANSACTION_PAYLOAD)".into(),
+                    fix: "SET GLOBAL binlog_transaction_compression = OFF (and in the sessions that set it), then re-snapshot (snapshot_mode = \"always\" once)".into(),
+                    position: BinlogPosition { file: file.clone(), pos: u64::from(log_pos) },
+                });
+            }
+            INCIDENT_EVENT => {
+                return Err(SourceError::Unsupported {
+                    what: "an INCIDENT event: the server says changes may be missing from its binlog".into(),
+                    fix: "re-snapshot (snapshot_mode = \"always\" once) so the copies match the tables again".into(),
+                    position: BinlogPosition { file: file.clone(), pos: u64::from(log_pos) },
+                });
+            }
+            MARIADB_QUERY_COMPRESSED_EVENT => {
+                // BEGIN and COMMIT are never long enough to be compressed: outside a transaction
+                // this is DDL, a boundary like an uncompressed one; inside, statement DML.
+                if in_tx {
+                    return Err(SourceError::Unsupported {
+                        what: "a compressed statement inside a transaction (log_bin_compress = ON with statement-format DML)".into(),
+                        fix: "SET GLOBAL log_bin_compress = OFF and binlog_format = ROW".into(),
+                        position: BinlogPosition { file: file.clone(), pos: u64::from(log_pos) },
+                    });
+                }
+                tables_by_id.clear();
+                if log_pos == 0 {
+                    deferred = Some((gtid.take(), tx_ts_ms));
+                } else {
+                    boundary = u64::from(log_pos);
+                    let position = BinlogPosition {
+                        file: file.clone(),
+                        pos: boundary,
+                    };
+                    tx.send(commit(position, gtid.take(), tx_ts_ms)).await?;
+                }
+            }
+            MARIADB_ROWS_COMPRESSED_FIRST..=MARIADB_ROWS_COMPRESSED_LAST => {
+                // The table id leads the post-header, uncompressed: only captured tables stop.
+                let id = event.data().get(..6).map(|b| {
+                    b.iter()
+                        .rev()
+                        .fold(0u64, |acc, x| (acc << 8) | u64::from(*x))
+                });
+                let captured = id
+                    .and_then(|id| tables_by_id.get(&id))
+                    .is_some_and(|(_, t)| t.is_some());
+                if captured || id.is_none() {
+                    return Err(SourceError::Unsupported {
+                        what: "MariaDB compressed row events (log_bin_compress = ON)".into(),
+                        fix: "SET GLOBAL log_bin_compress = OFF, then re-snapshot (snapshot_mode = \"always\" once)".into(),
+                        position: BinlogPosition { file: file.clone(), pos: u64::from(log_pos) },
+                    });
+                }
+            }
             _ => {}
         }
     }
+}
+
+/// The columns of `table` absent from a row image (`None`: the image is full).
+fn missing_columns(table: &BinlogTable, present: &[bool]) -> Option<Vec<String>> {
+    let missing: Vec<String> = table
+        .schema
+        .columns
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| !present.get(*i).copied().unwrap_or(false))
+        .map(|(_, c)| c.name.clone())
+        .collect();
+    (!missing.is_empty()).then_some(missing)
+}
+
+/// The captured table a statement-format DML query names, if any (`tables`: `db.table`;
+/// `default_db`: the query's current database, for unqualified names). Such a query carries no
+/// rows: the change it made would be lost without a word.
+pub fn statement_dml_on(
+    query_upper: &str,
+    default_db: &str,
+    tables: &HashSet<String>,
+) -> Option<String> {
+    let dml = ["INSERT", "UPDATE", "DELETE", "REPLACE", "LOAD DATA"]
+        .iter()
+        .any(|k| query_upper.starts_with(k));
+    if !dml {
+        return None;
+    }
+    // Names as words: `a`.`b`, a.b and b alike (dots kept inside a word).
+    let text = query_upper.replace('`', "").to_ascii_lowercase();
+    let words: Vec<&str> = text
+        .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_' || c == '$' || c == '.'))
+        .filter(|w| !w.is_empty())
+        .collect();
+    let default_db = default_db.to_ascii_lowercase();
+    tables
+        .iter()
+        .find(|t| {
+            let qualified = t.to_ascii_lowercase();
+            let (db, name) = qualified.split_once('.').unwrap_or(("", &qualified));
+            words
+                .iter()
+                .any(|w| *w == qualified || (*w == name && db == default_db))
+        })
+        .cloned()
 }
 
 fn bits(b: &bitvec::slice::BitSlice<u8>) -> Vec<bool> {
@@ -422,6 +558,29 @@ fn commit(position: BinlogPosition, gtid: Option<String>, ts_ms: i64) -> SourceM
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn statement_dml_naming_a_captured_table_is_recognised_and_ddl_or_other_tables_are_not() {
+        let tables: HashSet<String> = ["shop.users".to_string()].into_iter().collect();
+        let on = |q: &str, db: &str| statement_dml_on(q, db, &tables);
+        assert_eq!(
+            on("UPDATE `SHOP`.`USERS` SET EMAIL = 'A' WHERE ID = 1", ""),
+            Some("shop.users".into())
+        );
+        assert_eq!(
+            on("INSERT INTO USERS VALUES (1)", "shop"),
+            Some("shop.users".into())
+        );
+        assert_eq!(
+            on("INSERT INTO USERS VALUES (1)", "other"),
+            None,
+            "another database's `users`"
+        );
+        assert_eq!(on("UPDATE OTHER.USERS SET N = 1", "shop"), None);
+        assert_eq!(on("UPDATE ORDERS SET N = 1", "shop"), None);
+        assert_eq!(on("ALTER TABLE USERS ADD C INT", "shop"), None);
+        assert_eq!(on("BEGIN", "shop"), None);
+    }
 
     #[test]
     fn mariadb_gtid_body_is_decoded_with_the_standalone_flag() {

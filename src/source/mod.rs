@@ -132,6 +132,40 @@ pub enum SourceError {
         /// Detail.
         detail: String,
     },
+    /// A row image without every column: the writing session did not log full rows.
+    #[error(
+        "the binlog row of `{table}` at {position} lacks columns {} in its {image} image: the writing session used binlog_row_image = MINIMAL or NOBLOB (preflight sees only the global setting), and a partial row is never published as a full one. Fix: make every writer log FULL images (remove the session override; SET GLOBAL binlog_row_image = FULL), then re-snapshot once (snapshot_mode = \"always\") to step past this event", .missing.join(", ")
+    )]
+    PartialRowImage {
+        /// Table.
+        table: String,
+        /// `before` or `after`.
+        image: &'static str,
+        /// The absent columns.
+        missing: Vec<String>,
+        /// Where (its transaction's start).
+        position: BinlogPosition,
+    },
+    /// Statement-format DML on a captured table: the binlog holds the statement, not the rows.
+    #[error(
+        "statement-format DML on `{table}` at {position}: a session wrote with binlog_format = STATEMENT or MIXED, so the binlog holds no rows for it and the change cannot be captured. Fix: binlog_format = ROW for every writer (remove the session override), then re-snapshot once (snapshot_mode = \"always\")"
+    )]
+    StatementDml {
+        /// Table.
+        table: String,
+        /// Where.
+        position: BinlogPosition,
+    },
+    /// A binlog event ecst does not decode (refused, never skipped).
+    #[error("the binlog at {position} holds {what}, which ecst does not decode; fix: {fix}")]
+    Unsupported {
+        /// What the event is.
+        what: String,
+        /// How to get past it.
+        fix: String,
+        /// Where.
+        position: BinlogPosition,
+    },
     /// A configured table does not exist.
     #[error("table `{table}` does not exist or is not readable")]
     TableNotFound {
@@ -251,6 +285,9 @@ impl Classify for SourceError {
             | E::UnsupportedType { .. }
             | E::ValueType { .. }
             | E::RowDecode { .. }
+            | E::PartialRowImage { .. }
+            | E::StatementDml { .. }
+            | E::Unsupported { .. }
             | E::TableNotFound { .. }
             | E::NoBinlogPosition
             | E::Preflight(_)
