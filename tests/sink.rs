@@ -245,15 +245,13 @@ async fn delete_policies_unset_and_mark_the_copies_and_keep_leaves_them() -> Res
         wait_all_versioned(mdb, "u").await?;
     }
     sql(format!("DELETE FROM `{db}`.users WHERE id = 3")).await?;
+    // unset: the copy is reduced to its key, so the parent still knows whom it embedded.
     wait_for("unset applied", T, || async {
         let docs = orders(&dbs["unset"]).await?;
-        Ok(
-            if docs.iter().filter(|d| d.get("user").is_none()).count() == 1 {
-                Some(())
-            } else {
-                None
-            },
-        )
+        Ok(docs
+            .iter()
+            .any(|d| d.get_document("user").is_ok_and(|u| *u == doc! { "id": 3 }))
+            .then_some(()))
     })
     .await?;
     wait_for("mark applied", T, || async {
@@ -274,6 +272,23 @@ async fn delete_policies_unset_and_mark_the_copies_and_keep_leaves_them() -> Res
         .find(|d| user_id(d) == Some(3))
         .context("kept copy")?;
     assert_eq!(user_email(m).as_deref(), Some("mayur.devghare@gmail.com"));
+    // The row comes back (a re-insert with the same key): under unset its copy returns.
+    sql(format!(
+        "INSERT INTO `{db}`.users VALUES (3, 'Mayur', 'Devghare', 'mayur.back@x')"
+    ))
+    .await?;
+    wait_for(
+        "the re-inserted row's copy back in its order",
+        T,
+        || async {
+            let docs = orders(&dbs["unset"]).await?;
+            Ok(docs
+                .iter()
+                .any(|d| user_email(d).as_deref() == Some("mayur.back@x"))
+                .then_some(()))
+        },
+    )
+    .await?;
     for r in runs {
         r.stop().await?;
     }

@@ -164,6 +164,17 @@ impl Mapping {
         Ok(out)
     }
 
+    /// Whether `ev` changes nothing through this mapping (a delete kept by policy, or the
+    /// delete half of a key change whose create half moves the copies). Such a change must not
+    /// win a batch's per-key collapse over the change before it.
+    pub fn is_noop(&self, ev: &DecodedEvent) -> bool {
+        ev.op == Op::Delete
+            && (self.cfg.on_delete == DeletePolicy::Keep
+                || (ev.new_key.is_some()
+                    && self.cfg.kind == MappingKind::Embedded
+                    && self.cfg.on_key_change == KeyChangePolicy::Follow))
+    }
+
     /// The statements that apply `ev`, in order.
     pub fn statements(&self, ev: &DecodedEvent) -> Result<Vec<Statement>, MappingError> {
         let v = ev.version.as_str();
@@ -203,17 +214,26 @@ impl Mapping {
                         let key = self.key_value(&ev.key)?;
                         let u = match self.cfg.on_delete {
                             DeletePolicy::Keep => return Ok(out),
-                            DeletePolicy::Unset => doc! {
-                                "$unset": { target.as_str(): "" },
-                                "$set": { self.version_path.as_str(): v },
+                            // The copy goes, but a match field inside it stays: a row
+                            // re-inserted with the same key finds its parents again.
+                            DeletePolicy::Unset => match match_path
+                                .strip_prefix(target.as_str())
+                                .and_then(|rest| rest.strip_prefix('.'))
+                            {
+                                Some(rest) => doc! { "$set": {
+                                    target.as_str(): nested(rest, key.clone()),
+                                    self.version_path.as_str(): v,
+                                }},
+                                None => doc! {
+                                    "$unset": { target.as_str(): "" },
+                                    "$set": { self.version_path.as_str(): v },
+                                },
                             },
                             DeletePolicy::Mark => doc! { "$set": {
                                 format!("{target}.{DELETED_FIELD}"): true,
                                 self.version_path.as_str(): v,
                             }},
                         };
-                        // `$unset` of the matched path removes the match field too: fine, the
-                        // copy is gone; a re-insert of the key cannot find it any more.
                         out.push(self.fan_out(&match_path, key, u, v, false));
                     }
                 }
@@ -249,6 +269,12 @@ impl Mapping {
         }
         Ok(out)
     }
+}
+
+/// `{a: {b: value}}` for the dotted path `a.b`.
+fn nested(path: &str, value: Bson) -> Bson {
+    path.rsplit('.')
+        .fold(value, |inner, part| Bson::Document(doc! { part: inner }))
 }
 
 #[cfg(test)]
@@ -330,5 +356,21 @@ mod tests {
         ev.after = Some(doc! { "id": 1 });
         let err = product_mapping().statements(&ev).expect_err("must fail");
         assert!(err.to_string().contains("description"), "{err}");
+    }
+
+    #[test]
+    fn unset_keeps_the_match_field_so_a_reinserted_row_finds_its_parents_again() {
+        let m = product_mapping();
+        let st = m.statements(&event(Op::Delete)).expect("maps");
+        let [Statement::FanOut { u, .. }] = st.as_slice() else {
+            panic!("{st:?}")
+        };
+        let set = u.get_document("$set").expect("$set");
+        assert_eq!(
+            set.get_document("product").expect("the copy"),
+            &doc! { "productId": 1 },
+            "only the match field is left"
+        );
+        assert!(!u.contains_key("$unset"));
     }
 }

@@ -174,9 +174,19 @@ impl Classify for SinkError {
 /// (ties: the later arrival), whatever order they arrived in — after partitions are added, or
 /// when a replay interleaves, an older change can arrive last. Key-change creates are always
 /// kept (they carry the move of the copies from the old key).
-fn newest_per_key(entries: &[(usize, usize, Arc<DecodedEvent>)]) -> Vec<bool> {
+///
+/// A change that is a no-op for its mapping (`is_noop`: a delete under `on_delete = "keep"`)
+/// never wins: "update, then delete" leaves the update's copy, as it would if the two came in
+/// separate batches.
+fn newest_per_key(
+    entries: &[(usize, usize, Arc<DecodedEvent>)],
+    is_noop: impl Fn(usize, &DecodedEvent) -> bool,
+) -> Vec<bool> {
     let mut best: HashMap<(usize, String), usize> = HashMap::new();
     for (idx, (mi, _, ev)) in entries.iter().enumerate() {
+        if is_noop(*mi, ev) {
+            continue;
+        }
         let slot = best.entry((*mi, ev.key.to_string())).or_insert(idx);
         if entries[*slot].2.version <= ev.version {
             *slot = idx;
@@ -340,7 +350,9 @@ impl Sink {
                 }),
             }
         }
-        let keep = newest_per_key(&entries);
+        let keep = newest_per_key(&entries, |mi, ev| {
+            self.mappings.get(mi).is_some_and(|m| m.is_noop(ev))
+        });
         let mut per_collection: HashMap<&str, Vec<Tagged>> = HashMap::new();
         let mut applied_per_mapping: HashMap<usize, u64> = HashMap::new();
         for (idx, (mi, msg_i, ev)) in entries.iter().enumerate() {
@@ -904,10 +916,27 @@ mod tests {
             (1, 2, change(1, "0000000001.000000000000100.000000000")),
         ];
         assert_eq!(
-            newest_per_key(&entries),
+            newest_per_key(&entries, |_, _| false),
             vec![true, false, true, true],
             "key 1 of mapping 0: the higher version arrived first and wins"
         );
+    }
+
+    #[test]
+    fn a_delete_that_its_mapping_keeps_does_not_collapse_the_update_before_it_away() {
+        let mut delete = (*change(1, "0000000001.000000000000200.000000000")).clone();
+        delete.op = crate::events::Op::Delete;
+        let entries = vec![
+            (0, 0, change(1, "0000000001.000000000000100.000000000")),
+            (0, 1, Arc::new(delete)),
+        ];
+        let keep_policy = |_: usize, ev: &DecodedEvent| ev.op == crate::events::Op::Delete;
+        assert_eq!(
+            newest_per_key(&entries, keep_policy),
+            vec![true, false],
+            "the update lands, as it would in a batch of its own"
+        );
+        assert_eq!(newest_per_key(&entries, |_, _| false), vec![false, true]);
     }
 
     #[test]
