@@ -49,6 +49,59 @@ fn fail(name: &str, detail: impl Into<String>) -> Check {
     }
 }
 
+/// Whether the stored position belongs to the server ecst talks to, and what the source will do.
+fn lineage_check(
+    stored: Option<&crate::offsets::SourceOffset>,
+    now: &crate::source::preflight::ServerIdentity,
+    mode: SnapshotMode,
+) -> Check {
+    const NAME: &str = "mysql lineage";
+    let Some(o) = stored else {
+        return pass(
+            NAME,
+            format!(
+                "no stored position: a fresh start on server_id {} (snapshot_mode = \"{}\")",
+                now.server_id,
+                mode_name(mode)
+            ),
+        );
+    };
+    let foreign =
+        crate::source::preflight::foreign_position(o.server_id, o.server_uuid.as_deref(), now);
+    match foreign {
+        None => pass(
+            NAME,
+            format!(
+                "the stored position {} (epoch {}) was written by this server (server_id {})",
+                o.position, o.epoch, now.server_id
+            ),
+        ),
+        Some(why) if matches!(mode, SnapshotMode::WhenNeeded | SnapshotMode::Always) => pass(
+            NAME,
+            format!(
+                "the stored position {} was written by another server ({why}); the source will re-snapshot in a new epoch",
+                o.position
+            ),
+        ),
+        Some(why) => fail(
+            NAME,
+            format!(
+                "the stored position {} was written by another server ({why}); fix: snapshot_mode = \"when_needed\" re-snapshots in a new epoch",
+                o.position
+            ),
+        ),
+    }
+}
+
+fn mode_name(mode: SnapshotMode) -> &'static str {
+    match mode {
+        SnapshotMode::Initial => "initial",
+        SnapshotMode::WhenNeeded => "when_needed",
+        SnapshotMode::Never => "never",
+        SnapshotMode::Always => "always",
+    }
+}
+
 /// Runs every check that applies to the configuration.
 pub async fn run_checks(cfg: &Config) -> Vec<Check> {
     let mut out = Vec::new();
@@ -163,11 +216,31 @@ pub async fn run_checks(cfg: &Config) -> Vec<Check> {
             .filter(|o| o.snapshot_completed)
             .map(|o| &o.position);
         match check_mysql(mysql, &src.tables, resume).await {
-            Ok(checks) => out.extend(
-                checks
-                    .into_iter()
-                    .map(|c| resume_check_for_mode(c, src.snapshot_mode)),
-            ),
+            Ok(checks) => {
+                let mariadb = checks
+                    .iter()
+                    .any(|c| c.name == "mysql connection" && c.detail.contains("MariaDB"));
+                out.extend(
+                    checks
+                        .into_iter()
+                        .map(|c| resume_check_for_mode(c, src.snapshot_mode)),
+                );
+                out.push(pass(
+                    "mysql snapshot method",
+                    if mariadb {
+                        "MariaDB: a consistent snapshot with no lock (its binlog_snapshot_file/position)".to_string()
+                    } else {
+                        format!(
+                            "MySQL: FLUSH TABLES WITH READ LOCK, held only while the position is read and the snapshot transaction opened, waited for at most {} s (source.snapshot_lock_wait_s)",
+                            src.snapshot_lock_wait_s
+                        )
+                    },
+                ));
+                match crate::source::preflight::server_identity(mysql).await {
+                    Ok(now) => out.push(lineage_check(stored.as_ref(), &now, src.snapshot_mode)),
+                    Err(e) => out.push(fail("mysql lineage", e.to_string())),
+                }
+            }
             Err(e) => out.push(fail(
                 "mysql connection",
                 format!("{e}; fix: check [mysql] host, port, user and password"),
@@ -265,5 +338,34 @@ mod tests {
         assert!(resume_check_for_mode(purged(), SnapshotMode::Always).ok);
         let other = fail("mysql log_bin", "off");
         assert!(!resume_check_for_mode(other, SnapshotMode::WhenNeeded).ok);
+    }
+
+    #[test]
+    fn the_lineage_line_says_whose_position_is_stored_and_fails_only_where_the_source_would_stop() {
+        let now = crate::source::preflight::ServerIdentity {
+            server_id: 7,
+            server_uuid: None,
+            gtid_binlog_pos: None,
+        };
+        let stored = |server_id| crate::offsets::SourceOffset {
+            position: "mariadb-bin.000003:400".parse().expect("position"),
+            gtid: None,
+            epoch: 5,
+            server_id: Some(server_id),
+            server_uuid: None,
+            snapshot_completed: true,
+            tables: vec![],
+            snapshot_segments: vec![],
+        };
+        let same = lineage_check(Some(&stored(7)), &now, SnapshotMode::Initial);
+        assert!(same.ok && same.detail.contains("epoch 5") && same.detail.contains("this server"));
+        let other = lineage_check(Some(&stored(1)), &now, SnapshotMode::Initial);
+        assert!(
+            !other.ok && other.detail.contains("server_id 1"),
+            "{}",
+            other.detail
+        );
+        assert!(lineage_check(Some(&stored(1)), &now, SnapshotMode::WhenNeeded).ok);
+        assert!(lineage_check(None, &now, SnapshotMode::Initial).ok);
     }
 }
