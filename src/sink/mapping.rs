@@ -40,9 +40,8 @@ pub enum Statement {
         /// Filter.
         q: Document,
     },
-    /// An embedded-copy update of every parent whose `path` equals `key`, if older than `version`.
-    /// MongoDB runs it as one guarded `updateMany`; on FerretDB (which cannot use an index for a
-    /// dotted filter) the writer looks parents up once per batch and writes them by `_id`.
+    /// An embedded-copy update of every parent whose `path` equals `key`, if older than `version`:
+    /// one guarded `updateMany` on every server.
     FanOut {
         /// Guarded filter (`{path: key, $or: [version missing, version < v]}`).
         q: Document,

@@ -11,15 +11,18 @@
 //!
 //! The writer must tolerate duplicate writes, and does: every statement carries the version guard.
 //!
-//! **FerretDB.** FerretDB 1.x (SQLite backend) pushes down only an exact `_id` filter; a dotted
-//! filter such as `user.id` scans and decodes the whole collection for *each* statement, so one
-//! `updateMany` per changed user costs O(collection) and 10,000 changes over 5,000 orders take
-//! many minutes. The writer detects FerretDB (`buildInfo.ferretdbVersion`) and switches
-//! embedded fan-outs to a *lookup* plan: one `find` per batch and collection with `$in` over
-//! all changed keys (one scan), a client-side version check on what it found, then writes by
-//! `_id` alone (pushed down). The check is client-side there because FerretDB would not push down
-//! an `_id` filter combined with the guard; one key is only ever written by the one worker that
-//! owns its partition, so nothing races it. MongoDB keeps the server-side guarded `updateMany`.
+//! **One plan for every server.** An embedded fan-out is one guarded `updateMany` per changed
+//! key (`{match_path: key, guard}`), over an index on the match path on MongoDB. FerretDB 1.x
+//! used to get a plan of its own (one `$in` lookup per batch, then `_id`-keyed writes), because
+//! on SQLite it scanned the collection for every dotted filter. On PostgreSQL it pushes dotted
+//! equality down, and the plain plan is far faster there (BENCHMARKS.md, 2026-12-01: at 100
+//! changes/s over 5,000 orders, p50 140 ms and p99 249 ms against 1.8 s and 4.9 s for the lookup
+//! plan). The lookup plan is gone, and with it its defects (lookups run before the batch's
+//! writes, so a key change followed by an update landed on the wrong parents; `_id` writes
+//! without the guard). Two FerretDB deviations remain handled here: commands stay small (it
+//! holds a pooled connection per matched single-document statement until the command ends, and
+//! 50 of them wedge its default pool), and a statement error in a multi-statement command is
+//! isolated statement by statement (FerretDB reports it at index 0, whichever it was).
 
 use bson::{Bson, Document, doc};
 use mongodb::error::ErrorKind;
@@ -29,10 +32,10 @@ use super::mapping::Statement;
 
 /// Statements per command on MongoDB (its `maxWriteBatchSize` is 100,000; keep requests small).
 const MAX_STATEMENTS_PER_COMMAND: usize = 1_000;
-/// Statements per command on FerretDB 1.x: it keeps every statement's query cursor (and so one
-/// SQLite connection of a pool of 100) open until the whole command ends, so a command of 100 or
-/// more statements waits forever for a connection. Measured: 1,000 hangs, 50 works.
-const MAX_STATEMENTS_PER_COMMAND_FERRETDB: usize = 50;
+/// Statements per command on FerretDB 1.x: it keeps one pooled connection per matched
+/// single-document statement until the whole command ends (its default pool holds 50, and on
+/// SQLite 100), so a larger command can wait for a connection for ever.
+const MAX_STATEMENTS_PER_COMMAND_FERRETDB: usize = 25;
 
 /// Server error codes that say something about the server or the environment, never about the
 /// change: retried (the retry loop makes a long run visible), never dead-lettered. Network and
@@ -79,21 +82,13 @@ pub struct Outcome {
     pub stale: Vec<usize>,
 }
 
-/// How embedded fan-outs are executed.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum FanOutPlan {
-    /// One guarded `updateMany` per key (MongoDB, with an index on the match path).
-    UpdateMany,
-    /// One `$in` lookup per batch, then `_id`-keyed writes (FerretDB).
-    Lookup,
-}
-
 /// The writer.
 #[derive(Clone)]
 pub struct MongoWriter {
     client: mongodb::Client,
     db: mongodb::Database,
-    plan: FanOutPlan,
+    /// FerretDB (`buildInfo.ferretdbVersion`): smaller commands, errors isolated one by one.
+    ferretdb: bool,
     /// The URI's write concern, sent with every command (`run_command` applies none itself).
     write_concern: Option<Document>,
 }
@@ -115,15 +110,13 @@ impl MongoWriter {
             .run_command(doc! { "buildInfo": 1 })
             .await
             .map_err(SinkError::Mongo)?;
-        let plan = if info.contains_key("ferretdbVersion") {
+        let ferretdb = info.contains_key("ferretdbVersion");
+        if ferretdb {
             tracing::info!(
                 version = info.get_str("ferretdbVersion").unwrap_or("?"),
-                "ferretdb detected: dotted filters are not indexed there, embedded updates use one lookup per batch and _id-keyed writes"
+                "ferretdb detected: commands of at most {MAX_STATEMENTS_PER_COMMAND_FERRETDB} statements, write errors isolated one by one"
             );
-            FanOutPlan::Lookup
-        } else {
-            FanOutPlan::UpdateMany
-        };
+        }
         let write_concern = match &opts_write_concern {
             Some(wc) if wc.w.is_some() || wc.w_timeout.is_some() || wc.journal.is_some() => {
                 Some(bson::to_document(wc).map_err(|e| {
@@ -137,7 +130,7 @@ impl MongoWriter {
         Ok(MongoWriter {
             client,
             db,
-            plan,
+            ferretdb,
             write_concern,
         })
     }
@@ -154,9 +147,9 @@ impl MongoWriter {
         }
     }
 
-    /// The fan-out plan chosen for this server.
-    pub fn plan(&self) -> FanOutPlan {
-        self.plan
+    /// Whether the server is FerretDB.
+    pub fn is_ferretdb(&self) -> bool {
+        self.ferretdb
     }
 
     /// The database handle (tests and checks).
@@ -202,28 +195,26 @@ impl MongoWriter {
 
     /// Runs the statements of one collection, in order.
     pub async fn apply(&self, collection: &str, stmts: &[Tagged]) -> Result<Outcome, SinkError> {
-        let stmts = match self.plan {
-            FanOutPlan::UpdateMany => stmts
-                .iter()
-                .map(|t| match &t.stmt {
-                    Statement::FanOut { q, u, .. } => Tagged {
-                        entry: t.entry,
-                        stmt: Statement::Update {
-                            q: q.clone(),
-                            u: u.clone(),
-                            multi: true,
-                            upsert: false,
-                        },
+        let stmts: Vec<Tagged> = stmts
+            .iter()
+            .map(|t| match &t.stmt {
+                Statement::FanOut { q, u, .. } => Tagged {
+                    entry: t.entry,
+                    stmt: Statement::Update {
+                        q: q.clone(),
+                        u: u.clone(),
+                        multi: true,
+                        upsert: false,
                     },
-                    _ => t.clone(),
-                })
-                .collect(),
-            FanOutPlan::Lookup => self.expand_fan_outs(collection, stmts).await?,
-        };
+                },
+                _ => t.clone(),
+            })
+            .collect();
         let stmts = stmts.as_slice();
-        let per_command = match self.plan {
-            FanOutPlan::UpdateMany => MAX_STATEMENTS_PER_COMMAND,
-            FanOutPlan::Lookup => MAX_STATEMENTS_PER_COMMAND_FERRETDB,
+        let per_command = if self.ferretdb {
+            MAX_STATEMENTS_PER_COMMAND_FERRETDB
+        } else {
+            MAX_STATEMENTS_PER_COMMAND
         };
         let mut outcome = Outcome::default();
         let mut start = 0;
@@ -285,6 +276,16 @@ impl MongoWriter {
                 .and_then(Bson::as_document);
             match first_error {
                 None => return Ok(()),
+                // FerretDB reports a statement error at index 0 whichever statement it was:
+                // find it one by one (what ran before it is guarded, so running it again is
+                // a no-op).
+                Some(_) if self.ferretdb && part.len() > 1 => {
+                    for one in part {
+                        Box::pin(self.run_ordered(collection, std::slice::from_ref(one), outcome))
+                            .await?;
+                    }
+                    return Ok(());
+                }
                 Some(err) => {
                     let index = match err.get("index") {
                         Some(Bson::Int32(i)) => *i as usize,
@@ -349,148 +350,6 @@ fn duplicate_is_on_id(err: &Document) -> bool {
     }
 }
 
-/// A comparable form of a key value (numbers of any BSON type compare by value, as in queries).
-fn norm_key(b: &Bson) -> String {
-    match b {
-        Bson::Int32(i) => format!("n{i}"),
-        Bson::Int64(i) => format!("n{i}"),
-        Bson::Double(d) if d.fract() == 0.0 && d.abs() < 9.0e15 => format!("n{}", *d as i64),
-        other => format!("{other:?}"),
-    }
-}
-
-/// The value at a dotted path.
-fn at_path<'a>(doc: &'a Document, path: &str) -> Option<&'a Bson> {
-    let mut parts = path.split('.');
-    let mut cur = doc.get(parts.next()?)?;
-    for p in parts {
-        cur = cur.as_document()?.get(p)?;
-    }
-    Some(cur)
-}
-
-impl MongoWriter {
-    /// Lookup plan: turns fan-outs into `_id`-keyed updates. Segments end after a statement
-    /// that moves copies to another key, so later statements see the moved documents.
-    async fn expand_fan_outs(
-        &self,
-        collection: &str,
-        stmts: &[Tagged],
-    ) -> Result<Vec<Tagged>, SinkError> {
-        use futures::TryStreamExt;
-        let coll = self.db.collection::<Document>(collection);
-        let mut out = Vec::with_capacity(stmts.len());
-        let mut start = 0;
-        while start < stmts.len() {
-            let end = stmts[start..]
-                .iter()
-                .position(|t| matches!(t.stmt, Statement::FanOut { moves: true, .. }))
-                .map_or(stmts.len(), |i| start + i + 1);
-            let segment = &stmts[start..end];
-            start = end;
-            // One query for every key of the segment, grouped by path.
-            let mut by_path: std::collections::BTreeMap<&str, Vec<Bson>> =
-                std::collections::BTreeMap::new();
-            let mut version_paths = std::collections::BTreeSet::new();
-            for t in segment {
-                if let Statement::FanOut {
-                    path,
-                    key,
-                    version_path,
-                    ..
-                } = &t.stmt
-                {
-                    by_path.entry(path.as_str()).or_default().push(key.clone());
-                    version_paths.insert(version_path.as_str());
-                }
-            }
-            // (path, key) → [(_id, {version_path → version})]
-            let mut index: std::collections::HashMap<(String, String), Vec<(Bson, Document)>> =
-                std::collections::HashMap::new();
-            if !by_path.is_empty() {
-                let ors: Vec<Document> = by_path
-                    .iter()
-                    .map(|(p, keys)| doc! { *p: { "$in": keys.clone() } })
-                    .collect();
-                let mut projection = doc! { "_id": 1 };
-                for p in by_path.keys() {
-                    projection.insert(*p, 1);
-                }
-                for v in &version_paths {
-                    projection.insert(*v, 1);
-                }
-                let docs: Vec<Document> = coll
-                    .find(doc! { "$or": ors })
-                    .projection(projection)
-                    .await
-                    .map_err(SinkError::Mongo)?
-                    .try_collect()
-                    .await
-                    .map_err(SinkError::Mongo)?;
-                tracing::debug!(collection, found = docs.len(), "fan-out lookup done");
-                for d in docs {
-                    let Some(id) = d.get("_id").cloned() else {
-                        continue;
-                    };
-                    let mut versions = Document::new();
-                    for v in &version_paths {
-                        if let Some(Bson::String(s)) = at_path(&d, v) {
-                            versions.insert(*v, s.clone());
-                        }
-                    }
-                    for p in by_path.keys() {
-                        if let Some(k) = at_path(&d, p) {
-                            index
-                                .entry((p.to_string(), norm_key(k)))
-                                .or_default()
-                                .push((id.clone(), versions.clone()));
-                        }
-                    }
-                }
-            }
-            for t in segment {
-                let Statement::FanOut {
-                    u,
-                    path,
-                    key,
-                    version_path,
-                    version,
-                    ..
-                } = &t.stmt
-                else {
-                    out.push(t.clone());
-                    continue;
-                };
-                let Some(targets) = index.get_mut(&(path.clone(), norm_key(key))) else {
-                    continue;
-                };
-                for (id, versions) in targets.iter_mut() {
-                    let newer = versions
-                        .get_str(version_path)
-                        .is_ok_and(|cur| cur >= version.as_str());
-                    if newer {
-                        continue; // stale for this document
-                    }
-                    versions.insert(version_path.clone(), version.clone());
-                    // `multi: true` on a unique `_id` means the same as false, but FerretDB on
-                    // PostgreSQL holds a pooled connection per *single* statement until the
-                    // command ends: 50 of them wedge its default pool of 50 for good.
-                    out.push(Tagged {
-                        entry: t.entry,
-                        stmt: Statement::Update {
-                            q: doc! { "_id": id.clone() },
-                            u: u.clone(),
-                            multi: true,
-                            upsert: false,
-                        },
-                    });
-                }
-            }
-        }
-        Ok(out)
-    }
-}
-
 fn command(collection: &str, part: &[Tagged]) -> Document {
     let is_delete = part
         .first()
@@ -507,7 +366,7 @@ fn command(collection: &str, part: &[Tagged]) -> Document {
                 doc! { "q": q.clone(), "u": u.clone(), "multi": *multi, "upsert": *upsert },
             ),
             Statement::Delete { q } => Bson::Document(doc! { "q": q.clone(), "limit": 1 }),
-            // Expanded by `apply` before commands are built.
+            // Turned into updates by `apply` before commands are built.
             Statement::FanOut { q, u, .. } => Bson::Document(
                 doc! { "q": q.clone(), "u": u.clone(), "multi": true, "upsert": false },
             ),
