@@ -289,29 +289,29 @@ pub async fn run_reader(
                         // DDL may have changed table shapes; new TABLE_MAPs will follow.
                         tables_by_id.clear();
                     }
-                    if log_pos == 0 {
-                        deferred = Some((gtid.take(), tx_ts_ms));
-                    } else {
-                        boundary = u64::from(log_pos);
-                        let position = BinlogPosition {
-                            file: file.clone(),
-                            pos: boundary,
-                        };
-                        tx.send(commit(position, gtid.take(), tx_ts_ms)).await?;
+                    if let Some(m) = end_transaction(
+                        log_pos,
+                        &file,
+                        gtid.take(),
+                        tx_ts_ms,
+                        &mut boundary,
+                        &mut deferred,
+                    ) {
+                        tx.send(m).await?;
                     }
                 }
             }
             XID_EVENT => {
                 in_tx = false;
-                if log_pos == 0 {
-                    deferred = Some((gtid.take(), tx_ts_ms));
-                } else {
-                    boundary = u64::from(log_pos);
-                    let position = BinlogPosition {
-                        file: file.clone(),
-                        pos: boundary,
-                    };
-                    tx.send(commit(position, gtid.take(), tx_ts_ms)).await?;
+                if let Some(m) = end_transaction(
+                    log_pos,
+                    &file,
+                    gtid.take(),
+                    tx_ts_ms,
+                    &mut boundary,
+                    &mut deferred,
+                ) {
+                    tx.send(m).await?;
                 }
             }
             TABLE_MAP_EVENT => {
@@ -462,15 +462,15 @@ pub async fn run_reader(
                     });
                 }
                 tables_by_id.clear();
-                if log_pos == 0 {
-                    deferred = Some((gtid.take(), tx_ts_ms));
-                } else {
-                    boundary = u64::from(log_pos);
-                    let position = BinlogPosition {
-                        file: file.clone(),
-                        pos: boundary,
-                    };
-                    tx.send(commit(position, gtid.take(), tx_ts_ms)).await?;
+                if let Some(m) = end_transaction(
+                    log_pos,
+                    &file,
+                    gtid.take(),
+                    tx_ts_ms,
+                    &mut boundary,
+                    &mut deferred,
+                ) {
+                    tx.send(m).await?;
                 }
             }
             MARIADB_ROWS_COMPRESSED_FIRST..=MARIADB_ROWS_COMPRESSED_LAST => {
@@ -544,6 +544,29 @@ pub fn statement_dml_on(
 
 fn bits(b: &bitvec::slice::BitSlice<u8>) -> Vec<bool> {
     b.iter().by_vals().collect()
+}
+
+/// A transaction ended on an event whose header says it ends at `log_pos`: the boundary to send
+/// now, or `None` when the header has no position and the boundary waits for the next
+/// positioned event (`deferred`, see the module note).
+fn end_transaction(
+    log_pos: u32,
+    file: &str,
+    gtid: Option<String>,
+    ts_ms: i64,
+    boundary: &mut u64,
+    deferred: &mut Option<(Option<String>, i64)>,
+) -> Option<SourceMsg> {
+    if log_pos == 0 {
+        *deferred = Some((gtid, ts_ms));
+        return None;
+    }
+    *boundary = u64::from(log_pos);
+    let position = BinlogPosition {
+        file: file.to_string(),
+        pos: *boundary,
+    };
+    Some(commit(position, gtid, ts_ms))
 }
 
 /// A transaction-boundary message.
