@@ -669,11 +669,14 @@ impl Publisher {
     async fn produce(
         &self,
         topic: &str,
-        key: &[u8],
+        key: Option<&[u8]>,
         payload: Option<&[u8]>,
         headers: OwnedHeaders,
     ) -> Result<(), SourceError> {
-        let mut record = BaseRecord::to(topic).key(key).headers(headers);
+        let mut record: BaseRecord<'_, [u8], [u8]> = BaseRecord::to(topic).headers(headers);
+        if let Some(k) = key {
+            record = record.key(k);
+        }
         if let Some(p) = payload {
             record = record.payload(p);
         }
@@ -762,15 +765,20 @@ impl Publisher {
         frame_into(&mut self.val_buf, st.value_id, &self.datum);
         let key = std::mem::take(&mut self.key_buf);
         let val = std::mem::take(&mut self.val_buf);
-        self.produce(&st.topic, &key, Some(&val), headers.clone())
+        // A table without a primary key has no key to give: a null Kafka key, as Debezium
+        // sends (a zero-field key record is 5 bytes, which Confluent's deserializers refuse),
+        // and no tombstone (compaction has nothing to compact by).
+        let keyless = ev.schema.key.is_empty();
+        let record_key = (!keyless).then_some(key.as_slice());
+        self.produce(&st.topic, record_key, Some(&val), headers.clone())
             .await?;
         let tombstones = self
             .cfg
             .source
             .as_ref()
             .is_some_and(|s| s.tombstones_on_delete);
-        if tombstone_after && tombstones {
-            self.produce(&st.topic, &key, None, headers).await?;
+        if tombstone_after && tombstones && !keyless {
+            self.produce(&st.topic, record_key, None, headers).await?;
         }
         self.key_buf = key;
         self.val_buf = val;
@@ -785,7 +793,7 @@ impl Publisher {
         let bytes = offset.to_bytes();
         self.produce(
             &topic,
-            self.cfg.name.as_bytes(),
+            Some(self.cfg.name.as_bytes()),
             Some(&bytes),
             OwnedHeaders::new(),
         )
