@@ -22,6 +22,8 @@ pub const MAPPING_LABEL: &str = "mapping";
 pub const CLASS_LABEL: &str = "class";
 /// Label: component (`source` / `sink`).
 pub const COMPONENT_LABEL: &str = "component";
+/// Label: what a DDL statement did to a table.
+pub const OP_LABEL: &str = "op";
 /// Label: kind of an error (a server error code such as `mysql_1040`, or a client error family).
 pub const KIND_LABEL: &str = "kind";
 
@@ -42,6 +44,9 @@ pub const SOURCE_MS_BEHIND: &str = "ecst_source_ms_behind_source";
 pub const SOURCE_BINLOG_FILE: &str = "ecst_source_binlog_file_seq";
 /// Gauge: byte position of the last committed position.
 pub const SOURCE_BINLOG_POS: &str = "ecst_source_binlog_position";
+/// Counter, labels `table`, `op` (`truncate`, `drop`, `rename`): DDL that truncated, dropped or
+/// renamed a captured table.
+pub const SOURCE_TABLE_LIFECYCLE_TOTAL: &str = "ecst_source_table_lifecycle_total";
 /// Gauge, labels `table`: snapshot rows read so far.
 pub const SNAPSHOT_ROWS_DONE: &str = "ecst_snapshot_rows_done";
 /// Gauge, labels `table`: estimated rows of the table being snapshotted.
@@ -161,6 +166,10 @@ pub fn install() -> Result<PrometheusHandle, String> {
     );
     describe_counter!(SINK_DLQ_TOTAL, "Messages sent to the dead-letter topic");
     describe_counter!(RETRIES_TOTAL, "Retries after errors");
+    describe_counter!(
+        SOURCE_TABLE_LIFECYCLE_TOTAL,
+        "DDL that truncated, dropped or renamed a captured table"
+    );
     describe_gauge!(
         COMPONENT_RETRYING,
         "1 while the component retries a run of transient errors"

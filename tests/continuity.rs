@@ -158,3 +158,31 @@ async fn a_position_written_by_another_server_stops_initial_and_resnapshots_when
     set_server_id(original).await?;
     outcome
 }
+
+#[tokio::test]
+async fn truncate_drop_and_rename_of_a_captured_table_are_counted_and_logged_not_ignored()
+-> Result<()> {
+    let _shared = STACK_LOCK.read().await;
+    let db = seed_database().await?;
+    let tc = TestConfig::new(&db, &["users", "product"]);
+    let port = free_port()?;
+    let cfg = write_config(&tc, true, Some(port))?;
+    let run = spawn_captured(&cfg, "source", &[], "warn")?;
+    wait_events(&tc.topic("users"), 4, T).await?;
+    sql(format!("TRUNCATE TABLE `{db}`.users")).await?;
+    sql(format!("RENAME TABLE `{db}`.product TO `{db}`.product_old")).await?;
+    for op in ["truncate", "rename"] {
+        let table = if op == "truncate" { "users" } else { "product" };
+        let line =
+            format!("ecst_source_table_lifecycle_total{{table=\"{db}.{table}\",op=\"{op}\"}} 1");
+        wait_for(&format!("the {op} counted"), T, || async {
+            let m = http_get(port, "/metrics").await?;
+            Ok(m.lines().any(|l| l == line).then_some(()))
+        })
+        .await?;
+    }
+    run.wait_for_output("a captured table was truncated", Duration::from_secs(5))
+        .await?;
+    assert!(run.output().contains("the copies keep the removed rows"));
+    Ok(())
+}

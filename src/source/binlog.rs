@@ -45,6 +45,7 @@ use super::window::Window;
 use super::{Outbox, SourceError, SourceMsg, connect};
 use crate::config::MysqlConfig;
 use crate::events::{ChangeEvent, Op, SourceInfo};
+use crate::metrics as m;
 use crate::offsets::BinlogPosition;
 use crate::shutdown::ShutdownRx;
 
@@ -288,6 +289,16 @@ pub async fn run_reader(
                     if query != "COMMIT" {
                         // DDL may have changed table shapes; new TABLE_MAPs will follow.
                         tables_by_id.clear();
+                        if let Some((what, table)) = table_lifecycle(&query, &default_db, &tables) {
+                            metrics::counter!(m::SOURCE_TABLE_LIFECYCLE_TOTAL, m::TABLE_LABEL => table.clone(), m::OP_LABEL => what.label()).increment(1);
+                            tracing::warn!(
+                                table,
+                                statement = what.label(),
+                                effect = what.effect(),
+                                "a captured table was {}",
+                                what.past()
+                            );
+                        }
                     }
                     if let Some(m) = end_transaction(
                         log_pos,
@@ -509,6 +520,80 @@ fn missing_columns(table: &BinlogTable, present: &[bool]) -> Option<Vec<String>>
     (!missing.is_empty()).then_some(missing)
 }
 
+/// What a DDL statement did to a captured table.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Lifecycle {
+    /// `TRUNCATE`.
+    Truncate,
+    /// `DROP TABLE` / `DROP DATABASE`.
+    Drop,
+    /// `RENAME TABLE` / `ALTER TABLE … RENAME`.
+    Rename,
+}
+
+impl Lifecycle {
+    /// Metric label.
+    pub fn label(self) -> &'static str {
+        match self {
+            Lifecycle::Truncate => "truncate",
+            Lifecycle::Drop => "drop",
+            Lifecycle::Rename => "rename",
+        }
+    }
+    fn past(self) -> &'static str {
+        match self {
+            Lifecycle::Truncate => "truncated",
+            Lifecycle::Drop => "dropped",
+            Lifecycle::Rename => "renamed",
+        }
+    }
+    /// What it means for the topic and the copies (README, "Table lifecycle").
+    fn effect(self) -> &'static str {
+        match self {
+            Lifecycle::Truncate => {
+                "no event is published for a TRUNCATE yet: the copies keep the removed rows; re-snapshot and reconcile them by hand"
+            }
+            Lifecycle::Drop => {
+                "its topic stays and gets no more events; the copies keep the last rows; a table re-created with the same name is captured again (a new schema version if its shape differs)"
+            }
+            Lifecycle::Rename => {
+                "changes under the new name are captured only if it is listed in source.tables; the old topic gets no more events"
+            }
+        }
+    }
+}
+
+/// Whether a DDL statement truncates, drops or renames a captured table (or drops its database).
+pub fn table_lifecycle(
+    query_upper: &str,
+    default_db: &str,
+    tables: &HashSet<String>,
+) -> Option<(Lifecycle, String)> {
+    let what = if query_upper.starts_with("TRUNCATE") {
+        Lifecycle::Truncate
+    } else if query_upper.starts_with("DROP TABLE") {
+        Lifecycle::Drop
+    } else if query_upper.starts_with("RENAME TABLE")
+        || (query_upper.starts_with("ALTER TABLE") && query_upper.contains(" RENAME "))
+    {
+        Lifecycle::Rename
+    } else if query_upper.starts_with("DROP DATABASE") || query_upper.starts_with("DROP SCHEMA") {
+        let text = query_upper.replace('`', "").to_ascii_lowercase();
+        let dropped = text
+            .split_whitespace()
+            .last()
+            .unwrap_or_default()
+            .to_string();
+        return tables
+            .iter()
+            .find(|t| t.to_ascii_lowercase().split('.').next() == Some(dropped.as_str()))
+            .map(|t| (Lifecycle::Drop, t.clone()));
+    } else {
+        return None;
+    };
+    names_captured_table(query_upper, default_db, tables).map(|t| (what, t))
+}
+
 /// The captured table a statement-format DML query names, if any (`tables`: `db.table`;
 /// `default_db`: the query's current database, for unqualified names). Such a query carries no
 /// rows: the change it made would be lost without a word.
@@ -523,6 +608,16 @@ pub fn statement_dml_on(
     if !dml {
         return None;
     }
+    names_captured_table(query_upper, default_db, tables)
+}
+
+/// The first captured table (`db.table`) a statement names: qualified, or unqualified in its
+/// default database.
+fn names_captured_table(
+    query_upper: &str,
+    default_db: &str,
+    tables: &HashSet<String>,
+) -> Option<String> {
     // Names as words: `a`.`b`, a.b and b alike (dots kept inside a word).
     let text = query_upper.replace('`', "").to_ascii_lowercase();
     let words: Vec<&str> = text
@@ -603,6 +698,30 @@ mod tests {
         assert_eq!(on("UPDATE ORDERS SET N = 1", "shop"), None);
         assert_eq!(on("ALTER TABLE USERS ADD C INT", "shop"), None);
         assert_eq!(on("BEGIN", "shop"), None);
+    }
+
+    #[test]
+    fn truncate_drop_and_rename_of_a_captured_table_are_recognised() {
+        let tables: HashSet<String> = ["shop.users".to_string()].into_iter().collect();
+        let of = |q: &str| table_lifecycle(q, "shop", &tables).map(|(w, _)| w);
+        assert_eq!(of("TRUNCATE TABLE USERS"), Some(Lifecycle::Truncate));
+        assert_eq!(of("TRUNCATE `SHOP`.`USERS`"), Some(Lifecycle::Truncate));
+        assert_eq!(
+            of("DROP TABLE IF EXISTS ORDERS, USERS"),
+            Some(Lifecycle::Drop)
+        );
+        assert_eq!(
+            of("RENAME TABLE USERS TO OLD_USERS"),
+            Some(Lifecycle::Rename)
+        );
+        assert_eq!(
+            of("ALTER TABLE USERS RENAME TO PEOPLE"),
+            Some(Lifecycle::Rename)
+        );
+        assert_eq!(of("DROP DATABASE `SHOP`"), Some(Lifecycle::Drop));
+        assert_eq!(of("DROP DATABASE OTHER"), None);
+        assert_eq!(of("TRUNCATE TABLE ORDERS"), None);
+        assert_eq!(of("ALTER TABLE USERS ADD COLUMN C INT"), None);
     }
 
     #[test]
