@@ -185,7 +185,7 @@ async fn alter_table_mid_stream_registers_a_new_schema_and_events_continue() -> 
 }
 
 #[tokio::test]
-async fn a_not_null_column_without_default_is_refused_by_the_registry_and_stops_the_source_naming_it()
+async fn add_column_not_null_with_a_constant_default_continues_under_backward_compatibility()
 -> Result<()> {
     let _shared = STACK_LOCK.read().await;
     let db = seed_database().await?;
@@ -193,14 +193,40 @@ async fn a_not_null_column_without_default_is_refused_by_the_registry_and_stops_
     let run = start(tc.config(true)?, Components::Source);
     wait_events(&tc.topic("users"), 4, T).await?;
     sql(format!(
-        "ALTER TABLE `{db}`.users ADD COLUMN tier INT NOT NULL DEFAULT 1"
+        "ALTER TABLE `{db}`.users ADD COLUMN tier INT NOT NULL DEFAULT 1, \
+         ADD COLUMN plan VARCHAR(10) NOT NULL DEFAULT 'it''s free'"
+    ))
+    .await?;
+    sql(format!("UPDATE `{db}`.users SET tier = 2 WHERE id = 4")).await?;
+    let evs = wait_events(&tc.topic("users"), 5, T).await?;
+    let after = evs[4].after.as_ref().context("after image")?;
+    assert_eq!(after.get_i32("tier")?, 2);
+    assert_eq!(after.get_str("plan")?, "it's free");
+    assert!(!run.is_finished(), "the source goes on");
+    run.stop().await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_not_null_column_without_a_constant_default_is_refused_and_stops_the_source_naming_it()
+-> Result<()> {
+    let _shared = STACK_LOCK.read().await;
+    let db = seed_database().await?;
+    let tc = TestConfig::new(&db, &["users"]);
+    let run = start(tc.config(true)?, Components::Source);
+    wait_events(&tc.topic("users"), 4, T).await?;
+    sql(format!(
+        "ALTER TABLE `{db}`.users ADD COLUMN tier INT NOT NULL"
     ))
     .await?;
     sql(format!("UPDATE `{db}`.users SET tier = 2 WHERE id = 4")).await?;
     let err = tokio::time::timeout(T, run.join_error())
         .await?
         .context("the source must stop")?;
-    assert!(err.contains("tier") && err.contains("refused"), "{err}");
+    assert!(
+        err.contains("tier") && err.contains("refused") && err.contains("BACKWARD"),
+        "names the column, the refusal and the compatibility mode: {err}"
+    );
     // Nothing after the refused change was written.
     let evs = events_of(&tc.topic("users"), 5, Duration::from_secs(3)).await?;
     assert_eq!(evs.len(), 4);

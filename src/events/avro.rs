@@ -107,9 +107,16 @@ fn column_type(kind: &ColumnKind) -> Json {
 fn field(col: &Column, force_required: bool) -> Json {
     let t = column_type(&col.kind);
     if col.nullable && !force_required {
-        json!({"name": sanitize_name(&col.name), "type": ["null", t], "default": null})
-    } else {
-        json!({"name": sanitize_name(&col.name), "type": t})
+        return json!({"name": sanitize_name(&col.name), "type": ["null", t], "default": null});
+    }
+    let default = col
+        .default
+        .as_deref()
+        .filter(|_| !force_required)
+        .and_then(|d| serde_json::from_str::<Json>(d).ok());
+    match default {
+        Some(d) => json!({"name": sanitize_name(&col.name), "type": t, "default": d}),
+        None => json!({"name": sanitize_name(&col.name), "type": t}),
     }
 }
 
@@ -370,6 +377,7 @@ mod tests {
 
     fn all_types() -> TableSchema {
         let c = |name: &str, kind: ColumnKind, nullable: bool| Column {
+            default: None,
             name: name.into(),
             kind,
             nullable,

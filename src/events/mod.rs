@@ -80,6 +80,10 @@ pub struct Column {
     pub kind: ColumnKind,
     /// Whether the column accepts NULL.
     pub nullable: bool,
+    /// The Avro default of a NOT NULL column, as JSON text, when its MySQL default is a constant
+    /// Avro can hold (`information_schema.COLUMNS.COLUMN_DEFAULT`): it lets a registry under
+    /// BACKWARD compatibility accept `ADD COLUMN … NOT NULL DEFAULT …`.
+    pub default: Option<String>,
 }
 
 /// A captured table: its identity, columns in table order and primary key.

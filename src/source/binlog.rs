@@ -40,7 +40,7 @@ use mysql_common::binlog::consts::BinlogChecksumAlg;
 use mysql_common::binlog::events::{EventData, RowsEventData, TableMapEvent};
 
 use super::decode::decode_rows;
-use super::table_map::{BinlogTable, from_table_map};
+use super::table_map::{BinlogTable, from_table_map, with_defaults};
 use super::window::Window;
 use super::{Outbox, SourceError, SourceMsg, connect};
 use crate::config::MysqlConfig;
@@ -339,7 +339,16 @@ pub async fn run_reader(
                 if !unchanged {
                     let qn = format!("{}.{}", tme.database_name(), tme.table_name());
                     let shape = if tables.contains(&qn) {
-                        Some(Arc::new(from_table_map(&tme)?))
+                        let mut t = from_table_map(&tme)?;
+                        drop(tme);
+                        // Defaults of NOT NULL columns, which TABLE_MAP does not carry (on a
+                        // side connection: this one is streaming). Rare: a new shape only.
+                        if t.schema.columns.iter().any(|c| !c.nullable) {
+                            let mut side = connect(&cfg).await?;
+                            with_defaults(&mut side, Arc::make_mut(&mut t.schema)).await?;
+                            side.disconnect().await?;
+                        }
+                        Some(Arc::new(t))
                     } else {
                         None
                     };

@@ -320,6 +320,7 @@ mod tests {
 
     fn col(kind: ColumnKind) -> Column {
         Column {
+            default: None,
             name: "c".into(),
             kind,
             nullable: true,

@@ -209,7 +209,7 @@ pub enum SourceError {
     },
     /// The registry refused a new schema version.
     #[error(
-        "schema change of `{table}` refused by the registry ({columns}); the source stopped before that change, nothing after it is lost. {detail}"
+        "schema change of `{table}` refused by the registry ({columns}); the source stopped before that change, nothing after it is lost. Under the registry's default BACKWARD compatibility a new NOT NULL column needs a constant DEFAULT (numbers, booleans, strings; not an expression or a temporal value). Fix: give the column such a default or make it NULL, or relax the subject's compatibility. Registry: {detail}"
     )]
     SchemaRefused {
         /// Table.
@@ -540,7 +540,7 @@ fn describe_change(old: Option<&TableSchema>, new: &TableSchema) -> String {
                 if c.nullable {
                     ""
                 } else {
-                    " NOT NULL (no default in the schema)"
+                    " NOT NULL with no constant default"
                 }
             )),
             Some(o) if o != c => parts.push(format!(

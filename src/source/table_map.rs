@@ -207,6 +207,8 @@ pub fn from_table_map(tme: &TableMapEvent<'_>) -> Result<BinlogTable, SourceErro
             name,
             kind,
             nullable,
+            // TABLE_MAP carries no defaults: `with_defaults` adds them from information_schema.
+            default: None,
         });
         bin.push(BinlogColumn { ty, meta, unsigned });
     }
@@ -249,6 +251,86 @@ pub fn parse_labels(column_type: &str) -> Vec<String> {
     out
 }
 
+async fn is_mariadb(conn: &mut mysql_async::Conn) -> Result<bool, SourceError> {
+    let version: Option<String> = conn.query_first("SELECT VERSION()").await?;
+    Ok(version.is_some_and(|v| v.contains("MariaDB")))
+}
+
+/// The Avro default (JSON text) for a NOT NULL column of `kind` whose MySQL default is
+/// `column_default` as `information_schema` shows it: MariaDB quotes string literals
+/// (`'abc'`) and writes `NULL` for none; MySQL shows the bare value. Only constants Avro holds
+/// as plain JSON are given (numbers, booleans, strings and labels); an expression
+/// (`current_timestamp()`), a temporal, decimal or binary default is left out, and a registry
+/// under BACKWARD compatibility then refuses the new column as before, loudly.
+pub fn avro_default(
+    kind: &ColumnKind,
+    column_default: Option<&str>,
+    mariadb: bool,
+) -> Option<String> {
+    let raw = column_default?;
+    if mariadb && raw.eq_ignore_ascii_case("NULL") {
+        return None;
+    }
+    let text = if mariadb {
+        raw.strip_prefix('\'')
+            .and_then(|r| r.strip_suffix('\''))
+            .map(|inner| inner.replace("''", "'").replace("\\\\", "\\"))
+    } else {
+        Some(raw.to_string())
+    };
+    let json = match kind {
+        ColumnKind::Int | ColumnKind::Year => {
+            serde_json::Value::from(text.as_deref().unwrap_or(raw).parse::<i32>().ok()?)
+        }
+        ColumnKind::Long => {
+            serde_json::Value::from(text.as_deref().unwrap_or(raw).parse::<i64>().ok()?)
+        }
+        ColumnKind::Float | ColumnKind::Double => {
+            let f = text.as_deref().unwrap_or(raw).parse::<f64>().ok()?;
+            serde_json::Number::from_f64(f).map(serde_json::Value::Number)?
+        }
+        ColumnKind::Boolean => match text.as_deref().unwrap_or(raw) {
+            "0" | "b'0'" => serde_json::Value::Bool(false),
+            "1" | "b'1'" => serde_json::Value::Bool(true),
+            _ => return None,
+        },
+        ColumnKind::String(_) | ColumnKind::Enum(_) | ColumnKind::Set(_) => {
+            // MariaDB: a string default is always quoted; unquoted is an expression.
+            serde_json::Value::String(if mariadb { text? } else { raw.to_string() })
+        }
+        _ => return None,
+    };
+    Some(json.to_string())
+}
+
+/// Adds the Avro defaults of NOT NULL columns to a shape read from the binlog (TABLE_MAP
+/// carries none), from `information_schema` now, for the columns of the same name and type:
+/// the snapshot's shape of the same table then has the same schema.
+pub async fn with_defaults(
+    conn: &mut mysql_async::Conn,
+    table: &mut TableSchema,
+) -> Result<(), SourceError> {
+    if table.columns.iter().all(|c| c.nullable) {
+        return Ok(());
+    }
+    let current = match from_information_schema(conn, &table.db, &table.table).await {
+        Ok(t) => t,
+        // Dropped (or renamed) since this event: no defaults to add.
+        Err(SourceError::TableNotFound { .. }) => return Ok(()),
+        Err(e) => return Err(e),
+    };
+    for col in table.columns.iter_mut().filter(|c| !c.nullable) {
+        if let Some(now) = current
+            .columns
+            .iter()
+            .find(|c| c.name == col.name && c.kind == col.kind)
+        {
+            col.default = now.default.clone();
+        }
+    }
+    Ok(())
+}
+
 /// Derives the shape of a table from `information_schema` (used by the snapshot).
 pub async fn from_information_schema(
     conn: &mut mysql_async::Conn,
@@ -263,15 +345,17 @@ pub async fn from_information_schema(
         Option<u64>,
         Option<u64>,
         Option<String>,
+        Option<String>,
     );
     let rows: Vec<Row> = conn
         .exec(
             "SELECT COLUMN_NAME, DATA_TYPE, COLUMN_TYPE, IS_NULLABLE, NUMERIC_PRECISION, \
-             NUMERIC_SCALE, CHARACTER_SET_NAME FROM information_schema.COLUMNS \
+             NUMERIC_SCALE, CHARACTER_SET_NAME, COLUMN_DEFAULT FROM information_schema.COLUMNS \
              WHERE TABLE_SCHEMA = ? AND TABLE_NAME = ? ORDER BY ORDINAL_POSITION",
             (db, table),
         )
         .await?;
+    let mariadb = is_mariadb(conn).await?;
     if rows.is_empty() {
         return Err(SourceError::TableNotFound {
             table: format!("{db}.{table}"),
@@ -285,7 +369,8 @@ pub async fn from_information_schema(
         )
         .await?;
     let mut columns = Vec::with_capacity(rows.len());
-    for (name, data_type, column_type, nullable, precision, scale, charset) in rows {
+    for (name, data_type, column_type, nullable, precision, scale, charset, column_default) in rows
+    {
         let unsigned = column_type.contains("unsigned");
         let kind = match data_type.as_str() {
             "tinyint" | "smallint" | "mediumint" => ColumnKind::Int,
@@ -342,10 +427,17 @@ pub async fn from_information_schema(
                 });
             }
         };
+        let nullable = nullable == "YES";
+        let default = if nullable {
+            None
+        } else {
+            avro_default(&kind, column_default.as_deref(), mariadb)
+        };
         columns.push(Column {
             name,
             kind,
-            nullable: nullable == "YES",
+            nullable,
+            default,
         });
     }
     let key = key_names
@@ -371,5 +463,37 @@ mod tests {
             vec!["a", "b'c", "d,e"]
         );
         assert_eq!(parse_labels("set('x')"), vec!["x"]);
+    }
+
+    #[test]
+    fn constant_defaults_become_avro_defaults_and_expressions_do_not() {
+        use crate::events::Charset;
+        let int = ColumnKind::Int;
+        let text = ColumnKind::String(Charset::Utf8);
+        assert_eq!(avro_default(&int, Some("1"), true).as_deref(), Some("1"));
+        assert_eq!(avro_default(&int, Some("-7"), false).as_deref(), Some("-7"));
+        assert_eq!(avro_default(&int, Some("NULL"), true), None);
+        assert_eq!(avro_default(&int, None, true), None);
+        assert_eq!(
+            avro_default(&text, Some("'it''s'"), true).as_deref(),
+            Some("\"it's\"")
+        );
+        assert_eq!(
+            avro_default(&text, Some("it's"), false).as_deref(),
+            Some("\"it's\"")
+        );
+        assert_eq!(
+            avro_default(&text, Some("uuid()"), true),
+            None,
+            "an expression"
+        );
+        assert_eq!(
+            avro_default(&ColumnKind::DateTime, Some("current_timestamp()"), true),
+            None
+        );
+        assert_eq!(
+            avro_default(&ColumnKind::Boolean, Some("1"), true).as_deref(),
+            Some("true")
+        );
     }
 }
