@@ -645,3 +645,78 @@ async fn a_sink_pointed_at_a_wrong_registry_path_stops_naming_it_and_dead_letter
     source.stop().await?;
     Ok(())
 }
+
+#[tokio::test]
+async fn a_date_primary_key_change_moves_the_copies_to_the_new_key() -> Result<()> {
+    let _shared = STACK_LOCK.read().await;
+    let db = unique("datekey");
+    sql(format!("CREATE DATABASE `{db}`")).await?;
+    sql(format!(
+        "CREATE TABLE `{db}`.sku (code DATE PRIMARY KEY, name VARCHAR(20))"
+    ))
+    .await?;
+    sql(format!(
+        "INSERT INTO `{db}`.sku VALUES ('2026-12-01', 'bolt'), ('2026-01-07', 'nut')"
+    ))
+    .await?;
+    let mut tc = TestConfig::new(&db, &["sku"]);
+    tc.sink = Some(format!(
+        r#"
+        [sink]
+        group_id = "{name}-sink"
+        batch_timeout_ms = 10
+        [[sink.mappings]]
+        name = "sku_in_items"
+        topic = "{topic}"
+        kind = "embedded"
+        collection = "items"
+        match_path = "sku.code"
+        target_path = "sku"
+        "#,
+        name = tc.name,
+        topic = tc.topic("sku"),
+    ));
+    let source = start(tc.config(true)?, Components::Source);
+    // The parents embed the key as the sink writes it (a BSON date), as an order-service
+    // that took its copy from the topic would. (A JSON header carried it as a day number.)
+    let snap = wait_events(&tc.topic("sku"), 2, T).await?;
+    let code = snap
+        .iter()
+        .find_map(|e| {
+            e.key
+                .get("code")
+                .cloned()
+                .filter(|c| c.to_string().contains("2026-12-01"))
+        })
+        .context("the bolt's key")?;
+    let mdb = mongo_db(&tc.mongo_db).await?;
+    let items = mdb.collection::<Document>("items");
+    items
+        .insert_many(vec![
+            doc! { "sku": { "code": code.clone(), "name": "bolt" }, "qty": 1 },
+            doc! { "sku": { "code": code.clone(), "name": "bolt" }, "qty": 2 },
+        ])
+        .await?;
+    let sink = start(tc.config(false)?, Components::Sink);
+    sql(format!(
+        "UPDATE `{db}`.sku SET code = '2026-12-02', name = 'big bolt' WHERE code = '2026-12-01'"
+    ))
+    .await?;
+    wait_for("both copies follow the date key", T, || async {
+        let docs: Vec<Document> = items.find(doc! {}).await?.try_collect().await?;
+        let moved = docs
+            .iter()
+            .filter(|d| {
+                d.get_document("sku")
+                    .is_ok_and(|s| s.get_str("name") == Ok("big bolt"))
+            })
+            .count();
+        Ok((moved == 2).then_some(()))
+    })
+    .await?;
+    let left = items.count_documents(doc! { "sku.code": code }).await?;
+    assert_eq!(left, 0, "no copy left under the old key");
+    sink.stop().await?;
+    source.stop().await?;
+    Ok(())
+}

@@ -266,6 +266,26 @@ fn header_str<'h>(headers: &'h [(String, Vec<u8>)], key: &str) -> Option<&'h str
         .and_then(|(_, v)| std::str::from_utf8(v).ok())
 }
 
+/// A key carried in a header: framed Avro with the key schema (what ecst writes now, and
+/// Debezium with the AvroConverter), else JSON (ecst before; lossy for some key types).
+async fn key_header(
+    registry: &Registry,
+    headers: &[(String, Vec<u8>)],
+    name: &str,
+) -> Result<Option<Document>, DecodeError> {
+    let Some((_, bytes)) = headers.iter().find(|(k, _)| k == name) else {
+        return Ok(None);
+    };
+    if bytes.first() != Some(&0) {
+        return Ok(std::str::from_utf8(bytes).ok().and_then(json_to_doc));
+    }
+    let (kv, ks) = decode_framed(registry, "key header", bytes).await?;
+    Ok(match convert(&kv, &ks)? {
+        Bson::Document(d) => Some(d),
+        _ => None,
+    })
+}
+
 fn json_to_doc(s: &str) -> Option<Document> {
     let v: serde_json::Value = serde_json::from_str(s).ok()?;
     match bson::to_bson(&v).ok()? {
@@ -348,8 +368,8 @@ pub async fn decode_message(
         version,
         source_ts_ms: header_str(headers, HEADER_SOURCE_TS).and_then(|s| s.parse().ok()),
         read_ts_ms: header_str(headers, HEADER_READ_TS).and_then(|s| s.parse().ok()),
-        old_key: header_str(headers, HEADER_OLD_KEY).and_then(json_to_doc),
-        new_key: header_str(headers, HEADER_NEW_KEY).and_then(json_to_doc),
+        old_key: key_header(registry, headers, HEADER_OLD_KEY).await?,
+        new_key: key_header(registry, headers, HEADER_NEW_KEY).await?,
     }))
 }
 

@@ -50,7 +50,7 @@ use crate::events::avro::{AvroError, TableAvro, encode_envelope, encode_key};
 use crate::events::registry::{Registry, RegistryError, frame_into};
 use crate::events::{
     ChangeEvent, HEADER_EPOCH, HEADER_NEW_KEY, HEADER_OLD_KEY, HEADER_READ_TS, HEADER_SOURCE_TS,
-    Op, TableSchema, key_json,
+    Op, TableSchema, Value,
 };
 use crate::kafka::{KafkaClientError, MAX_MESSAGE_BYTES, TopicSpec, client_config, ensure_topics};
 use crate::metrics::{self as m, Readiness};
@@ -726,16 +726,19 @@ impl Publisher {
                 before: None,
                 ..ev
             };
-            let new_key_json = key_json(&del.schema, &new_key);
+            // The other key travels as the key itself does: Avro with the key schema, framed
+            // (as Debezium's AvroConverter writes these headers). JSON lost the type of
+            // DECIMAL, BIGINT UNSIGNED, DATE or BINARY keys, and the sink matched nothing.
+            let new_key_bytes = self.framed_key(&st, &del.schema, &new_key)?;
             let h = timing_headers(&del).insert(Header {
                 key: HEADER_NEW_KEY,
-                value: Some(new_key_json.as_bytes()),
+                value: Some(new_key_bytes.as_slice()),
             });
             self.write_one(&st, &del, now_ms, h, true).await?;
-            let old_key_json = key_json(&create.schema, &old_key);
+            let old_key_bytes = self.framed_key(&st, &create.schema, &old_key)?;
             let h = timing_headers(&create).insert(Header {
                 key: HEADER_OLD_KEY,
-                value: Some(old_key_json.as_bytes()),
+                value: Some(old_key_bytes.as_slice()),
             });
             self.write_one(&st, &create, now_ms, h, false).await?;
         } else {
@@ -745,6 +748,20 @@ impl Publisher {
         }
         *self.counts.entry(st.topic.clone()).or_default() += 1;
         Ok(())
+    }
+
+    /// A key encoded and framed as the record keys are.
+    fn framed_key(
+        &mut self,
+        st: &TableState,
+        schema: &TableSchema,
+        key: &[Value],
+    ) -> Result<Vec<u8>, SourceError> {
+        self.datum.clear();
+        encode_key(&mut self.datum, schema, key)?;
+        let mut out = Vec::with_capacity(self.datum.len() + 5);
+        frame_into(&mut out, st.key_id, &self.datum);
+        Ok(out)
     }
 
     async fn write_one(
