@@ -13,6 +13,7 @@ pub mod failpoint;
 pub mod kafka;
 pub mod metrics;
 pub mod offsets;
+pub mod positions;
 pub mod retry;
 pub mod shutdown;
 pub mod sink;

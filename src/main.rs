@@ -47,6 +47,18 @@ enum Command {
     Validate,
     /// Print the effective configuration with secrets redacted.
     PrintConfig,
+    /// The stored positions: the source's (file:pos, GTID, epoch, server, snapshot state) and
+    /// the sink group's committed offsets with their lag.
+    Offsets {
+        #[command(subcommand)]
+        action: OffsetsAction,
+    },
+}
+
+#[derive(Subcommand)]
+enum OffsetsAction {
+    /// Print them.
+    Show,
 }
 
 fn init_logs(cfg: Option<&Config>, flag: Option<&str>) {
@@ -132,6 +144,20 @@ fn main() -> ExitCode {
                     ExitCode::SUCCESS
                 } else {
                     ExitCode::FAILURE
+                };
+            }
+            Command::Offsets {
+                action: OffsetsAction::Show,
+            } => {
+                return match ecst::positions::show(&cfg).await {
+                    Ok(text) => {
+                        print!("{text}");
+                        ExitCode::SUCCESS
+                    }
+                    Err(e) => {
+                        eprintln!("error: {e}");
+                        ExitCode::FAILURE
+                    }
                 };
             }
             Command::Source => Components::Source,

@@ -522,3 +522,37 @@ async fn registry_down_pauses_source_and_sink_which_resume_by_themselves_without
     sink.stop().await?;
     Ok(())
 }
+
+#[tokio::test]
+async fn offsets_show_prints_the_stored_source_position_and_the_sink_groups_lag() -> Result<()> {
+    let _shared = STACK_LOCK.read().await;
+    let db = seed_database().await?;
+    let tc = TestConfig::new(&db, &["users", "product"]).with_seed_mappings();
+    let mdb = mongo_db(&tc.mongo_db).await?;
+    seed_orders(&mdb, 1).await?;
+    let cfg = write_config(&tc, true, None)?;
+    let run = start(tc.config(true)?, ecst::app::Components::Both);
+    let topics = vec![tc.topic("users"), tc.topic("product")];
+    let group = format!("{}-sink", tc.name);
+    wait_for("the sink caught up", T, || async {
+        Ok(group_caught_up(&group, &topics).await?.then_some(()))
+    })
+    .await?;
+    run.stop().await?;
+    let out = Command::new(ecst_bin())
+        .args(["--config", &cfg.to_string_lossy(), "offsets", "show"])
+        .output()
+        .await?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    assert!(text.contains("position        mariadb-bin."), "{text}");
+    assert!(
+        text.contains("epoch") && text.contains("snapshot        completed"),
+        "{text}"
+    );
+    assert!(
+        text.contains(&format!("{}[0]  committed", tc.topic("users"))),
+        "{text}"
+    );
+    Ok(())
+}
