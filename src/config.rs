@@ -268,6 +268,20 @@ pub enum DeletePolicy {
     Mark,
 }
 
+/// What a TRUNCATE of the source table does to the copies.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum TruncatePolicy {
+    /// Leave every copy as it was (the default: a TRUNCATE is often a reload, and removing every
+    /// copy of a table is not something to do unasked).
+    #[default]
+    Keep,
+    /// `document`: delete every document this mapping wrote before the TRUNCATE.
+    Unset,
+    /// Set `__deleted: true` in every copy written before the TRUNCATE.
+    Mark,
+}
+
 /// What a primary-key change does to existing copies.
 #[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "snake_case")]
@@ -305,6 +319,10 @@ pub struct MappingConfig {
     /// Primary-key change policy. Default `follow`.
     #[serde(default = "default_key_change")]
     pub on_key_change: KeyChangePolicy,
+    /// TRUNCATE policy. Default `keep`; `unset` only for `document` mappings (an embedded copy
+    /// could not keep its match field), `mark` for both.
+    #[serde(default)]
+    pub on_truncate: TruncatePolicy,
 }
 
 /// `[sink]`
@@ -719,6 +737,12 @@ impl Config {
                 }
                 if m.collection.is_empty() {
                     issue(&f("collection"), "must not be empty");
+                }
+                if m.kind == MappingKind::Embedded && m.on_truncate == TruncatePolicy::Unset {
+                    issue(
+                        &f("on_truncate"),
+                        "\"unset\" is for kind = \"document\"; an embedded copy would lose its match field: use \"mark\" or \"keep\"",
+                    );
                 }
                 if m.kind == MappingKind::Embedded {
                     match &m.match_path {

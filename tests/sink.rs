@@ -720,3 +720,77 @@ async fn a_date_primary_key_change_moves_the_copies_to_the_new_key() -> Result<(
     source.stop().await?;
     Ok(())
 }
+
+#[tokio::test]
+async fn a_truncate_applies_each_mappings_policy_and_rows_written_after_it_stay() -> Result<()> {
+    let _shared = STACK_LOCK.read().await;
+    let db = seed_database().await?;
+    let tc = TestConfig::new(&db, &["users"]);
+    let mut replica = tc.clone();
+    replica.mongo_db = unique("m");
+    replica.sink = Some(mapping_toml(
+        &replica,
+        "users_doc",
+        "document",
+        "unset",
+        "on_truncate = \"unset\"",
+    ));
+    let mut marked = tc.clone();
+    marked.mongo_db = unique("m");
+    marked.sink = Some(mapping_toml(
+        &marked,
+        "u",
+        "embedded",
+        "keep",
+        "match_path = \"user.id\"\ntarget_path = \"user\"\non_truncate = \"mark\"",
+    ));
+    let marked_db = mongo_db(&marked.mongo_db).await?;
+    seed_orders(&marked_db, 1).await?;
+    let source = start(tc.config(true)?, Components::Source);
+    let sinks = [
+        start(replica.config(false)?, Components::Sink),
+        start(marked.config(false)?, Components::Sink),
+    ];
+    let replica_db = mongo_db(&replica.mongo_db).await?;
+    let users = replica_db.collection::<Document>("users");
+    wait_for("the replica holds the 4 users", T, || async {
+        Ok((users.count_documents(doc! {}).await? == 4).then_some(()))
+    })
+    .await?;
+    wait_all_versioned(&marked_db, "u").await?;
+    sql(format!("TRUNCATE TABLE `{db}`.users")).await?;
+    sql(format!(
+        "INSERT INTO `{db}`.users VALUES (9, 'After', 'Truncate', 'after@x')"
+    ))
+    .await?;
+    wait_for(
+        "unset: only the row written after the TRUNCATE is left",
+        T,
+        || async {
+            let docs: Vec<Document> = users.find(doc! {}).await?.try_collect().await?;
+            Ok((docs.len() == 1 && docs[0].get_str("email") == Ok("after@x")).then_some(()))
+        },
+    )
+    .await?;
+    wait_for("mark: every copy is marked deleted", T, || async {
+        let docs = orders(&marked_db).await?;
+        Ok(docs
+            .iter()
+            .all(|d| {
+                d.get_document("user")
+                    .is_ok_and(|u| u.get_bool("__deleted") == Ok(true))
+            })
+            .then_some(()))
+    })
+    .await?;
+    let evs = events_of(&tc.topic("users"), 10, Duration::from_secs(3)).await?;
+    assert!(
+        evs.iter().any(|e| e.op == ecst::events::Op::Truncate),
+        "a truncate event is in the topic"
+    );
+    for s in sinks {
+        s.stop().await?;
+    }
+    source.stop().await?;
+    Ok(())
+}

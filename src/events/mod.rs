@@ -184,6 +184,8 @@ pub enum Op {
     Update,
     /// Delete.
     Delete,
+    /// TRUNCATE of the table (no row: null key, no before, no after), as Debezium's `t`.
+    Truncate,
 }
 
 impl Op {
@@ -194,6 +196,7 @@ impl Op {
             Op::Create => "c",
             Op::Update => "u",
             Op::Delete => "d",
+            Op::Truncate => "t",
         }
     }
 
@@ -204,6 +207,7 @@ impl Op {
             "c" => Some(Op::Create),
             "u" => Some(Op::Update),
             "d" => Some(Op::Delete),
+            "t" => Some(Op::Truncate),
             _ => None,
         }
     }

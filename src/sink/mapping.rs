@@ -13,7 +13,7 @@
 use bson::{Bson, Document, doc};
 
 use super::decode::DecodedEvent;
-use crate::config::{DeletePolicy, KeyChangePolicy, MappingConfig, MappingKind};
+use crate::config::{DeletePolicy, KeyChangePolicy, MappingConfig, MappingKind, TruncatePolicy};
 use crate::events::Op;
 
 /// Field holding the versions of all mappings in a document.
@@ -35,10 +35,12 @@ pub enum Statement {
         /// Insert when missing.
         upsert: bool,
     },
-    /// A `delete` command statement (one document).
+    /// A `delete` command statement.
     Delete {
         /// Filter.
         q: Document,
+        /// Every matching document (a TRUNCATE), not just one.
+        many: bool,
     },
     /// An embedded-copy update of every parent whose `path` equals `key`, if older than `version`:
     /// one guarded `updateMany` on every server.
@@ -167,6 +169,9 @@ impl Mapping {
     /// delete half of a key change whose create half moves the copies). Such a change must not
     /// win a batch's per-key collapse over the change before it.
     pub fn is_noop(&self, ev: &DecodedEvent) -> bool {
+        if ev.op == Op::Truncate {
+            return self.cfg.on_truncate == TruncatePolicy::Keep;
+        }
         ev.op == Op::Delete
             && (self.cfg.on_delete == DeletePolicy::Keep
                 || (ev.new_key.is_some()
@@ -174,9 +179,39 @@ impl Mapping {
                     && self.cfg.on_key_change == KeyChangePolicy::Follow))
     }
 
+    /// A TRUNCATE: every copy this mapping wrote before it, per `on_truncate` (guarded, so
+    /// rows written after the TRUNCATE are left alone).
+    fn truncate(&self, v: &str) -> Vec<Statement> {
+        let mut q = doc! { self.version_path.as_str(): { "$exists": true } };
+        q.extend(self.guard(v));
+        match (self.cfg.on_truncate, self.cfg.kind) {
+            (TruncatePolicy::Keep, _) => Vec::new(),
+            (TruncatePolicy::Unset, MappingKind::Document) => {
+                vec![Statement::Delete { q, many: true }]
+            }
+            // Refused by config validation for embedded mappings.
+            (TruncatePolicy::Unset, MappingKind::Embedded) => Vec::new(),
+            (TruncatePolicy::Mark, kind) => {
+                let flag = match (kind, self.cfg.target_path.as_deref()) {
+                    (MappingKind::Embedded, Some(t)) => format!("{t}.{DELETED_FIELD}"),
+                    _ => DELETED_FIELD.to_string(),
+                };
+                vec![Statement::Update {
+                    q,
+                    u: doc! { "$set": { flag: true, self.version_path.as_str(): v } },
+                    multi: true,
+                    upsert: false,
+                }]
+            }
+        }
+    }
+
     /// The statements that apply `ev`, in order.
     pub fn statements(&self, ev: &DecodedEvent) -> Result<Vec<Statement>, MappingError> {
         let v = ev.version.as_str();
+        if ev.op == Op::Truncate {
+            return Ok(self.truncate(v));
+        }
         let mut out = Vec::new();
         match self.cfg.kind {
             MappingKind::Embedded => {
@@ -205,6 +240,8 @@ impl Mapping {
                         let key = self.key_value(&ev.key)?;
                         out.push(self.fan_out(&match_path, key, doc! { "$set": set }, v, false));
                     }
+                    // Handled above.
+                    Op::Truncate => {}
                     Op::Delete => {
                         if ev.new_key.is_some() && self.cfg.on_key_change == KeyChangePolicy::Follow
                         {
@@ -255,7 +292,7 @@ impl Mapping {
                     }
                     Op::Delete => match self.cfg.on_delete {
                         DeletePolicy::Keep => {}
-                        DeletePolicy::Unset => out.push(Statement::Delete { q }),
+                        DeletePolicy::Unset => out.push(Statement::Delete { q, many: false }),
                         DeletePolicy::Mark => out.push(Statement::Update {
                             q,
                             u: doc! { "$set": { DELETED_FIELD: true, self.version_path.as_str(): v } },
@@ -263,6 +300,8 @@ impl Mapping {
                             upsert: true,
                         }),
                     },
+                    // Handled above.
+                    Op::Truncate => {}
                 }
             }
         }
@@ -293,6 +332,7 @@ mod tests {
             rename: BTreeMap::from([("id".to_string(), "productId".to_string())]),
             on_delete: DeletePolicy::Unset,
             on_key_change: KeyChangePolicy::Follow,
+            on_truncate: TruncatePolicy::Mark,
         })
     }
 
@@ -371,5 +411,36 @@ mod tests {
             "only the match field is left"
         );
         assert!(!u.contains_key("$unset"));
+    }
+
+    #[test]
+    fn a_truncate_marks_every_copy_written_before_it_and_keep_writes_nothing() {
+        let mut m = product_mapping();
+        let mut t = event(Op::Truncate);
+        t.before = None;
+        t.after = None;
+        t.key = doc! {};
+        let st = m.statements(&t).expect("maps");
+        let [
+            Statement::Update {
+                q, u, multi: true, ..
+            },
+        ] = st.as_slice()
+        else {
+            panic!("{st:?}")
+        };
+        assert!(
+            q.contains_key("_ecst.product_in_orders") && q.contains_key("$or"),
+            "{q}"
+        );
+        assert_eq!(
+            u.get_document("$set")
+                .expect("$set")
+                .get_bool("product.__deleted"),
+            Ok(true)
+        );
+        m.cfg.on_truncate = TruncatePolicy::Keep;
+        assert!(m.statements(&t).expect("maps").is_empty());
+        assert!(m.is_noop(&t));
     }
 }

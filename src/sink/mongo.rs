@@ -365,7 +365,9 @@ fn command(collection: &str, part: &[Tagged]) -> Document {
             } => Bson::Document(
                 doc! { "q": q.clone(), "u": u.clone(), "multi": *multi, "upsert": *upsert },
             ),
-            Statement::Delete { q } => Bson::Document(doc! { "q": q.clone(), "limit": 1 }),
+            Statement::Delete { q, many } => {
+                Bson::Document(doc! { "q": q.clone(), "limit": i32::from(!*many) })
+            }
             // Turned into updates by `apply` before commands are built.
             Statement::FanOut { q, u, .. } => Bson::Document(
                 doc! { "q": q.clone(), "u": u.clone(), "multi": true, "upsert": false },

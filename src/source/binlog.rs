@@ -40,7 +40,7 @@ use mysql_common::binlog::consts::BinlogChecksumAlg;
 use mysql_common::binlog::events::{EventData, RowsEventData, TableMapEvent};
 
 use super::decode::decode_rows;
-use super::table_map::{BinlogTable, from_table_map, with_defaults};
+use super::table_map::{BinlogTable, from_information_schema, from_table_map, with_defaults};
 use super::window::Window;
 use super::{Outbox, SourceError, SourceMsg, connect};
 use crate::config::MysqlConfig;
@@ -150,6 +150,8 @@ pub async fn run_reader(
     let mut deferred: Option<(Option<String>, i64)> = None;
     // Rows events handed over (test pause points count them).
     let mut rows_events: u64 = 0;
+    // The last shape of each captured table (a TRUNCATE names a table, not a table id).
+    let mut schemas_by_name: HashMap<String, Arc<crate::events::TableSchema>> = HashMap::new();
     // table_id → (raw TABLE_MAP body, decoded shape); None = not captured.
     let mut tables_by_id: HashMap<u64, (Vec<u8>, Option<Arc<BinlogTable>>)> = HashMap::new();
 
@@ -298,6 +300,37 @@ pub async fn run_reader(
                                 "a captured table was {}",
                                 what.past()
                             );
+                            if what == Lifecycle::Truncate {
+                                let schema = match schemas_by_name.get(&table) {
+                                    Some(s) => s.clone(),
+                                    None => {
+                                        let (db, t) = table.split_once('.').unwrap_or(("", &table));
+                                        let mut side = connect(&cfg).await?;
+                                        let s = from_information_schema(&mut side, db, t).await?;
+                                        side.disconnect().await?;
+                                        Arc::new(s)
+                                    }
+                                };
+                                let (pos, row) = place.place_row();
+                                let ev = ChangeEvent {
+                                    schema,
+                                    op: Op::Truncate,
+                                    before: None,
+                                    after: None,
+                                    source: SourceInfo {
+                                        ts_ms: tx_ts_ms,
+                                        snapshot: "false",
+                                        server_id: header.server_id(),
+                                        gtid: gtid.as_deref().map(Arc::from),
+                                        file: Arc::from(file.as_str()),
+                                        pos,
+                                        row,
+                                        epoch,
+                                        read_ts_ms: crate::events::now_ms(),
+                                    },
+                                };
+                                tx.send(SourceMsg::Changes(vec![ev])).await?;
+                            }
                         }
                     }
                     if let Some(m) = end_transaction(
@@ -348,6 +381,7 @@ pub async fn run_reader(
                             with_defaults(&mut side, Arc::make_mut(&mut t.schema)).await?;
                             side.disconnect().await?;
                         }
+                        schemas_by_name.insert(qn.clone(), t.schema.clone());
                         Some(Arc::new(t))
                     } else {
                         None
@@ -560,7 +594,7 @@ impl Lifecycle {
     fn effect(self) -> &'static str {
         match self {
             Lifecycle::Truncate => {
-                "no event is published for a TRUNCATE yet: the copies keep the removed rows; re-snapshot and reconcile them by hand"
+                "a truncate event (op t) is published; each mapping applies its on_truncate policy (default keep)"
             }
             Lifecycle::Drop => {
                 "its topic stays and gets no more events; the copies keep the last rows; a table re-created with the same name is captured again (a new schema version if its shape differs)"

@@ -772,20 +772,23 @@ impl Publisher {
         headers: OwnedHeaders,
         tombstone_after: bool,
     ) -> Result<(), SourceError> {
+        // A table without a primary key has no key to give, and a TRUNCATE is about no row: a
+        // null Kafka key, as Debezium sends (a zero-field key record is 5 bytes, which
+        // Confluent's deserializers refuse), and no tombstone (compaction has nothing to
+        // compact by).
+        let keyless = ev.schema.key.is_empty() || ev.op == Op::Truncate;
         self.key_buf.clear();
         self.datum.clear();
-        encode_key(&mut self.datum, &ev.schema, &ev.key())?;
-        frame_into(&mut self.key_buf, st.key_id, &self.datum);
+        if !keyless {
+            encode_key(&mut self.datum, &ev.schema, &ev.key())?;
+            frame_into(&mut self.key_buf, st.key_id, &self.datum);
+        }
         self.datum.clear();
         self.val_buf.clear();
         encode_envelope(&mut self.datum, &self.cfg.name, ev, now_ms)?;
         frame_into(&mut self.val_buf, st.value_id, &self.datum);
         let key = std::mem::take(&mut self.key_buf);
         let val = std::mem::take(&mut self.val_buf);
-        // A table without a primary key has no key to give: a null Kafka key, as Debezium
-        // sends (a zero-field key record is 5 bytes, which Confluent's deserializers refuse),
-        // and no tombstone (compaction has nothing to compact by).
-        let keyless = ev.schema.key.is_empty();
         let record_key = (!keyless).then_some(key.as_slice());
         self.produce(&st.topic, record_key, Some(&val), headers.clone())
             .await?;
