@@ -262,13 +262,12 @@ pub async fn run_reader(
                 place = TxPlace::open(log_pos, boundary);
             }
             QUERY_EVENT => {
-                let query = match event.read_data() {
-                    Ok(Some(EventData::QueryEvent(q))) => q.query().trim().to_ascii_uppercase(),
-                    _ => String::new(),
-                };
-                let default_db = match event.read_data() {
-                    Ok(Some(EventData::QueryEvent(q))) => q.schema().into_owned(),
-                    _ => String::new(),
+                let (query, default_db) = match event.read_data() {
+                    Ok(Some(EventData::QueryEvent(q))) => (
+                        q.query().trim().to_ascii_uppercase(),
+                        q.schema().into_owned(),
+                    ),
+                    _ => (String::new(), String::new()),
                 };
                 if let Some(table) = statement_dml_on(&query, &default_db, &tables) {
                     return Err(SourceError::StatementDml {
