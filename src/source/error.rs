@@ -1,0 +1,288 @@
+//! The source half's errors, classed in one place ([`SourceError::class`]): what is retried
+//! (transient) and what stops the source with a message naming the cause and the fix (definite).
+
+use rdkafka::error::KafkaError;
+
+use super::preflight;
+use crate::error::{Classify, ErrorClass};
+use crate::events::avro::AvroError;
+use crate::events::registry::RegistryError;
+use crate::kafka::KafkaClientError;
+use crate::offsets::BinlogPosition;
+
+/// Errors of the source half.
+#[derive(Debug, thiserror::Error)]
+pub enum SourceError {
+    /// MySQL protocol or connection error.
+    #[error("mysql: {0}")]
+    Mysql(#[from] mysql_async::Error),
+    /// Connecting took longer than `mysql.connect_timeout_ms`.
+    #[error("mysql: connect to {host}:{port} timed out")]
+    ConnectTimeout {
+        /// Host.
+        host: String,
+        /// Port.
+        port: u16,
+    },
+    /// No event (not even a heartbeat) for too long.
+    #[error("binlog stream silent for {silent_ms} ms (no heartbeat); reconnecting")]
+    Stalled {
+        /// Silence that triggered the watchdog.
+        silent_ms: u64,
+    },
+    /// The server closed the stream.
+    #[error("binlog stream ended by the server")]
+    StreamEnded,
+    /// An event failed its CRC32 check.
+    #[error("binlog event at {file}:{pos} failed its CRC32 check")]
+    Checksum {
+        /// File.
+        file: String,
+        /// End position of the event.
+        pos: u64,
+    },
+    /// A TABLE_MAP event could not be understood.
+    #[error("table map of `{table}`: {detail}")]
+    TableMap {
+        /// Table.
+        table: String,
+        /// Detail.
+        detail: String,
+    },
+    /// TABLE_MAP lacks column names: the server does not log full row metadata.
+    #[error(
+        "binlog for `{table}` has no column names: set binlog_row_metadata = FULL on the server"
+    )]
+    MissingRowMetadata {
+        /// Table.
+        table: String,
+    },
+    /// A column type ecst does not map.
+    #[error("table `{table}` column `{column}`: unsupported type {detail}")]
+    UnsupportedType {
+        /// Table.
+        table: String,
+        /// Column.
+        column: String,
+        /// The type.
+        detail: String,
+    },
+    /// A value that does not fit its column.
+    #[error("column `{column}`: unexpected value {detail}")]
+    ValueType {
+        /// Column.
+        column: String,
+        /// Detail.
+        detail: String,
+    },
+    /// A rows event could not be decoded.
+    #[error("rows of `{table}`: {detail}")]
+    RowDecode {
+        /// Table.
+        table: String,
+        /// Detail.
+        detail: String,
+    },
+    /// A row image without every column: the writing session did not log full rows.
+    #[error(
+        "the binlog row of `{table}` at {position} lacks columns {} in its {image} image: the writing session used binlog_row_image = MINIMAL or NOBLOB (preflight sees only the global setting), and a partial row is never published as a full one. Fix: make every writer log FULL images (remove the session override; SET GLOBAL binlog_row_image = FULL), then re-snapshot once (snapshot_mode = \"always\") to step past this event", .missing.join(", ")
+    )]
+    PartialRowImage {
+        /// Table.
+        table: String,
+        /// `before` or `after`.
+        image: &'static str,
+        /// The absent columns.
+        missing: Vec<String>,
+        /// Where (its transaction's start).
+        position: BinlogPosition,
+    },
+    /// Statement-format DML on a captured table: the binlog holds the statement, not the rows.
+    #[error(
+        "statement-format DML on `{table}` at {position}: a session wrote with binlog_format = STATEMENT or MIXED, so the binlog holds no rows for it and the change cannot be captured. Fix: binlog_format = ROW for every writer (remove the session override), then re-snapshot once (snapshot_mode = \"always\")"
+    )]
+    StatementDml {
+        /// Table.
+        table: String,
+        /// Where.
+        position: BinlogPosition,
+    },
+    /// A binlog event ecst does not decode (refused, never skipped).
+    #[error("the binlog at {position} holds {what}, which ecst does not decode; fix: {fix}")]
+    Unsupported {
+        /// What the event is.
+        what: String,
+        /// How to get past it.
+        fix: String,
+        /// Where.
+        position: BinlogPosition,
+    },
+    /// A configured table does not exist.
+    #[error("table `{table}` does not exist or is not readable")]
+    TableNotFound {
+        /// Table.
+        table: String,
+    },
+    /// MySQL's global read lock for the snapshot's position could not be taken in time.
+    #[error(
+        "snapshot: FLUSH TABLES WITH READ LOCK not granted within {seconds} s ({detail}); a long-running query or lock holds it. The snapshot retries; raise source.snapshot_lock_wait_s, or end the blocking query (SHOW PROCESSLIST)"
+    )]
+    SnapshotLock {
+        /// The bound waited.
+        seconds: u64,
+        /// The server's answer.
+        detail: String,
+    },
+    /// The server reported no binlog position (binary logging off?).
+    #[error("the server reports no binlog position: is log_bin enabled?")]
+    NoBinlogPosition,
+    /// Preflight failures, all of them.
+    #[error("preflight failed:\n{}", .0.iter().map(|c| format!("  - {}: {}", c.name, c.detail)).collect::<Vec<_>>().join("\n"))]
+    Preflight(Vec<preflight::Check>),
+    /// The stored position is gone and the snapshot mode does not allow a new snapshot.
+    #[error(
+        "stored position {position} was purged from the server; set source.snapshot_mode = \"when_needed\" to re-snapshot, or reset the offsets topic"
+    )]
+    Purged {
+        /// The stored position.
+        position: BinlogPosition,
+    },
+    /// The stored position was written by another server and the snapshot mode does not allow a
+    /// new snapshot.
+    #[error(
+        "the stored position {position} was written by another server ({why}): a failover, a restore or mysql.host pointed elsewhere. Its byte offsets mean nothing on this server; set source.snapshot_mode = \"when_needed\" to re-snapshot in a new epoch (copies keep updating), or point mysql.host back"
+    )]
+    ForeignPosition {
+        /// The stored position.
+        position: BinlogPosition,
+        /// Which identity differs.
+        why: String,
+    },
+    /// The registry refused a new schema version.
+    #[error(
+        "schema change of `{table}` refused by the registry ({columns}); the source stopped before that change, nothing after it is lost. Under the registry's default BACKWARD compatibility a new NOT NULL column needs a constant DEFAULT (numbers, booleans, strings; not an expression or a temporal value). Fix: give the column such a default or make it NULL, or relax the subject's compatibility. Registry: {detail}"
+    )]
+    SchemaRefused {
+        /// Table.
+        table: String,
+        /// Column-level summary of the change.
+        columns: String,
+        /// Registry message.
+        detail: String,
+    },
+    /// Registry errors other than refusal.
+    #[error(transparent)]
+    Registry(#[from] RegistryError),
+    /// Avro encoding failed.
+    #[error(transparent)]
+    Avro(#[from] AvroError),
+    /// Kafka errors.
+    #[error(transparent)]
+    Kafka(#[from] KafkaClientError),
+    /// The stored offset could not be read.
+    #[error("offsets topic `{topic}`: {detail}")]
+    Offsets {
+        /// Topic.
+        topic: String,
+        /// Detail.
+        detail: String,
+    },
+    /// The reader task ended because the producer side went away (shutdown or error).
+    #[error("internal channel closed")]
+    ChannelClosed,
+    /// A task panicked or was cancelled.
+    #[error("source task failed: {0}")]
+    Task(String),
+}
+
+impl From<KafkaError> for SourceError {
+    fn from(e: KafkaError) -> Self {
+        SourceError::Kafka(KafkaClientError::Broker(e))
+    }
+}
+
+impl Classify for SourceError {
+    fn class(&self) -> ErrorClass {
+        use SourceError as E;
+        match self {
+            E::Mysql(e) => match e {
+                mysql_async::Error::Server(s)
+                    if matches!(s.code, 1045 | 1044 | 1142 | 1227 | 1236 | 4052) =>
+                {
+                    ErrorClass::Definite
+                }
+                // A certificate the CA does not vouch for, a bad CA file: retrying cannot help.
+                mysql_async::Error::Io(mysql_async::IoError::Tls(_)) => ErrorClass::Definite,
+                mysql_async::Error::Io(mysql_async::IoError::Io(io))
+                    if io
+                        .get_ref()
+                        .is_some_and(|inner| inner.downcast_ref::<rustls::Error>().is_some()) =>
+                {
+                    ErrorClass::Definite
+                }
+                _ => ErrorClass::Transient,
+            },
+            E::ConnectTimeout { .. }
+            | E::Stalled { .. }
+            | E::StreamEnded
+            | E::Checksum { .. }
+            | E::ChannelClosed
+            | E::SnapshotLock { .. }
+            | E::Offsets { .. } => ErrorClass::Transient,
+            E::Registry(e) => e.class(),
+            E::Kafka(e) => e.class(),
+            E::TableMap { .. }
+            | E::MissingRowMetadata { .. }
+            | E::UnsupportedType { .. }
+            | E::ValueType { .. }
+            | E::RowDecode { .. }
+            | E::PartialRowImage { .. }
+            | E::StatementDml { .. }
+            | E::Unsupported { .. }
+            | E::TableNotFound { .. }
+            | E::NoBinlogPosition
+            | E::Preflight(_)
+            | E::Purged { .. }
+            | E::ForeignPosition { .. }
+            | E::SchemaRefused { .. }
+            | E::Avro(_)
+            | E::Task(_) => ErrorClass::Definite,
+        }
+    }
+
+    fn kind(&self) -> String {
+        use SourceError as E;
+        match self {
+            E::Mysql(mysql_async::Error::Server(s)) => format!("mysql_{}", s.code),
+            E::Mysql(mysql_async::Error::Io(_)) => "mysql_io".into(),
+            E::Mysql(_) => "mysql".into(),
+            E::ConnectTimeout { .. } => "mysql_connect_timeout".into(),
+            E::Stalled { .. } => "binlog_stalled".into(),
+            E::StreamEnded => "binlog_ended".into(),
+            E::Checksum { .. } => "binlog_checksum".into(),
+            E::SnapshotLock { .. } => "snapshot_lock".into(),
+            E::Registry(_) => "registry".into(),
+            E::Kafka(_) => "kafka".into(),
+            E::Offsets { .. } => "offsets_topic".into(),
+            E::ChannelClosed => "channel_closed".into(),
+            _ => "source".into(),
+        }
+    }
+
+    fn hint(&self) -> &'static str {
+        use SourceError as E;
+        match self {
+            E::Mysql(_) | E::ConnectTimeout { .. } | E::Stalled { .. } | E::StreamEnded => {
+                "that MySQL at mysql.host:mysql.port is up and reachable, accepts the ecst user (grants, max_connections), and that no network device drops idle connections"
+            }
+            E::SnapshotLock { .. } => {
+                "long-running queries or LOCK TABLES sessions on MySQL (SHOW PROCESSLIST)"
+            }
+            E::Registry(_) => "that the schema registry at schema_registry.url is up",
+            E::Kafka(_) | E::Offsets { .. } => {
+                "that the Kafka brokers in kafka.bootstrap_servers are up and the offsets topic is available"
+            }
+            _ => "the error above",
+        }
+    }
+}

@@ -1,0 +1,392 @@
+//! The producer side of a session: encodes changes, registers their schemas, and produces them
+//! with the source position in Kafka transactions (see the module note of `source`).
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
+
+use super::SourceError;
+use crate::config::Config;
+use crate::events::avro::{TableAvro, encode_envelope, encode_key};
+use crate::events::registry::{Registry, RegistryError, frame_into};
+use crate::events::{
+    ChangeEvent, HEADER_EPOCH, HEADER_NEW_KEY, HEADER_OLD_KEY, HEADER_READ_TS, HEADER_SOURCE_TS,
+    Op, TableSchema, Value,
+};
+use crate::kafka::{KafkaClientError, MAX_MESSAGE_BYTES, client_config};
+use crate::metrics as m;
+use crate::offsets::SourceOffset;
+
+pub(super) struct TableState {
+    topic: String,
+    key_id: u32,
+    value_id: u32,
+}
+
+fn describe_change(old: Option<&TableSchema>, new: &TableSchema) -> String {
+    let Some(old) = old else {
+        return format!(
+            "columns: {}",
+            new.columns
+                .iter()
+                .map(|c| c.name.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+    };
+    let mut parts = Vec::new();
+    for c in &new.columns {
+        match old.columns.iter().find(|o| o.name == c.name) {
+            None => parts.push(format!(
+                "added column `{}`{}",
+                c.name,
+                if c.nullable {
+                    ""
+                } else {
+                    " NOT NULL with no constant default"
+                }
+            )),
+            Some(o) if o != c => parts.push(format!(
+                "changed column `{}` from {:?} to {:?}",
+                c.name, o.kind, c.kind
+            )),
+            Some(_) => {}
+        }
+    }
+    for o in &old.columns {
+        if !new.columns.iter().any(|c| c.name == o.name) {
+            parts.push(format!("dropped column `{}`", o.name));
+        }
+    }
+    parts.join("; ")
+}
+
+/// The timing headers of a change: source commit time and the time ecst read it.
+fn timing_headers(ev: &ChangeEvent) -> OwnedHeaders {
+    let source_ts = ev.source.ts_ms.to_string();
+    let read_ts = ev.source.read_ts_ms.to_string();
+    let headers = OwnedHeaders::new()
+        .insert(Header {
+            key: HEADER_SOURCE_TS,
+            value: Some(source_ts.as_bytes()),
+        })
+        .insert(Header {
+            key: HEADER_READ_TS,
+            value: Some(read_ts.as_bytes()),
+        });
+    if ev.source.epoch == 0 {
+        return headers;
+    }
+    let epoch = ev.source.epoch.to_string();
+    headers.insert(Header {
+        key: HEADER_EPOCH,
+        value: Some(epoch.as_bytes()),
+    })
+}
+
+/// The transactional producer. Per-record delivery reports are not awaited (no future or
+/// channel per record): librdkafka fails `commit_transaction` if any record of the transaction
+/// failed, which is where the source learns of it and re-reads the whole transaction.
+pub(super) type TxProducer = Arc<ThreadedProducer<DefaultProducerContext>>;
+
+/// The producer side: encodes, registers schemas, produces in Kafka transactions.
+pub(super) struct Publisher {
+    pub(super) cfg: Arc<Config>,
+    pub(super) producer: TxProducer,
+    pub(super) registry: Registry,
+    pub(super) states: HashMap<usize, (Arc<TableSchema>, Arc<TableState>)>,
+    pub(super) last_shapes: HashMap<String, Arc<TableSchema>>,
+    pub(super) open: bool,
+    pub(super) key_buf: Vec<u8>,
+    pub(super) val_buf: Vec<u8>,
+    pub(super) datum: Vec<u8>,
+    pub(super) events_since_commit: u64,
+    /// How long the last commit took (it sizes the next transaction, see [`pump`]).
+    pub(super) last_commit_took: Duration,
+    /// Events per topic since the last commit (metrics are emitted per commit, not per row).
+    pub(super) counts: HashMap<String, u64>,
+}
+
+impl Publisher {
+    async fn state_for(
+        &mut self,
+        schema: &Arc<TableSchema>,
+    ) -> Result<Arc<TableState>, SourceError> {
+        let ptr = Arc::as_ptr(schema) as usize;
+        if let Some((_, st)) = self.states.get(&ptr) {
+            return Ok(st.clone());
+        }
+        let topic = self.cfg.topic_for(&schema.db, &schema.table);
+        let avro = TableAvro::derive(&self.cfg.name, schema)?;
+        let qn = schema.qualified_name();
+        let reg = async {
+            let key_id = self
+                .registry
+                .register(&format!("{topic}-key"), &avro.key_json)
+                .await?;
+            let value_id = self
+                .registry
+                .register(&format!("{topic}-value"), &avro.value_json)
+                .await?;
+            Ok::<_, RegistryError>((key_id, value_id))
+        };
+        let (key_id, value_id) = match reg.await {
+            Ok(ids) => ids,
+            Err(RegistryError::Refused { detail, .. }) => {
+                return Err(SourceError::SchemaRefused {
+                    table: qn.clone(),
+                    columns: describe_change(self.last_shapes.get(&qn).map(|s| s.as_ref()), schema),
+                    detail,
+                });
+            }
+            Err(e) => return Err(e.into()),
+        };
+        if self
+            .last_shapes
+            .get(&qn)
+            .is_some_and(|old| old.as_ref() != schema.as_ref())
+        {
+            tracing::info!(table = %qn, value_schema_id = value_id, "table shape changed, new schema registered");
+        }
+        self.last_shapes.insert(qn, schema.clone());
+        let st = Arc::new(TableState {
+            topic,
+            key_id,
+            value_id,
+        });
+        self.states.insert(ptr, (schema.clone(), st.clone()));
+        Ok(st)
+    }
+
+    pub(super) fn begin(&mut self) -> Result<(), SourceError> {
+        if !self.open {
+            self.producer
+                .begin_transaction()
+                .map_err(|e| self.explain(e))?;
+            self.open = true;
+        }
+        Ok(())
+    }
+
+    /// Produces one record, waiting while librdkafka's queue is full (backpressure).
+    async fn produce(
+        &self,
+        topic: &str,
+        key: Option<&[u8]>,
+        payload: Option<&[u8]>,
+        headers: OwnedHeaders,
+    ) -> Result<(), SourceError> {
+        let mut record: BaseRecord<'_, [u8], [u8]> = BaseRecord::to(topic).headers(headers);
+        if let Some(k) = key {
+            record = record.key(k);
+        }
+        if let Some(p) = payload {
+            record = record.payload(p);
+        }
+        loop {
+            match self.producer.send(record) {
+                // Delivery failures surface at commit_transaction, which then fails as a whole.
+                Ok(()) => return Ok(()),
+                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), r)) => {
+                    record = r;
+                    tokio::time::sleep(Duration::from_millis(2)).await;
+                }
+                Err((e, _)) => return Err(self.explain(e)),
+            }
+        }
+    }
+
+    /// Replaces librdkafka's bare "Fatal error" by the fatal error it stands for (fencing, …).
+    fn explain(&self, e: KafkaError) -> SourceError {
+        let fatal = e.rdkafka_error_code() == Some(RDKafkaErrorCode::Fatal)
+            || matches!(&e, KafkaError::Transaction(t) if t.is_fatal());
+        match self.producer.client().fatal_error() {
+            Some((_, reason)) if fatal => SourceError::Kafka(KafkaClientError::Fatal { reason }),
+            _ => e.into(),
+        }
+    }
+
+    pub(super) async fn publish(&mut self, ev: ChangeEvent) -> Result<(), SourceError> {
+        self.begin()?;
+        let st = self.state_for(&ev.schema).await?;
+        let now_ms = crate::events::now_ms();
+        let key_changed = ev.op == Op::Update
+            && match (&ev.before, &ev.after) {
+                (Some(b), Some(a)) => ev.schema.key_of(b) != ev.schema.key_of(a),
+                _ => false,
+            };
+        if key_changed {
+            // As Debezium: delete(old key) + tombstone, then create(new key), linked by headers.
+            let old_key = ev.schema.key_of(ev.before.as_deref().unwrap_or_default());
+            let new_key = ev.schema.key_of(ev.after.as_deref().unwrap_or_default());
+            let del = ChangeEvent {
+                op: Op::Delete,
+                after: None,
+                ..ev.clone()
+            };
+            let create = ChangeEvent {
+                op: Op::Create,
+                before: None,
+                ..ev
+            };
+            // The other key travels as the key itself does: Avro with the key schema, framed
+            // (as Debezium's AvroConverter writes these headers). JSON lost the type of
+            // DECIMAL, BIGINT UNSIGNED, DATE or BINARY keys, and the sink matched nothing.
+            let new_key_bytes = self.framed_key(&st, &del.schema, &new_key)?;
+            let h = timing_headers(&del).insert(Header {
+                key: HEADER_NEW_KEY,
+                value: Some(new_key_bytes.as_slice()),
+            });
+            self.write_one(&st, &del, now_ms, h, true).await?;
+            let old_key_bytes = self.framed_key(&st, &create.schema, &old_key)?;
+            let h = timing_headers(&create).insert(Header {
+                key: HEADER_OLD_KEY,
+                value: Some(old_key_bytes.as_slice()),
+            });
+            self.write_one(&st, &create, now_ms, h, false).await?;
+        } else {
+            let tomb = ev.op == Op::Delete;
+            self.write_one(&st, &ev, now_ms, timing_headers(&ev), tomb)
+                .await?;
+        }
+        *self.counts.entry(st.topic.clone()).or_default() += 1;
+        Ok(())
+    }
+
+    /// A key encoded and framed as the record keys are.
+    fn framed_key(
+        &mut self,
+        st: &TableState,
+        schema: &TableSchema,
+        key: &[Value],
+    ) -> Result<Vec<u8>, SourceError> {
+        self.datum.clear();
+        encode_key(&mut self.datum, schema, key)?;
+        let mut out = Vec::with_capacity(self.datum.len() + 5);
+        frame_into(&mut out, st.key_id, &self.datum);
+        Ok(out)
+    }
+
+    async fn write_one(
+        &mut self,
+        st: &TableState,
+        ev: &ChangeEvent,
+        now_ms: i64,
+        headers: OwnedHeaders,
+        tombstone_after: bool,
+    ) -> Result<(), SourceError> {
+        // A table without a primary key has no key to give, and a TRUNCATE is about no row: a
+        // null Kafka key, as Debezium sends (a zero-field key record is 5 bytes, which
+        // Confluent's deserializers refuse), and no tombstone (compaction has nothing to
+        // compact by).
+        let keyless = ev.schema.key.is_empty() || ev.op == Op::Truncate;
+        self.key_buf.clear();
+        self.datum.clear();
+        if !keyless {
+            encode_key(&mut self.datum, &ev.schema, &ev.key())?;
+            frame_into(&mut self.key_buf, st.key_id, &self.datum);
+        }
+        self.datum.clear();
+        self.val_buf.clear();
+        encode_envelope(&mut self.datum, &self.cfg.name, ev, now_ms)?;
+        frame_into(&mut self.val_buf, st.value_id, &self.datum);
+        let key = std::mem::take(&mut self.key_buf);
+        let val = std::mem::take(&mut self.val_buf);
+        let record_key = (!keyless).then_some(key.as_slice());
+        self.produce(&st.topic, record_key, Some(&val), headers.clone())
+            .await?;
+        let tombstones = self
+            .cfg
+            .source
+            .as_ref()
+            .is_some_and(|s| s.tombstones_on_delete);
+        if tombstone_after && tombstones && !keyless {
+            self.produce(&st.topic, record_key, None, headers).await?;
+        }
+        self.key_buf = key;
+        self.val_buf = val;
+        self.events_since_commit += 1;
+        Ok(())
+    }
+
+    /// Writes `offset` and commits the open transaction (opening one if needed).
+    pub(super) async fn commit(&mut self, offset: &SourceOffset) -> Result<(), SourceError> {
+        self.begin()?;
+        let topic = self.cfg.offsets_topic();
+        let bytes = offset.to_bytes();
+        self.produce(
+            &topic,
+            Some(self.cfg.name.as_bytes()),
+            Some(&bytes),
+            OwnedHeaders::new(),
+        )
+        .await?;
+        let started = Instant::now();
+        // rdkafka's commit_transaction flushes first, and its flush polls in whole 100 ms
+        // rounds whenever anything is still in flight: every commit took >= 100 ms
+        // (ecst_source_commit_seconds). Waiting for the acknowledgements here, in 1 ms steps,
+        // lets that flush find nothing to do.
+        while self.producer.in_flight_count() > 0 && started.elapsed() < Duration::from_secs(30) {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        let p = self.producer.clone();
+        tokio::task::spawn_blocking(move || p.commit_transaction(Duration::from_secs(60)))
+            .await
+            .map_err(|e| SourceError::Task(e.to_string()))?
+            .map_err(|e| self.explain(e))?;
+        self.last_commit_took = started.elapsed();
+        metrics::histogram!(m::SOURCE_COMMIT_SECONDS).record(self.last_commit_took.as_secs_f64());
+        self.open = false;
+        self.events_since_commit = 0;
+        metrics::counter!(m::SOURCE_TRANSACTIONS_TOTAL).increment(1);
+        for (topic, n) in self.counts.drain() {
+            metrics::counter!(m::SOURCE_EVENTS_TOTAL, m::TABLE_LABEL => topic).increment(n);
+        }
+        metrics::gauge!(m::SOURCE_BINLOG_POS).set(offset.position.pos as f64);
+        if let Some(seq) = offset.position.file_seq() {
+            metrics::gauge!(m::SOURCE_BINLOG_FILE).set(seq as f64);
+        }
+        Ok(())
+    }
+
+    pub(super) async fn abort(&mut self) {
+        if !self.open {
+            return;
+        }
+        let p = self.producer.clone();
+        match tokio::task::spawn_blocking(move || p.abort_transaction(Duration::from_secs(30)))
+            .await
+        {
+            Ok(Ok(())) => tracing::info!("open kafka transaction aborted"),
+            Ok(Err(e)) => tracing::warn!(error = %e, "abort of the open kafka transaction failed"),
+            Err(e) => tracing::warn!(error = %e, "abort task failed"),
+        }
+        self.open = false;
+    }
+}
+
+/// Creates the transactional producer and fences older instances with the same name.
+pub(super) async fn transactional_producer(cfg: &Config) -> Result<TxProducer, SourceError> {
+    let mut cc = client_config(&cfg.kafka);
+    cc.set("transactional.id", format!("ecst-source-{}", cfg.name))
+        .set("enable.idempotence", "true")
+        .set("partitioner", "murmur2_random")
+        .set("message.max.bytes", MAX_MESSAGE_BYTES.to_string())
+        .set("linger.ms", "5")
+        .set("compression.type", "lz4")
+        .set("transaction.timeout.ms", "300000")
+        .set("queue.buffering.max.kbytes", "65536");
+    let producer: TxProducer = Arc::new(
+        cc.create()
+            .map_err(|e| SourceError::Kafka(KafkaClientError::Config(e)))?,
+    );
+    let p = producer.clone();
+    tokio::task::spawn_blocking(move || p.init_transactions(Duration::from_secs(30)))
+        .await
+        .map_err(|e| SourceError::Task(e.to_string()))??;
+    Ok(producer)
+}
