@@ -216,7 +216,7 @@ pub async fn run_checks(cfg: &Config) -> Vec<Check> {
             .filter(|o| o.snapshot_completed)
             .map(|o| &o.position);
         match check_mysql(mysql, &src.tables, resume).await {
-            Ok(checks) => {
+            Ok(crate::source::preflight::Preflight { checks, identity }) => {
                 let mariadb = checks
                     .iter()
                     .any(|c| c.name == "mysql connection" && c.detail.contains("MariaDB"));
@@ -236,10 +236,7 @@ pub async fn run_checks(cfg: &Config) -> Vec<Check> {
                         )
                     },
                 ));
-                match crate::source::preflight::server_identity(mysql).await {
-                    Ok(now) => out.push(lineage_check(stored.as_ref(), &now, src.snapshot_mode)),
-                    Err(e) => out.push(fail("mysql lineage", e.to_string())),
-                }
+                out.push(lineage_check(stored.as_ref(), &identity, src.snapshot_mode));
             }
             Err(e) => out.push(fail(
                 "mysql connection",

@@ -300,7 +300,8 @@ async fn session(
         .as_ref()
         .map(|o| &o.position)
         .or_else(|| resume.first().map(|s| &s.at));
-    let checks = preflight::check_mysql(mysql, &src.tables, needed_position).await?;
+    let preflight::Preflight { checks, identity } =
+        preflight::check_mysql(mysql, &src.tables, needed_position).await?;
     let purged = checks
         .iter()
         .any(|c| c.name == preflight::RESUME_POSITION_CHECK && !c.ok);
@@ -319,7 +320,6 @@ async fn session(
     };
     // A position written by another server is no position here, whatever its file is called:
     // resuming at its byte offset would read another server's events from an arbitrary point.
-    let identity = preflight::server_identity(mysql).await?;
     let foreign = committed.as_ref().and_then(|o| {
         preflight::foreign_position(o.server_id, o.server_uuid.as_deref(), &identity).or_else(
             || {

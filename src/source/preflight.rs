@@ -66,9 +66,8 @@ pub struct ServerIdentity {
     pub gtid_binlog_pos: Option<String>,
 }
 
-/// Reads the server's identity.
-pub async fn server_identity(cfg: &MysqlConfig) -> Result<ServerIdentity, SourceError> {
-    let mut conn = connect(cfg).await?;
+/// Reads the server's identity (on the preflight's connection: no round trip of its own).
+async fn server_identity(conn: &mut mysql_async::Conn) -> Result<ServerIdentity, SourceError> {
     let server_id: Option<u32> = conn.query_first("SELECT @@server_id").await?;
     // MariaDB: "Unknown system variable" (1193).
     let server_uuid: Option<String> = match conn.query_first("SELECT @@server_uuid").await {
@@ -156,13 +155,24 @@ fn position_of_status_row(row: &mysql_async::Row) -> Option<BinlogPosition> {
     (!file.is_empty()).then_some(BinlogPosition { file, pos })
 }
 
-/// Runs every MySQL check. A connection failure is returned as an error (transient).
+/// What preflight found: one line per check, and who the server is.
+#[derive(Debug, Clone)]
+pub struct Preflight {
+    /// The checks, in order.
+    pub checks: Vec<Check>,
+    /// The server's identity, to compare with the stored position's.
+    pub identity: ServerIdentity,
+}
+
+/// Runs every MySQL check, on one connection. A connection failure is returned as an error
+/// (transient).
 pub async fn check_mysql(
     cfg: &MysqlConfig,
     tables: &[String],
     resume: Option<&BinlogPosition>,
-) -> Result<Vec<Check>, SourceError> {
+) -> Result<Preflight, SourceError> {
     let mut conn = connect(cfg).await?;
+    let identity = server_identity(&mut conn).await?;
     let mut out = Vec::new();
     let version: String = conn
         .query_first("SELECT VERSION()")
@@ -293,7 +303,10 @@ pub async fn check_mysql(
             )),
         }
     }
-    Ok(out)
+    Ok(Preflight {
+        checks: out,
+        identity,
+    })
 }
 
 #[cfg(test)]
