@@ -53,6 +53,20 @@ enum Command {
         #[command(subcommand)]
         action: OffsetsAction,
     },
+    /// Decode binlog files offline through the source's decoder: one JSON line per change (op,
+    /// table, key, before, after, position, GTID). Needs no configuration and no server.
+    InspectBinlog {
+        /// Binlog files, read in order.
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+        /// Also print each transaction boundary (the positions the source would store).
+        #[arg(long)]
+        commits: bool,
+        /// Decode tables whose binlog has no column names (binlog_row_metadata = MINIMAL) with
+        /// names @1…@N; the source refuses them.
+        #[arg(long)]
+        positional: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -83,6 +97,18 @@ fn init_logs(cfg: Option<&Config>, flag: Option<&str>) {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Command::InspectBinlog {
+        files,
+        commits,
+        positional,
+    } = &cli.command
+    {
+        let opts = ecst::inspect::Options {
+            commits: *commits,
+            positional: *positional,
+        };
+        return inspect_binlog(files, opts);
+    }
     let cfg = match Config::load(&cli.config) {
         Ok(c) => c,
         Err(e) => {
@@ -175,4 +201,25 @@ fn main() -> ExitCode {
             }
         }
     })
+}
+
+/// `ecst inspect-binlog`: no configuration, no server, one thread.
+fn inspect_binlog(files: &[PathBuf], opts: ecst::inspect::Options) -> ExitCode {
+    let runtime = match tokio::runtime::Builder::new_current_thread().build() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let mut out = std::io::BufWriter::new(std::io::stdout());
+    match runtime.block_on(ecst::inspect::inspect(files, opts, &mut out)) {
+        Ok(_) => ExitCode::SUCCESS,
+        Err(e) => {
+            use std::io::Write;
+            let _ = out.flush();
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
 }

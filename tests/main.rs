@@ -6,6 +6,7 @@
 mod common;
 mod continuity;
 mod failures;
+mod inspect;
 mod ops;
 mod security;
 mod sink;

@@ -196,6 +196,15 @@ pub fn convert(
         (K::Boolean, My::Bytes(b)) => Value::Boolean(b.iter().any(|x| *x != 0)),
         (K::Boolean, My::Int(i)) => Value::Boolean(i != 0),
         (K::Boolean, My::UInt(u)) => Value::Boolean(u != 0),
+        // No labels (a positional shape from MINIMAL metadata, offline only): the index.
+        (K::Enum(labels), My::Int(i)) if labels.is_empty() => Value::String(i.to_string()),
+        (K::Set(labels), My::Bytes(b)) if labels.is_empty() && origin == Origin::Binlog => {
+            let mut mask: u64 = 0;
+            for (i, byte) in b.iter().enumerate().take(8) {
+                mask |= u64::from(*byte) << (8 * i);
+            }
+            Value::String(mask.to_string())
+        }
         (K::Enum(labels), My::Int(i)) => {
             // Index 0 is MySQL's "invalid value" empty string.
             let idx = usize::try_from(i).unwrap_or(0);
@@ -230,22 +239,36 @@ pub type RowImages = (Option<Vec<Value>>, Option<Vec<Value>>);
 /// Decodes the rows of one rows event with the cached table facts.
 ///
 /// Returns `(before, after)` images per row. `rows_data` is the event's row payload;
-/// `before_cols`/`after_cols` the column-presence bitmaps (FULL row image: all set).
+/// `before_present`/`after_present` the column-presence bitmaps (FULL row image: all set).
+/// `partial`: a PARTIAL_UPDATE_ROWS event, whose after image may carry JSON columns as diffs
+/// against the before image (they are applied: the after image is always whole).
 pub fn decode_rows<'a>(
     table: &'a BinlogTable,
     rows_data: &'a [u8],
     before_present: Option<&[bool]>,
     after_present: Option<&[bool]>,
+    partial: bool,
 ) -> Result<Vec<RowImages>, SourceError> {
     let mut buf = ParseBuf(rows_data);
     let mut out = Vec::new();
     while !buf.is_empty() {
         let before = match before_present {
-            Some(p) => Some(decode_image(table, &mut buf, p)?),
+            Some(p) => Some(decode_image(table, &mut buf, p, None, None)?),
             None => None,
         };
+        let diffs = if partial {
+            Some(partial_json_columns(table, &mut buf)?)
+        } else {
+            None
+        };
         let after = match after_present {
-            Some(p) => Some(decode_image(table, &mut buf, p)?),
+            Some(p) => Some(decode_image(
+                table,
+                &mut buf,
+                p,
+                diffs.as_deref(),
+                before.as_deref(),
+            )?),
             None => None,
         };
         out.push((before, after));
@@ -253,10 +276,57 @@ pub fn decode_rows<'a>(
     Ok(out)
 }
 
+/// The "shared image" of a partial update's after row: which JSON columns are diffs.
+fn partial_json_columns(
+    table: &BinlogTable,
+    buf: &mut ParseBuf<'_>,
+) -> Result<Vec<bool>, SourceError> {
+    let truncated = || SourceError::RowDecode {
+        table: table.schema.qualified_name(),
+        detail: "truncated partial-update options".into(),
+    };
+    // value_options: a length-encoded integer (bit 0: PARTIAL_JSON_UPDATES).
+    let first = *buf
+        .checked_eat(1)
+        .and_then(|b| b.first())
+        .ok_or_else(truncated)?;
+    let width = match first {
+        0xfc => 2,
+        0xfd => 3,
+        0xfe => 8,
+        _ => 0,
+    };
+    let options: u64 = if width == 0 {
+        u64::from(first)
+    } else {
+        let bytes = buf.checked_eat(width).ok_or_else(truncated)?;
+        bytes
+            .iter()
+            .rev()
+            .fold(0u64, |acc, b| (acc << 8) | u64::from(*b))
+    };
+    let json_columns = table
+        .columns
+        .iter()
+        .filter(|c| c.ty == ColumnType::MYSQL_TYPE_JSON)
+        .count();
+    if options & 1 == 0 {
+        return Ok(vec![false; json_columns]);
+    }
+    let bits: &[u8] = buf
+        .checked_eat(json_columns.div_ceil(8))
+        .ok_or_else(truncated)?;
+    Ok((0..json_columns)
+        .map(|i| bits.get(i / 8).is_some_and(|b| b & (1 << (i % 8)) != 0))
+        .collect())
+}
+
 fn decode_image<'a>(
     table: &'a BinlogTable,
     buf: &mut ParseBuf<'a>,
     present: &[bool],
+    json_diffs: Option<&[bool]>,
+    before: Option<&[Value]>,
 ) -> Result<Vec<Value>, SourceError> {
     let qn = || table.schema.qualified_name();
     let n_present = present.iter().filter(|p| **p).count();
@@ -269,9 +339,15 @@ fn decode_image<'a>(
         })?;
     let mut row = Vec::with_capacity(table.columns.len());
     let mut image_idx = 0usize;
+    let mut json_idx = 0usize;
     for (i, (bc, col)) in table.columns.iter().zip(&table.schema.columns).enumerate() {
+        let mut is_diff = false;
+        if bc.ty == ColumnType::MYSQL_TYPE_JSON {
+            is_diff = json_diffs.is_some_and(|d| d.get(json_idx).copied().unwrap_or(false));
+            json_idx += 1;
+        }
         if !present.get(i).copied().unwrap_or(false) {
-            // Not in the image (only with binlog_row_image != FULL, which preflight refuses).
+            // Not in the image (only with binlog_row_image != FULL, refused before decoding).
             row.push(Value::Null);
             continue;
         }
@@ -283,29 +359,26 @@ fn decode_image<'a>(
             row.push(Value::Null);
             continue;
         }
+        let col_err = |e: String| SourceError::RowDecode {
+            table: qn(),
+            detail: format!("column `{}`: {e}", col.name),
+        };
         let raw: BinlogValue<'_> = buf
-            .parse((bc.ty, bc.meta.as_slice(), bc.unsigned, false))
-            .map_err(|e| SourceError::RowDecode {
-                table: qn(),
-                detail: format!("column `{}`: {e}", col.name),
-            })?;
+            .parse((bc.ty, bc.meta.as_slice(), bc.unsigned, is_diff))
+            .map_err(|e| col_err(e.to_string()))?;
         let my = match raw {
             BinlogValue::Value(v) => v,
             BinlogValue::Jsonb(j) => {
-                let json = serde_json::Value::try_from(j).map_err(|e| SourceError::RowDecode {
-                    table: qn(),
-                    detail: format!("column `{}`: {e}", col.name),
-                })?;
+                let json = super::json::from_jsonb(j).map_err(col_err)?;
                 My::Bytes(json.to_string().into_bytes())
             }
-            BinlogValue::JsonDiff(_) => {
-                return Err(SourceError::RowDecode {
-                    table: qn(),
-                    detail: format!(
-                        "column `{}`: partial JSON update; set binlog_row_value_options='' on the server",
-                        col.name
-                    ),
-                });
+            BinlogValue::JsonDiff(diffs) => {
+                let old = match before.and_then(|b| b.get(i)) {
+                    Some(Value::String(s)) => Some(s.as_str()),
+                    _ => None,
+                };
+                let new = super::json::apply_diffs(old, &diffs).map_err(col_err)?;
+                My::Bytes(new.into_bytes())
             }
         };
         let int24_signed = bc.ty == ColumnType::MYSQL_TYPE_INT24 && !bc.unsigned;

@@ -97,6 +97,17 @@ pub enum SourceError {
         /// Where (its transaction's start).
         position: BinlogPosition,
     },
+    /// A partial JSON update whose before image is partial: the value its diff applies to is
+    /// not in the binlog.
+    #[error(
+        "a partial JSON update of `{table}` at {position} comes with a partial before image: the writing session used binlog_row_value_options = PARTIAL_JSON with binlog_row_image = MINIMAL or NOBLOB, so the JSON value the update applies to is not in the binlog and the full row cannot be known. Fix: binlog_row_image = FULL for every writer (ecst applies PARTIAL_JSON diffs to a full before image) or binlog_row_value_options = '', then re-snapshot once (snapshot_mode = \"always\")"
+    )]
+    PartialJson {
+        /// Table.
+        table: String,
+        /// Where (its transaction's start).
+        position: BinlogPosition,
+    },
     /// Statement-format DML on a captured table: the binlog holds the statement, not the rows.
     #[error(
         "statement-format DML on `{table}` at {position}: a session wrote with binlog_format = STATEMENT or MIXED, so the binlog holds no rows for it and the change cannot be captured. Fix: binlog_format = ROW for every writer (remove the session override), then re-snapshot once (snapshot_mode = \"always\")"
@@ -116,6 +127,14 @@ pub enum SourceError {
         fix: String,
         /// Where.
         position: BinlogPosition,
+    },
+    /// A compressed transaction (TRANSACTION_PAYLOAD) that cannot be read.
+    #[error("the compressed transaction at {position} cannot be read: {detail}")]
+    Payload {
+        /// Where (the payload event's end).
+        position: BinlogPosition,
+        /// What failed.
+        detail: String,
     },
     /// A configured table does not exist.
     #[error("table `{table}` does not exist or is not readable")]
@@ -237,8 +256,10 @@ impl Classify for SourceError {
             | E::ValueType { .. }
             | E::RowDecode { .. }
             | E::PartialRowImage { .. }
+            | E::PartialJson { .. }
             | E::StatementDml { .. }
             | E::Unsupported { .. }
+            | E::Payload { .. }
             | E::TableNotFound { .. }
             | E::NoBinlogPosition
             | E::Preflight(_)

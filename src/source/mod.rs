@@ -34,8 +34,10 @@
 
 pub mod binlog;
 pub mod decode;
+pub mod decoder;
 mod error;
 mod handover;
+mod json;
 pub mod preflight;
 mod publisher;
 pub mod snapshot;

@@ -213,7 +213,7 @@ pub async fn check_mysql(
     match get("binlog_row_value_options") {
         Some(v) if v.to_ascii_uppercase().contains("PARTIAL_JSON") => out.push(Check::fail(
             "mysql binlog_row_value_options",
-            "is PARTIAL_JSON, must be empty: partial JSON images cannot be turned into full rows",
+            "is PARTIAL_JSON, must be empty as the server default: ecst applies the partial JSON updates of a session that sets it to the FULL before image (tested on recorded binlogs only, no live MySQL)",
         )),
         _ => {}
     }

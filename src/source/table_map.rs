@@ -65,7 +65,14 @@ fn io_err(table: &str, e: impl std::fmt::Display) -> SourceError {
 }
 
 /// Derives the shape of a table from its TABLE_MAP event.
-pub fn from_table_map(tme: &TableMapEvent<'_>) -> Result<BinlogTable, SourceError> {
+///
+/// `positional`: a TABLE_MAP without column names (`binlog_row_metadata = MINIMAL`) gives
+/// columns named `@1`…`@N` with no key and ENUM/SET values as numbers, instead of the refusal
+/// the source needs (offline inspection only: a topic's schema needs the names).
+pub fn from_table_map(
+    tme: &TableMapEvent<'_>,
+    positional: bool,
+) -> Result<BinlogTable, SourceError> {
     let db = tme.database_name().into_owned();
     let table = tme.table_name().into_owned();
     let qn = format!("{db}.{table}");
@@ -77,9 +84,13 @@ pub fn from_table_map(tme: &TableMapEvent<'_>) -> Result<BinlogTable, SourceErro
         .map(|r| r.map(|c| c.name().into_owned()))
         .collect::<Result<_, _>>()
         .map_err(|e| io_err(&qn, e))?;
-    if names.len() != n {
+    let names = if names.len() == n {
+        names
+    } else if positional && names.is_empty() {
+        (1..=n).map(|i| format!("@{i}")).collect()
+    } else {
         return Err(SourceError::MissingRowMetadata { table: qn });
-    }
+    };
     let mut enum_values: Vec<Vec<String>> = Vec::new();
     let mut set_values: Vec<Vec<String>> = Vec::new();
     for field in tme.iter_optional_meta() {

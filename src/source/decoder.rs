@@ -1,0 +1,1059 @@
+//! The binlog decoder: binlog events turned into [`SourceMsg`]s. One state machine serves the
+//! replica connection ([`super::binlog`]) and binlog files (`ecst inspect-binlog`,
+//! [`crate::inspect`]), so what the offline tool prints is what the source would publish.
+//!
+//! Ordering and boundaries: rows are emitted as they are decoded (a 100,000-row transaction is
+//! never held in memory), and a [`SourceMsg::Commit`] follows each XID/COMMIT or standalone DDL.
+//! Only those positions are ever stored, because the protocol cannot resume inside a transaction.
+//!
+//! Positions come from the stream, never from a header field a server may leave at 0. MariaDB
+//! 11.4 (`binlog_legacy_event_pos = OFF`, its default) writes `end_log_pos 0` in the header of
+//! every event copied from a transaction cache; only events written directly (GTID, XID, …)
+//! carry one. So:
+//! * a change is placed at its transaction's start — the end of its GTID (or BEGIN) event, else
+//!   the last boundary — plus its row index in the transaction ([`TxPlace`]). That orders every
+//!   change of a server's binlog exactly, and it compares with boundaries as the change itself
+//!   would: after the previous transaction's end, before its own;
+//! * a boundary whose header has no position (a COMMIT query or DDL written from a cache) is
+//!   *deferred*: the transaction is complete, but its resume point is only known exactly from the
+//!   next event that has one — the next GTID event starts there (`end - size`), a heartbeat
+//!   reports it, a rotate replaces it. Computing it by summing event sizes would be wrong: the
+//!   server does not send every event of the file (ANNOTATE_ROWS is skipped unless asked for).
+//!
+//! Compressed transactions (MySQL 8.0.20+ `binlog_transaction_compression`): one
+//! TRANSACTION_PAYLOAD event holds a whole transaction's events, zstd-compressed, without
+//! checksums and without positions of their own. The payload is decompressed as a stream (one
+//! inner event in memory at a time) and its events handled like any others with no header
+//! position: the changes are placed at the end of the GTID event before the payload, and the
+//! transaction's boundary is the payload event's end, so a resume never lands inside a payload.
+//!
+//! Everything the server writes is decoded or refused with a definite error naming the setting
+//! and the fix (see the README's "what the binlog reader refuses"); nothing is skipped silently.
+//! Events that carry no data change (FORMAT_DESCRIPTION, PREVIOUS_GTIDS, ANNOTATE_ROWS, …) are
+//! passed over by design.
+
+use std::collections::{HashMap, HashSet};
+use std::future::Future;
+use std::io::Read;
+use std::sync::Arc;
+
+use mysql_common::binlog::consts::BinlogChecksumAlg;
+use mysql_common::binlog::events::{
+    Event, EventData, FormatDescriptionEvent, RowsEventData, TableMapEvent, TransactionPayloadEvent,
+};
+
+use super::decode::decode_rows;
+use super::table_map::{BinlogTable, from_table_map};
+use super::window::Window;
+use super::{SourceError, SourceMsg};
+use crate::events::{ChangeEvent, Op, SourceInfo, TableSchema};
+use crate::metrics as m;
+use crate::offsets::BinlogPosition;
+
+pub(crate) const ROTATE_EVENT: u8 = 4;
+const QUERY_EVENT: u8 = 2;
+const STOP_EVENT: u8 = 3;
+const XID_EVENT: u8 = 16;
+const FORMAT_DESCRIPTION_EVENT: u8 = 15;
+const TABLE_MAP_EVENT: u8 = 19;
+const INCIDENT_EVENT: u8 = 26;
+const HEARTBEAT_EVENT: u8 = 27;
+const MYSQL_GTID_EVENT: u8 = 33;
+const MYSQL_ANONYMOUS_GTID_EVENT: u8 = 34;
+const XA_PREPARE_LOG_EVENT: u8 = 38;
+const PARTIAL_UPDATE_ROWS_EVENT: u8 = 39;
+const TRANSACTION_PAYLOAD_EVENT: u8 = 40;
+const MYSQL_GTID_TAGGED_EVENT: u8 = 42;
+const MARIADB_GTID_EVENT: u8 = 162;
+const MARIADB_QUERY_COMPRESSED_EVENT: u8 = 165;
+const MARIADB_ROWS_COMPRESSED_FIRST: u8 = 166;
+const MARIADB_ROWS_COMPRESSED_LAST: u8 = 171;
+
+/// A binlog event header's length.
+const HEADER_LEN: usize = 19;
+/// The largest event accepted (the server's own limit for a replicated event is 1 GiB).
+const MAX_EVENT_BYTES: usize = 1 << 30;
+
+/// What the decoder needs from the server besides the events: facts TABLE_MAP does not carry.
+/// The source asks MySQL on a side connection; offline, nothing is known.
+pub trait Catalog {
+    /// Adds the defaults of NOT NULL columns to a shape read from a TABLE_MAP.
+    fn add_defaults(
+        &mut self,
+        schema: &mut TableSchema,
+    ) -> impl Future<Output = Result<(), SourceError>> + Send;
+    /// The current shape of `db.table` (a TRUNCATE of a table no TABLE_MAP has shown yet).
+    fn shape(
+        &mut self,
+        db: &str,
+        table: &str,
+    ) -> impl Future<Output = Result<TableSchema, SourceError>> + Send;
+}
+
+/// Where the decoder's messages go (the hand-over to the producer loop, or the offline printer).
+pub trait Emit {
+    /// Takes one message, waiting while the receiver is full.
+    fn emit(&mut self, msg: SourceMsg) -> impl Future<Output = Result<(), SourceError>> + Send;
+}
+
+/// Which tables' changes are decoded.
+#[derive(Debug, Clone)]
+pub enum Capture {
+    /// Only these `db.table` names (the source's `source.tables`).
+    Only(HashSet<String>),
+    /// Every table (offline inspection).
+    All,
+}
+
+impl Capture {
+    fn contains(&self, qualified: &str) -> bool {
+        match self {
+            Capture::Only(t) => t.contains(qualified),
+            Capture::All => true,
+        }
+    }
+}
+
+/// The decoder's state between events (see the module note).
+pub struct Decoder {
+    capture: Capture,
+    epoch: u64,
+    window: Option<Window>,
+    file: String,
+    fde_seen: bool,
+    /// The server logs CRC32 checksums.
+    crc: bool,
+    /// Tables without column names are decoded positionally (offline only, see
+    /// [`from_table_map`]).
+    positional: bool,
+    gtid: Option<String>,
+    /// Inside a transaction (after BEGIN or a MariaDB non-standalone GTID, until XID/COMMIT).
+    in_tx: bool,
+    /// The open transaction's place was set by its GTID event (a BEGIN without a position
+    /// inside a compressed payload keeps it).
+    gtid_placed: bool,
+    /// The open transaction has emitted changes of captured tables.
+    emitted: bool,
+    tx_ts_ms: i64,
+    /// The last resume point (a transaction boundary).
+    boundary: u64,
+    place: TxPlace,
+    /// A transaction that ended on an event without a position: its GTID and commit time, sent
+    /// as a boundary once the next positioned event says where it ended.
+    deferred: Option<(Option<String>, i64)>,
+    /// Rows events emitted (test pause points count them).
+    rows_events: u64,
+    /// The last shape of each captured table (a TRUNCATE names a table, not a table id).
+    schemas_by_name: HashMap<String, Arc<TableSchema>>,
+    /// table_id → (raw TABLE_MAP body, decoded shape); None = not captured.
+    tables_by_id: HashMap<u64, (Vec<u8>, Option<Arc<BinlogTable>>)>,
+}
+
+impl Decoder {
+    /// A decoder for a stream that starts at `start` (a transaction boundary).
+    pub fn new(
+        capture: Capture,
+        start: &BinlogPosition,
+        epoch: u64,
+        window: Option<Window>,
+    ) -> Self {
+        Decoder {
+            capture,
+            epoch,
+            window,
+            file: start.file.clone(),
+            fde_seen: false,
+            crc: false,
+            positional: false,
+            gtid: None,
+            in_tx: false,
+            gtid_placed: false,
+            emitted: false,
+            tx_ts_ms: 0,
+            boundary: start.pos,
+            place: TxPlace::open(0, start.pos),
+            deferred: None,
+            rows_events: 0,
+            schemas_by_name: HashMap::new(),
+            tables_by_id: HashMap::new(),
+        }
+    }
+
+    /// Decodes tables whose TABLE_MAP has no column names with positional names instead of
+    /// refusing them (offline inspection of `binlog_row_metadata = MINIMAL` binlogs).
+    pub fn with_positional_names(mut self) -> Self {
+        self.positional = true;
+        self
+    }
+
+    /// The binlog file being read.
+    pub fn file(&self) -> &str {
+        &self.file
+    }
+
+    /// Where the open transaction's changes are placed (for messages about it).
+    fn here(&self) -> BinlogPosition {
+        BinlogPosition {
+            file: self.file.clone(),
+            pos: self.place.pos,
+        }
+    }
+
+    /// Handles one event read from the server or a file. `verify_crc`: check the event's CRC32
+    /// (every event after the format description carries one when the server logs checksums).
+    pub async fn on_event<C: Catalog + Send, E: Emit + Send>(
+        &mut self,
+        event: &Event,
+        verify_crc: bool,
+        catalog: &mut C,
+        emit: &mut E,
+    ) -> Result<(), SourceError> {
+        let header = event.header();
+        self.crc = verify_crc;
+        if verify_crc
+            && self.fde_seen
+            && header.event_type_raw() != FORMAT_DESCRIPTION_EVENT
+            && let Ok(Some(BinlogChecksumAlg::BINLOG_CHECKSUM_ALG_CRC32)) =
+                event.footer().get_checksum_alg()
+            && let Some(sum) = event.checksum()
+            && u32::from_le_bytes(sum)
+                != event.calc_checksum(BinlogChecksumAlg::BINLOG_CHECKSUM_ALG_CRC32)
+        {
+            return Err(SourceError::Checksum {
+                file: self.file.clone(),
+                pos: u64::from(header.log_pos()),
+            });
+        }
+        if header.event_type_raw() == TRANSACTION_PAYLOAD_EVENT {
+            return self.on_payload(event, catalog, emit).await;
+        }
+        self.handle(event, header.log_pos(), catalog, emit).await
+    }
+
+    /// A compressed transaction: its inner events, then its boundary at the payload's end.
+    async fn on_payload<C: Catalog + Send, E: Emit + Send>(
+        &mut self,
+        event: &Event,
+        catalog: &mut C,
+        emit: &mut E,
+    ) -> Result<(), SourceError> {
+        let log_pos = event.header().log_pos();
+        let at = BinlogPosition {
+            file: self.file.clone(),
+            pos: u64::from(log_pos),
+        };
+        let bad = |detail: String| SourceError::Payload {
+            position: at.clone(),
+            detail,
+        };
+        let payload: TransactionPayloadEvent<'_> =
+            event.read_event().map_err(|e| bad(e.to_string()))?;
+        let mut reader = payload.decompressed().map_err(|e| bad(e.to_string()))?;
+        // Inner events carry no checksum (WL#3549).
+        let mut footer = event.footer();
+        footer.set_checksum_enabled(false);
+        let fde = event.fde().clone().with_footer(footer);
+        while let Some(inner) = read_framed(&fde, &mut reader).map_err(|e| bad(e.to_string()))? {
+            if inner.header().event_type_raw() == TRANSACTION_PAYLOAD_EVENT {
+                return Err(bad("a compressed transaction inside another".into()));
+            }
+            self.handle(&inner, 0, catalog, emit).await?;
+        }
+        self.in_tx = false;
+        if log_pos != 0
+            && let Some((g, ts)) = self.deferred.take()
+        {
+            self.boundary = u64::from(log_pos);
+            emit.emit(commit(at, g, ts)).await?;
+        }
+        Ok(())
+    }
+
+    /// One event; `log_pos` is its header's end position (0: none, as inside a payload).
+    async fn handle<C: Catalog + Send, E: Emit + Send>(
+        &mut self,
+        event: &Event,
+        log_pos: u32,
+        catalog: &mut C,
+        emit: &mut E,
+    ) -> Result<(), SourceError> {
+        let header = event.header();
+        let etype = header.event_type_raw();
+        // A deferred boundary is known exactly once a positioned event follows: a GTID event
+        // starts where the transaction before it ended; a heartbeat says where the dump is.
+        if self.deferred.is_some() {
+            let known = match etype {
+                MARIADB_GTID_EVENT
+                | MYSQL_GTID_EVENT
+                | MYSQL_ANONYMOUS_GTID_EVENT
+                | MYSQL_GTID_TAGGED_EVENT => event_start(log_pos, header.event_size()),
+                HEARTBEAT_EVENT => (log_pos != 0).then_some(u64::from(log_pos)),
+                _ => None,
+            };
+            if let Some(end) = known.filter(|&e| e >= self.boundary)
+                && let Some((g, ts)) = self.deferred.take()
+            {
+                self.boundary = end;
+                let position = BinlogPosition {
+                    file: self.file.clone(),
+                    pos: end,
+                };
+                emit.emit(commit(position, g, ts)).await?;
+            }
+        }
+        match etype {
+            ROTATE_EVENT => {
+                if let Ok(Some(EventData::RotateEvent(r))) = event.read_data() {
+                    let mut name = r.name_raw().to_vec();
+                    // The first (fake) rotate of a dump arrives before the format description,
+                    // so its name still carries the 4 CRC bytes.
+                    if !self.fde_seen && self.crc && name.len() > 4 {
+                        name.truncate(name.len() - 4);
+                    }
+                    self.file = String::from_utf8_lossy(&name).into_owned();
+                    if (log_pos != 0 || self.deferred.is_some()) && !self.in_tx {
+                        // A real rotate between transactions: the next file's start is a safe
+                        // resume point (and replaces a deferred one).
+                        self.boundary = r.position();
+                        let position = BinlogPosition {
+                            file: self.file.clone(),
+                            pos: self.boundary,
+                        };
+                        let (g, ts) = self.deferred.take().unwrap_or((None, 0));
+                        emit.emit(commit(position, g, ts)).await?;
+                    }
+                }
+            }
+            FORMAT_DESCRIPTION_EVENT => self.fde_seen = true,
+            HEARTBEAT_EVENT | STOP_EVENT => {}
+            MARIADB_GTID_EVENT => {
+                let parsed = parse_mariadb_gtid(event.data(), header.server_id());
+                // A standalone GTID (DDL) has no XID: its one query event ends it.
+                self.in_tx = parsed.as_ref().is_some_and(|(_, standalone)| !*standalone);
+                self.gtid = parsed.map(|(g, _)| g);
+                self.open_tx(log_pos, header.timestamp());
+            }
+            MYSQL_GTID_EVENT | MYSQL_GTID_TAGGED_EVENT => {
+                let g = match event.read_data() {
+                    Ok(Some(EventData::GtidEvent(g))) => g,
+                    other => {
+                        return Err(SourceError::RowDecode {
+                            table: "?".into(),
+                            detail: format!(
+                                "unreadable GTID event at {}: {:?}",
+                                self.here(),
+                                other.err()
+                            ),
+                        });
+                    }
+                };
+                self.gtid = Some(mysql_gtid(
+                    &g.sid(),
+                    g.tag().map(|t| t.to_string()),
+                    g.gno(),
+                ));
+                self.open_tx(log_pos, header.timestamp());
+            }
+            MYSQL_ANONYMOUS_GTID_EVENT => {
+                self.gtid = None;
+                self.open_tx(log_pos, header.timestamp());
+            }
+            QUERY_EVENT => self.on_query(event, log_pos, catalog, emit).await?,
+            XID_EVENT => {
+                self.in_tx = false;
+                self.end_transaction(log_pos, emit).await?;
+            }
+            XA_PREPARE_LOG_EVENT => {
+                if self.emitted {
+                    return Err(SourceError::Unsupported {
+                        what: "an XA transaction on a captured table (XA PREPARE): its rows would be published before it commits, and an XA ROLLBACK could not undo them".into(),
+                        fix: "do not use XA transactions on captured tables; to step past this one, re-snapshot (snapshot_mode = \"always\" once)".into(),
+                        position: self.here(),
+                    });
+                }
+                // The prepared part of an XA transaction on other tables: a boundary; its
+                // XA COMMIT or XA ROLLBACK comes later as a statement of its own.
+                self.in_tx = false;
+                self.end_transaction(log_pos, emit).await?;
+            }
+            TABLE_MAP_EVENT => self.on_table_map(event, catalog).await?,
+            23..=25 | 30..=32 | PARTIAL_UPDATE_ROWS_EVENT => self.on_rows(event, emit).await?,
+            INCIDENT_EVENT => {
+                return Err(SourceError::Unsupported {
+                    what: "an INCIDENT event: the server says changes may be missing from its binlog".into(),
+                    fix: "re-snapshot (snapshot_mode = \"always\" once) so the copies match the tables again".into(),
+                    position: BinlogPosition { file: self.file.clone(), pos: u64::from(log_pos) },
+                });
+            }
+            MARIADB_QUERY_COMPRESSED_EVENT => {
+                // BEGIN and COMMIT are never long enough to be compressed: outside a transaction
+                // this is DDL, a boundary like an uncompressed one; inside, statement DML.
+                if self.in_tx {
+                    return Err(SourceError::Unsupported {
+                        what: "a compressed statement inside a transaction (log_bin_compress = ON with statement-format DML)".into(),
+                        fix: "SET GLOBAL log_bin_compress = OFF and binlog_format = ROW".into(),
+                        position: BinlogPosition { file: self.file.clone(), pos: u64::from(log_pos) },
+                    });
+                }
+                self.tables_by_id.clear();
+                self.end_transaction(log_pos, emit).await?;
+            }
+            MARIADB_ROWS_COMPRESSED_FIRST..=MARIADB_ROWS_COMPRESSED_LAST => {
+                // The table id leads the post-header, uncompressed: only captured tables stop.
+                let id = event.data().get(..6).map(|b| {
+                    b.iter()
+                        .rev()
+                        .fold(0u64, |acc, x| (acc << 8) | u64::from(*x))
+                });
+                let captured = id
+                    .and_then(|id| self.tables_by_id.get(&id))
+                    .is_some_and(|(_, t)| t.is_some());
+                if captured || id.is_none() {
+                    return Err(SourceError::Unsupported {
+                        what: "MariaDB compressed row events (log_bin_compress = ON)".into(),
+                        fix: "SET GLOBAL log_bin_compress = OFF, then re-snapshot (snapshot_mode = \"always\" once)".into(),
+                        position: BinlogPosition { file: self.file.clone(), pos: u64::from(log_pos) },
+                    });
+                }
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+
+    /// A transaction opened by a GTID event.
+    fn open_tx(&mut self, log_pos: u32, timestamp: u32) {
+        self.tx_ts_ms = i64::from(timestamp) * 1000;
+        self.emitted = false;
+        self.place = TxPlace::open(log_pos, self.boundary);
+        self.gtid_placed = true;
+    }
+
+    async fn on_query<C: Catalog + Send, E: Emit + Send>(
+        &mut self,
+        event: &Event,
+        log_pos: u32,
+        catalog: &mut C,
+        emit: &mut E,
+    ) -> Result<(), SourceError> {
+        let header = event.header();
+        let (query, default_db) = match event.read_data() {
+            Ok(Some(EventData::QueryEvent(q))) => (
+                q.query().trim().to_ascii_uppercase(),
+                q.schema().into_owned(),
+            ),
+            _ => (String::new(), String::new()),
+        };
+        if let Some(table) = statement_dml_on(&query, &default_db, &self.capture) {
+            return Err(SourceError::StatementDml {
+                table,
+                position: self.here(),
+            });
+        }
+        if query == "BEGIN" || query.starts_with("XA START") {
+            // A GTID event announced the transaction already (and placed it).
+            if !self.in_tx && !self.gtid_placed {
+                self.place = TxPlace::open(log_pos, self.boundary);
+                self.emitted = false;
+            }
+            self.in_tx = true;
+            self.tx_ts_ms = i64::from(header.timestamp()) * 1000;
+            return Ok(());
+        }
+        // ROLLBACK, or ROLLBACK TO SAVEPOINT, after rows of a captured table.
+        if query.starts_with("ROLLBACK") && self.in_tx && self.emitted {
+            // Only a transaction that also changed a non-transactional table is logged with a
+            // ROLLBACK; its transactional rows were emitted already and would be published.
+            return Err(SourceError::Unsupported {
+                what: "a rolled-back transaction (ROLLBACK after row events: it mixed transactional and non-transactional tables)".into(),
+                fix: "do not mix non-transactional (e.g. MyISAM) tables with captured tables in one transaction; to step past this one, re-snapshot (snapshot_mode = \"always\" once)".into(),
+                position: self.here(),
+            });
+        }
+        // A one-phase XA commit and a ROLLBACK without captured rows end their transaction too.
+        let ends = query == "COMMIT"
+            || query == "ROLLBACK"
+            || (self.in_tx && query.starts_with("XA COMMIT"));
+        if ends || !self.in_tx {
+            self.in_tx = false;
+            if !ends {
+                self.on_ddl(&query, &default_db, header.server_id(), catalog, emit)
+                    .await?;
+            }
+            self.end_transaction(log_pos, emit).await?;
+        }
+        Ok(())
+    }
+
+    /// DDL: table shapes may have changed, and a captured table may have been truncated,
+    /// dropped or renamed.
+    async fn on_ddl<C: Catalog + Send, E: Emit + Send>(
+        &mut self,
+        query: &str,
+        default_db: &str,
+        server_id: u32,
+        catalog: &mut C,
+        emit: &mut E,
+    ) -> Result<(), SourceError> {
+        // New TABLE_MAPs will follow.
+        self.tables_by_id.clear();
+        let Some((what, table)) = table_lifecycle(query, default_db, &self.capture) else {
+            return Ok(());
+        };
+        metrics::counter!(m::SOURCE_TABLE_LIFECYCLE_TOTAL, m::TABLE_LABEL => table.clone(), m::OP_LABEL => what.label()).increment(1);
+        tracing::warn!(
+            table,
+            statement = what.label(),
+            effect = what.effect(),
+            "a captured table was {}",
+            what.past()
+        );
+        if what != Lifecycle::Truncate {
+            return Ok(());
+        }
+        let schema = match self.schemas_by_name.get(&table) {
+            Some(s) => s.clone(),
+            None => {
+                let (db, t) = table.split_once('.').unwrap_or(("", &table));
+                Arc::new(catalog.shape(db, t).await?)
+            }
+        };
+        let (pos, row) = self.place.place_row();
+        let ev = ChangeEvent {
+            schema,
+            op: Op::Truncate,
+            before: None,
+            after: None,
+            source: SourceInfo {
+                ts_ms: self.tx_ts_ms,
+                snapshot: "false",
+                server_id,
+                gtid: self.gtid.as_deref().map(Arc::from),
+                file: Arc::from(self.file.as_str()),
+                pos,
+                row,
+                epoch: self.epoch,
+                read_ts_ms: crate::events::now_ms(),
+            },
+        };
+        emit.emit(SourceMsg::Changes(vec![ev])).await
+    }
+
+    async fn on_table_map<C: Catalog + Send>(
+        &mut self,
+        event: &Event,
+        catalog: &mut C,
+    ) -> Result<(), SourceError> {
+        let tme: TableMapEvent<'_> = event.read_event().map_err(|e| SourceError::TableMap {
+            table: "?".into(),
+            detail: e.to_string(),
+        })?;
+        let id = tme.table_id();
+        let body = event.data();
+        let unchanged = self
+            .tables_by_id
+            .get(&id)
+            .is_some_and(|(raw, _)| raw.as_slice() == body);
+        if unchanged {
+            return Ok(());
+        }
+        let qn = format!("{}.{}", tme.database_name(), tme.table_name());
+        let shape = if self.capture.contains(&qn) {
+            let mut t = from_table_map(&tme, self.positional)?;
+            drop(tme);
+            // Defaults of NOT NULL columns, which TABLE_MAP does not carry. Rare: a new shape only.
+            if t.schema.columns.iter().any(|c| !c.nullable) {
+                catalog.add_defaults(Arc::make_mut(&mut t.schema)).await?;
+            }
+            self.schemas_by_name.insert(qn, t.schema.clone());
+            Some(Arc::new(t))
+        } else {
+            None
+        };
+        self.tables_by_id.insert(id, (body.to_vec(), shape));
+        Ok(())
+    }
+
+    async fn on_rows<E: Emit + Send>(
+        &mut self,
+        event: &Event,
+        emit: &mut E,
+    ) -> Result<(), SourceError> {
+        let header = event.header();
+        let etype = header.event_type_raw();
+        let Ok(Some(EventData::RowsEvent(rows))) = event.read_data() else {
+            return Err(SourceError::RowDecode {
+                table: "?".into(),
+                detail: format!("unreadable rows event type {etype} at {}", self.here()),
+            });
+        };
+        let Some((_, Some(table))) = self.tables_by_id.get(&rows.table_id()) else {
+            return Ok(());
+        };
+        let table = table.clone();
+        let (op, before, after): (Op, Option<Vec<bool>>, Option<Vec<bool>>) = match &rows {
+            RowsEventData::WriteRowsEventV1(_) | RowsEventData::WriteRowsEvent(_) => {
+                (Op::Create, None, rows.columns_after_image().map(bits))
+            }
+            RowsEventData::UpdateRowsEventV1(_)
+            | RowsEventData::UpdateRowsEvent(_)
+            | RowsEventData::PartialUpdateRowsEvent(_) => (
+                Op::Update,
+                rows.columns_before_image().map(bits),
+                rows.columns_after_image().map(bits),
+            ),
+            RowsEventData::DeleteRowsEventV1(_) | RowsEventData::DeleteRowsEvent(_) => {
+                (Op::Delete, rows.columns_before_image().map(bits), None)
+            }
+        };
+        // A partial image (a session with binlog_row_image = MINIMAL or NOBLOB, which
+        // preflight cannot see) would be published as a row with NULLs: refuse it.
+        for (image, present) in [("before", &before), ("after", &after)] {
+            if let Some(missing) = present.as_deref().and_then(|p| missing_columns(&table, p)) {
+                if etype == PARTIAL_UPDATE_ROWS_EVENT {
+                    return Err(SourceError::PartialJson {
+                        table: table.schema.qualified_name(),
+                        position: self.here(),
+                    });
+                }
+                return Err(SourceError::PartialRowImage {
+                    table: table.schema.qualified_name(),
+                    image,
+                    missing,
+                    position: self.here(),
+                });
+            }
+        }
+        let read_ts_ms = crate::events::now_ms();
+        let ev_file: Arc<str> = Arc::from(self.file.as_str());
+        let ev_gtid: Option<Arc<str>> = self.gtid.as_deref().map(Arc::from);
+        let decoded = decode_rows(
+            &table,
+            rows.rows_data(),
+            before.as_deref(),
+            after.as_deref(),
+            etype == PARTIAL_UPDATE_ROWS_EVENT,
+        )?;
+        // Only a resumed snapshot's stretch needs a position per change.
+        let at = self.window.as_ref().map(|_| self.here());
+        if let (Some(w), Some(at)) = (&self.window, &at)
+            && w.passed(at)
+        {
+            tracing::info!(position = %at, "stream passed the resumed snapshot's stretch");
+            self.window = None;
+        }
+        let mut batch = Vec::with_capacity(decoded.len());
+        for (b, a) in decoded {
+            let (pos, row) = self.place.place_row();
+            let ev = ChangeEvent {
+                schema: table.schema.clone(),
+                op,
+                before: b,
+                after: a,
+                source: SourceInfo {
+                    ts_ms: self.tx_ts_ms,
+                    snapshot: "false",
+                    server_id: header.server_id(),
+                    gtid: ev_gtid.clone(),
+                    file: ev_file.clone(),
+                    pos,
+                    row,
+                    epoch: self.epoch,
+                    read_ts_ms,
+                },
+            };
+            let ev = match (&self.window, &at) {
+                (Some(w), Some(at)) => w.filter(ev, at),
+                _ => Some(ev),
+            };
+            batch.extend(ev);
+        }
+        if batch.is_empty() {
+            return Ok(());
+        }
+        // One message per rows event: the channel costs per message, not per row.
+        emit.emit(SourceMsg::Changes(batch)).await?;
+        self.emitted = true;
+        self.rows_events += 1;
+        crate::failpoint::pause_if_armed("stream.rows_events", self.rows_events).await;
+        Ok(())
+    }
+
+    /// A transaction ended on an event whose header says it ends at `log_pos`: its boundary is
+    /// emitted now, or deferred when the header has no position (see the module note).
+    async fn end_transaction<E: Emit + Send>(
+        &mut self,
+        log_pos: u32,
+        emit: &mut E,
+    ) -> Result<(), SourceError> {
+        let gtid = self.gtid.take();
+        self.gtid_placed = false;
+        self.emitted = false;
+        if log_pos == 0 {
+            self.deferred = Some((gtid, self.tx_ts_ms));
+            // The next transaction starts after this one, even before its boundary is known.
+            self.place = TxPlace::open(0, self.boundary);
+            return Ok(());
+        }
+        self.boundary = u64::from(log_pos);
+        self.place = TxPlace::open(0, self.boundary);
+        let position = BinlogPosition {
+            file: self.file.clone(),
+            pos: self.boundary,
+        };
+        emit.emit(commit(position, gtid, self.tx_ts_ms)).await
+    }
+}
+
+/// A MySQL GTID as the server prints it: `uuid:gno`, or `uuid:tag:gno` for a tagged GTID
+/// (8.4+).
+pub fn mysql_gtid(sid: &[u8; 16], tag: Option<String>, gno: u64) -> String {
+    let hex: String = sid.iter().map(|b| format!("{b:02x}")).collect();
+    let uuid = format!(
+        "{}-{}-{}-{}-{}",
+        &hex[0..8],
+        &hex[8..12],
+        &hex[12..16],
+        &hex[16..20],
+        &hex[20..32]
+    );
+    match tag.filter(|t| !t.is_empty()) {
+        Some(t) => format!("{uuid}:{t}:{gno}"),
+        None => format!("{uuid}:{gno}"),
+    }
+}
+
+/// Reads one whole event from `input` (`None` at a clean end). The event is framed first —
+/// header, declared size, then exactly that many bytes — so a short or corrupt input is an
+/// error, never a panic inside the parser.
+pub fn read_framed(
+    fde: &FormatDescriptionEvent<'static>,
+    input: &mut impl Read,
+) -> std::io::Result<Option<Event>> {
+    use std::io::{Error, ErrorKind};
+    let mut buf = vec![0u8; HEADER_LEN];
+    let mut got = 0;
+    while got < HEADER_LEN {
+        match input.read(&mut buf[got..])? {
+            0 if got == 0 => return Ok(None),
+            0 => {
+                return Err(Error::new(
+                    ErrorKind::UnexpectedEof,
+                    "truncated event header",
+                ));
+            }
+            n => got += n,
+        }
+    }
+    let size = buf
+        .get(9..13)
+        .and_then(|b| b.try_into().ok())
+        .map(u32::from_le_bytes)
+        .unwrap_or(0) as usize;
+    let is_fde = buf.get(4) == Some(&FORMAT_DESCRIPTION_EVENT);
+    let checksummed = fde.footer().get_checksum_enabled()
+        && !matches!(
+            fde.footer().get_checksum_alg(),
+            Ok(None | Some(BinlogChecksumAlg::BINLOG_CHECKSUM_ALG_OFF))
+        );
+    // A checksummed event has room for its 4 checksum bytes, a format description for its
+    // server version and checksum trailer.
+    let min = HEADER_LEN
+        + if is_fde {
+            57
+        } else if checksummed {
+            4
+        } else {
+            0
+        };
+    if size < min || size > MAX_EVENT_BYTES {
+        return Err(Error::new(
+            ErrorKind::InvalidData,
+            format!("an event header declares {size} bytes"),
+        ));
+    }
+    buf.resize(size, 0);
+    input.read_exact(&mut buf[HEADER_LEN..])?;
+    Event::read(fde, &buf[..]).map(Some)
+}
+
+/// Where a transaction's changes are placed in the binlog order (see the module note).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TxPlace {
+    /// The transaction's start: the end of its GTID/BEGIN event, or the last boundary.
+    pub pos: u64,
+    /// Rows of the transaction placed so far (the next row's index).
+    pub next_row: u32,
+}
+
+impl TxPlace {
+    /// The place of a transaction opened by an event whose header says `log_pos` (0: none),
+    /// after the boundary `boundary`.
+    pub fn open(log_pos: u32, boundary: u64) -> TxPlace {
+        TxPlace {
+            pos: if log_pos == 0 {
+                boundary
+            } else {
+                u64::from(log_pos)
+            },
+            next_row: 0,
+        }
+    }
+
+    /// The `(pos, row)` of the next row.
+    pub fn place_row(&mut self) -> (u64, u32) {
+        let row = self.next_row;
+        self.next_row = self.next_row.saturating_add(1);
+        (self.pos, row)
+    }
+}
+
+/// The exact start of an event whose header says it ends at `log_pos` (0: unknown).
+pub fn event_start(log_pos: u32, event_size: u32) -> Option<u64> {
+    (log_pos != 0).then(|| u64::from(log_pos).saturating_sub(u64::from(event_size)))
+}
+
+/// Decodes a MariaDB GTID event body: `seq u64 LE | domain u32 LE | flags2 u8`.
+/// Returns `(domain-server-seq, standalone)`.
+pub fn parse_mariadb_gtid(body: &[u8], server_id: u32) -> Option<(String, bool)> {
+    let seq = u64::from_le_bytes(body.get(0..8)?.try_into().ok()?);
+    let domain = u32::from_le_bytes(body.get(8..12)?.try_into().ok()?);
+    let flags2 = *body.get(12)?;
+    Some((format!("{domain}-{server_id}-{seq}"), flags2 & 1 != 0))
+}
+
+/// The columns of `table` absent from a row image (`None`: the image is full).
+fn missing_columns(table: &BinlogTable, present: &[bool]) -> Option<Vec<String>> {
+    let missing: Vec<String> = table
+        .schema
+        .columns
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| !present.get(*i).copied().unwrap_or(false))
+        .map(|(_, c)| c.name.clone())
+        .collect();
+    (!missing.is_empty()).then_some(missing)
+}
+
+/// What a DDL statement did to a captured table.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Lifecycle {
+    /// `TRUNCATE`.
+    Truncate,
+    /// `DROP TABLE` / `DROP DATABASE`.
+    Drop,
+    /// `RENAME TABLE` / `ALTER TABLE … RENAME`.
+    Rename,
+}
+
+impl Lifecycle {
+    /// Metric label.
+    pub fn label(self) -> &'static str {
+        match self {
+            Lifecycle::Truncate => "truncate",
+            Lifecycle::Drop => "drop",
+            Lifecycle::Rename => "rename",
+        }
+    }
+    fn past(self) -> &'static str {
+        match self {
+            Lifecycle::Truncate => "truncated",
+            Lifecycle::Drop => "dropped",
+            Lifecycle::Rename => "renamed",
+        }
+    }
+    /// What it means for the topic and the copies (README, "Table lifecycle").
+    fn effect(self) -> &'static str {
+        match self {
+            Lifecycle::Truncate => {
+                "a truncate event (op t) is published; each mapping applies its on_truncate policy (default keep)"
+            }
+            Lifecycle::Drop => {
+                "its topic stays and gets no more events; the copies keep the last rows; a table re-created with the same name is captured again (a new schema version if its shape differs)"
+            }
+            Lifecycle::Rename => {
+                "changes under the new name are captured only if it is listed in source.tables; the old topic gets no more events"
+            }
+        }
+    }
+}
+
+/// Whether a DDL statement truncates, drops or renames a captured table (or drops its database).
+pub fn table_lifecycle(
+    query_upper: &str,
+    default_db: &str,
+    capture: &Capture,
+) -> Option<(Lifecycle, String)> {
+    let what = if query_upper.starts_with("TRUNCATE") {
+        Lifecycle::Truncate
+    } else if query_upper.starts_with("DROP TABLE") {
+        Lifecycle::Drop
+    } else if query_upper.starts_with("RENAME TABLE")
+        || (query_upper.starts_with("ALTER TABLE") && query_upper.contains(" RENAME "))
+    {
+        Lifecycle::Rename
+    } else if query_upper.starts_with("DROP DATABASE") || query_upper.starts_with("DROP SCHEMA") {
+        let text = query_upper.replace('`', "").to_ascii_lowercase();
+        let dropped = text
+            .split_whitespace()
+            .last()
+            .unwrap_or_default()
+            .to_string();
+        return match capture {
+            Capture::Only(tables) => tables
+                .iter()
+                .find(|t| t.to_ascii_lowercase().split('.').next() == Some(dropped.as_str()))
+                .map(|t| (Lifecycle::Drop, t.clone())),
+            Capture::All => Some((Lifecycle::Drop, format!("{dropped}.*"))),
+        };
+    } else {
+        return None;
+    };
+    names_captured_table(query_upper, default_db, capture).map(|t| (what, t))
+}
+
+/// The captured table a statement-format DML query names, if any (`tables`: `db.table`;
+/// `default_db`: the query's current database, for unqualified names). Such a query carries no
+/// rows: the change it made would be lost without a word.
+pub fn statement_dml_on(query_upper: &str, default_db: &str, capture: &Capture) -> Option<String> {
+    let dml = ["INSERT", "UPDATE", "DELETE", "REPLACE", "LOAD DATA"]
+        .iter()
+        .any(|k| query_upper.starts_with(k));
+    if !dml {
+        return None;
+    }
+    names_captured_table(query_upper, default_db, capture)
+}
+
+/// The first captured table (`db.table`) a statement names: qualified, or unqualified in its
+/// default database. With [`Capture::All`], the first name after the statement's keywords.
+fn names_captured_table(query_upper: &str, default_db: &str, capture: &Capture) -> Option<String> {
+    // Names as words: `a`.`b`, a.b and b alike (dots kept inside a word).
+    let text = query_upper.replace('`', "").to_ascii_lowercase();
+    let words: Vec<&str> = text
+        .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_' || c == '$' || c == '.'))
+        .filter(|w| !w.is_empty())
+        .collect();
+    let default_db = default_db.to_ascii_lowercase();
+    match capture {
+        Capture::Only(tables) => tables
+            .iter()
+            .find(|t| {
+                let qualified = t.to_ascii_lowercase();
+                let (db, name) = qualified.split_once('.').unwrap_or(("", &qualified));
+                words
+                    .iter()
+                    .any(|w| *w == qualified || (*w == name && db == default_db))
+            })
+            .cloned(),
+        Capture::All => {
+            const KEYWORDS: &[&str] = &[
+                "insert",
+                "into",
+                "ignore",
+                "low_priority",
+                "delayed",
+                "high_priority",
+                "update",
+                "delete",
+                "from",
+                "quick",
+                "replace",
+                "load",
+                "data",
+                "local",
+                "concurrent",
+                "truncate",
+                "table",
+                "drop",
+                "temporary",
+                "if",
+                "exists",
+                "rename",
+                "alter",
+                "online",
+                "offline",
+            ];
+            let name = words.iter().find(|w| !KEYWORDS.contains(w))?;
+            Some(if name.contains('.') {
+                (*name).to_string()
+            } else {
+                format!("{default_db}.{name}")
+            })
+        }
+    }
+}
+
+fn bits(b: &bitvec::slice::BitSlice<u8>) -> Vec<bool> {
+    b.iter().by_vals().collect()
+}
+
+/// A transaction-boundary message.
+fn commit(position: BinlogPosition, gtid: Option<String>, ts_ms: i64) -> SourceMsg {
+    SourceMsg::Commit {
+        position,
+        gtid,
+        ts_ms,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn statement_dml_naming_a_captured_table_is_recognised_and_ddl_or_other_tables_are_not() {
+        let tables = Capture::Only(["shop.users".to_string()].into_iter().collect());
+        let on = |q: &str, db: &str| statement_dml_on(q, db, &tables);
+        assert_eq!(
+            on("UPDATE `SHOP`.`USERS` SET EMAIL = 'A' WHERE ID = 1", ""),
+            Some("shop.users".into())
+        );
+        assert_eq!(
+            on("INSERT INTO USERS VALUES (1)", "shop"),
+            Some("shop.users".into())
+        );
+        assert_eq!(
+            on("INSERT INTO USERS VALUES (1)", "other"),
+            None,
+            "another database's `users`"
+        );
+        assert_eq!(on("UPDATE OTHER.USERS SET N = 1", "shop"), None);
+        assert_eq!(on("UPDATE ORDERS SET N = 1", "shop"), None);
+        assert_eq!(on("ALTER TABLE USERS ADD C INT", "shop"), None);
+        assert_eq!(on("BEGIN", "shop"), None);
+    }
+
+    #[test]
+    fn truncate_drop_and_rename_of_a_captured_table_are_recognised() {
+        let tables = Capture::Only(["shop.users".to_string()].into_iter().collect());
+        let of = |q: &str| table_lifecycle(q, "shop", &tables).map(|(w, _)| w);
+        assert_eq!(of("TRUNCATE TABLE USERS"), Some(Lifecycle::Truncate));
+        assert_eq!(of("TRUNCATE `SHOP`.`USERS`"), Some(Lifecycle::Truncate));
+        assert_eq!(
+            of("DROP TABLE IF EXISTS ORDERS, USERS"),
+            Some(Lifecycle::Drop)
+        );
+        assert_eq!(
+            of("RENAME TABLE USERS TO OLD_USERS"),
+            Some(Lifecycle::Rename)
+        );
+        assert_eq!(
+            of("ALTER TABLE USERS RENAME TO PEOPLE"),
+            Some(Lifecycle::Rename)
+        );
+        assert_eq!(of("DROP DATABASE `SHOP`"), Some(Lifecycle::Drop));
+        assert_eq!(of("DROP DATABASE OTHER"), None);
+        assert_eq!(of("TRUNCATE TABLE ORDERS"), None);
+        assert_eq!(of("ALTER TABLE USERS ADD COLUMN C INT"), None);
+    }
+
+    #[test]
+    fn mariadb_gtid_body_is_decoded_with_the_standalone_flag() {
+        let mut body = 10u64.to_le_bytes().to_vec();
+        body.extend_from_slice(&0u32.to_le_bytes());
+        body.push(0x0d);
+        assert_eq!(parse_mariadb_gtid(&body, 1), Some(("0-1-10".into(), true)));
+        assert_eq!(parse_mariadb_gtid(&body[..5], 1), None);
+    }
+}
