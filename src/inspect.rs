@@ -29,6 +29,7 @@ use crate::events::{ChangeEvent, ColumnKind, TableSchema, Value};
 use crate::offsets::BinlogPosition;
 use crate::source::SourceError;
 use crate::source::SourceMsg;
+use crate::source::charset::Collations;
 use crate::source::decoder::{Capture, Catalog, Decoder, Emit, read_framed};
 
 /// The binlog file magic.
@@ -91,12 +92,17 @@ pub struct Options {
     pub positional: bool,
 }
 
-/// Nothing is known offline: no defaults, and a truncated table unseen so far has no columns.
+/// Nothing is known offline: no defaults, the collation ids both servers share, and a truncated
+/// table unseen so far has no columns.
 struct Offline;
 
 impl Catalog for Offline {
     async fn add_defaults(&mut self, _schema: &mut TableSchema) -> Result<(), SourceError> {
         Ok(())
+    }
+
+    async fn collations(&mut self) -> Result<Collations, SourceError> {
+        Ok(Collations::builtin())
     }
 
     async fn shape(&mut self, db: &str, table: &str) -> Result<TableSchema, SourceError> {

@@ -307,6 +307,112 @@ async fn every_type_has_identical_values_and_schema_from_snapshot_and_binlog() -
     Ok(())
 }
 
+/// Inserts the same row as id 1 before the source starts (snapshot) and as id 2 after (binlog);
+/// returns both after images without `id`.
+async fn snapshot_and_binlog_images(
+    db: &str,
+    columns: &str,
+    values: &str,
+    session: &str,
+) -> Result<(bson::Document, bson::Document)> {
+    sql(format!(
+        "CREATE TABLE `{db}`.t (id INT PRIMARY KEY, {columns})"
+    ))
+    .await?;
+    sql(format!(
+        "{session} INSERT INTO `{db}`.t VALUES (1, {values})"
+    ))
+    .await?;
+    let tc = TestConfig::new(db, &["t"]);
+    let run = start(tc.config(true)?, Components::Source);
+    wait_events(&tc.topic("t"), 1, T).await?;
+    sql(format!(
+        "{session} INSERT INTO `{db}`.t VALUES (2, {values})"
+    ))
+    .await?;
+    let evs = wait_events(&tc.topic("t"), 2, T).await?;
+    run.stop().await?;
+    assert_eq!((evs[0].op, evs[1].op), (Op::Read, Op::Create));
+    let mut a = evs[0].after.clone().context("after")?;
+    let mut b = evs[1].after.clone().context("after")?;
+    a.remove("id");
+    b.remove("id");
+    Ok((a, b))
+}
+
+#[tokio::test]
+async fn every_server_charset_is_decoded_from_the_binlog_as_the_snapshot_reads_it() -> Result<()> {
+    let _shared = STACK_LOCK.read().await;
+    let db = unique("charsets");
+    sql(format!("CREATE DATABASE `{db}` CHARACTER SET utf8mb4")).await?;
+    // (column, charset, text in its repertoire)
+    let cases = [
+        ("u8", "utf8mb4", "Emoji 😀 and 漢字"),
+        ("l1", "latin1", "café €"),
+        ("l2", "latin2", "Příliš žluťoučký kůň"),
+        ("c1251", "cp1251", "Привет, мир"),
+        ("gbk", "gbk", "你好，世界"),
+        ("sjis", "sjis", "こんにちは世界"),
+        ("big5", "big5", "你好世界"),
+        ("u16", "utf16", "Ünïcödé 😀"),
+        ("ucs2", "ucs2", "Ünïcödé Ж"),
+        ("u32", "utf32", "𝄞 clef"),
+        ("k8", "koi8r", "Съешь же ещё"),
+    ];
+    let columns: Vec<String> = cases
+        .iter()
+        .map(|(c, cs, _)| format!("{c} VARCHAR(40) CHARACTER SET {cs}"))
+        .collect();
+    let values: Vec<String> = cases.iter().map(|(_, _, v)| format!("'{v}'")).collect();
+    let (snap, stream) =
+        snapshot_and_binlog_images(&db, &columns.join(", "), &values.join(", "), "").await?;
+    for (c, cs, want) in cases {
+        assert_eq!(snap.get_str(c).ok(), Some(want), "snapshot, {cs}");
+        assert_eq!(stream.get_str(c).ok(), Some(want), "binlog, {cs}");
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn edge_values_are_identical_from_snapshot_and_binlog() -> Result<()> {
+    let _shared = STACK_LOCK.read().await;
+    let db = unique("edges");
+    sql(format!("CREATE DATABASE `{db}` CHARACTER SET utf8mb4")).await?;
+    let columns = "b16 BINARY(16), zd DATE NOT NULL, zdt DATETIME NOT NULL, zdn DATE NULL, \
+        d65 DECIMAL(65,30), tmax TIME, tmin TIME, dtmax DATETIME(6), c5 CHAR(5)";
+    let values = "X'0102030000000000000000000000000000', '0000-00-00', '0000-00-00 00:00:00', \
+        '0000-00-00', '-12345678901234567890123456789012345.123456789012345678901234567890', \
+        '838:59:59', '-838:59:59', '9999-12-31 23:59:59.999999', 'ab'";
+    let session = "SET SESSION sql_mode = '', time_zone = '+00:00';";
+    let (snap, stream) = snapshot_and_binlog_images(&db, columns, values, session).await?;
+    assert_eq!(snap, stream, "snapshot and binlog values differ");
+    match stream.get("b16") {
+        Some(Bson::Binary(b)) => assert_eq!(
+            b.bytes,
+            [1, 2, 3, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+            "BINARY(16) keeps its trailing zero bytes"
+        ),
+        other => bail!("b16 is {other:?}"),
+    }
+    assert_eq!(stream.get("tmax"), Some(&Bson::Int64(3_020_399_000_000)));
+    assert_eq!(stream.get("tmin"), Some(&Bson::Int64(-3_020_399_000_000)));
+    assert_eq!(
+        stream.get("zdn"),
+        Some(&Bson::Null),
+        "a NULL-able zero date is NULL"
+    );
+    // 65 digits do not fit a Decimal128 (34): the sink writes the exact text.
+    match stream.get("d65") {
+        Some(Bson::String(s)) => assert_eq!(
+            s,
+            "-12345678901234567890123456789012345.123456789012345678901234567890"
+        ),
+        other => bail!("d65 is {other:?}"),
+    }
+    assert_eq!(stream.get_str("c5").ok(), Some("ab"));
+    Ok(())
+}
+
 #[tokio::test]
 async fn a_20_mb_row_and_a_100000_row_transaction_go_through() -> Result<()> {
     let _shared = STACK_LOCK.read().await;

@@ -22,6 +22,15 @@ pub enum Charset {
     Latin1,
     /// `ascii` (decoded as latin1, a superset).
     Ascii,
+    /// `utf16` (big-endian) and `ucs2` (its BMP subset).
+    Utf16Be,
+    /// `utf16le`.
+    Utf16Le,
+    /// `utf32` (big-endian).
+    Utf32,
+    /// A legacy charset (`latin2`, `cp1251`, `gbk`, `sjis`, `big5`, …), by the WHATWG label of
+    /// its decoder (`source::charset`).
+    Legacy(&'static str),
 }
 
 /// The logical type of a column: what it becomes in Avro and in BSON.

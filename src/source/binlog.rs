@@ -19,8 +19,9 @@ use futures::StreamExt;
 use mysql_async::BinlogStreamRequest;
 use mysql_async::prelude::Queryable;
 
+use super::charset::Collations;
 use super::decoder::{Capture, Catalog, Decoder, Emit};
-use super::table_map::{from_information_schema, with_defaults};
+use super::table_map::{from_information_schema, server_collations, with_defaults};
 use super::window::Window;
 use super::{Outbox, SourceError, SourceMsg, connect};
 use crate::config::MysqlConfig;
@@ -39,6 +40,13 @@ impl Catalog for Server<'_> {
         with_defaults(&mut side, schema).await?;
         side.disconnect().await?;
         Ok(())
+    }
+
+    async fn collations(&mut self) -> Result<Collations, SourceError> {
+        let mut side = connect(self.0).await?;
+        let c = server_collations(&mut side).await?;
+        side.disconnect().await?;
+        Ok(c)
     }
 
     async fn shape(&mut self, db: &str, table: &str) -> Result<TableSchema, SourceError> {

@@ -64,9 +64,15 @@ pub fn decode_latin1(bytes: &[u8]) -> String {
 }
 
 fn text(bytes: Vec<u8>, cs: Charset, origin: Origin) -> String {
-    match (cs, origin) {
-        (Charset::Latin1 | Charset::Ascii, Origin::Binlog) => decode_latin1(&bytes),
-        _ => match String::from_utf8(bytes) {
+    // The snapshot's text is converted to UTF-8 by the server; the binlog's is in the column's
+    // own charset.
+    let cs = if origin == Origin::Binlog {
+        cs
+    } else {
+        Charset::Utf8
+    };
+    if cs == Charset::Utf8 {
+        return match String::from_utf8(bytes) {
             Ok(s) => s,
             // Never get stuck on one bad string (mysql_cdc's failure mode): keep the row,
             // replace the invalid sequences, and say so.
@@ -74,8 +80,13 @@ fn text(bytes: Vec<u8>, cs: Charset, origin: Origin) -> String {
                 tracing::warn!(error = %e, "invalid utf-8 in a text column, replaced");
                 String::from_utf8_lossy(e.as_bytes()).into_owned()
             }
-        },
+        };
     }
+    let (s, replaced) = super::charset::decode(&bytes, cs);
+    if replaced {
+        tracing::warn!(charset = ?cs, "invalid bytes for the column's charset in a text column, replaced");
+    }
+    s
 }
 
 fn mismatch(col: &Column, v: &My) -> SourceError {
@@ -321,6 +332,20 @@ fn partial_json_columns(
         .collect())
 }
 
+/// The declared length in bytes of a MYSQL_TYPE_STRING column (CHAR/BINARY) from its TABLE_MAP
+/// metadata: `real_type, length`, with lengths over 255 folding two bits into the first byte.
+fn fixed_length(meta: &[u8]) -> usize {
+    let (b0, b1) = (
+        meta.first().copied().unwrap_or(0),
+        meta.get(1).copied().unwrap_or(0),
+    );
+    if b0 & 0x30 != 0x30 {
+        ((usize::from(b0 & 0x30) ^ 0x30) << 4) | usize::from(b1)
+    } else {
+        usize::from(b1)
+    }
+}
+
 fn decode_image<'a>(
     table: &'a BinlogTable,
     buf: &mut ParseBuf<'a>,
@@ -380,6 +405,20 @@ fn decode_image<'a>(
                 let new = super::json::apply_diffs(old, &diffs).map_err(col_err)?;
                 My::Bytes(new.into_bytes())
             }
+        };
+        // BINARY(n): the binlog drops the trailing 0x00 pad bytes the column holds (and the
+        // snapshot reads); put them back.
+        let my = match my {
+            My::Bytes(mut b)
+                if bc.ty == ColumnType::MYSQL_TYPE_STRING && col.kind == ColumnKind::Bytes =>
+            {
+                let n = fixed_length(&bc.meta);
+                if b.len() < n {
+                    b.resize(n, 0);
+                }
+                My::Bytes(b)
+            }
+            other => other,
         };
         let int24_signed = bc.ty == ColumnType::MYSQL_TYPE_INT24 && !bc.unsigned;
         row.push(convert(col, my, Origin::Binlog, int24_signed)?);

@@ -42,6 +42,7 @@ use mysql_common::binlog::events::{
     Event, EventData, FormatDescriptionEvent, RowsEventData, TableMapEvent, TransactionPayloadEvent,
 };
 
+use super::charset::Collations;
 use super::decode::decode_rows;
 use super::table_map::{BinlogTable, from_table_map};
 use super::window::Window;
@@ -82,6 +83,8 @@ pub trait Catalog {
         &mut self,
         schema: &mut TableSchema,
     ) -> impl Future<Output = Result<(), SourceError>> + Send;
+    /// The server's collation ids (asked once, at the first captured TABLE_MAP).
+    fn collations(&mut self) -> impl Future<Output = Result<Collations, SourceError>> + Send;
     /// The current shape of `db.table` (a TRUNCATE of a table no TABLE_MAP has shown yet).
     fn shape(
         &mut self,
@@ -145,6 +148,8 @@ pub struct Decoder {
     rows_events: u64,
     /// The last shape of each captured table (a TRUNCATE names a table, not a table id).
     schemas_by_name: HashMap<String, Arc<TableSchema>>,
+    /// The server's collation ids, once asked.
+    collations: Option<Collations>,
     /// table_id → (raw TABLE_MAP body, decoded shape); None = not captured.
     tables_by_id: HashMap<u64, (Vec<u8>, Option<Arc<BinlogTable>>)>,
 }
@@ -175,6 +180,7 @@ impl Decoder {
             deferred: None,
             rows_events: 0,
             schemas_by_name: HashMap::new(),
+            collations: None,
             tables_by_id: HashMap::new(),
         }
     }
@@ -559,7 +565,11 @@ impl Decoder {
         }
         let qn = format!("{}.{}", tme.database_name(), tme.table_name());
         let shape = if self.capture.contains(&qn) {
-            let mut t = from_table_map(&tme, self.positional)?;
+            if self.collations.is_none() {
+                self.collations = Some(catalog.collations().await?);
+            }
+            let collations = self.collations.as_ref().ok_or(SourceError::ChannelClosed)?;
+            let mut t = from_table_map(&tme, self.positional, collations)?;
             drop(tme);
             // Defaults of NOT NULL columns, which TABLE_MAP does not carry. Rare: a new shape only.
             if t.schema.columns.iter().any(|c| !c.nullable) {

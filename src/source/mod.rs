@@ -33,6 +33,7 @@
 //! holds the session: start-up checks, the reader task and the producer loop.
 
 pub mod binlog;
+pub mod charset;
 pub mod decode;
 pub mod decoder;
 mod error;

@@ -16,7 +16,8 @@ use mysql_common::binlog::events::{OptionalMetaExtractor, OptionalMetadataField,
 use mysql_common::constants::ColumnType;
 
 use super::SourceError;
-use crate::events::{Charset, Column, ColumnKind, TableSchema};
+use super::charset::Collations;
+use crate::events::{Column, ColumnKind, TableSchema};
 
 /// Per-column decoding facts cached once per TABLE_MAP (the "fast path": rows are decoded with
 /// these instead of re-parsing the optional metadata for every row).
@@ -39,24 +40,6 @@ pub struct BinlogTable {
     pub columns: Vec<BinlogColumn>,
 }
 
-fn charset_of_collation(id: u16) -> Option<Charset> {
-    match id {
-        63 => None,
-        5 | 8 | 15 | 31 | 47 | 48 | 49 | 94 => Some(Charset::Latin1),
-        11 | 65 => Some(Charset::Ascii),
-        _ => Some(Charset::Utf8),
-    }
-}
-
-fn charset_of_name(name: Option<&str>) -> Option<Charset> {
-    match name {
-        None | Some("binary") => None,
-        Some("latin1") => Some(Charset::Latin1),
-        Some("ascii") => Some(Charset::Ascii),
-        Some(_) => Some(Charset::Utf8),
-    }
-}
-
 fn io_err(table: &str, e: impl std::fmt::Display) -> SourceError {
     SourceError::TableMap {
         table: table.to_string(),
@@ -69,9 +52,11 @@ fn io_err(table: &str, e: impl std::fmt::Display) -> SourceError {
 /// `positional`: a TABLE_MAP without column names (`binlog_row_metadata = MINIMAL`) gives
 /// columns named `@1`…`@N` with no key and ENUM/SET values as numbers, instead of the refusal
 /// the source needs (offline inspection only: a topic's schema needs the names).
+/// `collations`: the server's collation ids, for each text column's charset.
 pub fn from_table_map(
     tme: &TableMapEvent<'_>,
     positional: bool,
+    collations: &Collations,
 ) -> Result<BinlogTable, SourceError> {
     let db = tme.database_name().into_owned();
     let table = tme.table_name().into_owned();
@@ -150,7 +135,13 @@ pub fn from_table_map(
                 .transpose()
                 .map_err(|e| io_err(&qn, e))?
                 .unwrap_or(63);
-            charset_of_collation(id)
+            collations
+                .charset(id)
+                .map_err(|detail| SourceError::UnsupportedType {
+                    table: qn.clone(),
+                    column: name.clone(),
+                    detail,
+                })?
         } else {
             None
         };
@@ -342,6 +333,29 @@ pub async fn with_defaults(
     Ok(())
 }
 
+/// The server's collation ids and their charsets (what its TABLE_MAPs refer to). MariaDB 10.10+
+/// lists the ids of its full collation names (`uca1400` ones) only in
+/// `COLLATION_CHARACTER_SET_APPLICABILITY`; elsewhere `COLLATIONS` has them all. Every column is
+/// read as nullable (a typed tuple would panic inside the driver on a NULL).
+pub async fn server_collations(conn: &mut mysql_async::Conn) -> Result<Collations, SourceError> {
+    let full: Result<Vec<(Option<u64>, Option<String>)>, _> = conn
+        .query(
+            "SELECT ID, CHARACTER_SET_NAME FROM information_schema.COLLATION_CHARACTER_SET_APPLICABILITY",
+        )
+        .await;
+    let mut rows: Vec<(Option<u64>, Option<String>)> = conn
+        .query("SELECT ID, CHARACTER_SET_NAME FROM information_schema.COLLATIONS")
+        .await?;
+    if let Ok(more) = full {
+        rows.extend(more);
+    }
+    Ok(Collations::new(
+        rows.into_iter()
+            .filter_map(|(id, cs)| Some((u16::try_from(id?).ok()?, cs?)))
+            .collect(),
+    ))
+}
+
 /// Derives the shape of a table from `information_schema` (used by the snapshot).
 pub async fn from_information_schema(
     conn: &mut mysql_async::Conn,
@@ -422,7 +436,17 @@ pub async fn from_information_schema(
             "set" => ColumnKind::Set(parse_labels(&column_type)),
             "json" => ColumnKind::Json,
             "char" | "varchar" | "tinytext" | "text" | "mediumtext" | "longtext" => {
-                match charset_of_name(charset.as_deref()) {
+                let cs = match charset.as_deref() {
+                    None => None,
+                    Some(n) => super::charset::of_name(n).map_err(|detail| {
+                        SourceError::UnsupportedType {
+                            table: format!("{db}.{table}"),
+                            column: name.clone(),
+                            detail,
+                        }
+                    })?,
+                };
+                match cs {
                     Some(cs) => ColumnKind::String(cs),
                     None => ColumnKind::Bytes,
                 }
