@@ -76,6 +76,18 @@ fn lineage_check(
                 o.position, o.epoch, now.server_id
             ),
         ),
+        Some(why)
+            if let Some(set) =
+                crate::source::preflight::resumable_by_gtid(o.gtid_set.as_deref(), now) =>
+        {
+            pass(
+                NAME,
+                format!(
+                    "the stored position {} was written by another server ({why}), which this one has replicated: the source will resume after GTID {set} in a new epoch, with no snapshot",
+                    o.position
+                ),
+            )
+        }
         Some(why) if matches!(mode, SnapshotMode::WhenNeeded | SnapshotMode::Always) => pass(
             NAME,
             format!(
@@ -347,6 +359,7 @@ mod tests {
         let stored = |server_id| crate::offsets::SourceOffset {
             position: "mariadb-bin.000003:400".parse().expect("position"),
             gtid: None,
+            gtid_set: None,
             epoch: 5,
             server_id: Some(server_id),
             server_uuid: None,
@@ -364,5 +377,26 @@ mod tests {
         );
         assert!(lineage_check(Some(&stored(1)), &now, SnapshotMode::WhenNeeded).ok);
         assert!(lineage_check(None, &now, SnapshotMode::Initial).ok);
+        // A promoted replica that has every GTID of the stored state: resumed by GTID.
+        let replica = crate::source::preflight::ServerIdentity {
+            gtid_binlog_pos: Some("0-1-9".into()),
+            ..now.clone()
+        };
+        let with_set = crate::offsets::SourceOffset {
+            gtid_set: Some("0-1-5".into()),
+            ..stored(1)
+        };
+        let resumed = lineage_check(Some(&with_set), &replica, SnapshotMode::Initial);
+        assert!(
+            resumed.ok && resumed.detail.contains("resume after GTID 0-1-5"),
+            "{}",
+            resumed.detail
+        );
+        // One that lags behind it is not.
+        let lagging = crate::source::preflight::ServerIdentity {
+            gtid_binlog_pos: Some("0-1-4".into()),
+            ..now.clone()
+        };
+        assert!(!lineage_check(Some(&with_set), &lagging, SnapshotMode::Initial).ok);
     }
 }

@@ -139,6 +139,7 @@ impl<W: Write + Send> Emit for Printer<'_, W> {
                 position,
                 gtid,
                 ts_ms,
+                ..
             } => {
                 if self.opts.commits {
                     let line = json!({"commit": {"file": position.file, "pos": position.pos, "gtid": gtid, "ts_ms": ts_ms}});

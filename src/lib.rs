@@ -10,6 +10,7 @@ pub mod config;
 pub mod error;
 pub mod events;
 pub mod failpoint;
+pub mod gtid;
 pub mod inspect;
 pub mod kafka;
 pub mod metrics;

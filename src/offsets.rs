@@ -130,6 +130,10 @@ pub struct SourceOffset {
     pub position: BinlogPosition,
     /// GTID of the last transaction covered, if known (informational on MariaDB).
     pub gtid: Option<String>,
+    /// The GTID state the position covers (`crate::gtid`: a MariaDB position or a MySQL set),
+    /// when known: what finds this position again on another server after a failover.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gtid_set: Option<String>,
     /// Whether the initial snapshot finished. A stored offset with `false` means a snapshot was
     /// interrupted: it is redone.
     pub snapshot_completed: bool,
@@ -254,6 +258,7 @@ mod tests {
                 pos: 42,
             },
             gtid: Some("0-1-5".into()),
+            gtid_set: Some("0-1-5,3-2-9".into()),
             snapshot_completed: false,
             epoch: 2,
             server_id: Some(1),

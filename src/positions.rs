@@ -45,6 +45,10 @@ pub async fn show(cfg: &Config) -> Result<String, PositionsError> {
                     "  gtid            {}\n",
                     o.gtid.as_deref().unwrap_or("-")
                 ));
+                out.push_str(&format!(
+                    "  gtid state      {}\n",
+                    o.gtid_set.as_deref().unwrap_or("- (a failover stops the source)")
+                ));
                 out.push_str(&format!("  epoch           {}\n", o.epoch));
                 out.push_str(&format!(
                     "  written by      server_id {}{}\n",

@@ -7,6 +7,8 @@ use anyhow::Result;
 use bson::{Document, doc};
 use ecst::app::Components;
 use futures::TryStreamExt;
+use rdkafka::Message;
+use rdkafka::message::Headers;
 
 use crate::common::*;
 
@@ -186,6 +188,177 @@ async fn truncate_drop_and_rename_of_a_captured_table_are_counted_and_logged_not
     assert!(
         run.output()
             .contains("a truncate event (op t) is published")
+    );
+    Ok(())
+}
+
+/// The GTID replica of `dev/stack up mysql-replica`.
+fn replica_port() -> u16 {
+    std::env::var("ECST_MYSQL_REPLICA_PORT")
+        .ok()
+        .and_then(|p| p.parse().ok())
+        .unwrap_or(13308)
+}
+
+async fn replica_conn() -> Result<mysql_async::Conn> {
+    let e = endpoints();
+    let opts = mysql_async::OptsBuilder::default()
+        .ip_or_hostname(e.mysql_host)
+        .tcp_port(replica_port())
+        .user(Some(e.mysql_admin_user))
+        .pass(Some(e.mysql_admin_password))
+        .prefer_socket(false);
+    Ok(mysql_async::Conn::new(opts).await?)
+}
+
+async fn on_replica(stmt: &str) -> Result<()> {
+    let mut c = replica_conn().await?;
+    mysql_async::prelude::Queryable::query_drop(&mut c, stmt).await?;
+    c.disconnect().await?;
+    Ok(())
+}
+
+async fn primary_gtid_pos() -> Result<String> {
+    let mut c = admin().await?;
+    let pos: Option<String> =
+        mysql_async::prelude::Queryable::query_first(&mut c, "SELECT @@gtid_binlog_pos").await?;
+    c.disconnect().await?;
+    Ok(pos.unwrap_or_default())
+}
+
+/// (Re)attaches the replica to the primary from the primary's position of now, with an empty
+/// binlog of its own, so that earlier tests (a RESET MASTER, an earlier failover) leave nothing
+/// behind. Earlier data is not copied: the test's database is created afterwards.
+async fn attach_replica() -> Result<()> {
+    if on_replica("DO 1").await.is_err() {
+        stack(&["start", "mysql-replica"]).await?;
+    }
+    let e = endpoints();
+    let pos = primary_gtid_pos().await?;
+    on_replica(&format!(
+        "STOP SLAVE; RESET SLAVE ALL; RESET MASTER; SET GLOBAL gtid_slave_pos = '{pos}'; \
+         CHANGE MASTER TO MASTER_HOST = '{host}', MASTER_PORT = {port}, MASTER_USER = '{user}', \
+         MASTER_PASSWORD = '{pw}', MASTER_USE_GTID = slave_pos, MASTER_CONNECT_RETRY = 1; START SLAVE",
+        host = e.mysql_host,
+        port = e.mysql_port,
+        user = e.mysql_user,
+        pw = e.mysql_password,
+    ))
+    .await
+}
+
+/// Waits until the replica has applied everything the primary has written so far.
+async fn replica_caught_up() -> Result<()> {
+    let pos = primary_gtid_pos().await?;
+    let mut c = replica_conn().await?;
+    let waited: Option<i64> = mysql_async::prelude::Queryable::query_first(
+        &mut c,
+        format!("SELECT MASTER_GTID_WAIT('{pos}', 60)"),
+    )
+    .await?;
+    c.disconnect().await?;
+    anyhow::ensure!(
+        waited == Some(0),
+        "the replica did not reach {pos} within 60 s"
+    );
+    Ok(())
+}
+
+/// The test configuration pointed at the promoted replica instead of the primary.
+fn on_the_replica(tc: &TestConfig) -> Result<ecst::config::Config> {
+    let e = endpoints();
+    let toml = tc.toml(true).replace(
+        &format!("port = {}\n", e.mysql_port),
+        &format!("port = {}\n", replica_port()),
+    );
+    anyhow::ensure!(toml.contains(&format!("port = {}", replica_port())));
+    ecst::config::Config::from_toml_str(&toml, Vec::new()).map_err(|e| anyhow::anyhow!("{e}"))
+}
+
+#[tokio::test]
+async fn after_a_failover_to_a_promoted_replica_the_copies_keep_updating_from_its_gtids()
+-> Result<()> {
+    // Exclusive: it uses the one replica, and must not see another test's RESET MASTER.
+    let _exclusive = STACK_LOCK.write().await;
+    attach_replica().await?;
+    let (db, mut tc, mdb) = seed_scenario().await?;
+    // Not when_needed: a failover must not be mistaken for a reason to re-snapshot.
+    tc.extra_source = "snapshot_mode = \"initial\"".into();
+    let run = start(tc.config(true)?, Components::Both);
+    wait_events(&tc.topic("users"), 4, T).await?;
+    set_email(&db, 1, "on.the.primary@x").await?;
+    wait_email(&mdb, 1, "on.the.primary@x").await?;
+    run.stop().await?;
+    // Written while ecst is down, replicated before the primary is lost.
+    set_email(&db, 1, "replicated@x").await?;
+    replica_caught_up().await?;
+    on_replica("STOP SLAVE; RESET SLAVE ALL").await?;
+    // The promoted replica takes writes under its own server_id.
+    on_replica(&format!(
+        "UPDATE `{db}`.users SET email = 'on.the.new.primary@x' WHERE id = 2"
+    ))
+    .await?;
+    let run = start(on_the_replica(&tc)?, Components::Both);
+    wait_email(&mdb, 1, "replicated@x").await?;
+    wait_email(&mdb, 2, "on.the.new.primary@x").await?;
+    on_replica(&format!(
+        "UPDATE `{db}`.users SET email = 'neha.parate@hotmail.com' WHERE id = 1"
+    ))
+    .await?;
+    wait_email(&mdb, 1, "neha.parate@hotmail.com").await?;
+    run.stop().await?;
+    // Resumed, not re-snapshotted: the users topic holds the one snapshot (4 reads) and the
+    // four updates, each once.
+    let evs = wait_events(&tc.topic("users"), 8, T).await?;
+    let ops: Vec<ecst::events::Op> = evs.iter().map(|e| e.op).collect();
+    use ecst::events::Op::{Read, Update};
+    assert_eq!(
+        ops,
+        [Read, Read, Read, Read, Update, Update, Update, Update],
+        "{evs:?}"
+    );
+    // The replica's positions are in a new epoch, so they sort after the primary's.
+    let raw = read_topic(&tc.topic("users"), 8, T).await?;
+    let epochs: Vec<u64> = raw
+        .iter()
+        .map(|m| {
+            m.headers()
+                .expect("headers")
+                .iter()
+                .find(|h| h.key == ecst::events::HEADER_EPOCH)
+                .and_then(|h| std::str::from_utf8(h.value?).ok()?.parse().ok())
+                .expect("an epoch header")
+        })
+        .collect();
+    assert!(epochs[..5].iter().all(|e| *e == epochs[0]), "{epochs:?}");
+    assert!(epochs[5..].iter().all(|e| *e > epochs[0]), "{epochs:?}");
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_failover_to_a_replica_that_lacks_transactions_stops_the_source_naming_both_servers()
+-> Result<()> {
+    let _exclusive = STACK_LOCK.write().await;
+    attach_replica().await?;
+    let (db, mut tc, mdb) = seed_scenario().await?;
+    tc.extra_source = "snapshot_mode = \"initial\"".into();
+    replica_caught_up().await?;
+    // The replica stops applying: what the primary writes now, it never gets.
+    on_replica("STOP SLAVE").await?;
+    let run = start(tc.config(true)?, Components::Both);
+    set_email(&db, 1, "never.replicated@x").await?;
+    wait_email(&mdb, 1, "never.replicated@x").await?;
+    run.stop().await?;
+    on_replica("RESET SLAVE ALL").await?;
+    let refused = start(on_the_replica(&tc)?, Components::Source);
+    let err = tokio::time::timeout(T, refused.join_error())
+        .await?
+        .unwrap_or_default();
+    assert!(err.contains("another server"), "{err}");
+    // The copies keep what the lost primary wrote; nothing moved them back.
+    assert_eq!(
+        emails_of(&mdb, 1).await?,
+        vec!["never.replicated@x", "never.replicated@x"]
     );
     Ok(())
 }

@@ -58,6 +58,7 @@ async fn a_binlog_position_the_server_refuses_stops_the_source_with_the_servers_
                 pos: 5,
             },
             gtid: None,
+            gtid_set: None,
             epoch: 0,
             server_id: None,
             server_uuid: None,

@@ -26,6 +26,7 @@ use super::window::Window;
 use super::{Outbox, SourceError, SourceMsg, connect};
 use crate::config::MysqlConfig;
 use crate::events::TableSchema;
+use crate::gtid::GtidState;
 use crate::offsets::BinlogPosition;
 use crate::shutdown::ShutdownRx;
 
@@ -63,13 +64,26 @@ impl Emit for Outbox {
     }
 }
 
-/// Reads the binlog from `start` and sends messages to `tx` until an error or shutdown.
+/// Where the stream's GTIDs start.
+#[derive(Debug, Default)]
+pub struct Gtid {
+    /// What `start` covers, when known: every boundary then carries the state it covers.
+    pub state: Option<GtidState>,
+    /// A MariaDB GTID position to start after, instead of `start`'s file and offset (a
+    /// failover: the stored position was another server's).
+    pub connect: Option<String>,
+}
+
+/// Reads the binlog from `start` (or after `gtid.connect`) and sends messages to `tx` until an
+/// error or shutdown.
+#[allow(clippy::too_many_arguments)]
 pub async fn run_reader(
     cfg: MysqlConfig,
     tables: HashSet<String>,
     start: BinlogPosition,
     epoch: u64,
     window: Option<Window>,
+    gtid: Gtid,
     mut tx: Outbox,
     mut shutdown: ShutdownRx,
 ) -> Result<(), SourceError> {
@@ -80,16 +94,29 @@ pub async fn run_reader(
         .is_some_and(|c| c.eq_ignore_ascii_case("CRC32"));
     let heartbeat_ns = cfg.heartbeat_ms.saturating_mul(1_000_000);
     conn.query_drop("SET @mariadb_slave_capability = 4").await?;
+    if let Some(state) = &gtid.connect {
+        // MariaDB finds the place after these GTIDs itself (strict: a server that lacks one
+        // refuses with 1236 instead of starting elsewhere).
+        conn.exec_drop("SET @slave_connect_state = ?", (state,))
+            .await?;
+        conn.query_drop("SET @slave_gtid_strict_mode = 1").await?;
+        conn.query_drop("SET @slave_gtid_ignore_duplicates = 0")
+            .await?;
+    }
     conn.query_drop(format!("SET @master_heartbeat_period = {heartbeat_ns}"))
         .await?;
     let request = BinlogStreamRequest::new(cfg.server_id)
         .with_filename(start.file.as_bytes())
         .with_pos(start.pos);
     let mut stream = conn.get_binlog_stream(request).await?;
-    tracing::info!(position = %start, "binlog stream started");
+    match &gtid.connect {
+        Some(state) => tracing::info!(gtid = %state, "binlog stream started after a GTID position"),
+        None => tracing::info!(position = %start, "binlog stream started"),
+    }
 
     let watchdog = Duration::from_millis(cfg.heartbeat_ms.saturating_mul(2).max(1_000));
-    let mut decoder = Decoder::new(Capture::Only(tables), &start, epoch, window);
+    let mut decoder =
+        Decoder::new(Capture::Only(tables), &start, epoch, window).with_gtid_state(gtid.state);
     let mut server = Server(&cfg);
     loop {
         let next = tokio::select! {

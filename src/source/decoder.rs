@@ -48,6 +48,7 @@ use super::table_map::{BinlogTable, from_table_map};
 use super::window::Window;
 use super::{SourceError, SourceMsg};
 use crate::events::{ChangeEvent, Op, SourceInfo, TableSchema};
+use crate::gtid::GtidState;
 use crate::metrics as m;
 use crate::offsets::BinlogPosition;
 
@@ -150,6 +151,8 @@ pub struct Decoder {
     schemas_by_name: HashMap<String, Arc<TableSchema>>,
     /// The server's collation ids, once asked.
     collations: Option<Collations>,
+    /// What the last boundary covers, when known (`crate::gtid`).
+    gtid_state: Option<GtidState>,
     /// table_id → (raw TABLE_MAP body, decoded shape); None = not captured.
     tables_by_id: HashMap<u64, (Vec<u8>, Option<Arc<BinlogTable>>)>,
 }
@@ -181,6 +184,7 @@ impl Decoder {
             rows_events: 0,
             schemas_by_name: HashMap::new(),
             collations: None,
+            gtid_state: None,
             tables_by_id: HashMap::new(),
         }
     }
@@ -189,6 +193,13 @@ impl Decoder {
     /// refusing them (offline inspection of `binlog_row_metadata = MINIMAL` binlogs).
     pub fn with_positional_names(mut self) -> Self {
         self.positional = true;
+        self
+    }
+
+    /// Tracks the GTID state from `state` (what the start position covers) on: every boundary
+    /// then carries the state it covers.
+    pub fn with_gtid_state(mut self, state: Option<GtidState>) -> Self {
+        self.gtid_state = state;
         self
     }
 
@@ -270,7 +281,8 @@ impl Decoder {
             && let Some((g, ts)) = self.deferred.take()
         {
             self.boundary = u64::from(log_pos);
-            emit.emit(commit(at, g, ts)).await?;
+            let m = self.commit(at, g, ts);
+            emit.emit(m).await?;
         }
         Ok(())
     }
@@ -304,7 +316,8 @@ impl Decoder {
                     file: self.file.clone(),
                     pos: end,
                 };
-                emit.emit(commit(position, g, ts)).await?;
+                let m = self.commit(position, g, ts);
+                emit.emit(m).await?;
             }
         }
         match etype {
@@ -326,7 +339,8 @@ impl Decoder {
                             pos: self.boundary,
                         };
                         let (g, ts) = self.deferred.take().unwrap_or((None, 0));
-                        emit.emit(commit(position, g, ts)).await?;
+                        let m = self.commit(position, g, ts);
+                        emit.emit(m).await?;
                     }
                 }
             }
@@ -711,7 +725,25 @@ impl Decoder {
             file: self.file.clone(),
             pos: self.boundary,
         };
-        emit.emit(commit(position, gtid, self.tx_ts_ms)).await
+        let m = self.commit(position, gtid, self.tx_ts_ms);
+        emit.emit(m).await
+    }
+
+    /// A transaction-boundary message; its GTID joins the state the boundary covers.
+    fn commit(&mut self, position: BinlogPosition, gtid: Option<String>, ts_ms: i64) -> SourceMsg {
+        if let (Some(state), Some(g)) = (self.gtid_state.as_mut(), gtid.as_deref())
+            && let Err(e) = state.add(g)
+        {
+            // The state can no longer be trusted: none is stored rather than a wrong one.
+            tracing::warn!(error = %e, "GTID state dropped: positions are stored without one");
+            self.gtid_state = None;
+        }
+        SourceMsg::Commit {
+            position,
+            gtid,
+            gtid_set: self.gtid_state.as_ref().map(|s| s.to_string()),
+            ts_ms,
+        }
     }
 }
 
@@ -996,15 +1028,6 @@ fn names_captured_table(query_upper: &str, default_db: &str, capture: &Capture) 
 
 fn bits(b: &bitvec::slice::BitSlice<u8>) -> Vec<bool> {
     b.iter().by_vals().collect()
-}
-
-/// A transaction-boundary message.
-fn commit(position: BinlogPosition, gtid: Option<String>, ts_ms: i64) -> SourceMsg {
-    SourceMsg::Commit {
-        position,
-        gtid,
-        ts_ms,
-    }
 }
 
 #[cfg(test)]

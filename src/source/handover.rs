@@ -87,6 +87,8 @@ pub enum SourceMsg {
         position: BinlogPosition,
         /// Its GTID, if known.
         gtid: Option<String>,
+        /// The GTID state this position covers (`gtid`), if known.
+        gtid_set: Option<String>,
         /// Its commit time (ms), 0 if unknown.
         ts_ms: i64,
     },
@@ -96,5 +98,7 @@ pub enum SourceMsg {
     SnapshotDone {
         /// Every segment of the snapshot (more than one if it was resumed).
         segments: Vec<SnapshotSegment>,
+        /// The GTID state at the first segment's position, if known.
+        gtid_set: Option<String>,
     },
 }

@@ -50,6 +50,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
+use mysql_async::prelude::Queryable;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::{Message, Offset, TopicPartitionList};
@@ -59,7 +60,7 @@ use crate::error::{Classify, ErrorClass};
 use crate::events::registry::Registry;
 use crate::kafka::{KafkaClientError, MAX_MESSAGE_BYTES, TopicSpec, client_config, ensure_topics};
 use crate::metrics::{self as m, Readiness};
-use crate::offsets::{self, SnapshotSegment, SourceOffset};
+use crate::offsets::{self, BinlogPosition, SnapshotSegment, SourceOffset};
 use crate::retry::{RetryLoop, Verdict};
 use crate::shutdown::ShutdownRx;
 pub use error::SourceError;
@@ -67,6 +68,39 @@ use handover::Inbox;
 pub use handover::{Outbox, SourceMsg};
 use publisher::{Publisher, transactional_producer};
 use window::Window;
+
+/// The GTID state at `start`: MySQL's set when the snapshot read one; on MariaDB, the server's
+/// own answer for that position (`BINLOG_GTID_POS`). `None` when neither is known: positions are
+/// then stored without one, and a failover stops the source instead of resuming.
+async fn initial_gtid_state(
+    cfg: &MysqlConfig,
+    start: &BinlogPosition,
+    mysql_set: Option<&str>,
+) -> Option<crate::gtid::GtidState> {
+    if let Some(s) = mysql_set {
+        return crate::gtid::GtidState::parse_mysql(s).ok();
+    }
+    let asked = async {
+        let mut conn = connect(cfg).await?;
+        let r: Option<Option<String>> = conn
+            .exec_first("SELECT BINLOG_GTID_POS(?, ?)", (&start.file, start.pos))
+            .await?;
+        conn.disconnect().await?;
+        Ok::<_, SourceError>(r.flatten())
+    }
+    .await;
+    match asked {
+        Ok(Some(s)) => crate::gtid::GtidState::parse_mariadb(&s)
+            .map_err(|e| tracing::warn!(error = %e, "the server's GTID position is unreadable"))
+            .ok(),
+        Ok(None) => None,
+        // MySQL has no BINLOG_GTID_POS (1305): its state comes from snapshots only.
+        Err(e) => {
+            tracing::debug!(error = %e, "no GTID state for the start position");
+            None
+        }
+    }
+}
 
 /// Opens a MySQL connection per config, within the connect timeout.
 pub async fn connect(cfg: &MysqlConfig) -> Result<mysql_async::Conn, SourceError> {
@@ -333,6 +367,20 @@ async fn session(
             },
         )
     });
+    // A failover to a server that has every transaction the stored position covers (a
+    // promoted replica): the position is found again by its GTID state (MariaDB; MySQL's GTID
+    // dump is not built yet), in a new epoch, with no snapshot.
+    let gtid_failover: Option<String> = match (&foreign, committed.as_ref()) {
+        (Some(_), Some(o)) => preflight::resumable_by_gtid(o.gtid_set.as_deref(), &identity),
+        _ => None,
+    };
+    let foreign = match (&gtid_failover, foreign) {
+        (Some(set), Some(why)) => {
+            tracing::warn!(%why, gtid = %set, "the stored position was written by another server that this one has replicated: resuming after its GTIDs, in a new epoch");
+            None
+        }
+        (_, f) => f,
+    };
     if let Some(why) = &foreign {
         tracing::warn!(%why, "the stored position was written by another server (a failover, a restore, or mysql.host pointed elsewhere)");
         if src.snapshot_mode != SnapshotMode::WhenNeeded
@@ -345,7 +393,7 @@ async fn session(
             });
         }
     }
-    let purged = purged || foreign.is_some();
+    let purged = gtid_failover.is_none() && (purged || foreign.is_some());
     if purged && !resume.is_empty() {
         tracing::warn!(
             "the interrupted snapshot's start position was purged from the server, snapshotting from the start"
@@ -378,6 +426,8 @@ async fn session(
     let epoch = match stored_epoch {
         None => offsets::next_epoch(None, now_s),
         Some(e) if need_snapshot && resume.is_empty() => offsets::next_epoch(Some(e), now_s),
+        // Another server's positions: a new epoch, so they sort after every earlier version.
+        Some(e) if gtid_failover.is_some() => offsets::next_epoch(Some(e), now_s),
         Some(e) => e,
     };
     if stored_epoch.is_some_and(|e| e != epoch) {
@@ -392,13 +442,27 @@ async fn session(
         server_id: Some(identity.server_id),
         server_uuid: identity.server_uuid.clone(),
     };
+    // The GTID state at `start`, when it is known here (else the reader asks the server).
+    let mut start_gtid: Option<String> = None;
     let start = match (&stored, need_snapshot) {
-        (Some(o), false) => Some(o.position.clone()),
+        // By GTID: the server finds the place; the file and offset come with its first events.
+        _ if gtid_failover.is_some() => {
+            start_gtid = gtid_failover.clone();
+            Some(BinlogPosition {
+                file: String::new(),
+                pos: 4,
+            })
+        }
+        (Some(o), false) => {
+            start_gtid = o.gtid_set.clone();
+            Some(o.position.clone())
+        }
         (None, false) => {
             // snapshot_mode = never and nothing stored: start at the current end.
             let mut conn = connect(mysql).await?;
-            let end = preflight::binlog_end(&mut conn).await?;
+            let (end, executed) = preflight::binlog_status(&mut conn).await?;
             tracing::info!(position = %end, "no stored position and snapshot_mode = never: streaming from the binlog's current end");
+            start_gtid = executed;
             Some(end)
         }
         (_, true) => None,
@@ -414,11 +478,19 @@ async fn session(
     let stored_window = stored
         .as_ref()
         .and_then(|o| Window::new(&o.snapshot_segments, &o.tables));
+    let gtid_connect = gtid_failover.clone();
     let reader = tokio::spawn(async move {
-        let (start, window) = match start {
-            Some(p) => (p, stored_window),
+        let (start, window, state) = match start {
+            Some(p) => {
+                let state = match start_gtid.as_deref().map(crate::gtid::GtidState::parse) {
+                    Some(Ok(s)) => Some(s),
+                    _ if gtid_connect.is_some() => None,
+                    _ => initial_gtid_state(&reader_cfg, &p, None).await,
+                };
+                (p, stored_window, state)
+            }
             None => {
-                let segments = snapshot::run_snapshot(
+                let (segments, mysql_set) = snapshot::run_snapshot(
                     &reader_cfg,
                     &tables,
                     chunk,
@@ -433,8 +505,11 @@ async fn session(
                     .map(|s| s.at.clone())
                     .ok_or(SourceError::NoBinlogPosition)?;
                 let window = Window::new(&segments, &tables);
-                tx.send(SourceMsg::SnapshotDone { segments }).await?;
-                (start, window)
+                let state = initial_gtid_state(&reader_cfg, &start, mysql_set.as_deref()).await;
+                let gtid_set = state.as_ref().map(ToString::to_string);
+                tx.send(SourceMsg::SnapshotDone { segments, gtid_set })
+                    .await?;
+                (start, window, state)
             }
         };
         binlog::run_reader(
@@ -443,6 +518,10 @@ async fn session(
             start,
             epoch,
             window,
+            binlog::Gtid {
+                state,
+                connect: gtid_connect,
+            },
             tx,
             reader_shutdown,
         )
@@ -587,6 +666,7 @@ async fn pump(
             Some(SourceMsg::Commit {
                 position,
                 gtid,
+                gtid_set,
                 ts_ms,
             }) => {
                 at_boundary = true;
@@ -600,6 +680,7 @@ async fn pump(
                     pending = Some(SourceOffset {
                         position,
                         gtid,
+                        gtid_set,
                         epoch: lineage.epoch,
                         server_id: lineage.server_id,
                         server_uuid: lineage.server_uuid.clone(),
@@ -618,6 +699,7 @@ async fn pump(
                     pending = Some(SourceOffset {
                         position: first.at.clone(),
                         gtid: None,
+                        gtid_set: None,
                         epoch: lineage.epoch,
                         server_id: lineage.server_id,
                         server_uuid: lineage.server_uuid.clone(),
@@ -627,7 +709,7 @@ async fn pump(
                     });
                 }
             }
-            Some(SourceMsg::SnapshotDone { segments }) => {
+            Some(SourceMsg::SnapshotDone { segments, gtid_set }) => {
                 at_boundary = true;
                 snapshot_done = true;
                 window = Window::new(&segments, &tables);
@@ -637,6 +719,7 @@ async fn pump(
                 pending = Some(SourceOffset {
                     position: first.at.clone(),
                     gtid: None,
+                    gtid_set,
                     epoch: lineage.epoch,
                     server_id: lineage.server_id,
                     server_uuid: lineage.server_uuid.clone(),

@@ -131,6 +131,14 @@ pub fn foreign_position(
 /// MariaDB returns four): `SHOW BINARY LOG STATUS` (MySQL 8.2+; 8.4 removed the older statement),
 /// else `SHOW MASTER STATUS` (MySQL before 8.2, MariaDB).
 pub async fn binlog_end(conn: &mut mysql_async::Conn) -> Result<BinlogPosition, SourceError> {
+    Ok(binlog_status(conn).await?.0)
+}
+
+/// The binlog's current end and, on MySQL, the GTID set it covers (`Executed_Gtid_Set`, read
+/// in the same statement, so the two agree).
+pub async fn binlog_status(
+    conn: &mut mysql_async::Conn,
+) -> Result<(BinlogPosition, Option<String>), SourceError> {
     let row: Option<mysql_async::Row> = match conn.query_first("SHOW BINARY LOG STATUS").await {
         Ok(r) => r,
         // 1064: a syntax error, the server predates the statement.
@@ -140,7 +148,15 @@ pub async fn binlog_end(conn: &mut mysql_async::Conn) -> Result<BinlogPosition, 
         Err(e) => return Err(e.into()),
     };
     let row = row.ok_or(SourceError::NoBinlogPosition)?;
-    position_of_status_row(&row).ok_or(SourceError::NoBinlogPosition)
+    let position = position_of_status_row(&row).ok_or(SourceError::NoBinlogPosition)?;
+    let executed = row
+        .columns_ref()
+        .iter()
+        .position(|c| c.name_str().eq_ignore_ascii_case("Executed_Gtid_Set"))
+        .and_then(|i| row.get_opt::<String, _>(i))
+        .and_then(Result::ok)
+        .map(|s| s.replace(['\n', ' '], ""));
+    Ok((position, executed))
 }
 
 /// `File` and `Position` of a binlog status row, whatever other columns it has.
@@ -153,6 +169,18 @@ fn position_of_status_row(row: &mysql_async::Row) -> Option<BinlogPosition> {
     let file: String = row.get_opt(idx("File")?)?.ok()?;
     let pos: u64 = row.get_opt(idx("Position")?)?.ok()?;
     (!file.is_empty()).then_some(BinlogPosition { file, pos })
+}
+
+/// The stored GTID state, if this server can resume after it although it did not write the
+/// stored position (a promoted replica): MariaDB, a non-empty state, and every domain of it at
+/// or behind the server's `@@gtid_binlog_pos`. The dump itself then checks strictly that each
+/// GTID is in the server's binlog (1236 otherwise).
+pub fn resumable_by_gtid(stored: Option<&str>, now: &ServerIdentity) -> Option<String> {
+    use crate::gtid::GtidState;
+    let set = stored.filter(|s| !s.is_empty())?;
+    let ours = GtidState::parse(set).ok()?;
+    let theirs = GtidState::parse_mariadb(now.gtid_binlog_pos.as_deref()?).ok()?;
+    (matches!(ours, GtidState::MariaDb(_)) && ours.contained_in(&theirs)).then(|| set.to_string())
 }
 
 /// What preflight found: one line per check, and who the server is.

@@ -34,7 +34,8 @@ use crate::metrics as m;
 use crate::offsets::{BinlogPosition, SnapshotSegment};
 
 /// Snapshots `tables`, resuming after the last of `resume` (empty: from the start), and
-/// returns every segment; the stream starts at the first segment's position.
+/// returns every segment (the stream starts at the first segment's position) and, on MySQL, the
+/// GTID set at that position when it is this run's (a fresh snapshot).
 pub async fn run_snapshot(
     cfg: &MysqlConfig,
     tables: &[String],
@@ -43,7 +44,8 @@ pub async fn run_snapshot(
     epoch: u64,
     tx: &Outbox,
     resume: Vec<SnapshotSegment>,
-) -> Result<Vec<SnapshotSegment>, SourceError> {
+) -> Result<(Vec<SnapshotSegment>, Option<String>), SourceError> {
+    let fresh = resume.is_empty();
     let mut conn = connect(cfg).await?;
     conn.query_drop("SET SESSION time_zone = '+00:00'").await?;
     conn.query_drop("SET SESSION TRANSACTION ISOLATION LEVEL REPEATABLE READ")
@@ -53,6 +55,8 @@ pub async fn run_snapshot(
         .await?
         .unwrap_or_default();
     let mariadb = version.contains("MariaDB");
+    // MySQL: the GTID set at the snapshot's position (read under the same lock).
+    let mut executed: Option<String> = None;
     let position = if mariadb {
         conn.query_drop("START TRANSACTION WITH CONSISTENT SNAPSHOT, READ ONLY")
             .await?;
@@ -91,11 +95,13 @@ pub async fn run_snapshot(
         let opened = async {
             conn.query_drop("START TRANSACTION WITH CONSISTENT SNAPSHOT, READ ONLY")
                 .await?;
-            super::preflight::binlog_end(&mut conn).await
+            super::preflight::binlog_status(&mut conn).await
         }
         .await;
         conn.query_drop("UNLOCK TABLES").await?;
-        opened?
+        let (position, set) = opened?;
+        executed = set;
+        position
     };
     if position.file.is_empty() {
         return Err(SourceError::NoBinlogPosition);
@@ -218,7 +224,7 @@ pub async fn run_snapshot(
     conn.query_drop("COMMIT").await?;
     metrics::gauge!(m::SNAPSHOT_RUNNING).set(0.0);
     tracing::info!(%position, "snapshot finished");
-    Ok(segments)
+    Ok((segments, executed.filter(|_| fresh)))
 }
 
 fn quote_ident(s: &str) -> String {
