@@ -195,17 +195,7 @@ fn value_json(kind: &ColumnKind, v: &Value) -> Json {
         Value::TimeMicros(us) => {
             let sign = if *us < 0 { "-" } else { "" };
             let a = us.unsigned_abs();
-            let (secs, frac) = (a / 1_000_000, a % 1_000_000);
-            let mut t = format!(
-                "{sign}{:02}:{:02}:{:02}",
-                secs / 3600,
-                secs / 60 % 60,
-                secs % 60
-            );
-            if frac != 0 {
-                t.push_str(&format!(".{frac:06}"));
-            }
-            Json::String(t)
+            Json::String(format!("{sign}{}", clock(a / 1_000_000, a % 1_000_000)))
         }
         Value::Bytes(b) => {
             let hex: String = b.iter().map(|x| format!("{x:02x}")).collect();
@@ -230,16 +220,19 @@ fn civil(us: i64) -> String {
     let d = doy - (153 * mp + 2) / 5 + 1;
     let m = if mp < 10 { mp + 3 } else { mp - 9 };
     let y = yoe + era * 400 + i64::from(m <= 2);
-    let mut s = format!(
-        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}",
-        sod / 3600,
-        sod / 60 % 60,
-        sod % 60
-    );
-    if frac != 0 {
-        s.push_str(&format!(".{frac:06}"));
+    format!(
+        "{y:04}-{m:02}-{d:02}T{}",
+        clock(sod.unsigned_abs(), frac.unsigned_abs())
+    )
+}
+
+/// `HH:MM:SS[.ffffff]` (hours may exceed 24, as in a TIME).
+fn clock(secs: u64, micros: u64) -> String {
+    let mut t = format!("{:02}:{:02}:{:02}", secs / 3600, secs / 60 % 60, secs % 60);
+    if micros != 0 {
+        t.push_str(&format!(".{micros:06}"));
     }
-    s
+    t
 }
 
 fn row_json(schema: &TableSchema, row: &[Value]) -> Json {

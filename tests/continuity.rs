@@ -134,6 +134,14 @@ async fn a_position_written_by_another_server_stops_initial_and_resnapshots_when
         mysql_async::prelude::Queryable::query_first(&mut admin_conn, "SELECT @@server_id").await?;
     admin_conn.disconnect().await?;
     let original = original.unwrap_or(1);
+    // Another server's lineage: its GTIDs are in a domain this server never had, so no GTID
+    // state finds the position here either.
+    let cfg = tc.config(true)?;
+    let mut stored = ecst::source::load_offset(&cfg, &cfg.offsets_topic())
+        .await?
+        .ok_or_else(|| anyhow::anyhow!("no stored position"))?;
+    stored.gtid_set = Some("99-7-5".into());
+    store_offset(&tc, &stored).await?;
     set_server_id(original + 100).await?;
     let outcome = async {
         // snapshot_mode = initial: a clear stop, naming both servers.
@@ -360,5 +368,55 @@ async fn a_failover_to_a_replica_that_lacks_transactions_stops_the_source_naming
         emails_of(&mdb, 1).await?,
         vec!["never.replicated@x", "never.replicated@x"]
     );
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_table_added_to_source_tables_is_snapshotted_while_the_others_resume_and_both_replay_exactly()
+-> Result<()> {
+    let _shared = STACK_LOCK.read().await;
+    let db = seed_database().await?;
+    let mut tc = TestConfig::new(&db, &["users"]);
+    let run = start(tc.config(true)?, Components::Source);
+    wait_events(&tc.topic("users"), 4, T).await?;
+    run.stop().await?;
+    // While ecst is down: a change to the table about to be added, and one to the captured one.
+    sql(format!(
+        "UPDATE `{db}`.product SET price = 299 WHERE id = 1"
+    ))
+    .await?;
+    set_email(&db, 1, "while.down@x").await?;
+    tc.tables.push(format!("{db}.product"));
+    let run = start(tc.config(true)?, Components::Source);
+    // The added table: its rows as they are now, read once.
+    wait_events(&tc.topic("product"), 3, T).await?;
+    sql(format!(
+        "UPDATE `{db}`.product SET price = 650 WHERE id = 1"
+    ))
+    .await?;
+    set_email(&db, 1, "after.add@x").await?;
+    let product = wait_events(&tc.topic("product"), 4, T).await?;
+    let users = wait_events(&tc.topic("users"), 6, T).await?;
+    run.stop().await?;
+    use ecst::events::Op::{Read, Update};
+    let ops =
+        |evs: &[ecst::sink::decode::DecodedEvent]| evs.iter().map(|e| e.op).collect::<Vec<_>>();
+    // The other table resumed at its stored position: no second snapshot, no lost change.
+    assert_eq!(
+        ops(&users),
+        [Read, Read, Read, Read, Update, Update],
+        "{users:?}"
+    );
+    // The added one: its snapshot, then only what changed after it (the change made while
+    // ecst was down is in the snapshot, not streamed again after it).
+    assert_eq!(ops(&product), [Read, Read, Read, Update], "{product:?}");
+    let price = |e: &ecst::sink::decode::DecodedEvent| {
+        e.after.as_ref().and_then(|a| a.get_i32("price").ok())
+    };
+    assert_eq!(price(&product[0]), Some(299));
+    assert_eq!(price(&product[3]), Some(650));
+    // Both topics hold exactly the tables' rows (no event beyond those counted).
+    let more = events_of(&tc.topic("product"), 5, Duration::from_secs(3)).await?;
+    assert_eq!(more.len(), 4);
     Ok(())
 }

@@ -4,7 +4,6 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use mysql_async::prelude::Queryable;
-use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
 
 use crate::common::*;
 
@@ -17,26 +16,6 @@ async fn current_binlog_file() -> Result<String> {
     c.disconnect().await?;
     row.and_then(|r| r.get::<String, _>(0))
         .context("the server reports a binlog file")
-}
-
-/// Appends `offset` as `tc`'s stored source position (as an operator restoring a bad backup of
-/// the offsets topic would).
-async fn store_offset(tc: &TestConfig, offset: &ecst::offsets::SourceOffset) -> Result<()> {
-    let cfg = tc.config(true)?;
-    let topic = cfg.offsets_topic();
-    let bytes = offset.to_bytes();
-    let name = tc.name.clone();
-    let bootstrap = endpoints().kafka;
-    tokio::task::spawn_blocking(move || -> Result<()> {
-        let p: ThreadedProducer<DefaultProducerContext> = rdkafka::ClientConfig::new()
-            .set("bootstrap.servers", &bootstrap)
-            .create()?;
-        p.send(BaseRecord::to(&topic).key(name.as_bytes()).payload(&bytes))
-            .map_err(|(e, _)| e)?;
-        p.flush(Duration::from_secs(10))?;
-        Ok(())
-    })
-    .await?
 }
 
 #[tokio::test]

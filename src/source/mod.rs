@@ -102,6 +102,15 @@ async fn initial_gtid_state(
     }
 }
 
+/// Whether two table lists name the same tables (in any order).
+fn same_tables(a: &[String], b: &[String]) -> bool {
+    let mut a = a.to_vec();
+    let mut b = b.to_vec();
+    a.sort();
+    b.sort();
+    a == b
+}
+
 /// Opens a MySQL connection per config, within the connect timeout.
 pub async fn connect(cfg: &MysqlConfig) -> Result<mysql_async::Conn, SourceError> {
     let mut opts = mysql_async::OptsBuilder::default()
@@ -322,17 +331,61 @@ async fn session(
     };
 
     let stored = committed.clone().filter(|o| o.snapshot_completed);
+    // The session's table order: a snapshot's progress (`tables_done`) indexes it, so an
+    // interrupted snapshot resumes in the order it stored.
+    let mut tables: Vec<String> = src.tables.clone();
     // An interrupted snapshot of the same tables resumes after its last committed chunk
     // (`snapshot_mode = always` starts over on each process start, as documented).
     let mut resume: Vec<SnapshotSegment> = committed
         .as_ref()
         .filter(|o| {
             !o.snapshot_completed
-                && o.tables == src.tables
+                && same_tables(&o.tables, &src.tables)
                 && !(first && src.snapshot_mode == SnapshotMode::Always)
         })
-        .map(|o| o.snapshot_segments.clone())
+        .map(|o| {
+            tables = o.tables.clone();
+            o.snapshot_segments.clone()
+        })
         .unwrap_or_default();
+    // Tables added to `source.tables` since the stored snapshot: they are snapshotted now, as
+    // the rest of a snapshot that read the other tables at the stored position. The stream then
+    // resumes at that position for the others, and for the added ones admits only changes after
+    // their read (`window`): nothing is lost, nothing doubled, and the topics replay exactly.
+    let added: Vec<String> = stored
+        .as_ref()
+        .map(|o| {
+            src.tables
+                .iter()
+                .filter(|t| !o.tables.contains(t))
+                .cloned()
+                .collect()
+        })
+        .unwrap_or_default();
+    let mut snapshot_added = false;
+    if let Some(o) = stored.as_ref().filter(|_| !added.is_empty()) {
+        if src.snapshot_mode == SnapshotMode::Never {
+            tracing::warn!(tables = ?added, "tables added to source.tables are not snapshotted (snapshot_mode = never): only their changes from now on are captured");
+        } else if !o.snapshot_segments.is_empty() {
+            tracing::warn!(tables = ?added, "tables added to source.tables will be snapshotted at the next start: the stream is still replaying a resumed snapshot's stretch");
+            tables = o.tables.clone();
+        } else if !(first && src.snapshot_mode == SnapshotMode::Always) {
+            let kept: Vec<String> = o
+                .tables
+                .iter()
+                .filter(|t| src.tables.contains(t))
+                .cloned()
+                .collect();
+            tracing::info!(tables = ?added, streaming_from = %o.position, "tables added to source.tables since the last snapshot: snapshotting them, the others stream on from the stored position");
+            resume = vec![SnapshotSegment {
+                at: o.position.clone(),
+                tables_done: kept.len(),
+                last_key: None,
+            }];
+            tables = kept.into_iter().chain(added.iter().cloned()).collect();
+            snapshot_added = true;
+        }
+    }
     let needed_position = stored
         .as_ref()
         .map(|o| &o.position)
@@ -350,6 +403,7 @@ async fn session(
         return Err(SourceError::Preflight(failed));
     }
     let mut need_snapshot = match (src.snapshot_mode, &stored) {
+        _ if snapshot_added => true,
         (SnapshotMode::Always, _) if first => true,
         (SnapshotMode::Never, _) => false,
         (_, None) => true,
@@ -470,7 +524,7 @@ async fn session(
 
     let (tx, mut rx) = Outbox::new(src.channel_capacity);
     let reader_cfg = mysql.clone();
-    let tables: Vec<String> = src.tables.clone();
+    let session_tables = tables.clone();
     let chunk = src.snapshot_chunk_size;
     let lock_wait_s = src.snapshot_lock_wait_s;
     let reader_shutdown = shutdown.clone();
@@ -530,6 +584,7 @@ async fn session(
     let abort_reader = reader.abort_handle();
     let result = pump(
         src,
+        session_tables,
         publisher,
         committed,
         !need_snapshot,
@@ -606,6 +661,7 @@ const RECOVERED_AFTER: Duration = Duration::from_secs(10);
 #[allow(clippy::too_many_arguments)]
 async fn pump(
     src: &SourceConfig,
+    tables: Vec<String>,
     publisher: &mut Publisher,
     committed: &mut Option<SourceOffset>,
     no_snapshot: bool,
@@ -628,7 +684,6 @@ async fn pump(
     let mut pending: Option<SourceOffset> = None;
     let mut last_ts_ms: i64 = 0;
     let mut committed_here = false;
-    let tables = src.tables.clone();
     // While the stream replays a resumed snapshot's stretch, offsets keep its segments.
     let mut window = committed
         .as_ref()

@@ -701,3 +701,24 @@ pub async fn group_caught_up(group: &str, topics: &[String]) -> Result<bool> {
     })
     .await?
 }
+
+/// Writes `offset` as the stored source position of `tc`'s connector (as a crash, an operator or
+/// an older version could have left it).
+pub async fn store_offset(tc: &TestConfig, offset: &ecst::offsets::SourceOffset) -> Result<()> {
+    let cfg = tc.config(true)?;
+    let topic = cfg.offsets_topic();
+    let bytes = offset.to_bytes();
+    let name = tc.name.clone();
+    let bootstrap = endpoints().kafka;
+    tokio::task::spawn_blocking(move || -> Result<()> {
+        use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
+        let p: ThreadedProducer<DefaultProducerContext> = rdkafka::ClientConfig::new()
+            .set("bootstrap.servers", &bootstrap)
+            .create()?;
+        p.send(BaseRecord::to(&topic).key(name.as_bytes()).payload(&bytes))
+            .map_err(|(e, _)| e)?;
+        p.flush(Duration::from_secs(10))?;
+        Ok(())
+    })
+    .await?
+}
