@@ -177,6 +177,10 @@ pub struct SourceConfig {
     /// Rows per snapshot chunk. Default 10000.
     #[serde(default = "default_snapshot_chunk_size")]
     pub snapshot_chunk_size: u32,
+    /// Bytes a snapshot chunk may hold (decoded values). Default 32 MiB: a table of wide rows
+    /// is read in smaller chunks, so memory is bounded in bytes, not only in rows.
+    #[serde(default = "default_snapshot_chunk_max_bytes")]
+    pub snapshot_chunk_max_bytes: usize,
     /// Write a tombstone (null value) after each delete. Default true.
     #[serde(default = "default_true")]
     pub tombstones_on_delete: bool,
@@ -408,6 +412,9 @@ fn default_connect_timeout_ms() -> u64 {
 fn default_snapshot_chunk_size() -> u32 {
     DEFAULT_SNAPSHOT_CHUNK_SIZE
 }
+fn default_snapshot_chunk_max_bytes() -> usize {
+    32 * 1024 * 1024
+}
 fn default_true() -> bool {
     true
 }
@@ -613,6 +620,7 @@ impl Config {
 
     /// Change topic of a `db.table`.
     pub fn topic_for(&self, db: &str, table: &str) -> String {
+        // (Validated by `validate`: see `bad_topic_name`.)
         format!("{}.{db}.{table}", self.name)
     }
 
@@ -678,10 +686,25 @@ impl Config {
                         &format!("source.tables[{i}]"),
                         &format!("`{t}` must be `db.table`"),
                     );
+                } else if let Some(why) = bad_topic_name(&self.topic_for(parts[0], parts[1])) {
+                    // Kafka would refuse the topic at every start: say so once, now.
+                    issue(
+                        &format!("source.tables[{i}]"),
+                        &format!(
+                            "`{t}` gives the topic `{}`, which Kafka refuses: {why}",
+                            self.topic_for(parts[0], parts[1])
+                        ),
+                    );
                 }
             }
             if s.snapshot_chunk_size == 0 {
                 issue("source.snapshot_chunk_size", "must be at least 1");
+            }
+            if s.snapshot_chunk_max_bytes < 1024 * 1024 {
+                issue(
+                    "source.snapshot_chunk_max_bytes",
+                    "must be at least 1048576 (1 MiB)",
+                );
             }
             if s.topic_partitions < 1 {
                 issue("source.topic_partitions", "must be at least 1");
@@ -802,6 +825,29 @@ impl Config {
     }
 }
 
+/// Why Kafka would refuse `topic` as a topic name (`None`: it is valid): at most 249 characters
+/// of ASCII letters, digits, `.`, `_` and `-`.
+pub fn bad_topic_name(topic: &str) -> Option<String> {
+    if topic.len() > 249 {
+        return Some(format!(
+            "{} characters, at most 249; choose a shorter `name`",
+            topic.len()
+        ));
+    }
+    let mut bad: Vec<char> = topic
+        .chars()
+        .filter(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')))
+        .collect();
+    bad.dedup();
+    (!bad.is_empty()).then(|| {
+        let listed: Vec<String> = bad.iter().map(|c| format!("'{c}'")).collect();
+        format!(
+            "{} not allowed (only ASCII letters, digits, '.', '_' and '-'); rename the table",
+            listed.join(", ")
+        )
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -830,6 +876,20 @@ mod tests {
     fn the_docker_compose_connector_toml_parses_and_validates() {
         let text = include_str!("../dev/connector.docker.toml");
         Config::from_toml_str(text, Vec::new()).expect("dev/connector.docker.toml must be valid");
+    }
+
+    #[test]
+    fn a_table_whose_topic_name_kafka_refuses_is_a_config_error_naming_it() {
+        let text = MINIMAL.replace("[\"test.users\"]", "[\"test.users\", \"test.order$items\"]");
+        let err = Config::from_toml_str(&text, Vec::new())
+            .expect_err("a `$` is not allowed in a topic name")
+            .to_string();
+        assert!(
+            err.contains("source.tables[1]") && err.contains("order$items") && err.contains("'$'"),
+            "{err}"
+        );
+        assert_eq!(bad_topic_name("ecst.test.users"), None);
+        assert!(bad_topic_name(&"x".repeat(250)).is_some());
     }
 
     #[test]

@@ -773,3 +773,36 @@ async fn a_table_without_a_primary_key_gets_a_null_kafka_key_and_no_tombstones()
     run.stop().await?;
     Ok(())
 }
+
+#[tokio::test]
+async fn a_keyless_tables_snapshot_is_handed_over_in_bounded_batches_not_read_whole() -> Result<()>
+{
+    let _shared = STACK_LOCK.read().await;
+    let db = unique("keylessbig");
+    sql(format!("CREATE DATABASE `{db}`")).await?;
+    sql(format!("CREATE TABLE `{db}`.log (msg VARCHAR(20), n INT)")).await?;
+    let rows: Vec<String> = (1..=25).map(|i| format!("('m{i}', {i})")).collect();
+    sql(format!("INSERT INTO `{db}`.log VALUES {}", rows.join(", "))).await?;
+    let mut tc = TestConfig::new(&db, &["log"]);
+    tc.extra_source = "snapshot_chunk_size = 10".into();
+    let cfg = write_config(&tc, true, None)?;
+    // The snapshot pauses for good after its first batch is handed over; the pause point
+    // records how many rows had been handed over by then.
+    let (env, reached) = failpoint("snapshot.rows", 1);
+    let mut child = spawn_captured(&cfg, "source", &env, "warn")?.child;
+    wait_for_failpoint(&reached, T).await?;
+    child.kill().await?;
+    let note = std::fs::read_to_string(&reached)?;
+    let handed: u64 = note
+        .split_whitespace()
+        .nth(1)
+        .and_then(|n| n.parse().ok())
+        .context("the pause point's progress")?;
+    // (A keyless table is one Kafka transaction: nothing is committed mid-table, so the count
+    // is the hand-over's, not the topic's.)
+    assert!(
+        (1..=10).contains(&handed),
+        "the first batch of the scan is handed over before the rest is read: {handed} of 25 rows"
+    );
+    Ok(())
+}

@@ -42,6 +42,21 @@ pub enum AvroError {
         /// The text.
         text: String,
     },
+    /// Two columns whose names become the same Avro field name (Avro names allow only ASCII
+    /// letters, digits and `_`).
+    #[error(
+        "table `{table}`: columns `{first}` and `{second}` both become the Avro field `{field}`; rename one of them (Avro names allow only ASCII letters, digits and `_`)"
+    )]
+    NameCollision {
+        /// Table.
+        table: String,
+        /// The first column.
+        first: String,
+        /// The second column.
+        second: String,
+        /// The shared field name.
+        field: String,
+    },
     /// The generated schema does not parse (a bug in this module).
     #[error("generated Avro schema is invalid: {0}")]
     Schema(#[from] apache_avro::Error),
@@ -181,6 +196,17 @@ pub struct TableAvro {
 impl TableAvro {
     /// Derives and parses both schemas of a table shape.
     pub fn derive(prefix: &str, schema: &TableSchema) -> Result<Self, AvroError> {
+        let mut seen: std::collections::HashMap<String, &str> = std::collections::HashMap::new();
+        for c in &schema.columns {
+            if let Some(first) = seen.insert(sanitize_name(&c.name), &c.name) {
+                return Err(AvroError::NameCollision {
+                    table: schema.qualified_name(),
+                    first: first.to_string(),
+                    second: c.name.clone(),
+                    field: sanitize_name(&c.name),
+                });
+            }
+        }
         let key_json = key_schema(prefix, schema).to_string();
         let value_json = value_schema(prefix, schema).to_string();
         Ok(TableAvro {
@@ -371,6 +397,28 @@ pub fn encode_envelope(
 #[allow(deprecated)] // from_avro_datum: the non-deprecated builder reads the same bytes
 mod tests {
     use super::*;
+
+    #[test]
+    fn two_columns_that_sanitise_to_one_avro_name_are_refused_naming_both() {
+        let c = |name: &str| Column {
+            name: name.into(),
+            kind: ColumnKind::Int,
+            nullable: true,
+            default: None,
+        };
+        let t = TableSchema {
+            db: "shop".into(),
+            table: "t".into(),
+            columns: vec![c("id"), c("名前"), c("住所")],
+            key: vec![0],
+        };
+        match TableAvro::derive("p", &t) {
+            Err(AvroError::NameCollision { first, second, .. }) => {
+                assert_eq!((first.as_str(), second.as_str()), ("名前", "住所"));
+            }
+            other => panic!("expected a collision, got {other:?}"),
+        }
+    }
     use crate::events::{Charset, Op};
     use apache_avro::types::Value as AV;
     use std::sync::Arc;

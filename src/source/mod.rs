@@ -525,7 +525,10 @@ async fn session(
     let (tx, mut rx) = Outbox::new(src.channel_capacity);
     let reader_cfg = mysql.clone();
     let session_tables = tables.clone();
-    let chunk = src.snapshot_chunk_size;
+    let chunk = snapshot::ChunkBounds {
+        rows: src.snapshot_chunk_size,
+        bytes: src.snapshot_chunk_max_bytes,
+    };
     let lock_wait_s = src.snapshot_lock_wait_s;
     let reader_shutdown = shutdown.clone();
     // Streaming inside the stretch a resumed snapshot spanned keeps filtering after a restart.

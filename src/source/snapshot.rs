@@ -39,7 +39,7 @@ use crate::offsets::{BinlogPosition, SnapshotSegment};
 pub async fn run_snapshot(
     cfg: &MysqlConfig,
     tables: &[String],
-    chunk_size: u32,
+    chunk: ChunkBounds,
     lock_wait_s: u64,
     epoch: u64,
     tx: &Outbox,
@@ -152,47 +152,43 @@ pub async fn run_snapshot(
             None
         };
         let mut pending: Option<ChangeEvent> = None;
+        let mut out = Handover {
+            tx,
+            schema,
+            ti,
+            template: SourceInfo {
+                ts_ms,
+                snapshot: "true",
+                server_id: 0,
+                gtid: None,
+                file: file.clone(),
+                pos: position.pos,
+                row: 0,
+                epoch,
+                read_ts_ms: ts_ms,
+            },
+            pending: &mut pending,
+            segments: &mut segments,
+            sent_rows: &mut sent_rows,
+        };
+        // Chunks start small and grow while rows are narrow: no chunk holds more than
+        // `chunk.bytes` of values (a table of 1 MB rows is read a few dozen rows at a time).
+        let mut limit = chunk.rows.min(FIRST_CHUNK_ROWS);
         loop {
-            let rows = read_chunk(&mut conn, schema, last_key.as_deref(), chunk_size).await?;
-            let n = rows.len();
-            let mut batch = Vec::with_capacity(n);
-            for row in rows {
-                if let Some(ev) = pending.take() {
-                    batch.push(ev);
+            let (n, bytes) = if schema.key.is_empty() {
+                // No key to page by: one scan, streamed and handed over in bounded batches.
+                let n = stream_keyless(&mut conn, &mut out, chunk).await?;
+                (n, 0)
+            } else {
+                let rows = read_chunk(&mut conn, schema, last_key.as_deref(), limit).await?;
+                let n = rows.len();
+                let bytes: usize = rows.iter().map(|r| row_bytes(r)).sum();
+                if let Some(row) = rows.last() {
+                    last_key = Some(schema.key_of(row));
                 }
-                last_key = Some(schema.key_of(&row));
-                pending = Some(ChangeEvent {
-                    schema: schema.clone(),
-                    op: Op::Read,
-                    before: None,
-                    after: Some(row),
-                    source: SourceInfo {
-                        ts_ms,
-                        snapshot: "true",
-                        server_id: 0,
-                        gtid: None,
-                        file: file.clone(),
-                        pos: position.pos,
-                        row: 0,
-                        epoch,
-                        read_ts_ms: ts_ms,
-                    },
-                });
-            }
-            if let Some(sent_key) = batch.last().map(|ev| ev.key()) {
-                sent_rows += batch.len() as u64;
-                tx.send(SourceMsg::Changes(batch)).await?;
-                // Checkpoint after the last row *sent* (the held-back one is not covered yet).
-                if window::orderable(&sent_key)
-                    && let Some(seg) = segments.last_mut()
-                {
-                    seg.tables_done = ti;
-                    seg.last_key = Some(sent_key);
-                    tx.send(SourceMsg::SnapshotProgress(segments.clone()))
-                        .await?;
-                }
-                crate::failpoint::pause_if_armed("snapshot.rows", sent_rows).await;
-            }
+                out.hand_over(rows).await?;
+                (n, bytes)
+            };
             done += n as u64;
             metrics::gauge!(m::SNAPSHOT_ROWS_DONE, m::TABLE_LABEL => qn.clone()).set(done as f64);
             let secs = started.elapsed().as_secs_f64().max(1e-6);
@@ -203,9 +199,10 @@ pub async fn run_snapshot(
                 0.0
             };
             tracing::info!(table = %qn, rows_done = done, rows_total = estimate, rows_per_s = rate as u64, eta_s = eta_s as u64, "snapshot progress");
-            if n < chunk_size as usize || schema.key.is_empty() {
+            if schema.key.is_empty() || (n as u64) < u64::from(limit) {
                 break;
             }
+            limit = next_limit(limit, n, bytes, chunk);
         }
         if let Some(mut ev) = pending.take() {
             if ti == last_table {
@@ -227,10 +224,144 @@ pub async fn run_snapshot(
     Ok((segments, executed.filter(|_| fresh)))
 }
 
+/// Rows of a table's first chunk (see [`next_limit`]).
+const FIRST_CHUNK_ROWS: u32 = 256;
+
+/// How much one snapshot chunk may hold.
+#[derive(Debug, Clone, Copy)]
+pub struct ChunkBounds {
+    /// Rows (`source.snapshot_chunk_size`).
+    pub rows: u32,
+    /// Bytes of decoded values (`source.snapshot_chunk_max_bytes`).
+    pub bytes: usize,
+}
+
+/// The next chunk's row limit after one of `n` rows and `bytes`: what fits in the byte bound at
+/// this chunk's mean row size, at most double the last limit, within 1 ..= `bounds.rows`.
+pub fn next_limit(limit: u32, n: usize, bytes: usize, bounds: ChunkBounds) -> u32 {
+    let mean = (bytes / n.max(1)).max(1);
+    let fits = u32::try_from(bounds.bytes / mean).unwrap_or(u32::MAX);
+    fits.min(limit.saturating_mul(2))
+        .clamp(1, bounds.rows.max(1))
+}
+
+/// The approximate memory of one decoded row.
+fn row_bytes(row: &[Value]) -> usize {
+    row.iter()
+        .map(|v| match v {
+            Value::String(s) | Value::Decimal(s) => s.len() + 24,
+            Value::Bytes(b) => b.len() + 24,
+            _ => 16,
+        })
+        .sum::<usize>()
+        + 24
+}
+
+/// Hands snapshot rows to the producer loop: one change event per row, the table's last row
+/// held back (it is marked `snapshot = last` when the table is the last one), and a progress
+/// checkpoint after each batch whose last key orders like MySQL's.
+struct Handover<'a> {
+    tx: &'a Outbox,
+    schema: &'a std::sync::Arc<TableSchema>,
+    ti: usize,
+    template: SourceInfo,
+    pending: &'a mut Option<ChangeEvent>,
+    segments: &'a mut Vec<SnapshotSegment>,
+    sent_rows: &'a mut u64,
+}
+
+impl Handover<'_> {
+    async fn hand_over(&mut self, rows: Vec<Vec<Value>>) -> Result<(), SourceError> {
+        let mut batch = Vec::with_capacity(rows.len());
+        for row in rows {
+            if let Some(ev) = self.pending.take() {
+                batch.push(ev);
+            }
+            *self.pending = Some(ChangeEvent {
+                schema: self.schema.clone(),
+                op: Op::Read,
+                before: None,
+                after: Some(row),
+                source: self.template.clone(),
+            });
+        }
+        let Some(sent_key) = batch.last().map(|ev| ev.key()) else {
+            return Ok(());
+        };
+        *self.sent_rows += batch.len() as u64;
+        self.tx.send(SourceMsg::Changes(batch)).await?;
+        // Checkpoint after the last row *sent* (the held-back one is not covered yet).
+        if window::orderable(&sent_key)
+            && let Some(seg) = self.segments.last_mut()
+        {
+            seg.tables_done = self.ti;
+            seg.last_key = Some(sent_key);
+            self.tx
+                .send(SourceMsg::SnapshotProgress(self.segments.clone()))
+                .await?;
+        }
+        crate::failpoint::pause_if_armed("snapshot.rows", *self.sent_rows).await;
+        Ok(())
+    }
+}
+
+/// A table without a primary key: one `SELECT` read as a stream, handed over in batches of at
+/// most `bounds` (never the whole table in memory). Returns the rows read.
+async fn stream_keyless(
+    conn: &mut mysql_async::Conn,
+    out: &mut Handover<'_>,
+    bounds: ChunkBounds,
+) -> Result<usize, SourceError> {
+    let schema = out.schema.clone();
+    let cols: Vec<String> = schema
+        .columns
+        .iter()
+        .map(|c| quote_ident(&c.name))
+        .collect();
+    let sql = format!(
+        "SELECT {} FROM {}.{}",
+        cols.join(", "),
+        quote_ident(&schema.db),
+        quote_ident(&schema.table)
+    );
+    // A prepared statement: the binary protocol, as every snapshot read (`decode::Origin`).
+    let mut result = conn.exec_iter(sql, ()).await?;
+    let mut batch: Vec<Vec<Value>> = Vec::new();
+    let mut bytes = 0usize;
+    let mut n = 0usize;
+    while let Some(row) = result.next().await? {
+        let decoded = decode_row(&schema, row)?;
+        bytes += row_bytes(&decoded);
+        batch.push(decoded);
+        n += 1;
+        if batch.len() >= bounds.rows as usize || bytes >= bounds.bytes {
+            out.hand_over(std::mem::take(&mut batch)).await?;
+            bytes = 0;
+        }
+    }
+    drop(result);
+    out.hand_over(batch).await?;
+    Ok(n)
+}
+
+fn decode_row(schema: &TableSchema, row: mysql_async::Row) -> Result<Vec<Value>, SourceError> {
+    let values: Vec<mysql_async::Value> = row
+        .unwrap_raw()
+        .into_iter()
+        .map(|v| v.unwrap_or(mysql_async::Value::NULL))
+        .collect();
+    let mut decoded = Vec::with_capacity(values.len());
+    for (col, v) in schema.columns.iter().zip(values) {
+        decoded.push(convert(col, v, Origin::Snapshot, false)?);
+    }
+    Ok(decoded)
+}
+
 fn quote_ident(s: &str) -> String {
     format!("`{}`", s.replace('`', "``"))
 }
 
+/// One chunk of a keyed table, in key order after `after`.
 async fn read_chunk(
     conn: &mut mysql_async::Conn,
     schema: &TableSchema,
@@ -250,43 +381,25 @@ async fn read_chunk(
         .map(|c| quote_ident(&c.name))
         .collect();
     let mut params: Vec<mysql_async::Value> = Vec::new();
-    let sql = if key_cols.is_empty() {
-        // No primary key: one ordered-by-nothing scan (cannot be chunked safely).
-        format!("SELECT {} FROM {from}", cols.join(", "))
-    } else {
-        let order = key_cols.join(", ");
-        let filter = match after {
-            Some(key) => {
-                for v in key {
-                    params.push(to_param(v));
-                }
-                let marks = vec!["?"; key.len()].join(", ");
-                format!("WHERE ({order}) > ({marks})")
+    let order = key_cols.join(", ");
+    let filter = match after {
+        Some(key) => {
+            for v in key {
+                params.push(to_param(v));
             }
-            None => String::new(),
-        };
-        format!(
-            "SELECT {} FROM {from} {filter} ORDER BY {order} LIMIT {chunk_size}",
-            cols.join(", ")
-        )
+            let marks = vec!["?"; key.len()].join(", ");
+            format!("WHERE ({order}) > ({marks})")
+        }
+        None => String::new(),
     };
+    let sql = format!(
+        "SELECT {} FROM {from} {filter} ORDER BY {order} LIMIT {chunk_size}",
+        cols.join(", ")
+    );
     let rows: Vec<mysql_async::Row> = conn
         .exec(sql, mysql_async::Params::Positional(params))
         .await?;
-    let mut out = Vec::with_capacity(rows.len());
-    for row in rows {
-        let values: Vec<mysql_async::Value> = row
-            .unwrap_raw()
-            .into_iter()
-            .map(|v| v.unwrap_or(mysql_async::Value::NULL))
-            .collect();
-        let mut decoded = Vec::with_capacity(values.len());
-        for (col, v) in schema.columns.iter().zip(values) {
-            decoded.push(convert(col, v, Origin::Snapshot, false)?);
-        }
-        out.push(decoded);
-    }
-    Ok(out)
+    rows.into_iter().map(|r| decode_row(schema, r)).collect()
 }
 
 /// A key value back as a query parameter (keyset pagination).
@@ -352,6 +465,21 @@ fn civil_from_days(z: i64) -> (i64, u32, u32) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn chunks_grow_while_rows_are_narrow_and_shrink_to_the_byte_bound_for_wide_ones() {
+        let b = ChunkBounds {
+            rows: 10_000,
+            bytes: 32 << 20,
+        };
+        // 256 narrow rows: double, up to the row bound.
+        assert_eq!(next_limit(256, 256, 256 * 100, b), 512);
+        assert_eq!(next_limit(8_000, 8_000, 8_000 * 100, b), 10_000);
+        // 1 MB rows: what fits in 32 MiB.
+        assert_eq!(next_limit(256, 256, 256 << 20, b), 32);
+        // Rows larger than the bound: one at a time, never zero.
+        assert_eq!(next_limit(32, 1, 64 << 20, b), 1);
+    }
     use crate::source::decode::days_from_civil;
 
     #[test]
