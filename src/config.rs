@@ -893,6 +893,31 @@ mod tests {
     }
 
     #[test]
+    fn the_kubernetes_connector_toml_validates_with_its_secret_files_and_a_probeable_listen() {
+        let dir = std::env::temp_dir().join(format!("ecst-k8s-secrets-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        for (name, value) in [
+            ("mysql-password", "mysql-file-secret"),
+            ("kafka-password", "kafka-file-secret"),
+            ("mongo-uri", "mongodb://ecst:mongo-file-secret@127.0.0.1:1/"),
+        ] {
+            std::fs::write(dir.join(name), format!("{value}\n")).expect("write secret");
+        }
+        // The manifest mounts the Secret at /run/secrets/ecst; here the files are in `dir`.
+        let text = include_str!("../deploy/kubernetes/connector.toml")
+            .replace("/run/secrets/ecst", &dir.display().to_string());
+        let cfg = Config::from_toml_str(&text, Vec::new())
+            .expect("deploy/kubernetes/connector.toml must be valid");
+        assert!(cfg.source.is_some() && cfg.sink.is_some());
+        let pw = cfg.mysql.as_ref().and_then(|m| m.password.as_ref());
+        assert_eq!(pw.map(Secret::expose), Some("mysql-file-secret"));
+        // The kubelet probes /health and /ready on the pod's IP, never on its loopback.
+        let listen = &cfg.metrics.listen;
+        assert!(listen.starts_with("0.0.0.0:"), "{listen}");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
     fn unknown_key_is_rejected_with_its_section_and_a_suggestion() {
         let text = MINIMAL.replace("tables =", "tabels = [\"x.y\"]\ntables =");
         let err = Config::from_toml_str(&text, Vec::new())
