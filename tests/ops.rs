@@ -556,3 +556,73 @@ async fn offsets_show_prints_the_stored_source_position_and_the_sink_groups_lag(
     );
     Ok(())
 }
+
+#[tokio::test]
+async fn a_real_prometheus_scraping_ecst_fires_the_sink_stalled_alert_while_mongodb_is_down()
+-> Result<()> {
+    // Exclusive: MongoDB is stopped for everyone.
+    let _exclusive = STACK_LOCK.write().await;
+    let db = seed_database().await?;
+    let tc = TestConfig::new(&db, &["users", "product"]).with_seed_mappings();
+    let mdb = mongo_db(&tc.mongo_db).await?;
+    seed_orders(&mdb, 2).await?;
+    let port = free_port()?;
+    let cfg = write_config(&tc, true, Some(port))?;
+    let mut run = spawn_captured(&cfg, "run", &[], "warn")?;
+    wait_for("the snapshot applied to the copies", T, || async {
+        let m = http_get(port, "/metrics").await?;
+        Ok(m.lines()
+            .any(|l| l.starts_with("ecst_sink_applied_total") && !l.ends_with(" 0"))
+            .then_some(()))
+    })
+    .await?;
+    stack(&["stop", "mongo"]).await?;
+    let outcome = async {
+        // MySQL keeps being written while the sink cannot apply anything.
+        let writes = tokio::spawn({
+            let db = db.clone();
+            async move {
+                for i in 0.. {
+                    let _ = sql(format!(
+                        "UPDATE `{db}`.users SET email = 'while.stalled.{i}@x' WHERE id = 1"
+                    ))
+                    .await;
+                    tokio::time::sleep(Duration::from_millis(250)).await;
+                }
+            }
+        });
+        let root = env!("CARGO_MANIFEST_DIR");
+        let check = Command::new(format!("{root}/dev/prometheus-alert-check"))
+            .args(["--for", "2s", "--window", "10s"])
+            .arg(format!("127.0.0.1:{port}"))
+            .args(["EcstSinkStalled", "120"])
+            .output()
+            .await?;
+        writes.abort();
+        Ok::<_, anyhow::Error>(check)
+    }
+    .await;
+    stack(&["start", "mongo"]).await?;
+    let check = outcome?;
+    let stdout = String::from_utf8_lossy(&check.stdout);
+    assert!(
+        check.status.success(),
+        "the alert did not fire: {}{stdout}",
+        String::from_utf8_lossy(&check.stderr)
+    );
+    assert!(
+        stdout.contains("EcstSinkStalled") && stdout.contains("firing"),
+        "{stdout}"
+    );
+    // And the pipeline recovers by itself once MongoDB is back.
+    wait_for("the copies to catch up after the outage", T, || async {
+        let docs = mdb
+            .collection::<bson::Document>("purchase_order")
+            .count_documents(bson::doc! { "user.id": 1, "user.email": { "$regex": "^while.stalled" } })
+            .await?;
+        Ok((docs == 2).then_some(()))
+    })
+    .await?;
+    run.child.kill().await?;
+    Ok(())
+}
