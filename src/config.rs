@@ -650,6 +650,23 @@ impl Config {
                 "must not be empty (e.g. \"127.0.0.1:9092\")",
             );
         }
+        // This build's librdkafka has no TLS and no SCRAM (rdkafka without its `ssl` feature):
+        // say so at validation, naming the field, rather than fail each client at start.
+        let prop = |k: &str| self.kafka.properties.get(k).map(|v| v.to_ascii_uppercase());
+        if let Some(p) = prop("security.protocol").filter(|p| p.contains("SSL")) {
+            issue(
+                "kafka.properties.\"security.protocol\"",
+                &format!("{p} needs TLS, which this ecst build does not include (librdkafka without OpenSSL); use PLAINTEXT or SASL_PLAINTEXT, or build ecst with the rdkafka feature `ssl`"),
+            );
+        }
+        for key in ["sasl.mechanism", "sasl.mechanisms"] {
+            if let Some(m) = prop(key).filter(|m| m != "PLAIN") {
+                issue(
+                    &format!("kafka.properties.\"{key}\""),
+                    &format!("{m} is not in this ecst build (librdkafka with SASL/PLAIN only); use PLAIN, or build ecst with the rdkafka features `ssl` (SCRAM) and `gssapi` (Kerberos)"),
+                );
+            }
+        }
         if !(self.schema_registry.url.starts_with("http://")
             || self.schema_registry.url.starts_with("https://"))
         {
@@ -915,6 +932,22 @@ mod tests {
         let listen = &cfg.metrics.listen;
         assert!(listen.starts_with("0.0.0.0:"), "{listen}");
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn kafka_tls_and_scram_which_this_build_lacks_are_config_errors_naming_the_property() {
+        let text = format!(
+            "{MINIMAL}\n[kafka.properties]\n\"security.protocol\" = \"SASL_SSL\"\n\"sasl.mechanism\" = \"SCRAM-SHA-512\"\n"
+        );
+        let err = Config::from_toml_str(&text, Vec::new())
+            .expect_err("TLS is not in this build")
+            .to_string();
+        assert!(
+            err.contains("kafka.properties.\"security.protocol\"")
+                && err.contains("kafka.properties.\"sasl.mechanism\"")
+                && err.contains("SASL_PLAINTEXT"),
+            "{err}"
+        );
     }
 
     #[test]
