@@ -656,14 +656,18 @@ impl Config {
         if let Some(p) = prop("security.protocol").filter(|p| p.contains("SSL")) {
             issue(
                 "kafka.properties.\"security.protocol\"",
-                &format!("{p} needs TLS, which this ecst build does not include (librdkafka without OpenSSL); use PLAINTEXT or SASL_PLAINTEXT, or build ecst with the rdkafka feature `ssl`"),
+                &format!(
+                    "{p} needs TLS, which this ecst build does not include (librdkafka without OpenSSL); use PLAINTEXT or SASL_PLAINTEXT, or build ecst with the rdkafka feature `ssl`"
+                ),
             );
         }
         for key in ["sasl.mechanism", "sasl.mechanisms"] {
             if let Some(m) = prop(key).filter(|m| m != "PLAIN") {
                 issue(
                     &format!("kafka.properties.\"{key}\""),
-                    &format!("{m} is not in this ecst build (librdkafka with SASL/PLAIN only); use PLAIN, or build ecst with the rdkafka features `ssl` (SCRAM) and `gssapi` (Kerberos)"),
+                    &format!(
+                        "{m} is not in this ecst build (librdkafka with SASL/PLAIN only); use PLAIN, or build ecst with the rdkafka features `ssl` (SCRAM) and `gssapi` (Kerberos)"
+                    ),
                 );
             }
         }

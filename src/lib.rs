@@ -16,6 +16,7 @@ pub mod kafka;
 pub mod metrics;
 pub mod offsets;
 pub mod positions;
+pub mod presence;
 pub mod retry;
 pub mod shutdown;
 pub mod sink;

@@ -73,6 +73,18 @@ enum Command {
 enum OffsetsAction {
     /// Print them.
     Show,
+    /// Move them, only while that half is stopped; prints the plan, and applies it with --yes.
+    Reset {
+        /// Where the source goes: now | resnapshot | resnapshot-table:DB.TABLE | position:FILE:POS
+        #[arg(long)]
+        source: Option<ecst::positions::SourceTarget>,
+        /// Where the sink group goes: earliest | latest | timestamp:MILLISECONDS
+        #[arg(long)]
+        sink: Option<ecst::positions::SinkTarget>,
+        /// Apply the plan (without it, nothing is written).
+        #[arg(long)]
+        yes: bool,
+    },
 }
 
 fn init_logs(cfg: Option<&Config>, flag: Option<&str>) {
@@ -170,6 +182,24 @@ fn main() -> ExitCode {
                     ExitCode::SUCCESS
                 } else {
                     ExitCode::FAILURE
+                };
+            }
+            Command::Offsets {
+                action: OffsetsAction::Reset { source, sink, yes },
+            } => {
+                if source.is_none() && sink.is_none() {
+                    eprintln!("error: say what to move: --source and/or --sink");
+                    return ExitCode::from(2);
+                }
+                return match ecst::positions::reset(&cfg, source, sink, yes).await {
+                    Ok(text) => {
+                        print!("{text}");
+                        ExitCode::SUCCESS
+                    }
+                    Err(e) => {
+                        eprintln!("error: {e}");
+                        ExitCode::FAILURE
+                    }
                 };
             }
             Command::Offsets {

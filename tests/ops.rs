@@ -618,11 +618,84 @@ async fn a_real_prometheus_scraping_ecst_fires_the_sink_stalled_alert_while_mong
     wait_for("the copies to catch up after the outage", T, || async {
         let docs = mdb
             .collection::<bson::Document>("purchase_order")
-            .count_documents(bson::doc! { "user.id": 1, "user.email": { "$regex": "^while.stalled" } })
+            .count_documents(
+                bson::doc! { "user.id": 1, "user.email": { "$regex": "^while.stalled" } },
+            )
             .await?;
         Ok((docs == 2).then_some(()))
     })
     .await?;
     run.child.kill().await?;
+    Ok(())
+}
+
+async fn offsets_cmd(cfg: &std::path::Path, args: &[&str]) -> Result<(bool, String)> {
+    let out = Command::new(ecst_bin())
+        .args(["--config", &cfg.to_string_lossy(), "offsets"])
+        .args(args)
+        .output()
+        .await?;
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok((out.status.success(), text))
+}
+
+#[tokio::test]
+async fn offsets_reset_is_refused_while_running_dry_runs_by_default_and_resnapshots_one_table()
+-> Result<()> {
+    let _shared = STACK_LOCK.read().await;
+    let db = seed_database().await?;
+    let tc = TestConfig::new(&db, &["users", "product"]).with_seed_mappings();
+    let mdb = mongo_db(&tc.mongo_db).await?;
+    seed_orders(&mdb, 1).await?;
+    let cfg = write_config(&tc, true, None)?;
+    let run = start(tc.config(true)?, ecst::app::Components::Both);
+    wait_events(&tc.topic("users"), 4, T).await?;
+    wait_events(&tc.topic("product"), 3, T).await?;
+    let users_table = format!("{db}.users");
+    let resnapshot = format!("resnapshot-table:{users_table}");
+    // While ecst runs, neither half may be moved.
+    wait_for("the running source to be seen in Kafka", T, || async {
+        let (ok, text) = offsets_cmd(&cfg, &["reset", "--source", &resnapshot, "--yes"]).await?;
+        Ok((!ok && text.contains("the source is running")).then_some(()))
+    })
+    .await?;
+    let (ok, text) = offsets_cmd(&cfg, &["reset", "--sink", "earliest", "--yes"]).await?;
+    assert!(!ok && text.contains("the sink is running"), "{text}");
+    run.stop().await?;
+    // Stopped: without --yes, a plan and nothing written.
+    wait_for("the stopped source to leave its group", T, || async {
+        let (ok, text) = offsets_cmd(&cfg, &["reset", "--source", &resnapshot]).await?;
+        Ok((ok && text.contains("would move")).then_some(text))
+    })
+    .await?;
+    let (_, shown) = offsets_cmd(&cfg, &["show"]).await?;
+    assert!(
+        shown.contains(&users_table),
+        "a dry run changed nothing: {shown}"
+    );
+    // Applied: the next start reads `users` again and only `users`.
+    let (ok, text) = offsets_cmd(&cfg, &["reset", "--source", &resnapshot, "--yes"]).await?;
+    assert!(ok && text.contains("moved"), "{text}");
+    sql(format!(
+        "UPDATE `{db}`.users SET email = 'reread@x' WHERE id = 1"
+    ))
+    .await?;
+    let run = start(tc.config(true)?, ecst::app::Components::Both);
+    let users = wait_events(&tc.topic("users"), 8, T).await?;
+    let reads = users.iter().filter(|e| e.op == Op::Read).count();
+    assert_eq!(
+        reads, 8,
+        "users snapshotted twice, the update inside the second: {users:?}"
+    );
+    let product = events_of(&tc.topic("product"), 4, Duration::from_secs(3)).await?;
+    assert_eq!(product.len(), 3, "product not read again");
+    run.stop().await?;
+    // The sink group back to the start: the replay changes no copy (versions).
+    let (ok, text) = offsets_cmd(&cfg, &["reset", "--sink", "earliest", "--yes"]).await?;
+    assert!(ok && text.contains("-> 0"), "{text}");
     Ok(())
 }

@@ -210,6 +210,8 @@ pub async fn run(
     let (Some(src), Some(mysql)) = (cfg.source.clone(), cfg.mysql.clone()) else {
         return Ok(());
     };
+    // Seen by `ecst offsets reset` for as long as this function runs.
+    let _presence = crate::presence::announce_source(&cfg, shutdown.clone());
     let mut retry = RetryLoop::new(
         "source",
         Duration::from_millis(500),
