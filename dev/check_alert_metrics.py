@@ -67,7 +67,7 @@ def read_metrics():
             const, value = m.groups()
             if const.endswith("_LABEL"):
                 label_keys[const] = value
-            elif value.startswith("ecst_"):
+            elif value.startswith(("ecst_", "process_")):
                 kind = re.match(r"\w*", doc[0] if doc else "").group().lower()
                 if kind not in {"gauge", "counter", "histogram"}:
                     error(METRICS_RS.name, f"{const}: doc comment does not start with its type")
@@ -75,7 +75,9 @@ def read_metrics():
         if not s.startswith("#["):
             doc = []
     metrics = {}
-    macro = re.compile(r"\b(counter|gauge|histogram)!\(\s*(?:m|metrics|crate::metrics)::([A-Z_]+)")
+    macro = re.compile(
+        r"\b(counter|gauge|histogram)!\(\s*(?:(?:m|metrics|crate::metrics)::)?([A-Z_]+)\b"
+    )
     for path in sorted((ROOT / "src").rglob("*.rs")):
         src = path.read_text()
         for m in macro.finditer(src):

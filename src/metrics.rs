@@ -74,6 +74,18 @@ pub const PIPELINE_LATENCY: &str = "ecst_pipeline_latency_seconds";
 pub const SOURCE_COMMIT_SECONDS: &str = "ecst_source_commit_seconds";
 /// Histogram (seconds): duration of one sink batch write to MongoDB.
 pub const SINK_BATCH_SECONDS: &str = "ecst_sink_batch_write_seconds";
+/// Gauge: Unix time (s) the process started (the standard name: restarts show as changes).
+pub const PROCESS_START_TS: &str = "process_start_time_seconds";
+/// Gauge: Unix time (s) the binlog reader last received an event, heartbeats included (set at
+/// most once a second): a stream that is connected but hears nothing shows as an old value.
+pub const SOURCE_LAST_EVENT_TS: &str = "ecst_source_last_event_timestamp_seconds";
+
+/// Seconds since the Unix epoch, now.
+pub fn now_s() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64())
+}
 
 /// Readiness flags set by the components, and the cause of each retry run under way.
 #[derive(Debug, Default)]
@@ -199,6 +211,17 @@ pub fn install() -> Result<PrometheusHandle, String> {
         Unit::Seconds,
         "Sink batch write duration"
     );
+    describe_histogram!(
+        PIPELINE_LATENCY,
+        Unit::Seconds,
+        "ecst read the change from the binlog to MongoDB applied"
+    );
+    describe_gauge!(PROCESS_START_TS, "Unix time the process started");
+    describe_gauge!(
+        SOURCE_LAST_EVENT_TS,
+        "Unix time the binlog reader last received an event (heartbeats included)"
+    );
+    metrics::gauge!(PROCESS_START_TS).set(now_s().floor());
     Ok(handle)
 }
 

@@ -105,9 +105,21 @@ async fn metrics_expose_the_named_series_and_the_latency_histogram_moves_when_ch
         "ecst_sink_applied_total",
         "ecst_end_to_end_latency_seconds_bucket",
         "ecst_pipeline_latency_seconds_bucket",
+        "process_start_time_seconds",
+        "ecst_source_last_event_timestamp_seconds",
     ] {
         assert!(body.contains(name), "{name} missing from /metrics");
     }
+    // The stream's last event is recent (heartbeats every second keep it so).
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)?
+        .as_secs_f64();
+    let heard: f64 = body
+        .lines()
+        .find(|l| l.starts_with("ecst_source_last_event_timestamp_seconds "))
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+        .unwrap_or(0.0);
+    assert!(now - heard < 30.0, "last event {heard}, now {now}");
     assert!(http_get(port, "/health").await?.starts_with("HTTP/1.1 200"));
     child.kill().await?;
     Ok(())

@@ -27,6 +27,7 @@ use super::{Outbox, SourceError, SourceMsg, connect};
 use crate::config::MysqlConfig;
 use crate::events::TableSchema;
 use crate::gtid::GtidState;
+use crate::metrics as m;
 use crate::offsets::BinlogPosition;
 use crate::shutdown::ShutdownRx;
 
@@ -118,6 +119,9 @@ pub async fn run_reader(
     let mut decoder =
         Decoder::new(Capture::Only(tables), &start, epoch, window).with_gtid_state(gtid.state);
     let mut server = Server(&cfg);
+    let mut heard = std::time::Instant::now()
+        .checked_sub(Duration::from_secs(2))
+        .unwrap_or_else(std::time::Instant::now);
     loop {
         let next = tokio::select! {
             biased;
@@ -136,6 +140,10 @@ pub async fn run_reader(
             Ok(Some(Err(e))) => return Err(SourceError::Mysql(e)),
             Ok(Some(Ok(ev))) => ev,
         };
+        if heard.elapsed() >= Duration::from_secs(1) {
+            heard = std::time::Instant::now();
+            metrics::gauge!(m::SOURCE_LAST_EVENT_TS).set(m::now_s().floor());
+        }
         decoder.on_event(&event, crc, &mut server, &mut tx).await?;
     }
 }
