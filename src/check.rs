@@ -237,15 +237,20 @@ pub async fn run_checks(cfg: &Config) -> Vec<Check> {
                         .into_iter()
                         .map(|c| resume_check_for_mode(c, src.snapshot_mode)),
                 );
+                let wait = src.snapshot_lock_wait_s;
                 out.push(pass(
                     "mysql snapshot method",
-                    if mariadb {
-                        "MariaDB: a consistent snapshot with no lock (its binlog_snapshot_file/position)".to_string()
-                    } else {
-                        format!(
-                            "MySQL: FLUSH TABLES WITH READ LOCK, held only while the position is read and the snapshot transaction opened, waited for at most {} s (source.snapshot_lock_wait_s)",
-                            src.snapshot_lock_wait_s
-                        )
+                    match (src.snapshot_locking, mariadb) {
+                        (crate::config::SnapshotLocking::Tables, _) => format!(
+                            "LOCK TABLES … READ on the captured tables for the whole snapshot (source.snapshot_locking = \"tables\"): their writers wait until it ends; locks waited for at most {wait} s"
+                        ),
+                        (_, true) => "MariaDB: a consistent snapshot with no lock (its binlog_snapshot_file/position)".to_string(),
+                        (crate::config::SnapshotLocking::Global, false) => format!(
+                            "MySQL: FLUSH TABLES WITH READ LOCK, held only while the position is read and the snapshot transaction opened, waited for at most {wait} s (source.snapshot_lock_wait_s)"
+                        ),
+                        (crate::config::SnapshotLocking::Auto, false) => format!(
+                            "MySQL: FLUSH TABLES WITH READ LOCK, held only while the position is read and the snapshot transaction opened, waited for at most {wait} s; where the server refuses it (RDS, Aurora), LOCK TABLES … READ on the captured tables for the whole snapshot"
+                        ),
                     },
                 ));
                 out.push(lineage_check(stored.as_ref(), &identity, src.snapshot_mode));

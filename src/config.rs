@@ -165,6 +165,22 @@ pub enum SnapshotMode {
     Always,
 }
 
+/// How the snapshot gets a binlog position consistent with the rows it reads.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum SnapshotLocking {
+    /// MariaDB: a consistent snapshot with no lock. MySQL: `global`, and `tables` where the
+    /// server refuses FLUSH TABLES WITH READ LOCK (RDS, Aurora).
+    #[default]
+    Auto,
+    /// `FLUSH TABLES WITH READ LOCK` while the position is read and the consistent-snapshot
+    /// transaction opened (milliseconds).
+    Global,
+    /// `LOCK TABLES … READ` on the snapshotted tables for the whole snapshot: needs only the
+    /// `LOCK TABLES` privilege, and blocks writers of those tables until the snapshot ends.
+    Tables,
+}
+
 /// `[source]`
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -201,6 +217,9 @@ pub struct SourceConfig {
     /// up (and retries later) rather than stall every writer queued behind it. Default 10.
     #[serde(default = "default_snapshot_lock_wait_s")]
     pub snapshot_lock_wait_s: u64,
+    /// How the snapshot's position is made consistent with its rows. Default `auto`.
+    #[serde(default)]
+    pub snapshot_locking: SnapshotLocking,
 }
 
 /// `[kafka]`

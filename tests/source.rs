@@ -806,3 +806,52 @@ async fn a_keyless_tables_snapshot_is_handed_over_in_bounded_batches_not_read_wh
     );
     Ok(())
 }
+
+#[tokio::test]
+async fn a_snapshot_under_per_table_locks_holds_writers_of_those_tables_until_it_ends_and_loses_nothing()
+-> Result<()> {
+    let _shared = STACK_LOCK.read().await;
+    let db = seed_database().await?;
+    let mut tc = TestConfig::new(&db, &["users"]);
+    // As on a server that refuses FLUSH TABLES WITH READ LOCK (RDS, Aurora).
+    tc.extra_source = "snapshot_locking = \"tables\"\nsnapshot_chunk_size = 1".into();
+    let cfg = write_config(&tc, true, None)?;
+    // Paused mid-snapshot: the table locks are held.
+    let (env, reached) = failpoint("snapshot.rows", 1);
+    let mut child = spawn_captured(&cfg, "source", &env, "warn")?.child;
+    wait_for_failpoint(&reached, T).await?;
+    let blocked = sql(format!(
+        "SET SESSION lock_wait_timeout = 2; UPDATE `{db}`.users SET email = 'waited@x' WHERE id = 1"
+    ))
+    .await;
+    let free = sql(format!(
+        "SET SESSION lock_wait_timeout = 2; UPDATE `{db}`.product SET price = 1 WHERE id = 1"
+    ))
+    .await;
+    child.kill().await?;
+    let blocked = format!(
+        "{:#}",
+        blocked.err().context("the locked table took a write")?
+    );
+    assert!(
+        blocked.contains("1205") || blocked.contains("Lock wait timeout"),
+        "{blocked}"
+    );
+    free.context("a table outside the snapshot is not locked")?;
+    // The snapshot resumes after its committed chunk and the stream follows: every row once.
+    let run = start(tc.config(true)?, Components::Source);
+    wait_events(&tc.topic("users"), 4, T).await?;
+    sql(format!(
+        "UPDATE `{db}`.users SET email = 'after@x' WHERE id = 1"
+    ))
+    .await?;
+    let evs = wait_events(&tc.topic("users"), 5, T).await?;
+    run.stop().await?;
+    let ops: Vec<Op> = evs.iter().map(|e| e.op).collect();
+    assert_eq!(
+        ops,
+        [Op::Read, Op::Read, Op::Read, Op::Read, Op::Update],
+        "{evs:?}"
+    );
+    Ok(())
+}

@@ -531,7 +531,10 @@ async fn session(
         rows: src.snapshot_chunk_size,
         bytes: src.snapshot_chunk_max_bytes,
     };
-    let lock_wait_s = src.snapshot_lock_wait_s;
+    let locks = snapshot::LockPolicy {
+        wait_s: src.snapshot_lock_wait_s,
+        locking: src.snapshot_locking,
+    };
     let reader_shutdown = shutdown.clone();
     // Streaming inside the stretch a resumed snapshot spanned keeps filtering after a restart.
     let stored_window = stored
@@ -549,16 +552,9 @@ async fn session(
                 (p, stored_window, state)
             }
             None => {
-                let (segments, mysql_set) = snapshot::run_snapshot(
-                    &reader_cfg,
-                    &tables,
-                    chunk,
-                    lock_wait_s,
-                    epoch,
-                    &tx,
-                    resume,
-                )
-                .await?;
+                let (segments, mysql_set) =
+                    snapshot::run_snapshot(&reader_cfg, &tables, chunk, locks, epoch, &tx, resume)
+                        .await?;
                 let start = segments
                     .first()
                     .map(|s| s.at.clone())

@@ -28,7 +28,7 @@ use super::decode::{Origin, convert};
 use super::table_map::from_information_schema;
 use super::window;
 use super::{Outbox, SourceError, SourceMsg, connect};
-use crate::config::MysqlConfig;
+use crate::config::{MysqlConfig, SnapshotLocking};
 use crate::events::{ChangeEvent, Op, SourceInfo, TableSchema, Value};
 use crate::metrics as m;
 use crate::offsets::{BinlogPosition, SnapshotSegment};
@@ -40,7 +40,7 @@ pub async fn run_snapshot(
     cfg: &MysqlConfig,
     tables: &[String],
     chunk: ChunkBounds,
-    lock_wait_s: u64,
+    locks: LockPolicy,
     epoch: u64,
     tx: &Outbox,
     resume: Vec<SnapshotSegment>,
@@ -55,53 +55,76 @@ pub async fn run_snapshot(
         .await?
         .unwrap_or_default();
     let mariadb = version.contains("MariaDB");
+    let LockPolicy {
+        wait_s: lock_wait_s,
+        locking,
+    } = locks;
     // MySQL: the GTID set at the snapshot's position (read under the same lock).
     let mut executed: Option<String> = None;
-    let position = if mariadb {
-        conn.query_drop("START TRANSACTION WITH CONSISTENT SNAPSHOT, READ ONLY")
-            .await?;
-        let rows: Vec<(String, String)> =
-            conn.query("SHOW STATUS LIKE 'binlog_snapshot_%'").await?;
-        let get = |k: &str| {
-            rows.iter()
-                .find(|(n, _)| n.eq_ignore_ascii_case(k))
-                .map(|(_, v)| v.clone())
-        };
-        let file = get("Binlog_snapshot_file").unwrap_or_default();
-        let pos = get("Binlog_snapshot_position")
-            .and_then(|p| p.parse().ok())
-            .unwrap_or(0);
-        BinlogPosition { file, pos }
-    } else {
-        // The global read lock is held only while the position is read and the snapshot
-        // transaction opened; waiting for it is bounded, so a long query makes this attempt
-        // fail (and retry later) instead of stalling every writer behind the lock request.
-        conn.query_drop(format!(
-            "SET SESSION lock_wait_timeout = {}",
-            lock_wait_s.max(1)
-        ))
-        .await?;
-        match conn.query_drop("FLUSH TABLES WITH READ LOCK").await {
-            Ok(()) => {}
-            // 1205: lock wait timeout exceeded.
-            Err(mysql_async::Error::Server(e)) if e.code == 1205 => {
-                return Err(SourceError::SnapshotLock {
-                    seconds: lock_wait_s,
-                    detail: e.message,
-                });
-            }
-            Err(e) => return Err(e.into()),
-        }
-        let opened = async {
+    let method = match (locking, mariadb) {
+        (SnapshotLocking::Auto, true) => Method::ConsistentSnapshot,
+        (SnapshotLocking::Auto, false) => Method::GlobalLock { fallback: true },
+        (SnapshotLocking::Global, true) => Method::ConsistentSnapshot,
+        (SnapshotLocking::Global, false) => Method::GlobalLock { fallback: false },
+        (SnapshotLocking::Tables, _) => Method::TableLocks,
+    };
+    // Waiting for a lock is bounded, so a long query makes this attempt fail (and retry later)
+    // instead of stalling every writer queued behind the lock request.
+    conn.query_drop(format!(
+        "SET SESSION lock_wait_timeout = {}",
+        lock_wait_s.max(1)
+    ))
+    .await?;
+    let (position, table_locks) = match method {
+        Method::ConsistentSnapshot => {
             conn.query_drop("START TRANSACTION WITH CONSISTENT SNAPSHOT, READ ONLY")
                 .await?;
-            super::preflight::binlog_status(&mut conn).await
+            let rows: Vec<(String, String)> =
+                conn.query("SHOW STATUS LIKE 'binlog_snapshot_%'").await?;
+            let get = |k: &str| {
+                rows.iter()
+                    .find(|(n, _)| n.eq_ignore_ascii_case(k))
+                    .map(|(_, v)| v.clone())
+            };
+            let file = get("Binlog_snapshot_file").unwrap_or_default();
+            let pos = get("Binlog_snapshot_position")
+                .and_then(|p| p.parse().ok())
+                .unwrap_or(0);
+            (BinlogPosition { file, pos }, false)
         }
-        .await;
-        conn.query_drop("UNLOCK TABLES").await?;
-        let (position, set) = opened?;
-        executed = set;
-        position
+        Method::GlobalLock { fallback } => {
+            match lock(&mut conn, "FLUSH TABLES WITH READ LOCK", lock_wait_s).await {
+                Ok(()) => {
+                    // The global read lock is held only while the position is read and the snapshot
+                    // transaction opened.
+                    let opened = async {
+                        conn.query_drop("START TRANSACTION WITH CONSISTENT SNAPSHOT, READ ONLY")
+                            .await?;
+                        super::preflight::binlog_status(&mut conn).await
+                    }
+                    .await;
+                    conn.query_drop("UNLOCK TABLES").await?;
+                    let (position, set) = opened?;
+                    executed = set;
+                    (position, false)
+                }
+                // 1227/1045/1044: the server refuses FTWRL to this user (RDS, Aurora).
+                Err(SourceError::Mysql(mysql_async::Error::Server(e)))
+                    if fallback && matches!(e.code, 1227 | 1045 | 1044) =>
+                {
+                    tracing::warn!(error = %e.message, "FLUSH TABLES WITH READ LOCK refused: snapshotting under per-table locks instead (writers of the captured tables wait until the snapshot ends; source.snapshot_locking)");
+                    let (position, set) = table_locked(&mut conn, tables, lock_wait_s).await?;
+                    executed = set;
+                    (position, true)
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Method::TableLocks => {
+            let (position, set) = table_locked(&mut conn, tables, lock_wait_s).await?;
+            executed = set;
+            (position, true)
+        }
     };
     if position.file.is_empty() {
         return Err(SourceError::NoBinlogPosition);
@@ -218,10 +241,76 @@ pub async fn run_snapshot(
             .await?;
         tracing::info!(table = %qn, rows = done, "snapshot of table finished");
     }
-    conn.query_drop("COMMIT").await?;
+    conn.query_drop(if table_locks {
+        "UNLOCK TABLES"
+    } else {
+        "COMMIT"
+    })
+    .await?;
     metrics::gauge!(m::SNAPSHOT_RUNNING).set(0.0);
     tracing::info!(%position, "snapshot finished");
     Ok((segments, executed.filter(|_| fresh)))
+}
+
+/// The snapshot's locking: `source.snapshot_locking` and `source.snapshot_lock_wait_s`.
+#[derive(Debug, Clone, Copy)]
+pub struct LockPolicy {
+    /// Seconds a lock is waited for.
+    pub wait_s: u64,
+    /// The method.
+    pub locking: SnapshotLocking,
+}
+
+/// How a snapshot's position is made consistent with its rows (`source.snapshot_locking`).
+#[derive(Debug, Clone, Copy)]
+enum Method {
+    /// MariaDB: the read view's own binlog position, no lock.
+    ConsistentSnapshot,
+    /// FTWRL for milliseconds; `fallback`: per-table locks where the server refuses it.
+    GlobalLock { fallback: bool },
+    /// `LOCK TABLES … READ` for the whole snapshot.
+    TableLocks,
+}
+
+/// Runs a lock statement; a lock wait timeout is the classed `SnapshotLock` error.
+async fn lock(
+    conn: &mut mysql_async::Conn,
+    stmt: &str,
+    lock_wait_s: u64,
+) -> Result<(), SourceError> {
+    match conn.query_drop(stmt).await {
+        Ok(()) => Ok(()),
+        // 1205: lock wait timeout exceeded.
+        Err(mysql_async::Error::Server(e)) if e.code == 1205 => Err(SourceError::SnapshotLock {
+            seconds: lock_wait_s,
+            detail: e.message,
+        }),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Read-locks every table to snapshot (held until the snapshot's end: the rows cannot change
+/// while they are read, so the binlog position read now is consistent with all of them), and
+/// reads the position. No transaction is opened: one would release the locks.
+async fn table_locked(
+    conn: &mut mysql_async::Conn,
+    tables: &[String],
+    lock_wait_s: u64,
+) -> Result<(BinlogPosition, Option<String>), SourceError> {
+    let list: Vec<String> = tables
+        .iter()
+        .map(|t| {
+            let (db, table) = t.split_once('.').unwrap_or(("", t));
+            format!("{}.{} READ", quote_ident(db), quote_ident(table))
+        })
+        .collect();
+    lock(
+        conn,
+        &format!("LOCK TABLES {}", list.join(", ")),
+        lock_wait_s,
+    )
+    .await?;
+    super::preflight::binlog_status(conn).await
 }
 
 /// Rows of a table's first chunk (see [`next_limit`]).
