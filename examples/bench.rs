@@ -232,6 +232,13 @@ async fn main() -> Result<()> {
     let rate = arg(3, 200);
     let seconds = arg(4, 30);
     let orders = arg(5, 2_000);
+    // The sink phase embeds ORDERS/2 users taken from the ROWS of the users table: with fewer
+    // rows it would wait for a catch-up that never comes.
+    anyhow::ensure!(
+        rows >= orders.div_ceil(2),
+        "ROWS ({rows}) must be at least ORDERS/2 ({}): the sink phase's users come from those rows",
+        orders.div_ceil(2)
+    );
     let _tls = rustls::crypto::ring::default_provider().install_default();
     let handle = ecst::metrics::install().map_err(|e| anyhow::anyhow!(e))?;
     let stamp = std::time::SystemTime::now()

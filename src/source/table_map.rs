@@ -195,7 +195,8 @@ pub fn from_table_map(
                 Some(cs) => ColumnKind::String(cs),
                 None => ColumnKind::Bytes,
             },
-            T::MYSQL_TYPE_GEOMETRY => ColumnKind::Bytes,
+            // VECTOR (MySQL 9): its bytes (little-endian float32s), as Debezium passes it.
+            T::MYSQL_TYPE_GEOMETRY | T::MYSQL_TYPE_VECTOR => ColumnKind::Bytes,
             other => {
                 return Err(SourceError::UnsupportedType {
                     table: qn,
@@ -453,7 +454,9 @@ pub async fn from_information_schema(
             }
             "binary" | "varbinary" | "tinyblob" | "blob" | "mediumblob" | "longblob"
             | "geometry" | "point" | "linestring" | "polygon" | "multipoint"
-            | "multilinestring" | "multipolygon" | "geometrycollection" => ColumnKind::Bytes,
+            | "multilinestring" | "multipolygon" | "geometrycollection" | "vector" => {
+                ColumnKind::Bytes
+            }
             other => {
                 return Err(SourceError::UnsupportedType {
                     table: format!("{db}.{table}"),
