@@ -191,30 +191,12 @@ fn main() -> ExitCode {
                     eprintln!("error: say what to move: --source and/or --sink");
                     return ExitCode::from(2);
                 }
-                return match ecst::positions::reset(&cfg, source, sink, yes).await {
-                    Ok(text) => {
-                        print!("{text}");
-                        ExitCode::SUCCESS
-                    }
-                    Err(e) => {
-                        eprintln!("error: {e}");
-                        ExitCode::FAILURE
-                    }
-                };
+                return printed(ecst::positions::reset(&cfg, source, sink, yes).await);
             }
             Command::Offsets {
                 action: OffsetsAction::Show,
             } => {
-                return match ecst::positions::show(&cfg).await {
-                    Ok(text) => {
-                        print!("{text}");
-                        ExitCode::SUCCESS
-                    }
-                    Err(e) => {
-                        eprintln!("error: {e}");
-                        ExitCode::FAILURE
-                    }
-                };
+                return printed(ecst::positions::show(&cfg).await);
             }
             Command::Source => Components::Source,
             Command::Sink => Components::Sink,
@@ -231,6 +213,20 @@ fn main() -> ExitCode {
             }
         }
     })
+}
+
+/// Prints a command's text, or its error; the exit code says which.
+fn printed(result: Result<String, impl std::fmt::Display>) -> ExitCode {
+    match result {
+        Ok(text) => {
+            print!("{text}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
 }
 
 /// `ecst inspect-binlog`: no configuration, no server, one thread.

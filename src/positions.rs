@@ -122,6 +122,30 @@ impl std::str::FromStr for SinkTarget {
     }
 }
 
+/// A consumer in the sink's group (never joining it: it only reads and commits offsets) and
+/// every partition of the mappings' topics that exists (blocking: broker round trips).
+fn sink_group(
+    cfg: &Config,
+    sink: &crate::config::SinkConfig,
+) -> Result<(BaseConsumer, TopicPartitionList), PositionsError> {
+    let mut cc = client_config(&cfg.kafka);
+    cc.set("group.id", &sink.group_id)
+        .set("enable.auto.commit", "false");
+    let c: BaseConsumer = cc.create()?;
+    let md = c.fetch_metadata(None, Duration::from_secs(10))?;
+    let mut tpl = TopicPartitionList::new();
+    for t in md
+        .topics()
+        .iter()
+        .filter(|t| sink.mappings.iter().any(|m| m.topic == t.name()))
+    {
+        for p in t.partitions() {
+            tpl.add_partition(t.name(), p.id());
+        }
+    }
+    Ok((c, tpl))
+}
+
 /// Refuses when `group` has members.
 fn refuse_if_running(cfg: &Config, what: &'static str, group: &str) -> Result<(), PositionsError> {
     let members = crate::presence::members(cfg, group)?;
@@ -221,27 +245,11 @@ pub async fn reset(
     }
     if let (Some(target), Some(sink)) = (sink, &cfg.sink) {
         let group = sink.group_id.clone();
-        let mut topics: Vec<String> = sink.mappings.iter().map(|m| m.topic.clone()).collect();
-        topics.sort();
-        topics.dedup();
-        let mut cc = client_config(&cfg.kafka);
-        cc.set("group.id", &group)
-            .set("enable.auto.commit", "false");
+        let sink_cfg = sink.clone();
         let cfg2 = cfg.clone();
         let lines = tokio::task::spawn_blocking(move || -> Result<Vec<String>, PositionsError> {
             refuse_if_running(&cfg2, "sink", &group)?;
-            let c: BaseConsumer = cc.create()?;
-            let md = c.fetch_metadata(None, Duration::from_secs(10))?;
-            let mut current = TopicPartitionList::new();
-            for t in md
-                .topics()
-                .iter()
-                .filter(|t| topics.iter().any(|x| x == t.name()))
-            {
-                for p in t.partitions() {
-                    current.add_partition(t.name(), p.id());
-                }
-            }
+            let (c, current) = sink_group(&cfg2, &sink_cfg)?;
             let committed = c.committed_offsets(current.clone(), Duration::from_secs(10))?;
             let wanted = match target {
                 SinkTarget::Timestamp(ms) => {
@@ -398,26 +406,11 @@ pub async fn show(cfg: &Config) -> Result<String, PositionsError> {
         }
     }
     if let Some(sink) = &cfg.sink {
-        let mut topics: Vec<String> = sink.mappings.iter().map(|m| m.topic.clone()).collect();
-        topics.sort();
-        topics.dedup();
-        let mut cc = client_config(&cfg.kafka);
-        cc.set("group.id", &sink.group_id)
-            .set("enable.auto.commit", "false");
         let group = sink.group_id.clone();
+        let sink_cfg = sink.clone();
+        let cfg2 = cfg.clone();
         let lines = tokio::task::spawn_blocking(move || -> Result<Vec<String>, PositionsError> {
-            let c: BaseConsumer = cc.create()?;
-            let md = c.fetch_metadata(None, Duration::from_secs(10))?;
-            let mut tpl = TopicPartitionList::new();
-            for t in md
-                .topics()
-                .iter()
-                .filter(|t| topics.iter().any(|x| x == t.name()))
-            {
-                for p in t.partitions() {
-                    tpl.add_partition(t.name(), p.id());
-                }
-            }
+            let (c, tpl) = sink_group(&cfg2, &sink_cfg)?;
             let committed = c.committed_offsets(tpl, Duration::from_secs(10))?;
             let mut lines = Vec::new();
             for el in committed.elements() {
