@@ -26,6 +26,8 @@ pub const COMPONENT_LABEL: &str = "component";
 pub const OP_LABEL: &str = "op";
 /// Label: kind of an error (a server error code such as `mysql_1040`, or a client error family).
 pub const KIND_LABEL: &str = "kind";
+/// Label: a Kafka change topic.
+pub const TOPIC_LABEL: &str = "topic";
 
 /// Gauge, labels `component`: 1 while the component retries a run of transient errors.
 pub const COMPONENT_RETRYING: &str = "ecst_component_retrying";
@@ -34,7 +36,7 @@ pub const COMPONENT_LAST_ERROR_TS: &str = "ecst_component_last_error_timestamp_s
 /// Counter, labels `component`, `kind`: transient failures by kind.
 pub const COMPONENT_ERRORS_TOTAL: &str = "ecst_component_errors_total";
 
-/// Counter, labels `table`: change events produced to Kafka (committed or not).
+/// Counter, labels `table`: change events committed to Kafka.
 pub const SOURCE_EVENTS_TOTAL: &str = "ecst_source_events_total";
 /// Counter: Kafka transactions committed by the source.
 pub const SOURCE_TRANSACTIONS_TOTAL: &str = "ecst_source_kafka_transactions_total";
@@ -49,7 +51,8 @@ pub const SOURCE_BINLOG_POS: &str = "ecst_source_binlog_position";
 pub const SOURCE_TABLE_LIFECYCLE_TOTAL: &str = "ecst_source_table_lifecycle_total";
 /// Gauge, labels `table`: snapshot rows read so far.
 pub const SNAPSHOT_ROWS_DONE: &str = "ecst_snapshot_rows_done";
-/// Gauge, labels `table`: estimated rows of the table being snapshotted.
+/// Gauge, labels `table`: estimated rows of the table being snapshotted; its row count once its
+/// snapshot is finished.
 pub const SNAPSHOT_ROWS_TOTAL: &str = "ecst_snapshot_rows_total";
 /// Gauge: 1 while a snapshot runs.
 pub const SNAPSHOT_RUNNING: &str = "ecst_snapshot_running";
@@ -59,12 +62,15 @@ pub const SOURCE_RESTARTS_TOTAL: &str = "ecst_source_restarts_total";
 pub const SINK_APPLIED_TOTAL: &str = "ecst_sink_applied_total";
 /// Counter, labels `mapping`: events skipped because the stored copy was newer (version guard).
 pub const SINK_STALE_TOTAL: &str = "ecst_sink_stale_skipped_total";
-/// Counter: messages sent to the dead-letter topic.
+/// Counter, labels `topic`: messages sent to the dead-letter topic, by the topic they came from.
 pub const SINK_DLQ_TOTAL: &str = "ecst_sink_dead_letter_total";
 /// Counter, labels `component`, `class`: retries after errors.
 pub const RETRIES_TOTAL: &str = "ecst_retries_total";
-/// Gauge: consumer lag of the sink (messages), summed over assigned partitions.
+/// Gauge, labels `topic`: messages not yet applied on the partitions this process is assigned
+/// (high watermark minus the next offset to apply), refreshed every few seconds.
 pub const SINK_CONSUMER_LAG: &str = "ecst_sink_consumer_lag";
+/// Gauge, labels `mapping`, `topic`: always 1; which topic each mapping reads.
+pub const SINK_MAPPING_INFO: &str = "ecst_sink_mapping_info";
 /// Histogram (seconds): MySQL commit → MongoDB acknowledged, from the source timestamp header.
 pub const END_TO_END_LATENCY: &str = "ecst_end_to_end_latency_seconds";
 /// Histogram (seconds): ecst read the change from the binlog → MongoDB acknowledged
@@ -79,6 +85,21 @@ pub const PROCESS_START_TS: &str = "process_start_time_seconds";
 /// Gauge: Unix time (s) the binlog reader last received an event, heartbeats included (set at
 /// most once a second): a stream that is connected but hears nothing shows as an old value.
 pub const SOURCE_LAST_EVENT_TS: &str = "ecst_source_last_event_timestamp_seconds";
+
+/// Gauge: sequence number of the server's newest binlog file (its end), polled.
+pub const SERVER_BINLOG_FILE: &str = "ecst_source_server_binlog_file_seq";
+/// Gauge: size of the server's newest binlog file (the end position), polled.
+pub const SERVER_BINLOG_POS: &str = "ecst_source_server_binlog_position";
+/// Gauge: binlog bytes between the committed position and the server's end.
+pub const BINLOG_BYTES_BEHIND: &str = "ecst_source_binlog_bytes_behind";
+/// Gauge: binlog files on the server older than the committed position's file (0: that file is
+/// the next a purge removes); -1 when that file is gone.
+pub const BINLOG_FILES_BEFORE: &str = "ecst_source_binlog_files_before_position";
+/// Gauge: the server's automatic binlog purge age in seconds (0: it never purges by age).
+pub const BINLOG_EXPIRE_SECONDS: &str = "ecst_source_binlog_expire_seconds";
+/// Gauge: the earliest an automatic purge can remove the committed position's file, in seconds
+/// from now (a lower bound); only set while the server purges by age.
+pub const BINLOG_PURGE_MARGIN_SECONDS: &str = "ecst_source_binlog_purge_margin_seconds";
 
 /// Seconds since the Unix epoch, now.
 pub fn now_s() -> f64 {
@@ -221,18 +242,57 @@ pub fn install() -> Result<PrometheusHandle, String> {
         SOURCE_LAST_EVENT_TS,
         "Unix time the binlog reader last received an event (heartbeats included)"
     );
+    describe_gauge!(
+        SINK_MAPPING_INFO,
+        "Which topic each sink mapping reads (always 1)"
+    );
+    describe_gauge!(
+        SERVER_BINLOG_FILE,
+        "Sequence number of the server's newest binlog file"
+    );
+    describe_gauge!(
+        SERVER_BINLOG_POS,
+        Unit::Bytes,
+        "Size of the server's newest binlog file (its end position)"
+    );
+    describe_gauge!(
+        BINLOG_BYTES_BEHIND,
+        Unit::Bytes,
+        "Binlog bytes between the committed position and the server's end"
+    );
+    describe_gauge!(
+        BINLOG_FILES_BEFORE,
+        "Binlog files older than the committed position's file (-1: that file is gone)"
+    );
+    describe_gauge!(
+        BINLOG_EXPIRE_SECONDS,
+        Unit::Seconds,
+        "The server's automatic binlog purge age (0: never by age)"
+    );
+    describe_gauge!(
+        BINLOG_PURGE_MARGIN_SECONDS,
+        Unit::Seconds,
+        "Earliest an automatic purge can remove the committed position's file, from now"
+    );
     metrics::gauge!(PROCESS_START_TS).set(now_s().floor());
     Ok(handle)
 }
 
-/// Serves `/metrics`, `/health` and `/ready` until the listener task is dropped.
+/// Seconds between reloads of the status page.
+const STATUS_REFRESH_S: u32 = 2;
+
+/// Serves `/metrics`, `/health`, `/ready` and the status page `/` until the listener task is
+/// dropped.
 pub async fn serve(listener: TcpListener, handle: PrometheusHandle, readiness: Arc<Readiness>) {
+    // Rates on the status page are measured between its requests, over a few seconds.
+    let rates = Arc::new(Mutex::new(crate::status::Rates::default()));
     loop {
         let Ok((mut sock, _)) = listener.accept().await else {
             continue;
         };
         let handle = handle.clone();
         let readiness = readiness.clone();
+        let rates = rates.clone();
         tokio::spawn(async move {
             let mut buf = [0u8; 1024];
             let Ok(n) = sock.read(&mut buf).await else {
@@ -240,18 +300,43 @@ pub async fn serve(listener: TcpListener, handle: PrometheusHandle, readiness: A
             };
             let req = String::from_utf8_lossy(&buf[..n]);
             let path = req.split_whitespace().nth(1).unwrap_or("/");
-            let (status, body) = match path {
-                "/metrics" => ("200 OK", handle.render()),
-                "/health" => ("200 OK", "ok\n".to_string()),
-                "/ready" if readiness.ready() => ("200 OK", "ready\n".to_string()),
+            let text = "text/plain; version=0.0.4";
+            let (status, kind, body) = match path {
+                "/metrics" => ("200 OK", text, handle.render()),
+                "/health" => ("200 OK", text, "ok\n".to_string()),
+                "/ready" if readiness.ready() => ("200 OK", text, "ready\n".to_string()),
                 "/ready" => (
                     "503 Service Unavailable",
+                    text,
                     format!("not ready\n{}\n", readiness.not_ready_reasons().join("\n")),
                 ),
-                _ => ("404 Not Found", "not found\n".to_string()),
+                "/" | "/index.html" => {
+                    let cur = crate::status::Sample::parse(&handle.render());
+                    let prev = rates
+                        .lock()
+                        .ok()
+                        .and_then(|mut r| r.push(std::time::Instant::now(), &cur));
+                    let not_ready = if readiness.ready() {
+                        Vec::new()
+                    } else {
+                        readiness.not_ready_reasons()
+                    };
+                    let st = crate::status::Status::build(
+                        &cur,
+                        prev.as_ref().map(|(s, dt)| (s, *dt)),
+                        now_s(),
+                        not_ready,
+                    );
+                    (
+                        "200 OK",
+                        "text/html; charset=utf-8",
+                        crate::status::render_html(&st, STATUS_REFRESH_S),
+                    )
+                }
+                _ => ("404 Not Found", text, "not found\n".to_string()),
             };
             let resp = format!(
-                "HTTP/1.1 {status}\r\ncontent-type: text/plain; version=0.0.4\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                "HTTP/1.1 {status}\r\ncontent-type: {kind}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
                 body.len()
             );
             // A client that went away is not our problem.

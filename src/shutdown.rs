@@ -42,3 +42,14 @@ impl ShutdownRx {
         ShutdownRx(rx)
     }
 }
+
+/// Aborts a spawned task when dropped: a helper task never outlives the function that owns it,
+/// whichever way that function returns.
+#[derive(Debug)]
+pub struct AbortOnDrop<T>(pub tokio::task::JoinHandle<T>);
+
+impl<T> Drop for AbortOnDrop<T> {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}

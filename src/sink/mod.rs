@@ -490,14 +490,17 @@ impl Sink {
             if let Some(p) = msg.payload() {
                 rec = rec.payload(p);
             }
-            pending.push(self.dlq.send(rec, Duration::from_secs(30)));
+            pending.push((
+                msg.topic().to_string(),
+                self.dlq.send(rec, Duration::from_secs(30)),
+            ));
         }
-        for fut in pending {
+        for (from, fut) in pending {
             fut.await.map_err(|(source, _)| SinkError::DeadLetter {
                 topic: self.dlq_topic.clone(),
                 source,
             })?;
-            metrics::counter!(m::SINK_DLQ_TOTAL).increment(1);
+            metrics::counter!(m::SINK_DLQ_TOTAL, m::TOPIC_LABEL => from).increment(1);
         }
         Ok(())
     }
@@ -617,26 +620,53 @@ fn message_bytes(m: &OwnedMessage) -> usize {
     m.key().map_or(0, <[u8]>::len) + m.payload().map_or(0, <[u8]>::len)
 }
 
-/// Sums high watermark minus position over the assigned partitions (blocking: broker round trips).
-fn record_lag(consumer: &StreamConsumer) {
-    let (Ok(assignment), Ok(position)) = (consumer.assignment(), consumer.position()) else {
+/// Next offset to apply, per (topic, partition), as far as this process has applied.
+type Applied = Arc<std::sync::Mutex<HashMap<(String, i32), i64>>>;
+
+/// How often the consumer lag is measured.
+const LAG_INTERVAL: Duration = Duration::from_secs(5);
+
+/// Sets `ecst_sink_consumer_lag{topic}`: high watermark minus the next offset to apply, summed
+/// over the partitions this process is assigned (blocking: broker round trips). The next offset
+/// to apply is what this process applied, else the group's committed offset, else the low
+/// watermark (nothing committed yet: everything is still to apply). Measured on a timer, so a
+/// sink that applies nothing (stuck, or starved of input) still shows its lag growing.
+fn record_lag(consumer: &StreamConsumer, topics: &[String], applied: &Applied) {
+    let Ok(assignment) = consumer.assignment() else {
         return;
     };
-    let mut lag: i64 = 0;
+    let known: HashMap<(String, i32), i64> = applied.lock().map(|a| a.clone()).unwrap_or_default();
+    let mut committed: Option<TopicPartitionList> = None;
+    let mut lag: HashMap<&str, i64> = topics.iter().map(|t| (t.as_str(), 0)).collect();
     for el in assignment.elements() {
-        let pos = position
-            .find_partition(el.topic(), el.partition())
-            .and_then(|p| p.offset().to_raw())
-            .unwrap_or(-1);
-        if let Ok((_, high)) =
+        let Ok((low, high)) =
             consumer.fetch_watermarks(el.topic(), el.partition(), Duration::from_millis(500))
-            && pos >= 0
-            && high >= pos
-        {
-            lag += high - pos;
+        else {
+            continue;
+        };
+        let next = match known.get(&(el.topic().to_string(), el.partition())) {
+            Some(o) => *o,
+            None => {
+                if committed.is_none() {
+                    committed = consumer
+                        .committed_offsets(assignment.clone(), Duration::from_millis(500))
+                        .ok();
+                }
+                committed
+                    .as_ref()
+                    .and_then(|c| c.find_partition(el.topic(), el.partition()))
+                    .and_then(|p| p.offset().to_raw())
+                    .filter(|o| *o >= 0)
+                    .unwrap_or(low)
+            }
+        };
+        if let Some(v) = lag.get_mut(el.topic()) {
+            *v += (high - next.max(low)).max(0);
         }
     }
-    metrics::gauge!(m::SINK_CONSUMER_LAG).set(lag as f64);
+    for (topic, v) in lag {
+        metrics::gauge!(m::SINK_CONSUMER_LAG, m::TOPIC_LABEL => topic.to_string()).set(v as f64);
+    }
 }
 
 /// Runs the sink until shutdown or a definite error.
@@ -747,9 +777,28 @@ async fn consume(
         .map_err(|e| SinkError::Kafka(KafkaClientError::Broker(e)))?;
     readiness.sink_ready.store(true, Ordering::Relaxed);
     tracing::info!(topics = ?topics, group = %sink_cfg.group_id, "sink consuming");
+    for mp in &sink_cfg.mappings {
+        metrics::gauge!(m::SINK_MAPPING_INFO, m::MAPPING_LABEL => mp.name.clone(), m::TOPIC_LABEL => mp.topic.clone())
+            .set(1.0);
+    }
+    let done_offsets: Applied = Arc::default();
+    let _lag = {
+        let (consumer, topics, applied) = (consumer.clone(), topics.clone(), done_offsets.clone());
+        crate::shutdown::AbortOnDrop(tokio::spawn(async move {
+            let mut tick = tokio::time::interval(LAG_INTERVAL);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                let (c, t, a) = (consumer.clone(), topics.clone(), applied.clone());
+                // Off the async threads; a slow broker answer only delays the gauge.
+                if let Err(e) = tokio::task::spawn_blocking(move || record_lag(&c, &t, &a)).await {
+                    tracing::debug!(error = %e, "consumer lag measurement failed");
+                }
+            }
+        }))
+    };
     let batch_timeout = Duration::from_millis(sink_cfg.batch_timeout_ms);
     let bounds = (sink_cfg.batch_size, sink_cfg.batch_max_bytes);
-    let mut last_lag = Instant::now();
     // What arrived while the previous batch was written: the start of the next one.
     let mut carry = Carry::default();
     'outer: loop {
@@ -861,11 +910,12 @@ async fn consume(
             // A partition revoked meanwhile: its new owner re-applies (idempotent), nothing lost.
             tracing::warn!(error = %e, "storing offsets failed");
         }
-        if last_lag.elapsed() > Duration::from_secs(2) {
-            let c = consumer.clone();
-            // Off the async threads; a slow broker answer only delays the gauge.
-            drop(tokio::task::spawn_blocking(move || record_lag(&c)));
-            last_lag = Instant::now();
+        if let Ok(mut a) = done_offsets.lock() {
+            for el in tpl.elements() {
+                if let Some(o) = el.offset().to_raw() {
+                    a.insert((el.topic().to_string(), el.partition()), o);
+                }
+            }
         }
     }
     readiness.sink_ready.store(false, Ordering::Relaxed);

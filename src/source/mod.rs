@@ -41,6 +41,7 @@ mod handover;
 mod json;
 pub mod preflight;
 mod publisher;
+pub mod retention;
 pub mod snapshot;
 pub mod table_map;
 pub mod window;
@@ -222,6 +223,15 @@ pub async fn run(
     let mut first = true;
     let mut publisher: Option<Publisher> = None;
     let mut committed: Option<SourceOffset> = None;
+    // The retention poller follows the committed position; it ends with this function.
+    let (progress, progress_rx) = tokio::sync::watch::channel(None);
+    let progress = Arc::new(progress);
+    let poller = tokio::spawn(retention::watch(
+        mysql.clone(),
+        progress_rx,
+        shutdown.clone(),
+    ));
+    let _poller = crate::shutdown::AbortOnDrop(poller);
     loop {
         if shutdown.is_triggered() {
             return Ok(());
@@ -237,6 +247,7 @@ pub async fn run(
             shutdown.clone(),
             &readiness,
             &mut retry,
+            &progress,
         )
         .await;
         readiness.source_ready.store(false, Ordering::Relaxed);
@@ -293,6 +304,7 @@ async fn session(
     mut shutdown: ShutdownRx,
     readiness: &Arc<Readiness>,
     retry: &mut RetryLoop,
+    progress: &Arc<tokio::sync::watch::Sender<Option<retention::Committed>>>,
 ) -> Result<(), SourceError> {
     let offsets_topic = cfg.offsets_topic();
     let mut topics = vec![TopicSpec {
@@ -323,10 +335,25 @@ async fn session(
             events_since_commit: 0,
             last_commit_took: Duration::ZERO,
             counts: HashMap::new(),
+            last_change_ts_ms: 0,
+            progress: progress.clone(),
         });
         // The producer's init_transactions aborted any transaction a previous incarnation left
         // open, so the committed offset read now is final.
         *committed = load_offset(cfg, &offsets_topic).await?;
+    }
+    // The poller knows where we stand before the first commit of this session.
+    if let Some(o) = committed.as_ref() {
+        progress.send_if_modified(|p| {
+            let fresh = p.is_none();
+            if fresh {
+                *p = Some(retention::Committed {
+                    position: o.position.clone(),
+                    commit_ts_ms: 0,
+                });
+            }
+            fresh
+        });
     }
     let Some(publisher) = publisher.as_mut() else {
         return Err(SourceError::Task("no publisher".into()));

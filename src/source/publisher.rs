@@ -10,6 +10,7 @@ use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
 
 use super::SourceError;
+use super::retention::Committed;
 use crate::config::Config;
 use crate::events::avro::{TableAvro, encode_envelope, encode_key};
 use crate::events::registry::{Registry, RegistryError, frame_into};
@@ -20,9 +21,12 @@ use crate::events::{
 use crate::kafka::{KafkaClientError, MAX_MESSAGE_BYTES, client_config};
 use crate::metrics as m;
 use crate::offsets::SourceOffset;
+use tokio::sync::watch;
 
 pub(super) struct TableState {
     topic: String,
+    /// `db.table`, the metrics' `table` label.
+    table: String,
     key_id: u32,
     value_id: u32,
 }
@@ -107,8 +111,12 @@ pub(super) struct Publisher {
     pub(super) events_since_commit: u64,
     /// How long the last commit took (it sizes the next transaction, see [`pump`]).
     pub(super) last_commit_took: Duration,
-    /// Events per topic since the last commit (metrics are emitted per commit, not per row).
+    /// Events per table since the last commit (metrics are emitted per commit, not per row).
     pub(super) counts: HashMap<String, u64>,
+    /// MySQL time of the last streamed (not snapshot) change published.
+    pub(super) last_change_ts_ms: i64,
+    /// Each committed position, for the binlog retention poller.
+    pub(super) progress: Arc<watch::Sender<Option<Committed>>>,
 }
 
 impl Publisher {
@@ -155,6 +163,7 @@ impl Publisher {
         self.last_shapes.insert(qn, schema.clone());
         let st = Arc::new(TableState {
             topic,
+            table: schema.qualified_name(),
             key_id,
             value_id,
         });
@@ -214,6 +223,9 @@ impl Publisher {
         self.begin()?;
         let st = self.state_for(&ev.schema).await?;
         let now_ms = crate::events::now_ms();
+        if ev.source.snapshot == "false" && ev.source.ts_ms > 0 {
+            self.last_change_ts_ms = ev.source.ts_ms;
+        }
         let key_changed = ev.op == Op::Update
             && match (&ev.before, &ev.after) {
                 (Some(b), Some(a)) => ev.schema.key_of(b) != ev.schema.key_of(a),
@@ -253,7 +265,7 @@ impl Publisher {
             self.write_one(&st, &ev, now_ms, timing_headers(&ev), tomb)
                 .await?;
         }
-        *self.counts.entry(st.topic.clone()).or_default() += 1;
+        *self.counts.entry(st.table.clone()).or_default() += 1;
         Ok(())
     }
 
@@ -343,9 +355,13 @@ impl Publisher {
         self.open = false;
         self.events_since_commit = 0;
         metrics::counter!(m::SOURCE_TRANSACTIONS_TOTAL).increment(1);
-        for (topic, n) in self.counts.drain() {
-            metrics::counter!(m::SOURCE_EVENTS_TOTAL, m::TABLE_LABEL => topic).increment(n);
+        for (table, n) in self.counts.drain() {
+            metrics::counter!(m::SOURCE_EVENTS_TOTAL, m::TABLE_LABEL => table).increment(n);
         }
+        self.progress.send_replace(Some(Committed {
+            position: offset.position.clone(),
+            commit_ts_ms: self.last_change_ts_ms,
+        }));
         metrics::gauge!(m::SOURCE_BINLOG_POS).set(offset.position.pos as f64);
         if let Some(seq) = offset.position.file_seq() {
             metrics::gauge!(m::SOURCE_BINLOG_FILE).set(seq as f64);

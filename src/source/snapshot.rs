@@ -239,6 +239,8 @@ pub async fn run_snapshot(
         }
         tx.send(SourceMsg::SnapshotProgress(segments.clone()))
             .await?;
+        // The estimate gives way to the count: done == total says this table is finished.
+        metrics::gauge!(m::SNAPSHOT_ROWS_TOTAL, m::TABLE_LABEL => qn.clone()).set(done as f64);
         tracing::info!(table = %qn, rows = done, "snapshot of table finished");
     }
     conn.query_drop(if table_locks {
