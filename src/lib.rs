@@ -21,3 +21,5 @@ pub mod retry;
 pub mod shutdown;
 pub mod sink;
 pub mod source;
+pub mod status;
+pub mod top;

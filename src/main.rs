@@ -53,6 +53,20 @@ enum Command {
         #[command(subcommand)]
         action: OffsetsAction,
     },
+    /// A live view of a running ecst in the terminal, read from its metrics endpoint: per table
+    /// events/s and snapshot progress, the binlog position against the server's end and its purge
+    /// margin, per mapping applied/s, stale skips, consumer lag and dead letters. q quits.
+    Top {
+        /// Base URL of the metrics listener (default: `metrics.listen` of the configuration).
+        #[arg(long)]
+        url: Option<String>,
+        /// Milliseconds between refreshes.
+        #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(100..=60_000))]
+        interval_ms: u64,
+        /// Print one frame as text and exit (status 1 when the endpoint cannot be reached).
+        #[arg(long)]
+        once: bool,
+    },
     /// Decode binlog files offline through the source's decoder: one JSON line per change (op,
     /// table, key, before, after, position, GTID). Needs no configuration and no server.
     InspectBinlog {
@@ -121,6 +135,14 @@ fn main() -> ExitCode {
         };
         return inspect_binlog(files, opts);
     }
+    if let Command::Top {
+        url,
+        interval_ms,
+        once,
+    } = &cli.command
+    {
+        return top(&cli.config, url.clone(), *interval_ms, *once);
+    }
     let cfg = match Config::load(&cli.config) {
         Ok(c) => c,
         Err(e) => {
@@ -145,13 +167,7 @@ fn main() -> ExitCode {
     std::panic::set_hook(Box::new(|info| {
         tracing::error!(panic = %info, "a task panicked; this is a bug in ecst, please report it");
     }));
-    // One TLS provider for every client (rustls with ring): set before any client exists.
-    if rustls::crypto::ring::default_provider()
-        .install_default()
-        .is_err()
-    {
-        tracing::debug!("a rustls crypto provider was already installed");
-    }
+    install_tls_provider();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -222,6 +238,60 @@ fn printed(result: Result<String, impl std::fmt::Display>) -> ExitCode {
             print!("{text}");
             ExitCode::SUCCESS
         }
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// One TLS provider for every client (rustls with ring): set before any client exists.
+fn install_tls_provider() {
+    if rustls::crypto::ring::default_provider()
+        .install_default()
+        .is_err()
+    {
+        tracing::debug!("a rustls crypto provider was already installed");
+    }
+}
+
+/// `ecst top`: the configuration only for the address, when `--url` is not given.
+fn top(config: &std::path::Path, url: Option<String>, interval_ms: u64, once: bool) -> ExitCode {
+    let url = match url {
+        Some(u) => u,
+        None => match Config::load(config) {
+            Ok(c) if c.metrics.listen.is_empty() => {
+                eprintln!(
+                    "error: {}: metrics.listen is empty, so ecst serves no metrics; set it, or pass --url",
+                    config.display()
+                );
+                return ExitCode::from(2);
+            }
+            Ok(c) => ecst::top::url_for_listen(&c.metrics.listen),
+            Err(e) => {
+                eprintln!("error: {}: {e} (or pass --url)", config.display());
+                return ExitCode::from(2);
+            }
+        },
+    };
+    install_tls_provider();
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let opts = ecst::top::Options {
+        url,
+        interval: std::time::Duration::from_millis(interval_ms),
+        once,
+    };
+    match runtime.block_on(ecst::top::run(opts)) {
+        Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e}");
             ExitCode::FAILURE
