@@ -12,3 +12,4 @@ mod security;
 mod sink;
 mod smoke;
 mod source;
+mod views;
