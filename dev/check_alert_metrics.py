@@ -6,7 +6,8 @@ Run by `dev/stack lint-alerts` (after promtool). Reads:
 * src/metrics.rs: every metric const (`pub const X: &str = "ecst_..."`), its type from its doc
   comment (Gauge / Counter / Histogram) and the label keys (`*_LABEL`);
 * src/**/*.rs: where each metric is emitted (`counter!` / `gauge!` / `histogram!`) and with
-  which labels: the labels a series really has;
+  which labels (the `*_LABEL` consts named in the macro's arguments): the labels a series
+  really has. Labels built outside the macro call are not seen;
 * deploy/prometheus/ecst-rules.yml, ecst-rules.test.yml and deploy/grafana/ecst.json.
 
 Fails (exit 1) when an expression names a metric src/ does not emit, a label that metric is not
@@ -90,8 +91,10 @@ def read_metrics():
                 depth += {"(": 1, ")": -1}.get(src[i], 0)
                 i += 1
             args = src[m.end() : i - 1]
+            # Every label const named in the arguments is a key: `m::X_LABEL => v` pairs, and
+            # also `(m::X_LABEL, v)` tuples or `Label::new(m::X_LABEL, v)` in a label slice.
             labels = set()
-            for lc in re.findall(r"(?:m|metrics|crate::metrics)::([A-Z_]+_LABEL)\s*=>", args):
+            for lc in re.findall(r"\b([A-Z][A-Z_]*_LABEL)\b", args):
                 if lc not in label_keys:
                     error(path.relative_to(ROOT), f"{const}: unknown label const {lc}")
                 else:
