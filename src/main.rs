@@ -168,15 +168,8 @@ fn main() -> ExitCode {
         tracing::error!(panic = %info, "a task panicked; this is a bug in ecst, please report it");
     }));
     install_tls_provider();
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(r) => r,
-        Err(e) => {
-            eprintln!("error: cannot start the async runtime: {e}");
-            return ExitCode::FAILURE;
-        }
+    let Some(runtime) = runtime(tokio::runtime::Builder::new_multi_thread().enable_all()) else {
+        return ExitCode::FAILURE;
     };
     let cfg = Arc::new(cfg);
     runtime.block_on(async move {
@@ -245,6 +238,14 @@ fn printed(result: Result<String, impl std::fmt::Display>) -> ExitCode {
     }
 }
 
+/// The async runtime `builder` describes, or `None` after saying why there is none.
+fn runtime(builder: &mut tokio::runtime::Builder) -> Option<tokio::runtime::Runtime> {
+    builder
+        .build()
+        .map_err(|e| eprintln!("error: cannot start the async runtime: {e}"))
+        .ok()
+}
+
 /// One TLS provider for every client (rustls with ring): set before any client exists.
 fn install_tls_provider() {
     if rustls::crypto::ring::default_provider()
@@ -275,15 +276,8 @@ fn top(config: &std::path::Path, url: Option<String>, interval_ms: u64, once: bo
         },
     };
     install_tls_provider();
-    let runtime = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(r) => r,
-        Err(e) => {
-            eprintln!("error: cannot start the async runtime: {e}");
-            return ExitCode::FAILURE;
-        }
+    let Some(runtime) = runtime(tokio::runtime::Builder::new_current_thread().enable_all()) else {
+        return ExitCode::FAILURE;
     };
     let opts = ecst::top::Options {
         url,
@@ -301,12 +295,8 @@ fn top(config: &std::path::Path, url: Option<String>, interval_ms: u64, once: bo
 
 /// `ecst inspect-binlog`: no configuration, no server, one thread.
 fn inspect_binlog(files: &[PathBuf], opts: ecst::inspect::Options) -> ExitCode {
-    let runtime = match tokio::runtime::Builder::new_current_thread().build() {
-        Ok(r) => r,
-        Err(e) => {
-            eprintln!("error: cannot start the async runtime: {e}");
-            return ExitCode::FAILURE;
-        }
+    let Some(runtime) = runtime(&mut tokio::runtime::Builder::new_current_thread()) else {
+        return ExitCode::FAILURE;
     };
     let mut out = std::io::BufWriter::new(std::io::stdout());
     match runtime.block_on(ecst::inspect::inspect(files, opts, &mut out)) {

@@ -306,6 +306,14 @@ impl Status {
                 names.sort();
                 names.dedup();
                 let snapshot_running = cur.value(m::SNAPSHOT_RUNNING).is_some_and(|v| v > 0.0);
+                let position = seq_pos(
+                    cur.value(m::SOURCE_BINLOG_FILE),
+                    cur.value(m::SOURCE_BINLOG_POS),
+                );
+                let polled_end = seq_pos(
+                    cur.value(m::SERVER_BINLOG_FILE),
+                    cur.value(m::SERVER_BINLOG_POS),
+                );
                 let tables = names
                     .into_iter()
                     .map(|name| {
@@ -351,33 +359,12 @@ impl Status {
                         .value(m::SOURCE_LAST_EVENT_TS)
                         .map(|t| (now_s - t).max(0.0)),
                     restarts: cur.value(m::SOURCE_RESTARTS_TOTAL).unwrap_or(0.0),
-                    position: seq_pos(
-                        cur.value(m::SOURCE_BINLOG_FILE),
-                        cur.value(m::SOURCE_BINLOG_POS),
-                    ),
+                    position,
                     // Polled every few seconds: the end is at least where the source already is.
-                    server_end: seq_pos(
-                        cur.value(m::SERVER_BINLOG_FILE),
-                        cur.value(m::SERVER_BINLOG_POS),
-                    )
-                    .map(|end| {
-                        let ours = seq_pos(
-                            cur.value(m::SOURCE_BINLOG_FILE),
-                            cur.value(m::SOURCE_BINLOG_POS),
-                        );
-                        ours.map_or(end, |o| o.max(end))
-                    }),
+                    server_end: polled_end.map(|end| position.map_or(end, |o| o.max(end))),
                     // Past the polled end, nothing the poll counted is still behind.
                     bytes_behind: cur.value(m::BINLOG_BYTES_BEHIND).map(|b| {
-                        let ours = seq_pos(
-                            cur.value(m::SOURCE_BINLOG_FILE),
-                            cur.value(m::SOURCE_BINLOG_POS),
-                        );
-                        let end = seq_pos(
-                            cur.value(m::SERVER_BINLOG_FILE),
-                            cur.value(m::SERVER_BINLOG_POS),
-                        );
-                        match (ours, end) {
+                        match (position, polled_end) {
                             (Some(o), Some(e)) if o >= e => 0.0,
                             _ => b,
                         }
