@@ -570,7 +570,7 @@ async fn offsets_show_prints_the_stored_source_position_and_the_sink_groups_lag(
 }
 
 #[tokio::test]
-async fn a_real_prometheus_scraping_ecst_fires_the_sink_stalled_alert_while_mongodb_is_down()
+async fn a_real_prometheus_scraping_ecst_fires_the_sink_stalled_and_lag_alerts_while_mongodb_is_down()
 -> Result<()> {
     // Exclusive: MongoDB is stopped for everyone.
     let _exclusive = STACK_LOCK.write().await;
@@ -614,8 +614,26 @@ async fn a_real_prometheus_scraping_ecst_fires_the_sink_stalled_alert_while_mong
         Ok::<_, anyhow::Error>(check)
     }
     .await;
+    // Still stalled: 10,010 new users rows reach Kafka and none can be applied, so the sink's
+    // lag (measured on its timer, from what it applied) passes the alert's 10,000.
+    let lag_check = async {
+        let check = outcome?;
+        sql(format!(
+            "INSERT INTO `{db}`.users SELECT seq + 100, 'f', 'l', 'lag@x' FROM `{db}`.seq_1_to_10010"
+        ))
+        .await?;
+        let root = env!("CARGO_MANIFEST_DIR");
+        let lag = Command::new(format!("{root}/dev/prometheus-alert-check"))
+            .args(["--for", "2s", "--window", "10s"])
+            .arg(format!("127.0.0.1:{port}"))
+            .args(["EcstSinkLagHigh", "120"])
+            .output()
+            .await?;
+        Ok::<_, anyhow::Error>((check, lag))
+    }
+    .await;
     stack(&["start", "mongo"]).await?;
-    let check = outcome?;
+    let (check, lag) = lag_check?;
     let stdout = String::from_utf8_lossy(&check.stdout);
     assert!(
         check.status.success(),
@@ -625,6 +643,12 @@ async fn a_real_prometheus_scraping_ecst_fires_the_sink_stalled_alert_while_mong
     assert!(
         stdout.contains("EcstSinkStalled") && stdout.contains("firing"),
         "{stdout}"
+    );
+    let lag_out = String::from_utf8_lossy(&lag.stdout);
+    assert!(
+        lag.status.success() && lag_out.contains("EcstSinkLagHigh") && lag_out.contains("firing"),
+        "the lag alert did not fire: {}{lag_out}",
+        String::from_utf8_lossy(&lag.stderr)
     );
     // And the pipeline recovers by itself once MongoDB is back.
     wait_for("the copies to catch up after the outage", T, || async {
