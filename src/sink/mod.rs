@@ -635,7 +635,15 @@ fn record_lag(consumer: &StreamConsumer, topics: &[String], applied: &Applied) {
     let Ok(assignment) = consumer.assignment() else {
         return;
     };
-    let known: HashMap<(String, i32), i64> = applied.lock().map(|a| a.clone()).unwrap_or_default();
+    // A partition no longer assigned forgets what was applied here: if it comes back, another
+    // member may have moved it on, and its committed offset is the truth again.
+    let known: HashMap<(String, i32), i64> = applied
+        .lock()
+        .map(|mut a| {
+            a.retain(|(t, p), _| assignment.find_partition(t, *p).is_some());
+            a.clone()
+        })
+        .unwrap_or_default();
     let mut committed: Option<TopicPartitionList> = None;
     let mut lag: HashMap<&str, i64> = topics.iter().map(|t| (t.as_str(), 0)).collect();
     for el in assignment.elements() {
