@@ -26,13 +26,30 @@ fn secret_file(name: &str, value: &str) -> Result<String> {
 /// `tc`'s TOML with MySQL over TLS as the TLS-only user and Kafka over SASL/PLAIN, both
 /// passwords read from files, and `kafka_password` as the SASL password.
 fn secured_toml(tc: &TestConfig, with_source: bool, kafka_password: &str) -> Result<String> {
+    secured_toml_as(
+        tc,
+        with_source,
+        kafka_password,
+        &env("ECST_MYSQL_TLS_USER", "ecst_tls"),
+        &env("ECST_MYSQL_TLS_PASSWORD", "ecst_tls"),
+    )
+}
+
+/// As [`secured_toml`], as MySQL user `mysql_user` with `mysql_password`.
+fn secured_toml_as(
+    tc: &TestConfig,
+    with_source: bool,
+    kafka_password: &str,
+    mysql_user: &str,
+    mysql_password: &str,
+) -> Result<String> {
     let e = endpoints();
     let stack = env(
         "ECST_STACK_DIR",
         concat!(env!("CARGO_MANIFEST_DIR"), "/.stack"),
     );
     let ca = env("ECST_MYSQL_CA_FILE", &format!("{stack}/mysql/tls/ca.pem"));
-    let mysql_pw = secret_file("mysql", &env("ECST_MYSQL_TLS_PASSWORD", "ecst_tls"))?;
+    let mysql_pw = secret_file("mysql", mysql_password)?;
     let kafka_pw = secret_file("kafka", kafka_password)?;
     let toml = tc
         .toml(with_source)
@@ -49,8 +66,7 @@ fn secured_toml(tc: &TestConfig, with_source: bool, kafka_password: &str) -> Res
         .replace(
             &format!("user = \"{}\"", e.mysql_user),
             &format!(
-                "user = \"{}\"\n                tls = \"required\"\n                ca_file = \"{ca}\"",
-                env("ECST_MYSQL_TLS_USER", "ecst_tls")
+                "user = \"{mysql_user}\"\n                tls = \"required\"\n                ca_file = \"{ca}\""
             ),
         )
         .replace(
@@ -148,5 +164,242 @@ async fn a_mysql_certificate_from_an_unknown_ca_is_refused_definitely() -> Resul
         err.to_lowercase().contains("certificate"),
         "a definite error naming the certificate: {err}"
     );
+    Ok(())
+}
+
+/// `toml` pointed at the stack's registry behind nginx's basic auth, with `password` in a file.
+fn through_registry_auth(toml: &str, password: &str) -> Result<String> {
+    let e = endpoints();
+    let url = std::env::var("ECST_REGISTRY_AUTH_URL").map_err(|_| {
+        anyhow::anyhow!(
+            "ECST_REGISTRY_AUTH_URL unset: `dev/stack up registry-auth` (dev/test starts it)"
+        )
+    })?;
+    let file = secret_file("registry", password)?;
+    Ok(toml.replace(
+        &format!("url = \"{}\"", e.registry),
+        &format!(
+            "url = \"{url}\"\n            username = \"{}\"\n            password_file = \"{file}\"",
+            env("ECST_REGISTRY_AUTH_USER", "ecst")
+        ),
+    ))
+}
+
+#[tokio::test]
+async fn source_and_sink_work_through_a_registry_that_requires_basic_auth_with_the_password_from_a_file()
+-> Result<()> {
+    let _shared = STACK_LOCK.read().await;
+    let db = seed_database().await?;
+    let tc = TestConfig::new(&db, &["users", "product"]).with_seed_mappings();
+    let mdb = mongo_db(&tc.mongo_db).await?;
+    seed_orders(&mdb, 2).await?;
+    let toml = through_registry_auth(
+        &tc.toml(true),
+        &env("ECST_REGISTRY_AUTH_PASSWORD", "ecst-registry-pw"),
+    )?;
+    assert!(
+        !toml.contains(&endpoints().registry),
+        "no way around the proxy: {toml}"
+    );
+    let cfg = ecst::config::Config::from_toml_str(&toml, Vec::new())
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let run = start(cfg, Components::Both);
+    wait_events(&tc.topic("users"), 4, T).await?;
+    sql(format!(
+        "UPDATE `{db}`.users SET email = 'neha.parate@hotmail.com' WHERE id = 1"
+    ))
+    .await?;
+    let coll = mdb.collection::<bson::Document>("purchase_order");
+    wait_for(
+        "neha's copies through the authenticated registry",
+        T,
+        || async {
+            let n = coll
+                .count_documents(bson::doc! { "user.email": "neha.parate@hotmail.com" })
+                .await?;
+            Ok((n == 2).then_some(()))
+        },
+    )
+    .await?;
+    assert!(!run.is_finished());
+    run.stop().await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_wrong_registry_password_stops_source_and_sink_naming_the_registry_and_dead_letters_nothing()
+-> Result<()> {
+    let _shared = STACK_LOCK.read().await;
+    let db = seed_database().await?;
+    let tc = TestConfig::new(&db, &["users", "product"]).with_seed_mappings();
+    let wrong = through_registry_auth(&tc.toml(true), "not-the-password")?;
+    let err = source_error(&wrong).await?;
+    assert!(
+        err.contains("schema registry refused the credentials") && err.contains("password_file"),
+        "a definite error naming the registry and the fix: {err}"
+    );
+    // The events exist (a source with the right password), and a sink with the wrong one
+    // stops on the first of them instead of dead-lettering it as undecodable.
+    let good = start(tc.config(true)?, Components::Source);
+    wait_events(&tc.topic("users"), 4, T).await?;
+    good.stop().await?;
+    let sink_cfg = ecst::config::Config::from_toml_str(
+        &through_registry_auth(&tc.toml(false), "not-the-password")?,
+        Vec::new(),
+    )
+    .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let sink = start(sink_cfg, Components::Sink);
+    let err = tokio::time::timeout(T, sink.join_error())
+        .await?
+        .unwrap_or_default();
+    assert!(
+        err.contains("schema registry refused the credentials"),
+        "the sink stops naming the registry: {err}"
+    );
+    let dlq = read_topic(&format!("{}.dlq", tc.name), 1, Duration::from_secs(3)).await?;
+    assert!(
+        dlq.is_empty(),
+        "nothing dead-lettered: {} messages",
+        dlq.len()
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn no_secret_appears_in_logs_print_config_check_metrics_the_status_page_or_dead_letters()
+-> Result<()> {
+    use rdkafka::Message;
+    use rdkafka::message::Headers;
+    use rdkafka::producer::Producer;
+    use tokio::process::Command;
+    let _shared = STACK_LOCK.read().await;
+    let db = seed_database().await?;
+    let tc = TestConfig::new(&db, &["users", "product"]).with_seed_mappings();
+    let mdb = mongo_db(&tc.mongo_db).await?;
+    seed_orders(&mdb, 1).await?;
+    // A MySQL user of this test whose password is found nowhere else (the stack's users have
+    // their names as passwords, which a log may name rightly).
+    let user = unique("sec");
+    let mysql_pw = format!("pw-{}", unique("m"));
+    sql(format!(
+        "CREATE USER '{user}'@'127.0.0.1' IDENTIFIED BY '{mysql_pw}'"
+    ))
+    .await?;
+    sql(format!(
+        "GRANT REPLICATION SLAVE, REPLICATION CLIENT, BINLOG MONITOR, SELECT, RELOAD, LOCK TABLES, SHOW VIEW ON *.* TO '{user}'@'127.0.0.1'"
+    ))
+    .await?;
+    let sasl_pw = env("ECST_KAFKA_SASL_PASSWORD", "ecst-sasl");
+    let registry_pw = env("ECST_REGISTRY_AUTH_PASSWORD", "ecst-registry-pw");
+    let port = free_port()?;
+    let toml = through_registry_auth(
+        &secured_toml_as(&tc, true, &sasl_pw, &user, &mysql_pw)?,
+        &registry_pw,
+    )?
+    .replace("listen = \"\"", &format!("listen = \"127.0.0.1:{port}\""));
+    let cfg = std::env::temp_dir().join(format!("{}.toml", unique("secrets")));
+    std::fs::write(&cfg, &toml)?;
+    let cfg_arg = cfg.to_string_lossy().to_string();
+    let cli = |args: &'static [&'static str]| {
+        let cfg_arg = cfg_arg.clone();
+        async move {
+            let out = Command::new(ecst_bin())
+                .args(["--config", &cfg_arg])
+                .args(args)
+                .env("RUST_LOG", "debug")
+                .output()
+                .await?;
+            Ok::<_, anyhow::Error>(format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            ))
+        }
+    };
+    let mut seen: Vec<(&str, String)> = vec![
+        ("print-config", cli(&["print-config"]).await?),
+        ("check", cli(&["check"]).await?),
+    ];
+    // Every line at debug level, of a run that used all three secrets.
+    let mut run = spawn_captured(&cfg, "run", &[], "debug")?;
+    wait_events(&tc.topic("users"), 4, T).await?;
+    // A poison message: its dead letter carries the error in its headers.
+    let producer: rdkafka::producer::ThreadedProducer<rdkafka::producer::DefaultProducerContext> =
+        rdkafka::ClientConfig::new()
+            .set("bootstrap.servers", endpoints().kafka)
+            .create()?;
+    producer
+        .send(
+            rdkafka::producer::BaseRecord::to(&tc.topic("users"))
+                .key(&b"junk"[..])
+                .payload(&b"not avro"[..]),
+        )
+        .map_err(|(e, _)| e)?;
+    producer.flush(Duration::from_secs(20))?;
+    let dlq = read_topic(&format!("{}.dlq", tc.name), 1, T).await?;
+    anyhow::ensure!(dlq.len() == 1, "one dead letter, {} read", dlq.len());
+    let mut headers = String::new();
+    for m in &dlq {
+        if let Some(h) = m.headers() {
+            for hd in h.iter() {
+                headers.push_str(&format!(
+                    "{}={}\n",
+                    hd.key,
+                    String::from_utf8_lossy(hd.value.unwrap_or_default())
+                ));
+            }
+        }
+    }
+    assert!(
+        headers.contains("ecst.dlq.error"),
+        "the dead letter has its context: {headers}"
+    );
+    sql(format!(
+        "UPDATE `{db}`.users SET email = 'secret.test@x' WHERE id = 1"
+    ))
+    .await?;
+    wait_for("the change applied", T, || async {
+        let n = mdb
+            .collection::<bson::Document>("purchase_order")
+            .count_documents(bson::doc! { "user.email": "secret.test@x" })
+            .await?;
+        Ok((n == 1).then_some(()))
+    })
+    .await?;
+    seen.push(("/metrics", http_get(port, "/metrics").await?));
+    seen.push(("/", http_get(port, "/").await?));
+    seen.push(("/ready", http_get(port, "/ready").await?));
+    seen.push(("dead-letter headers", headers));
+    run.child.kill().await?;
+    seen.push(("offsets show", cli(&["offsets", "show"]).await?));
+    seen.push(("the run's log", run.output()));
+    sql(format!("DROP USER '{user}'@'127.0.0.1'")).await?;
+    // Not vacuous: each text is there, and says what it is about.
+    let text = |name: &str| {
+        seen.iter()
+            .find(|(n, _)| *n == name)
+            .map(|(_, t)| t.as_str())
+            .unwrap_or("")
+    };
+    assert!(
+        text("print-config").contains(&user),
+        "{}",
+        text("print-config")
+    );
+    assert!(text("check").contains("PASS"), "{}", text("check"));
+    assert!(text("the run's log").lines().count() > 20 && text("the run's log").contains("DEBUG"));
+    assert!(text("/metrics").contains("ecst_sink_applied_total"));
+    for (what, t) in &seen {
+        for (name, secret) in [
+            ("mysql", &mysql_pw),
+            ("kafka", &sasl_pw),
+            ("registry", &registry_pw),
+        ] {
+            assert!(
+                !t.contains(secret.as_str()),
+                "the {name} password is in {what}:\n{t}"
+            );
+        }
+    }
     Ok(())
 }
