@@ -335,3 +335,40 @@ fn a_truncated_file_is_an_error_naming_the_offset_not_a_panic() {
     );
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn a_row_event_with_a_flipped_byte_fails_its_crc32_check_naming_its_position() {
+    let mut bytes = std::fs::read(fixture("mysql_type_bit.000001")).unwrap();
+    // The first WRITE_ROWS event (type 30): walk the v4 headers (type at +4, size at +9).
+    let mut pos = 4;
+    let (start, size) = loop {
+        let size = u32::from_le_bytes(bytes[pos + 9..pos + 13].try_into().unwrap()) as usize;
+        if bytes[pos + 4] == 30 {
+            break (pos, size);
+        }
+        pos += size;
+    };
+    bytes[start + 19 + 4] ^= 0xff; // inside the body, before the 4-byte checksum
+    let dir = std::env::temp_dir().join(format!("ecst-inspect-crc-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let bad = dir.join("flipped.000001");
+    std::fs::write(&bad, &bytes).unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_ecst"))
+        .arg("inspect-binlog")
+        .arg(&bad)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains(&format!("flipped.000001:{}", start + size)) && stderr.contains("CRC32"),
+        "the error names the event's end position and the check: {stderr}"
+    );
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        !stdout.contains("\"op\":\"c\""),
+        "nothing of the corrupt event is printed: {stdout}"
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}
