@@ -6,6 +6,7 @@
 mod common;
 mod continuity;
 mod failures;
+mod faults;
 mod inspect;
 mod ops;
 mod security;

@@ -126,7 +126,7 @@ async fn metrics_expose_the_named_series_and_the_latency_histogram_moves_when_ch
 }
 
 /// `count` updates of `counter` rows (ids 1..=100), 10 per transaction, each setting n = n + 1.
-async fn write_counter_updates(db: &str, count: u32) -> Result<()> {
+pub(crate) async fn write_counter_updates(db: &str, count: u32) -> Result<()> {
     let mut c = admin().await?;
     for batch in 0..count / 10 {
         let mut tx = c.start_transaction(mysql_async::TxOpts::default()).await?;
@@ -143,7 +143,7 @@ async fn write_counter_updates(db: &str, count: u32) -> Result<()> {
 }
 
 /// Every (id, n) value of the update events must appear exactly once, n = 1..=expected per id.
-fn assert_exactly_once(evs: &[ecst::sink::decode::DecodedEvent], per_id: i32) {
+pub(crate) fn assert_exactly_once(evs: &[ecst::sink::decode::DecodedEvent], per_id: i32) {
     let mut seen: std::collections::HashMap<i32, Vec<i32>> = std::collections::HashMap::new();
     for e in evs.iter().filter(|e| e.op == Op::Update) {
         let id = e.key.get_i32("id").unwrap_or(-1);
@@ -164,7 +164,7 @@ fn assert_exactly_once(evs: &[ecst::sink::decode::DecodedEvent], per_id: i32) {
     }
 }
 
-async fn counter_table() -> Result<String> {
+pub(crate) async fn counter_table() -> Result<String> {
     let db = unique("ops");
     sql(format!("CREATE DATABASE `{db}`")).await?;
     sql(format!(

@@ -44,7 +44,7 @@ fn user_id(d: &Document) -> Option<i64> {
 }
 
 /// Waits until every order's user copy has been written by the mapping (snapshot applied).
-async fn wait_all_versioned(db: &mongodb::Database, mapping: &str) -> Result<()> {
+pub(crate) async fn wait_all_versioned(db: &mongodb::Database, mapping: &str) -> Result<()> {
     wait_for("snapshot applied to every order", T, || async {
         let docs = orders(db).await?;
         Ok(

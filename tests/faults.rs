@@ -1,0 +1,255 @@
+//! Faults on the wire: Toxiproxy (`dev/stack up toxiproxy`) between ecst and MySQL, and between
+//! ecst and MongoDB, with a toxic injected mid-stream while MySQL is written all along, then
+//! removed. After each: every change exactly once in Kafka (`read_committed`, counted against
+//! what MySQL committed), or every copy equal to MySQL with nothing dead-lettered; and ecst
+//! recovered by itself, without a restart.
+
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use serde_json::json;
+
+use crate::common::*;
+use crate::ops::{assert_exactly_once, counter_table, write_counter_updates};
+
+const T: Duration = Duration::from_secs(180);
+
+/// A Toxiproxy proxy to `upstream`, listening on a free loopback port; deleted when dropped.
+struct Proxy {
+    api: String,
+    name: String,
+    port: u16,
+    http: reqwest::Client,
+}
+
+impl Proxy {
+    async fn to(upstream_port: u16) -> Result<Proxy> {
+        install_tls();
+        let api = std::env::var("ECST_TOXIPROXY_URL").context(
+            "ECST_TOXIPROXY_URL unset: `dev/stack up toxiproxy` (dev/test starts it) and eval \"$(dev/stack env)\"",
+        )?;
+        let p = Proxy {
+            api,
+            name: unique("px"),
+            port: free_port()?,
+            http: reqwest::Client::builder().no_proxy().build()?,
+        };
+        p.http
+            .post(format!("{}/proxies", p.api))
+            .json(&json!({
+                "name": p.name,
+                "listen": format!("127.0.0.1:{}", p.port),
+                "upstream": format!("127.0.0.1:{upstream_port}"),
+                "enabled": true,
+            }))
+            .send()
+            .await?
+            .error_for_status()?;
+        Ok(p)
+    }
+
+    /// Adds a toxic of `kind` on the server → client direction; returns its name.
+    async fn toxic(&self, kind: &str, attributes: serde_json::Value) -> Result<String> {
+        let name = format!("{kind}_down");
+        self.http
+            .post(format!("{}/proxies/{}/toxics", self.api, self.name))
+            .json(&json!({
+                "name": name, "type": kind, "stream": "downstream", "toxicity": 1.0,
+                "attributes": attributes,
+            }))
+            .send()
+            .await?
+            .error_for_status()?;
+        Ok(name)
+    }
+
+    async fn remove(&self, toxic: &str) -> Result<()> {
+        self.http
+            .delete(format!("{}/proxies/{}/toxics/{toxic}", self.api, self.name))
+            .send()
+            .await?
+            .error_for_status()?;
+        Ok(())
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("curl")
+            .args([
+                "-s",
+                "-X",
+                "DELETE",
+                &format!("{}/proxies/{}", self.api, self.name),
+            ])
+            .output();
+    }
+}
+
+/// The counter table's source, its MySQL connection through `proxy`, as a child process whose
+/// log (info) is kept, with the snapshot's 100 events in Kafka.
+async fn source_through(proxy: &Proxy) -> Result<(String, TestConfig, Captured)> {
+    let db = counter_table().await?;
+    let tc = TestConfig::new(&db, &["counter"]);
+    let e = endpoints();
+    let toml = tc.toml(true).replace(
+        &format!("port = {}", e.mysql_port),
+        &format!("port = {}", proxy.port),
+    );
+    anyhow::ensure!(toml.contains(&format!("port = {}", proxy.port)), "{toml}");
+    let cfg = std::env::temp_dir().join(format!("{}.toml", tc.name));
+    std::fs::write(&cfg, toml)?;
+    let run = spawn_captured(&cfg, "source", &[], "info")?;
+    wait_events(&tc.topic("counter"), 100, T).await?;
+    Ok((db, tc, run))
+}
+
+/// Injects `kind` after 300 changes of 1,500 written all along; `noticed` (a log line, if any)
+/// must appear while it is in place; then removes it and checks every change exactly once and
+/// the process still running.
+async fn fault_on_the_mysql_link(
+    kind: &str,
+    attributes: serde_json::Value,
+    noticed: Option<&str>,
+) -> Result<()> {
+    let _shared = STACK_LOCK.read().await;
+    let proxy = Proxy::to(endpoints().mysql_port).await?;
+    let (db, tc, mut run) = source_through(&proxy).await?;
+    let writer = tokio::spawn({
+        let db = db.clone();
+        async move { write_counter_updates(&db, 1_500).await }
+    });
+    wait_events(&tc.topic("counter"), 400, T).await?;
+    let toxic = proxy.toxic(kind, attributes).await?;
+    let during = async {
+        if let Some(line) = noticed {
+            run.wait_for_output(line, T).await?;
+        }
+        // The workload goes on through the fault (it writes to MySQL directly).
+        tokio::time::timeout(T, writer).await???;
+        Ok::<_, anyhow::Error>(())
+    }
+    .await;
+    proxy.remove(&toxic).await?;
+    during?;
+    let evs = wait_events(&tc.topic("counter"), 1_600, T).await?;
+    assert_exactly_once(&evs, 15);
+    assert!(
+        run.child.try_wait()?.is_none(),
+        "the source rode the fault out by itself:\n{}",
+        run.output()
+    );
+    run.child.kill().await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn two_seconds_of_latency_on_the_mysql_link_mid_stream_delays_but_loses_and_repeats_no_change()
+-> Result<()> {
+    fault_on_the_mysql_link("latency", json!({ "latency": 2000, "jitter": 0 }), None).await
+}
+
+#[tokio::test]
+async fn the_mysql_link_cut_to_10_kb_per_second_mid_stream_loses_and_repeats_no_change()
+-> Result<()> {
+    fault_on_the_mysql_link("bandwidth", json!({ "rate": 10 }), None).await
+}
+
+#[tokio::test]
+async fn a_blackholed_mysql_link_mid_stream_is_noticed_and_after_it_every_change_arrives_exactly_once()
+-> Result<()> {
+    // Data goes nowhere and no connection is closed: the half-open stream that only the
+    // heartbeat watchdog can notice.
+    fault_on_the_mysql_link(
+        "timeout",
+        json!({ "timeout": 0 }),
+        Some("source interrupted"),
+    )
+    .await
+}
+
+#[tokio::test]
+async fn a_mysql_link_reset_mid_stream_resumes_by_itself_exactly_once() -> Result<()> {
+    fault_on_the_mysql_link(
+        "reset_peer",
+        json!({ "timeout": 0 }),
+        Some("source interrupted"),
+    )
+    .await
+}
+
+#[tokio::test]
+async fn a_blackholed_mongodb_link_mid_stream_holds_the_sink_which_then_brings_every_copy_to_mysql_with_no_dead_letter()
+-> Result<()> {
+    let _shared = STACK_LOCK.read().await;
+    let mongo_port: u16 = endpoints()
+        .mongo
+        .trim_end_matches('/')
+        .rsplit(':')
+        .next()
+        .and_then(|p| p.parse().ok())
+        .context("the MongoDB port")?;
+    let proxy = Proxy::to(mongo_port).await?;
+    let db = seed_database().await?;
+    let tc = TestConfig::new(&db, &["users", "product"]).with_seed_mappings();
+    let mdb = mongo_db(&tc.mongo_db).await?;
+    seed_orders(&mdb, 2).await?;
+    let toml = tc.toml(true).replace(
+        &format!(":{mongo_port}/"),
+        &format!(
+            ":{}/?serverSelectionTimeoutMS=3000&connectTimeoutMS=3000",
+            proxy.port
+        ),
+    );
+    anyhow::ensure!(toml.contains(&format!(":{}/", proxy.port)), "{toml}");
+    let cfg = std::env::temp_dir().join(format!("{}.toml", tc.name));
+    std::fs::write(&cfg, toml)?;
+    let mut run = spawn_captured(&cfg, "run", &[], "info")?;
+    let coll = mdb.collection::<bson::Document>("purchase_order");
+    crate::sink::wait_all_versioned(&mdb, "user_in_orders").await?;
+    let toxic = proxy.toxic("timeout", json!({ "timeout": 0 })).await?;
+    // Changes keep coming while the sink cannot reach MongoDB.
+    for i in 0..20 {
+        sql(format!(
+            "UPDATE `{db}`.users SET email = 'blackhole.{i}@x' WHERE id = {}",
+            i % 4 + 1
+        ))
+        .await?;
+    }
+    let held = run.wait_for_output("sink batch not applied", T).await;
+    proxy.remove(&toxic).await?;
+    held?;
+    // Every copy equal to its MySQL row.
+    let mut c = admin().await?;
+    use mysql_async::prelude::Queryable;
+    let rows: Vec<(i32, String)> = c
+        .query(format!("SELECT id, email FROM `{db}`.users ORDER BY id"))
+        .await?;
+    for (id, email) in rows {
+        let email = email.clone();
+        wait_for(&format!("user {id}'s copies to equal MySQL"), T, || {
+            let coll = coll.clone();
+            let email = email.clone();
+            async move {
+                let docs = coll
+                    .count_documents(bson::doc! { "user.id": id, "user.email": &email })
+                    .await?;
+                Ok((docs == 2).then_some(()))
+            }
+        })
+        .await?;
+    }
+    let dlq = read_topic(&format!("{}.dlq", tc.name), 1, Duration::from_secs(3)).await?;
+    assert!(
+        dlq.is_empty(),
+        "nothing dead-lettered: {} messages",
+        dlq.len()
+    );
+    assert!(
+        run.child.try_wait()?.is_none(),
+        "the sink rode the fault out by itself:\n{}",
+        run.output()
+    );
+    run.child.kill().await?;
+    Ok(())
+}
