@@ -253,3 +253,210 @@ async fn a_blackholed_mongodb_link_mid_stream_holds_the_sink_which_then_brings_e
     run.child.kill().await?;
     Ok(())
 }
+
+// ---- process faults: SIGKILL of a server mid-stream, then its restart
+
+/// Writes counter updates (10 one-row updates per transaction) until `stop`, riding out a MySQL
+/// that goes away: a failed transaction is simply not committed, and MySQL's final counts say
+/// what was.
+async fn write_until(db: String, stop: std::sync::Arc<std::sync::atomic::AtomicBool>) {
+    use mysql_async::prelude::Queryable;
+    use std::sync::atomic::Ordering;
+    let mut k: u32 = 0;
+    while !stop.load(Ordering::Relaxed) {
+        let Ok(mut c) = admin().await else {
+            // MySQL is down: try again shortly (pacing a workload, not waiting for a condition).
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            continue;
+        };
+        while !stop.load(Ordering::Relaxed) {
+            let done = async {
+                let mut tx = c.start_transaction(mysql_async::TxOpts::default()).await?;
+                for i in 0..10 {
+                    let id = (k * 10 + i) % 100 + 1;
+                    tx.query_drop(format!(
+                        "UPDATE `{db}`.counter SET n = n + 1 WHERE id = {id}"
+                    ))
+                    .await?;
+                }
+                tx.commit().await
+            }
+            .await;
+            if done.is_err() {
+                break;
+            }
+            k += 1;
+        }
+    }
+}
+
+/// Every update event of the counter table exactly once: per row, n = 1..=its value in MySQL.
+async fn assert_exactly_what_mysql_committed(tc: &TestConfig, db: &str) -> Result<()> {
+    use mysql_async::prelude::Queryable;
+    let mut c = admin().await?;
+    let finals: Vec<(i32, i32)> = c
+        .query(format!("SELECT id, n FROM `{db}`.counter ORDER BY id"))
+        .await?;
+    let updates: usize = finals.iter().map(|(_, n)| *n as usize).sum();
+    anyhow::ensure!(updates > 0, "the workload committed nothing");
+    let evs = wait_events(&tc.topic("counter"), 100 + updates, T).await?;
+    let mut seen: std::collections::HashMap<i32, Vec<i32>> = std::collections::HashMap::new();
+    for e in evs.iter().filter(|e| e.op == ecst::events::Op::Update) {
+        let id = e.key.get_i32("id").unwrap_or(-1);
+        let n = e
+            .after
+            .as_ref()
+            .and_then(|a| a.get_i32("n").ok())
+            .unwrap_or(-1);
+        seen.entry(id).or_default().push(n);
+    }
+    for (id, n) in finals {
+        let expected: Vec<i32> = (1..=n).collect();
+        assert_eq!(
+            seen.remove(&id).unwrap_or_default(),
+            expected,
+            "row {id}: each committed change exactly once, in order"
+        );
+    }
+    Ok(())
+}
+
+/// A source of the counter table streaming while MySQL is written all along; `service` is
+/// killed (SIGKILL) mid-stream and started again; then the workload stops and Kafka is checked
+/// against MySQL. `noticed`: the source must have said it was interrupted before the restart
+/// (a dead MySQL breaks the binlog stream at once; a dead broker may not be noticed before it is
+/// back, librdkafka waiting for it within its timeouts).
+async fn process_fault(service: &str, noticed: bool) -> Result<()> {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let _exclusive = STACK_LOCK.write().await;
+    let db = counter_table().await?;
+    let tc = TestConfig::new(&db, &["counter"]);
+    let cfg = write_config(&tc, true, None)?;
+    let mut run = spawn_captured(&cfg, "source", &[], "info")?;
+    wait_events(&tc.topic("counter"), 100, T).await?;
+    let stop = std::sync::Arc::new(AtomicBool::new(false));
+    let writer = tokio::spawn(write_until(db.clone(), stop.clone()));
+    wait_events(&tc.topic("counter"), 400, T).await?;
+    let fault = async {
+        stack(&["kill", service]).await?;
+        if noticed {
+            run.wait_for_output("source interrupted", T).await?;
+        }
+        stack(&["start", service]).await
+    }
+    .await;
+    if fault.is_err() {
+        // Whatever happened, the stack must be whole again for the other tests.
+        let _ = stack(&["start", service]).await;
+    }
+    fault?;
+    // The source resumes by itself; the workload goes on a little, then stops.
+    if noticed {
+        run.wait_for_output("recovered", T).await?;
+    }
+    let before_stop = wait_events(&tc.topic("counter"), 500, T).await?.len();
+    stop.store(true, Ordering::Relaxed);
+    writer.await?;
+    assert!(before_stop >= 500);
+    assert_exactly_what_mysql_committed(&tc, &db).await?;
+    assert!(
+        run.child.try_wait()?.is_none(),
+        "the source rode the crash out by itself:\n{}",
+        run.output()
+    );
+    run.child.kill().await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn mariadb_killed_9_mid_stream_then_restarted_every_committed_change_arrives_exactly_once()
+-> Result<()> {
+    process_fault("mysql", true).await
+}
+
+#[tokio::test]
+async fn the_kafka_broker_killed_9_mid_stream_then_restarted_every_committed_change_arrives_exactly_once()
+-> Result<()> {
+    process_fault("kafka", false).await
+}
+
+/// The seed's pipeline with 2 orders per user; `service` (MongoDB's server or its storage) is
+/// killed while users change, then started again; every copy must equal MySQL, nothing
+/// dead-lettered, and the process still running.
+async fn sink_process_fault(service: &str) -> Result<()> {
+    use mysql_async::prelude::Queryable;
+    let _exclusive = STACK_LOCK.write().await;
+    let db = seed_database().await?;
+    let tc = TestConfig::new(&db, &["users", "product"]).with_seed_mappings();
+    let mdb = mongo_db(&tc.mongo_db).await?;
+    seed_orders(&mdb, 2).await?;
+    let cfg = write_config(&tc, true, None)?;
+    let mut run = spawn_captured(&cfg, "run", &[], "info")?;
+    crate::sink::wait_all_versioned(&mdb, "user_in_orders").await?;
+    let fault = async {
+        stack(&["kill", service]).await?;
+        for i in 0..20 {
+            sql(format!(
+                "UPDATE `{db}`.users SET email = 'crash.{i}@x' WHERE id = {}",
+                i % 4 + 1
+            ))
+            .await?;
+        }
+        run.wait_for_output("sink batch not applied", Duration::from_secs(40))
+            .await?;
+        stack(&["start", service]).await
+    }
+    .await;
+    if fault.is_err() {
+        let _ = stack(&["start", service]).await;
+    }
+    fault?;
+    let mdb = mongo_db(&tc.mongo_db).await?;
+    let coll = mdb.collection::<bson::Document>("purchase_order");
+    let mut c = admin().await?;
+    let rows: Vec<(i32, String)> = c
+        .query(format!("SELECT id, email FROM `{db}`.users ORDER BY id"))
+        .await?;
+    for (id, email) in rows {
+        wait_for(&format!("user {id}'s copies to equal MySQL"), T, || {
+            let coll = coll.clone();
+            let email = email.clone();
+            async move {
+                let docs = coll
+                    .count_documents(bson::doc! { "user.id": id, "user.email": &email })
+                    .await?;
+                Ok((docs == 2).then_some(()))
+            }
+        })
+        .await?;
+    }
+    let dlq = read_topic(&format!("{}.dlq", tc.name), 1, Duration::from_secs(3)).await?;
+    assert!(
+        dlq.is_empty(),
+        "nothing dead-lettered: {} messages",
+        dlq.len()
+    );
+    assert!(
+        run.child.try_wait()?.is_none(),
+        "the sink rode the crash out by itself:\n{}",
+        run.output()
+    );
+    run.child.kill().await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn the_mongodb_server_killed_9_while_users_change_then_restarted_every_copy_equals_mysql()
+-> Result<()> {
+    sink_process_fault("mongo").await
+}
+
+#[tokio::test]
+async fn mongodbs_postgresql_storage_killed_9_while_users_change_then_restarted_every_copy_equals_mysql()
+-> Result<()> {
+    if std::env::var("ECST_MONGO_BACKEND").is_ok_and(|b| b != "postgresql") {
+        // FerretDB on SQLite has no separate storage process to kill.
+        return Ok(());
+    }
+    sink_process_fault("pg").await
+}

@@ -42,10 +42,13 @@ const MAX_STATEMENTS_PER_COMMAND_FERRETDB: usize = 25;
 /// election codes (6, 7, 89, 91, 189, 262, 9001, 10107, 11600, 11602, 13435, 13436, 50),
 /// authorization and quotas (13 Unauthorized, 8000 AtlasError), lock and interruption
 /// (24 LockTimeout, 11601 Interrupted, 112 WriteConflict), sharding (13388 StaleConfig,
-/// 63 StaleShardVersion, 150 StaleEpoch) and write-concern failures (64, 91).
+/// 63 StaleShardVersion, 150 StaleEpoch), write-concern failures (64, 91), and 1 InternalError:
+/// the server failing in itself, which is what FerretDB answers while its PostgreSQL is down or
+/// restarting ("dial tcp …: connection refused", "terminating connection"); dead-lettered, those
+/// changes were lost to their copies.
 const TRANSIENT_CODES: &[i32] = &[
-    6, 7, 89, 91, 189, 262, 9001, 10107, 11600, 11602, 13435, 13436, 50, 13, 8000, 24, 11601, 112,
-    13388, 63, 150, 64,
+    1, 6, 7, 89, 91, 189, 262, 9001, 10107, 11600, 11602, 13435, 13436, 50, 13, 8000, 24, 11601,
+    112, 13388, 63, 150, 64,
 ];
 
 /// Classes a driver error.
@@ -415,7 +418,7 @@ mod tests {
 
     #[test]
     fn environment_codes_and_retryable_labels_are_transient() {
-        for code in [13, 8000, 24, 11601, 13388, 112, 91] {
+        for code in [1, 13, 8000, 24, 11601, 13388, 112, 91] {
             assert!(TRANSIENT_CODES.contains(&code), "{code}");
         }
         assert!(
