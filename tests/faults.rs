@@ -460,3 +460,66 @@ async fn mongodbs_postgresql_storage_killed_9_while_users_change_then_restarted_
     }
     sink_process_fault("pg").await
 }
+
+#[tokio::test]
+async fn a_blackholed_registry_link_during_a_schema_change_holds_the_source_which_then_delivers_every_change_exactly_once()
+-> Result<()> {
+    let _shared = STACK_LOCK.read().await;
+    let e = endpoints();
+    let registry_port: u16 = e
+        .registry
+        .split("//")
+        .nth(1)
+        .and_then(|h| h.split(['/', ':']).nth(1))
+        .and_then(|p| p.parse().ok())
+        .context("the registry's port")?;
+    let proxy = Proxy::to(registry_port).await?;
+    let db = counter_table().await?;
+    let tc = TestConfig::new(&db, &["counter"]);
+    let toml = tc
+        .toml(true)
+        .replace(&format!(":{registry_port}/"), &format!(":{}/", proxy.port))
+        .replace(
+            "[schema_registry]\n",
+            "[schema_registry]\n            timeout_ms = 2000\n",
+        );
+    anyhow::ensure!(
+        toml.contains(&format!(":{}/", proxy.port)) && toml.contains("timeout_ms = 2000"),
+        "{toml}"
+    );
+    let cfg = std::env::temp_dir().join(format!("{}.toml", tc.name));
+    std::fs::write(&cfg, toml)?;
+    let mut run = spawn_captured(&cfg, "source", &[], "info")?;
+    wait_events(&tc.topic("counter"), 100, T).await?;
+    write_counter_updates(&db, 300).await?;
+    wait_events(&tc.topic("counter"), 400, T).await?;
+    let toxic = proxy.toxic("timeout", json!({ "timeout": 0 })).await?;
+    let during = async {
+        // A new column: the next change needs a new schema, which the registry cannot give.
+        sql(format!(
+            "ALTER TABLE `{db}`.counter ADD COLUMN note VARCHAR(20) NULL"
+        ))
+        .await?;
+        write_counter_updates(&db, 300).await?;
+        run.wait_for_output("source interrupted", T).await?;
+        Ok::<_, anyhow::Error>(())
+    }
+    .await;
+    proxy.remove(&toxic).await?;
+    during?;
+    write_counter_updates(&db, 400).await?;
+    let evs = wait_events(&tc.topic("counter"), 1_100, T).await?;
+    assert_exactly_once(&evs, 10);
+    assert!(
+        evs.iter()
+            .any(|e| e.after.as_ref().is_some_and(|a| a.get("note").is_some())),
+        "changes after the ALTER carry the new column"
+    );
+    assert!(
+        run.child.try_wait()?.is_none(),
+        "the source rode the fault out by itself:\n{}",
+        run.output()
+    );
+    run.child.kill().await?;
+    Ok(())
+}
