@@ -24,6 +24,11 @@ struct Proxy {
 
 impl Proxy {
     async fn to(upstream_port: u16) -> Result<Proxy> {
+        Self::listening(free_port()?, upstream_port).await
+    }
+
+    /// A proxy on a given port (the one a Kafka listener advertises).
+    async fn listening(port: u16, upstream_port: u16) -> Result<Proxy> {
         install_tls();
         let api = std::env::var("ECST_TOXIPROXY_URL").context(
             "ECST_TOXIPROXY_URL unset: `dev/stack up toxiproxy` (dev/test starts it) and eval \"$(dev/stack env)\"",
@@ -31,7 +36,7 @@ impl Proxy {
         let p = Proxy {
             api,
             name: unique("px"),
-            port: free_port()?,
+            port,
             http: reqwest::Client::builder().no_proxy().build()?,
         };
         p.http
@@ -522,4 +527,79 @@ async fn a_blackholed_registry_link_during_a_schema_change_holds_the_source_whic
     );
     run.child.kill().await?;
     Ok(())
+}
+
+// ---- the Kafka link: the broker's PROXIED listener advertises the proxy's address (dev/stack)
+
+fn port_of_addr(var: &str, default: u16) -> u16 {
+    std::env::var(var)
+        .ok()
+        .and_then(|a| a.rsplit(':').next()?.parse().ok())
+        .unwrap_or(default)
+}
+
+/// The counter table's source producing through a proxy to the broker; `kind` injected after
+/// 300 changes while 1,500 are written; `noticed` must show while it is in place.
+async fn fault_on_the_kafka_link(
+    kind: &str,
+    attributes: serde_json::Value,
+    noticed: Option<&str>,
+) -> Result<()> {
+    // Exclusive: the proxy's port is the one the broker advertises, one test at a time.
+    let _exclusive = STACK_LOCK.write().await;
+    let proxy = Proxy::listening(
+        port_of_addr("ECST_KAFKA_VIA_PROXY", 19096),
+        port_of_addr("ECST_KAFKA_PROXIED_UPSTREAM", 19095),
+    )
+    .await?;
+    let db = counter_table().await?;
+    let tc = TestConfig::new(&db, &["counter"]);
+    let toml = tc.toml(true).replace(
+        &format!("bootstrap_servers = \"{}\"", endpoints().kafka),
+        &format!("bootstrap_servers = \"127.0.0.1:{}\"", proxy.port),
+    );
+    anyhow::ensure!(
+        toml.contains(&format!("127.0.0.1:{}", proxy.port)),
+        "{toml}"
+    );
+    let cfg = std::env::temp_dir().join(format!("{}.toml", tc.name));
+    std::fs::write(&cfg, toml)?;
+    let mut run = spawn_captured(&cfg, "source", &[], "info")?;
+    wait_events(&tc.topic("counter"), 100, T).await?;
+    let writer = tokio::spawn({
+        let db = db.clone();
+        async move { write_counter_updates(&db, 1_500).await }
+    });
+    wait_events(&tc.topic("counter"), 400, T).await?;
+    let toxic = proxy.toxic(kind, attributes).await?;
+    let during = async {
+        if let Some(line) = noticed {
+            run.wait_for_output(line, T).await?;
+        }
+        tokio::time::timeout(T, writer).await???;
+        Ok::<_, anyhow::Error>(())
+    }
+    .await;
+    proxy.remove(&toxic).await?;
+    during?;
+    let evs = wait_events(&tc.topic("counter"), 1_600, T).await?;
+    assert_exactly_once(&evs, 15);
+    assert!(
+        run.child.try_wait()?.is_none(),
+        "the source rode the fault out by itself:\n{}",
+        run.output()
+    );
+    run.child.kill().await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn two_seconds_of_latency_on_the_kafka_link_mid_stream_delays_but_loses_and_repeats_no_change()
+-> Result<()> {
+    fault_on_the_kafka_link("latency", json!({ "latency": 2000, "jitter": 0 }), None).await
+}
+
+#[tokio::test]
+async fn a_kafka_link_reset_mid_stream_resumes_by_itself_exactly_once() -> Result<()> {
+    fault_on_the_kafka_link("reset_peer", json!({ "timeout": 0 }), None).await
 }
