@@ -91,35 +91,78 @@ impl Drop for Proxy {
     }
 }
 
-/// The counter table's source, its MySQL connection through `proxy`, as a child process whose
-/// log (info) is kept, with the snapshot's 100 events in Kafka.
-async fn source_through(proxy: &Proxy) -> Result<(String, TestConfig, Captured)> {
-    let db = counter_table().await?;
-    let tc = TestConfig::new(&db, &["counter"]);
-    let e = endpoints();
-    let toml = tc.toml(true).replace(
-        &format!("port = {}", e.mysql_port),
-        &format!("port = {}", proxy.port),
-    );
-    anyhow::ensure!(toml.contains(&format!("port = {}", proxy.port)), "{toml}");
-    let cfg = std::env::temp_dir().join(format!("{}.toml", tc.name));
-    std::fs::write(&cfg, toml)?;
-    let run = spawn_captured(&cfg, "source", &[], "info")?;
-    wait_events(&tc.topic("counter"), 100, T).await?;
-    Ok((db, tc, run))
+/// Which connection of the source a fault is put on.
+#[derive(Clone, Copy)]
+enum Link {
+    Mysql,
+    /// Through the broker's PROXIED listener, which advertises the proxy's address (dev/stack).
+    Kafka,
 }
 
-/// Injects `kind` after 300 changes of 1,500 written all along; `noticed` (a log line, if any)
-/// must appear while it is in place; then removes it and checks every change exactly once and
+fn port_of_addr(var: &str, default: u16) -> u16 {
+    std::env::var(var)
+        .ok()
+        .and_then(|a| a.rsplit(':').next()?.parse().ok())
+        .unwrap_or(default)
+}
+
+impl Link {
+    async fn proxy(self) -> Result<Proxy> {
+        match self {
+            Link::Mysql => Proxy::to(endpoints().mysql_port).await,
+            Link::Kafka => {
+                Proxy::listening(
+                    port_of_addr("ECST_KAFKA_VIA_PROXY", 19096),
+                    port_of_addr("ECST_KAFKA_PROXIED_UPSTREAM", 19095),
+                )
+                .await
+            }
+        }
+    }
+
+    /// `toml` with this link's address replaced by the proxy's.
+    fn through(self, toml: &str, proxy: &Proxy) -> Result<String> {
+        let e = endpoints();
+        let (from, to) = match self {
+            Link::Mysql => (
+                format!("port = {}", e.mysql_port),
+                format!("port = {}", proxy.port),
+            ),
+            Link::Kafka => (
+                format!("bootstrap_servers = \"{}\"", e.kafka),
+                format!("bootstrap_servers = \"127.0.0.1:{}\"", proxy.port),
+            ),
+        };
+        let out = toml.replace(&from, &to);
+        anyhow::ensure!(out.contains(&to), "{from} not found in {toml}");
+        Ok(out)
+    }
+}
+
+/// The counter table's source with `link` through a proxy; `kind` injected after 300 changes
+/// of 1,500 written all along (to MySQL directly); `noticed` (a log line, if any) must appear
+/// while it is in place; then it is removed, and every change must be in Kafka exactly once,
 /// the process still running.
-async fn fault_on_the_mysql_link(
+async fn fault_on_the_link(
+    link: Link,
     kind: &str,
     attributes: serde_json::Value,
     noticed: Option<&str>,
 ) -> Result<()> {
-    let _shared = STACK_LOCK.read().await;
-    let proxy = Proxy::to(endpoints().mysql_port).await?;
-    let (db, tc, mut run) = source_through(&proxy).await?;
+    // The Kafka proxy's port is the one the broker advertises: one such test at a time.
+    let _shared;
+    let _exclusive;
+    match link {
+        Link::Mysql => _shared = STACK_LOCK.read().await,
+        Link::Kafka => _exclusive = STACK_LOCK.write().await,
+    }
+    let proxy = link.proxy().await?;
+    let db = counter_table().await?;
+    let tc = TestConfig::new(&db, &["counter"]);
+    let cfg = std::env::temp_dir().join(format!("{}.toml", tc.name));
+    std::fs::write(&cfg, link.through(&tc.toml(true), &proxy)?)?;
+    let mut run = spawn_captured(&cfg, "source", &[], "info")?;
+    wait_events(&tc.topic("counter"), 100, T).await?;
     let writer = tokio::spawn({
         let db = db.clone();
         async move { write_counter_updates(&db, 1_500).await }
@@ -130,7 +173,6 @@ async fn fault_on_the_mysql_link(
         if let Some(line) = noticed {
             run.wait_for_output(line, T).await?;
         }
-        // The workload goes on through the fault (it writes to MySQL directly).
         tokio::time::timeout(T, writer).await???;
         Ok::<_, anyhow::Error>(())
     }
@@ -151,13 +193,19 @@ async fn fault_on_the_mysql_link(
 #[tokio::test]
 async fn two_seconds_of_latency_on_the_mysql_link_mid_stream_delays_but_loses_and_repeats_no_change()
 -> Result<()> {
-    fault_on_the_mysql_link("latency", json!({ "latency": 2000, "jitter": 0 }), None).await
+    fault_on_the_link(
+        Link::Mysql,
+        "latency",
+        json!({ "latency": 2000, "jitter": 0 }),
+        None,
+    )
+    .await
 }
 
 #[tokio::test]
 async fn the_mysql_link_cut_to_10_kb_per_second_mid_stream_loses_and_repeats_no_change()
 -> Result<()> {
-    fault_on_the_mysql_link("bandwidth", json!({ "rate": 10 }), None).await
+    fault_on_the_link(Link::Mysql, "bandwidth", json!({ "rate": 10 }), None).await
 }
 
 #[tokio::test]
@@ -165,7 +213,8 @@ async fn a_blackholed_mysql_link_mid_stream_is_noticed_and_after_it_every_change
 -> Result<()> {
     // Data goes nowhere and no connection is closed: the half-open stream that only the
     // heartbeat watchdog can notice.
-    fault_on_the_mysql_link(
+    fault_on_the_link(
+        Link::Mysql,
         "timeout",
         json!({ "timeout": 0 }),
         Some("source interrupted"),
@@ -175,7 +224,8 @@ async fn a_blackholed_mysql_link_mid_stream_is_noticed_and_after_it_every_change
 
 #[tokio::test]
 async fn a_mysql_link_reset_mid_stream_resumes_by_itself_exactly_once() -> Result<()> {
-    fault_on_the_mysql_link(
+    fault_on_the_link(
+        Link::Mysql,
         "reset_peer",
         json!({ "timeout": 0 }),
         Some("source interrupted"),
@@ -529,77 +579,21 @@ async fn a_blackholed_registry_link_during_a_schema_change_holds_the_source_whic
     Ok(())
 }
 
-// ---- the Kafka link: the broker's PROXIED listener advertises the proxy's address (dev/stack)
-
-fn port_of_addr(var: &str, default: u16) -> u16 {
-    std::env::var(var)
-        .ok()
-        .and_then(|a| a.rsplit(':').next()?.parse().ok())
-        .unwrap_or(default)
-}
-
-/// The counter table's source producing through a proxy to the broker; `kind` injected after
-/// 300 changes while 1,500 are written; `noticed` must show while it is in place.
-async fn fault_on_the_kafka_link(
-    kind: &str,
-    attributes: serde_json::Value,
-    noticed: Option<&str>,
-) -> Result<()> {
-    // Exclusive: the proxy's port is the one the broker advertises, one test at a time.
-    let _exclusive = STACK_LOCK.write().await;
-    let proxy = Proxy::listening(
-        port_of_addr("ECST_KAFKA_VIA_PROXY", 19096),
-        port_of_addr("ECST_KAFKA_PROXIED_UPSTREAM", 19095),
-    )
-    .await?;
-    let db = counter_table().await?;
-    let tc = TestConfig::new(&db, &["counter"]);
-    let toml = tc.toml(true).replace(
-        &format!("bootstrap_servers = \"{}\"", endpoints().kafka),
-        &format!("bootstrap_servers = \"127.0.0.1:{}\"", proxy.port),
-    );
-    anyhow::ensure!(
-        toml.contains(&format!("127.0.0.1:{}", proxy.port)),
-        "{toml}"
-    );
-    let cfg = std::env::temp_dir().join(format!("{}.toml", tc.name));
-    std::fs::write(&cfg, toml)?;
-    let mut run = spawn_captured(&cfg, "source", &[], "info")?;
-    wait_events(&tc.topic("counter"), 100, T).await?;
-    let writer = tokio::spawn({
-        let db = db.clone();
-        async move { write_counter_updates(&db, 1_500).await }
-    });
-    wait_events(&tc.topic("counter"), 400, T).await?;
-    let toxic = proxy.toxic(kind, attributes).await?;
-    let during = async {
-        if let Some(line) = noticed {
-            run.wait_for_output(line, T).await?;
-        }
-        tokio::time::timeout(T, writer).await???;
-        Ok::<_, anyhow::Error>(())
-    }
-    .await;
-    proxy.remove(&toxic).await?;
-    during?;
-    let evs = wait_events(&tc.topic("counter"), 1_600, T).await?;
-    assert_exactly_once(&evs, 15);
-    assert!(
-        run.child.try_wait()?.is_none(),
-        "the source rode the fault out by itself:\n{}",
-        run.output()
-    );
-    run.child.kill().await?;
-    Ok(())
-}
+// ---- the Kafka link
 
 #[tokio::test]
 async fn two_seconds_of_latency_on_the_kafka_link_mid_stream_delays_but_loses_and_repeats_no_change()
 -> Result<()> {
-    fault_on_the_kafka_link("latency", json!({ "latency": 2000, "jitter": 0 }), None).await
+    fault_on_the_link(
+        Link::Kafka,
+        "latency",
+        json!({ "latency": 2000, "jitter": 0 }),
+        None,
+    )
+    .await
 }
 
 #[tokio::test]
 async fn a_kafka_link_reset_mid_stream_resumes_by_itself_exactly_once() -> Result<()> {
-    fault_on_the_kafka_link("reset_peer", json!({ "timeout": 0 }), None).await
+    fault_on_the_link(Link::Kafka, "reset_peer", json!({ "timeout": 0 }), None).await
 }
