@@ -235,10 +235,7 @@ async fn once(client: &reqwest::Client, opts: &Options) -> Result<(), TopError> 
     rates.push(Instant::now(), &first);
     // The interval the rates are measured over, not a wait for a condition.
     tokio::time::sleep(opts.interval.max(Duration::from_millis(500))).await;
-    let outcome = scrape(client, &opts.url).await;
-    if let Err(e) = outcome {
-        return Err(e);
-    }
+    let outcome = Ok(scrape(client, &opts.url).await?);
     let mut out = std::io::stdout().lock();
     for l in frame(&outcome, &mut rates, opts, 200) {
         writeln!(out, "{l}")?;

@@ -274,14 +274,24 @@ async fn a_blackholed_mongodb_link_mid_stream_holds_the_sink_which_then_brings_e
     let held = run.wait_for_output("sink batch not applied", T).await;
     proxy.remove(&toxic).await?;
     held?;
-    // Every copy equal to its MySQL row.
-    let mut c = admin().await?;
+    copies_equal_mysql_and_nothing_dead_lettered(&db, &tc, &coll, &mut run, "fault").await
+}
+
+/// After a sink fault: every order's user copy equals its MySQL row (2 orders per user), nothing
+/// is dead-lettered, and the process rode the `what` out by itself (it is then stopped).
+async fn copies_equal_mysql_and_nothing_dead_lettered(
+    db: &str,
+    tc: &TestConfig,
+    coll: &mongodb::Collection<bson::Document>,
+    run: &mut Captured,
+    what: &str,
+) -> Result<()> {
     use mysql_async::prelude::Queryable;
+    let mut c = admin().await?;
     let rows: Vec<(i32, String)> = c
         .query(format!("SELECT id, email FROM `{db}`.users ORDER BY id"))
         .await?;
     for (id, email) in rows {
-        let email = email.clone();
         wait_for(&format!("user {id}'s copies to equal MySQL"), T, || {
             let coll = coll.clone();
             let email = email.clone();
@@ -302,7 +312,7 @@ async fn a_blackholed_mongodb_link_mid_stream_holds_the_sink_which_then_brings_e
     );
     assert!(
         run.child.try_wait()?.is_none(),
-        "the sink rode the fault out by itself:\n{}",
+        "the sink rode the {what} out by itself:\n{}",
         run.output()
     );
     run.child.kill().await?;
@@ -439,7 +449,6 @@ async fn the_kafka_broker_killed_9_mid_stream_then_restarted_every_committed_cha
 /// killed while users change, then started again; every copy must equal MySQL, nothing
 /// dead-lettered, and the process still running.
 async fn sink_process_fault(service: &str) -> Result<()> {
-    use mysql_async::prelude::Queryable;
     let _exclusive = STACK_LOCK.write().await;
     let db = seed_database().await?;
     let tc = TestConfig::new(&db, &["users", "product"]).with_seed_mappings();
@@ -468,36 +477,7 @@ async fn sink_process_fault(service: &str) -> Result<()> {
     fault?;
     let mdb = mongo_db(&tc.mongo_db).await?;
     let coll = mdb.collection::<bson::Document>("purchase_order");
-    let mut c = admin().await?;
-    let rows: Vec<(i32, String)> = c
-        .query(format!("SELECT id, email FROM `{db}`.users ORDER BY id"))
-        .await?;
-    for (id, email) in rows {
-        wait_for(&format!("user {id}'s copies to equal MySQL"), T, || {
-            let coll = coll.clone();
-            let email = email.clone();
-            async move {
-                let docs = coll
-                    .count_documents(bson::doc! { "user.id": id, "user.email": &email })
-                    .await?;
-                Ok((docs == 2).then_some(()))
-            }
-        })
-        .await?;
-    }
-    let dlq = read_topic(&format!("{}.dlq", tc.name), 1, Duration::from_secs(3)).await?;
-    assert!(
-        dlq.is_empty(),
-        "nothing dead-lettered: {} messages",
-        dlq.len()
-    );
-    assert!(
-        run.child.try_wait()?.is_none(),
-        "the sink rode the crash out by itself:\n{}",
-        run.output()
-    );
-    run.child.kill().await?;
-    Ok(())
+    copies_equal_mysql_and_nothing_dead_lettered(&db, &tc, &coll, &mut run, "crash").await
 }
 
 #[tokio::test]
