@@ -39,6 +39,17 @@ pub enum KafkaClientError {
         /// librdkafka's account of the failure.
         reason: String,
     },
+    /// A transaction was not acknowledged within the commit deadline: the broker, or the
+    /// network path to it, is down or stalled without closing the connection.
+    #[error(
+        "kafka did not acknowledge the transaction within {after_s} s ({unacknowledged} records unacknowledged): the broker or the network path to it is down or stalled; the transaction is abandoned and re-sent from the last committed position"
+    )]
+    CommitTimedOut {
+        /// Seconds waited.
+        after_s: u64,
+        /// Records still without an acknowledgement.
+        unacknowledged: i32,
+    },
     /// The client hit a fatal error (e.g. its transactional id was fenced by a newer instance);
     /// `reason` is librdkafka's account of the first fatal error.
     #[error("kafka producer stopped by a fatal error: {reason}")]
@@ -54,6 +65,7 @@ impl Classify for KafkaClientError {
             KafkaClientError::Config(_)
             | KafkaClientError::Fatal { .. }
             | KafkaClientError::Auth { .. } => ErrorClass::Definite,
+            KafkaClientError::CommitTimedOut { .. } => ErrorClass::Transient,
             KafkaClientError::CreateTopic { source, .. } | KafkaClientError::Broker(source) => {
                 kafka_error_class(source)
             }

@@ -139,16 +139,19 @@ impl Link {
     }
 }
 
-/// The counter table's source with `link` through a proxy; `kind` injected after 300 changes
-/// of 1,500 written all along (to MySQL directly); `noticed` (a log line, if any) must appear
-/// while it is in place; then it is removed, and every change must be in Kafka exactly once,
-/// the process still running.
+/// The counter table's source with `link` through a proxy, while MySQL is written all along
+/// (directly, ten one-row updates per transaction). `kind` is injected once 300 changes are in
+/// Kafka and stays while the workload commits at least 300 more (and each line of `noticed`
+/// appears in its log): the fault meets a stream that has work to do. Then it is removed, the
+/// workload goes on a little and stops, and every change MySQL committed must be in Kafka exactly
+/// once, the process still running.
 async fn fault_on_the_link(
     link: Link,
     kind: &str,
     attributes: serde_json::Value,
-    noticed: Option<&str>,
+    noticed: &[&str],
 ) -> Result<()> {
+    use std::sync::atomic::{AtomicBool, Ordering};
     // The Kafka proxy's port is the one the broker advertises: one such test at a time.
     let _shared;
     let _exclusive;
@@ -163,24 +166,34 @@ async fn fault_on_the_link(
     std::fs::write(&cfg, link.through(&tc.toml(true), &proxy)?)?;
     let mut run = spawn_captured(&cfg, "source", &[], "info")?;
     wait_events(&tc.topic("counter"), 100, T).await?;
-    let writer = tokio::spawn({
-        let db = db.clone();
-        async move { write_counter_updates(&db, 1_500).await }
-    });
+    let stop = std::sync::Arc::new(AtomicBool::new(false));
+    let writer = tokio::spawn(write_until(db.clone(), stop.clone()));
     wait_events(&tc.topic("counter"), 400, T).await?;
     let toxic = proxy.toxic(kind, attributes).await?;
+    let at_fault = committed_updates(&db).await?;
     let during = async {
-        if let Some(line) = noticed {
+        for line in noticed {
             run.wait_for_output(line, T).await?;
         }
-        tokio::time::timeout(T, writer).await???;
-        Ok::<_, anyhow::Error>(())
+        wait_for(
+            "300 more changes committed in MySQL during the fault",
+            T,
+            || async { Ok((committed_updates(&db).await? >= at_fault + 300).then_some(())) },
+        )
+        .await
     }
     .await;
     proxy.remove(&toxic).await?;
-    during?;
-    let evs = wait_events(&tc.topic("counter"), 1_600, T).await?;
-    assert_exactly_once(&evs, 15);
+    let during = during.and(Ok(committed_updates(&db).await?));
+    let healed = async {
+        let at_heal = during?;
+        wait_events(&tc.topic("counter"), 100 + at_heal + 100, T).await
+    }
+    .await;
+    stop.store(true, Ordering::Relaxed);
+    writer.await?;
+    healed?;
+    assert_exactly_what_mysql_committed(&tc, &db).await?;
     assert!(
         run.child.try_wait()?.is_none(),
         "the source rode the fault out by itself:\n{}",
@@ -190,6 +203,16 @@ async fn fault_on_the_link(
     Ok(())
 }
 
+/// How many one-row updates MySQL has committed to the counter table so far.
+async fn committed_updates(db: &str) -> Result<usize> {
+    use mysql_async::prelude::Queryable;
+    let mut c = admin().await?;
+    let sum: Option<i64> = c
+        .query_first(format!("SELECT CAST(SUM(n) AS SIGNED) FROM `{db}`.counter"))
+        .await?;
+    Ok(usize::try_from(sum.unwrap_or(0))?)
+}
+
 #[tokio::test]
 async fn two_seconds_of_latency_on_the_mysql_link_mid_stream_delays_but_loses_and_repeats_no_change()
 -> Result<()> {
@@ -197,7 +220,7 @@ async fn two_seconds_of_latency_on_the_mysql_link_mid_stream_delays_but_loses_an
         Link::Mysql,
         "latency",
         json!({ "latency": 2000, "jitter": 0 }),
-        None,
+        &[],
     )
     .await
 }
@@ -205,7 +228,7 @@ async fn two_seconds_of_latency_on_the_mysql_link_mid_stream_delays_but_loses_an
 #[tokio::test]
 async fn the_mysql_link_cut_to_10_kb_per_second_mid_stream_loses_and_repeats_no_change()
 -> Result<()> {
-    fault_on_the_link(Link::Mysql, "bandwidth", json!({ "rate": 10 }), None).await
+    fault_on_the_link(Link::Mysql, "bandwidth", json!({ "rate": 10 }), &[]).await
 }
 
 #[tokio::test]
@@ -217,7 +240,7 @@ async fn a_blackholed_mysql_link_mid_stream_is_noticed_and_after_it_every_change
         Link::Mysql,
         "timeout",
         json!({ "timeout": 0 }),
-        Some("source interrupted"),
+        &["source interrupted"],
     )
     .await
 }
@@ -228,7 +251,7 @@ async fn a_mysql_link_reset_mid_stream_resumes_by_itself_exactly_once() -> Resul
         Link::Mysql,
         "reset_peer",
         json!({ "timeout": 0 }),
-        Some("source interrupted"),
+        &["source interrupted"],
     )
     .await
 }
@@ -568,12 +591,30 @@ async fn two_seconds_of_latency_on_the_kafka_link_mid_stream_delays_but_loses_an
         Link::Kafka,
         "latency",
         json!({ "latency": 2000, "jitter": 0 }),
-        None,
+        &[],
     )
     .await
 }
 
 #[tokio::test]
 async fn a_kafka_link_reset_mid_stream_resumes_by_itself_exactly_once() -> Result<()> {
-    fault_on_the_link(Link::Kafka, "reset_peer", json!({ "timeout": 0 }), None).await
+    fault_on_the_link(Link::Kafka, "reset_peer", json!({ "timeout": 0 }), &[]).await
+}
+
+#[tokio::test]
+async fn a_blackholed_kafka_link_mid_stream_is_noticed_and_after_it_every_change_arrives_exactly_once()
+-> Result<()> {
+    fault_on_the_link(
+        Link::Kafka,
+        "timeout",
+        json!({ "timeout": 0 }),
+        // A warning within seconds, then the commit deadline ends the session, which starts
+        // again by itself once the broker answers.
+        &[
+            "kafka has not acknowledged this transaction's records yet",
+            "kafka did not acknowledge the transaction within 60 s",
+            "source interrupted",
+        ],
+    )
+    .await
 }

@@ -251,7 +251,14 @@ pub async fn run(
         )
         .await;
         readiness.source_ready.store(false, Ordering::Relaxed);
-        if let Some(p) = publisher.as_mut() {
+        if matches!(&res, Err(SourceError::Kafka(_))) {
+            // A fenced, broken or unreachable producer is replaced; its successor's
+            // init_transactions aborts what it left open (an abort here would wait on the same
+            // broken link). Dropping it purges its queue, off the async workers.
+            if let Some(p) = publisher.take() {
+                let _ = tokio::task::spawn_blocking(move || drop(p)).await;
+            }
+        } else if let Some(p) = publisher.as_mut() {
             p.abort().await;
         }
         match res {
@@ -264,10 +271,6 @@ pub async fn run(
                 ) else {
                     return Err(e);
                 };
-                // A fenced or broken producer must be recreated; a fresh one also aborts leftovers.
-                if matches!(&e, SourceError::Kafka(_)) {
-                    publisher = None;
-                }
                 tokio::select! {
                     () = shutdown.wait() => return Ok(()),
                     () = tokio::time::sleep(delay) => {}

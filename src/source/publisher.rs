@@ -338,18 +338,46 @@ impl Publisher {
         )
         .await?;
         let started = Instant::now();
+        let deadline = started + COMMIT_DEADLINE;
         // rdkafka's commit_transaction flushes first, and its flush polls in whole 100 ms
         // rounds whenever anything is still in flight: every commit took >= 100 ms
         // (ecst_source_commit_seconds). Waiting for the acknowledgements here, in 1 ms steps,
         // lets that flush find nothing to do.
-        while self.producer.in_flight_count() > 0 && started.elapsed() < Duration::from_secs(30) {
+        let mut warned = false;
+        while self.producer.in_flight_count() > 0 && Instant::now() < deadline {
+            if !warned && started.elapsed() >= SLOW_COMMIT_WARNING {
+                warned = true;
+                tracing::warn!(
+                    unacknowledged = self.producer.in_flight_count(),
+                    waited_s = started.elapsed().as_secs(),
+                    deadline_s = COMMIT_DEADLINE.as_secs(),
+                    "kafka has not acknowledged this transaction's records yet: waiting up to the commit deadline"
+                );
+            }
             tokio::time::sleep(Duration::from_millis(1)).await;
         }
+        let timed_out = |p: &TxProducer| {
+            SourceError::Kafka(KafkaClientError::CommitTimedOut {
+                after_s: started.elapsed().as_secs(),
+                unacknowledged: p.in_flight_count(),
+            })
+        };
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(timed_out(&self.producer));
+        }
         let p = self.producer.clone();
-        tokio::task::spawn_blocking(move || p.commit_transaction(Duration::from_secs(60)))
+        let result = tokio::task::spawn_blocking(move || p.commit_transaction(left))
             .await
-            .map_err(|e| SourceError::Task(e.to_string()))?
-            .map_err(|e| self.explain(e))?;
+            .map_err(|e| SourceError::Task(e.to_string()))?;
+        match result {
+            Ok(()) => {}
+            // librdkafka's own timeout (retriable): the same deadline passed.
+            Err(KafkaError::Transaction(e)) if e.code() == RDKafkaErrorCode::OperationTimedOut => {
+                return Err(timed_out(&self.producer));
+            }
+            Err(e) => return Err(self.explain(e)),
+        }
         self.last_commit_took = started.elapsed();
         metrics::histogram!(m::SOURCE_COMMIT_SECONDS).record(self.last_commit_took.as_secs_f64());
         self.open = false;
@@ -384,6 +412,15 @@ impl Publisher {
         self.open = false;
     }
 }
+
+/// How long one commit (the acknowledgements of the transaction's records, then its end
+/// marker) may take before the transaction is abandoned and the session restarts: a broker that
+/// takes no data and closes nothing (a half-open connection) is otherwise only noticed after
+/// librdkafka's delivery timeout (the 300 s transaction timeout).
+const COMMIT_DEADLINE: Duration = Duration::from_secs(60);
+
+/// A commit still waiting after this is logged, once.
+const SLOW_COMMIT_WARNING: Duration = Duration::from_secs(5);
 
 /// Creates the transactional producer and fences older instances with the same name.
 pub(super) async fn transactional_producer(cfg: &Config) -> Result<TxProducer, SourceError> {
