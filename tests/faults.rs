@@ -91,12 +91,13 @@ impl Drop for Proxy {
     }
 }
 
-/// Which connection of the source a fault is put on.
-#[derive(Clone, Copy)]
+/// Which connection of ecst a fault is put on.
+#[derive(Clone, Copy, Debug)]
 enum Link {
     Mysql,
     /// Through the broker's PROXIED listener, which advertises the proxy's address (dev/stack).
     Kafka,
+    Mongo,
 }
 
 fn port_of_addr(var: &str, default: u16) -> u16 {
@@ -104,6 +105,16 @@ fn port_of_addr(var: &str, default: u16) -> u16 {
         .ok()
         .and_then(|a| a.rsplit(':').next()?.parse().ok())
         .unwrap_or(default)
+}
+
+fn mongo_port() -> Result<u16> {
+    endpoints()
+        .mongo
+        .trim_end_matches('/')
+        .rsplit(':')
+        .next()
+        .and_then(|p| p.parse().ok())
+        .context("the MongoDB port")
 }
 
 impl Link {
@@ -117,6 +128,7 @@ impl Link {
                 )
                 .await
             }
+            Link::Mongo => Proxy::to(mongo_port()?).await,
         }
     }
 
@@ -132,11 +144,71 @@ impl Link {
                 format!("bootstrap_servers = \"{}\"", e.kafka),
                 format!("bootstrap_servers = \"127.0.0.1:{}\"", proxy.port),
             ),
+            // Short server selection: a stalled MongoDB is noticed in seconds, not 30.
+            Link::Mongo => (
+                format!(":{}/", mongo_port()?),
+                format!(
+                    ":{}/?serverSelectionTimeoutMS=3000&connectTimeoutMS=3000",
+                    proxy.port
+                ),
+            ),
         };
         let out = toml.replace(&from, &to);
         anyhow::ensure!(out.contains(&to), "{from} not found in {toml}");
         Ok(out)
     }
+}
+
+/// Proxies for `links`, the config `toml` rewritten through them, written to a file; the
+/// Kafka link's proxy listens on the port the broker advertises, so a test using it holds the
+/// stack exclusively (the returned guard).
+async fn through_proxies(
+    links: &[Link],
+    toml: String,
+    name: &str,
+) -> Result<(Vec<Proxy>, std::path::PathBuf, StackGuard)> {
+    let guard = if links.iter().any(|l| matches!(l, Link::Kafka)) {
+        StackGuard::Exclusive(STACK_LOCK.write().await)
+    } else {
+        StackGuard::Shared(STACK_LOCK.read().await)
+    };
+    let mut proxies = Vec::new();
+    let mut toml = toml;
+    for link in links {
+        let proxy = link.proxy().await?;
+        toml = link.through(&toml, &proxy)?;
+        proxies.push(proxy);
+    }
+    let cfg = std::env::temp_dir().join(format!("{name}.toml"));
+    std::fs::write(&cfg, toml)?;
+    Ok((proxies, cfg, guard))
+}
+
+/// A held share of the dev stack.
+#[allow(dead_code)]
+enum StackGuard {
+    Shared(tokio::sync::RwLockReadGuard<'static, ()>),
+    Exclusive(tokio::sync::RwLockWriteGuard<'static, ()>),
+}
+
+/// The same toxic on each proxy; their names.
+async fn inject(
+    proxies: &[Proxy],
+    kind: &str,
+    attributes: &serde_json::Value,
+) -> Result<Vec<String>> {
+    let mut names = Vec::new();
+    for p in proxies {
+        names.push(p.toxic(kind, attributes.clone()).await?);
+    }
+    Ok(names)
+}
+
+async fn heal(proxies: &[Proxy], toxics: &[String]) -> Result<()> {
+    for (p, t) in proxies.iter().zip(toxics) {
+        p.remove(t).await?;
+    }
+    Ok(())
 }
 
 /// The counter table's source with `link` through a proxy, while MySQL is written all along
@@ -151,25 +223,26 @@ async fn fault_on_the_link(
     attributes: serde_json::Value,
     noticed: &[&str],
 ) -> Result<()> {
+    fault_on_links(&[link], kind, attributes, noticed).await
+}
+
+/// [`fault_on_the_link`] with the same fault on several links at once.
+async fn fault_on_links(
+    links: &[Link],
+    kind: &str,
+    attributes: serde_json::Value,
+    noticed: &[&str],
+) -> Result<()> {
     use std::sync::atomic::{AtomicBool, Ordering};
-    // The Kafka proxy's port is the one the broker advertises: one such test at a time.
-    let _shared;
-    let _exclusive;
-    match link {
-        Link::Mysql => _shared = STACK_LOCK.read().await,
-        Link::Kafka => _exclusive = STACK_LOCK.write().await,
-    }
-    let proxy = link.proxy().await?;
     let db = counter_table().await?;
     let tc = TestConfig::new(&db, &["counter"]);
-    let cfg = std::env::temp_dir().join(format!("{}.toml", tc.name));
-    std::fs::write(&cfg, link.through(&tc.toml(true), &proxy)?)?;
+    let (proxies, cfg, _stack) = through_proxies(links, tc.toml(true), &tc.name).await?;
     let mut run = spawn_captured(&cfg, "source", &[], "info")?;
     wait_events(&tc.topic("counter"), 100, T).await?;
     let stop = std::sync::Arc::new(AtomicBool::new(false));
     let writer = tokio::spawn(write_until(db.clone(), stop.clone()));
     wait_events(&tc.topic("counter"), 400, T).await?;
-    let toxic = proxy.toxic(kind, attributes).await?;
+    let toxics = inject(&proxies, kind, &attributes).await?;
     let at_fault = committed_updates(&db).await?;
     let during = async {
         for line in noticed {
@@ -183,7 +256,7 @@ async fn fault_on_the_link(
         .await
     }
     .await;
-    proxy.remove(&toxic).await?;
+    heal(&proxies, &toxics).await?;
     let during = during.and(Ok(committed_updates(&db).await?));
     let healed = async {
         let at_heal = during?;
@@ -256,48 +329,119 @@ async fn a_mysql_link_reset_mid_stream_resumes_by_itself_exactly_once() -> Resul
     .await
 }
 
-#[tokio::test]
-async fn a_blackholed_mongodb_link_mid_stream_holds_the_sink_which_then_brings_every_copy_to_mysql_with_no_dead_letter()
--> Result<()> {
-    let _shared = STACK_LOCK.read().await;
-    let mongo_port: u16 = endpoints()
-        .mongo
-        .trim_end_matches('/')
-        .rsplit(':')
-        .next()
-        .and_then(|p| p.parse().ok())
-        .context("the MongoDB port")?;
-    let proxy = Proxy::to(mongo_port).await?;
+/// The seed's pipeline (`ecst run`: source and sink) with `links` through proxies, while the
+/// users' emails change all along (about 50 a second, directly in MySQL). `kind` is injected
+/// once every copy is versioned and stays until each line of `noticed` is in the log and 100
+/// more changes are committed; then it is removed, the workload stops, and every order's copy
+/// must equal MySQL with nothing dead-lettered, the process still running.
+async fn sink_fault_on_links(
+    links: &[Link],
+    kind: &str,
+    attributes: serde_json::Value,
+    noticed: &[&str],
+) -> Result<()> {
+    use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
     let db = seed_database().await?;
     let tc = TestConfig::new(&db, &["users", "product"]).with_seed_mappings();
     let mdb = mongo_db(&tc.mongo_db).await?;
     seed_orders(&mdb, 2).await?;
-    let toml = tc.toml(true).replace(
-        &format!(":{mongo_port}/"),
-        &format!(
-            ":{}/?serverSelectionTimeoutMS=3000&connectTimeoutMS=3000",
-            proxy.port
-        ),
-    );
-    anyhow::ensure!(toml.contains(&format!(":{}/", proxy.port)), "{toml}");
-    let cfg = std::env::temp_dir().join(format!("{}.toml", tc.name));
-    std::fs::write(&cfg, toml)?;
+    let (proxies, cfg, _stack) = through_proxies(links, tc.toml(true), &tc.name).await?;
     let mut run = spawn_captured(&cfg, "run", &[], "info")?;
     let coll = mdb.collection::<bson::Document>("purchase_order");
     crate::sink::wait_all_versioned(&mdb, "user_in_orders").await?;
-    let toxic = proxy.toxic("timeout", json!({ "timeout": 0 })).await?;
-    // Changes keep coming while the sink cannot reach MongoDB.
-    for i in 0..20 {
-        sql(format!(
-            "UPDATE `{db}`.users SET email = 'blackhole.{i}@x' WHERE id = {}",
-            i % 4 + 1
-        ))
-        .await?;
+    let stop = std::sync::Arc::new(AtomicBool::new(false));
+    let written = std::sync::Arc::new(AtomicU32::new(0));
+    let writer = tokio::spawn({
+        let (db, stop, written) = (db.clone(), stop.clone(), written.clone());
+        async move {
+            use mysql_async::prelude::Queryable;
+            let mut c = admin().await?;
+            let mut pace = tokio::time::interval(Duration::from_millis(20));
+            while !stop.load(Ordering::Relaxed) {
+                // Pacing a workload, not waiting for a condition.
+                pace.tick().await;
+                let k = written.load(Ordering::Relaxed);
+                c.query_drop(format!(
+                    "UPDATE `{db}`.users SET email = 'fault.{k}@x' WHERE id = {}",
+                    k % 4 + 1
+                ))
+                .await?;
+                written.fetch_add(1, Ordering::Relaxed);
+            }
+            Ok::<_, anyhow::Error>(())
+        }
+    });
+    let toxics = inject(&proxies, kind, &attributes).await?;
+    let at_fault = written.load(Ordering::Relaxed);
+    let during = async {
+        for line in noticed {
+            run.wait_for_output(line, T).await?;
+        }
+        wait_for(
+            "100 more changes committed in MySQL during the fault",
+            T,
+            || async { Ok((written.load(Ordering::Relaxed) >= at_fault + 100).then_some(())) },
+        )
+        .await
     }
-    let held = run.wait_for_output("sink batch not applied", T).await;
-    proxy.remove(&toxic).await?;
-    held?;
+    .await;
+    heal(&proxies, &toxics).await?;
+    stop.store(true, Ordering::Relaxed);
+    writer.await??;
+    during?;
     copies_equal_mysql_and_nothing_dead_lettered(&db, &tc, &coll, &mut run, "fault").await
+}
+
+#[tokio::test]
+async fn a_blackholed_mongodb_link_mid_stream_holds_the_sink_which_then_brings_every_copy_to_mysql_with_no_dead_letter()
+-> Result<()> {
+    sink_fault_on_links(
+        &[Link::Mongo],
+        "timeout",
+        json!({ "timeout": 0 }),
+        &["sink batch not applied"],
+    )
+    .await
+}
+
+#[tokio::test]
+async fn two_seconds_of_latency_on_the_mongodb_link_delays_the_copies_but_leaves_each_equal_to_mysql()
+-> Result<()> {
+    sink_fault_on_links(
+        &[Link::Mongo],
+        "latency",
+        json!({ "latency": 2000, "jitter": 0 }),
+        &[],
+    )
+    .await
+}
+
+#[tokio::test]
+async fn the_mongodb_link_cut_to_10_kb_per_second_leaves_every_copy_equal_to_mysql() -> Result<()> {
+    sink_fault_on_links(&[Link::Mongo], "bandwidth", json!({ "rate": 10 }), &[]).await
+}
+
+#[tokio::test]
+async fn a_mongodb_link_reset_mid_stream_is_retried_and_every_copy_equals_mysql() -> Result<()> {
+    sink_fault_on_links(&[Link::Mongo], "reset_peer", json!({ "timeout": 0 }), &[]).await
+}
+
+#[tokio::test]
+async fn a_slow_close_on_the_mongodb_link_leaves_every_copy_equal_to_mysql() -> Result<()> {
+    sink_fault_on_links(&[Link::Mongo], "slow_close", json!({ "delay": 3000 }), &[]).await
+}
+
+#[tokio::test]
+async fn the_kafka_and_mongodb_links_blackholed_at_once_hold_the_sink_then_every_copy_equals_mysql()
+-> Result<()> {
+    sink_fault_on_links(
+        &[Link::Kafka, Link::Mongo],
+        "timeout",
+        json!({ "timeout": 0 }),
+        // No change reaches the sink while Kafka takes none: the source is the one to notice.
+        &["source interrupted"],
+    )
+    .await
 }
 
 /// After a sink fault: every order's user copy equals its MySQL row (2 orders per user), nothing
@@ -615,6 +759,59 @@ async fn a_blackholed_kafka_link_mid_stream_is_noticed_and_after_it_every_change
             "kafka did not acknowledge the transaction within 60 s",
             "source interrupted",
         ],
+    )
+    .await
+}
+
+#[tokio::test]
+async fn the_kafka_link_cut_to_10_kb_per_second_mid_stream_loses_and_repeats_no_change()
+-> Result<()> {
+    fault_on_the_link(Link::Kafka, "bandwidth", json!({ "rate": 10 }), &[]).await
+}
+
+#[tokio::test]
+async fn a_slow_close_on_the_kafka_link_loses_and_repeats_no_change() -> Result<()> {
+    fault_on_the_link(Link::Kafka, "slow_close", json!({ "delay": 3000 }), &[]).await
+}
+
+#[tokio::test]
+async fn a_slow_close_on_the_mysql_link_loses_and_repeats_no_change() -> Result<()> {
+    fault_on_the_link(Link::Mysql, "slow_close", json!({ "delay": 3000 }), &[]).await
+}
+
+// ---- two links at once
+
+#[tokio::test]
+async fn two_seconds_of_latency_on_the_mysql_and_kafka_links_at_once_loses_and_repeats_no_change()
+-> Result<()> {
+    fault_on_links(
+        &[Link::Mysql, Link::Kafka],
+        "latency",
+        json!({ "latency": 2000, "jitter": 0 }),
+        &[],
+    )
+    .await
+}
+
+#[tokio::test]
+async fn the_mysql_and_kafka_links_reset_at_once_resume_by_themselves_exactly_once() -> Result<()> {
+    fault_on_links(
+        &[Link::Mysql, Link::Kafka],
+        "reset_peer",
+        json!({ "timeout": 0 }),
+        &["source interrupted"],
+    )
+    .await
+}
+
+#[tokio::test]
+async fn the_mysql_and_kafka_links_blackholed_at_once_are_noticed_and_then_every_change_arrives_exactly_once()
+-> Result<()> {
+    fault_on_links(
+        &[Link::Mysql, Link::Kafka],
+        "timeout",
+        json!({ "timeout": 0 }),
+        &["source interrupted"],
     )
     .await
 }
