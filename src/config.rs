@@ -205,6 +205,12 @@ pub struct SourceConfig {
     /// to 9× the last commit's duration (at most 10 intervals).
     #[serde(default = "default_commit_interval_ms")]
     pub commit_interval_ms: u64,
+    /// Kafka transaction timeout (ms): how long the broker keeps an open transaction of this
+    /// source before it aborts it. Default 300000; 10000 to 900000 (the broker's default
+    /// `transaction.max.timeout.ms`). A commit still unacknowledged after the lesser of 60 s
+    /// and half this is abandoned and re-sent.
+    #[serde(default = "default_transaction_timeout_ms")]
+    pub transaction_timeout_ms: u64,
     /// Partitions of topics ecst creates. Default 1.
     #[serde(default = "default_topic_partitions")]
     pub topic_partitions: i32,
@@ -439,6 +445,9 @@ fn default_true() -> bool {
 }
 fn default_commit_interval_ms() -> u64 {
     DEFAULT_COMMIT_INTERVAL_MS
+}
+fn default_transaction_timeout_ms() -> u64 {
+    300_000
 }
 fn default_topic_partitions() -> i32 {
     DEFAULT_TOPIC_PARTITIONS
@@ -755,6 +764,12 @@ impl Config {
             if s.commit_interval_ms == 0 {
                 issue("source.commit_interval_ms", "must be at least 1");
             }
+            if !(10_000..=900_000).contains(&s.transaction_timeout_ms) {
+                issue(
+                    "source.transaction_timeout_ms",
+                    "must be from 10000 to 900000 (the broker's default transaction.max.timeout.ms)",
+                );
+            }
             if s.snapshot_lock_wait_s == 0 {
                 issue("source.snapshot_lock_wait_s", "must be at least 1");
             }
@@ -1007,6 +1022,22 @@ mod tests {
                 "source.snapshot_chunk_size"
             ]
         );
+    }
+
+    #[test]
+    fn a_transaction_timeout_outside_what_the_broker_accepts_names_the_field() {
+        let cfg = Config::from_toml_str(MINIMAL, Vec::new()).expect("valid");
+        assert_eq!(cfg.source.expect("source").transaction_timeout_ms, 300_000);
+        for bad in ["5000", "1000000"] {
+            let text = MINIMAL.replace(
+                "tables = [\"test.users\"]",
+                &format!("tables = [\"test.users\"]\ntransaction_timeout_ms = {bad}"),
+            );
+            let err = Config::from_toml_str(&text, Vec::new())
+                .expect_err("must fail")
+                .to_string();
+            assert!(err.contains("source.transaction_timeout_ms"), "{err}");
+        }
     }
 
     #[test]

@@ -50,6 +50,14 @@ pub enum KafkaClientError {
         /// Records still without an acknowledgement.
         unacknowledged: i32,
     },
+    /// A consumer stayed out of its group past [`REJOIN_DEADLINE`]; it is recreated.
+    #[error(
+        "the kafka consumer has been out of its group for {after_s} s without rejoining (after a broker outage or hang): it is recreated"
+    )]
+    OutOfGroup {
+        /// Seconds out of the group.
+        after_s: u64,
+    },
     /// The client hit a fatal error (e.g. its transactional id was fenced by a newer instance);
     /// `reason` is librdkafka's account of the first fatal error.
     #[error("kafka producer stopped by a fatal error: {reason}")]
@@ -65,7 +73,9 @@ impl Classify for KafkaClientError {
             KafkaClientError::Config(_)
             | KafkaClientError::Fatal { .. }
             | KafkaClientError::Auth { .. } => ErrorClass::Definite,
-            KafkaClientError::CommitTimedOut { .. } => ErrorClass::Transient,
+            KafkaClientError::CommitTimedOut { .. } | KafkaClientError::OutOfGroup { .. } => {
+                ErrorClass::Transient
+            }
             KafkaClientError::CreateTopic { source, .. } | KafkaClientError::Broker(source) => {
                 kafka_error_class(source)
             }
@@ -154,6 +164,75 @@ impl ProducerContext for AuthWatch {
     fn delivery(&self, _: &DeliveryResult<'_>, _: ()) {}
 }
 
+/// How long a consumer may stay out of its group before it is recreated. librdkafka normally
+/// rejoins by itself within a session timeout; after a broker that hung past the session
+/// timeout it was seen to stay out for good (its group stuck in `query-coord`, "no broker
+/// available for coordinator query"), so that the sink consumed nothing, silently. A new
+/// client joins at once.
+pub const REJOIN_DEADLINE: Duration = Duration::from_secs(60);
+
+/// A consumer context that follows the group membership: it is lost when librdkafka revokes
+/// the assignment as lost (the session timed out, the member was fenced) and regained with the
+/// next assignment (even an empty one).
+#[derive(Debug, Default)]
+pub struct GroupWatch {
+    lost_since: std::sync::Mutex<Option<std::time::Instant>>,
+}
+
+impl GroupWatch {
+    fn lost(&self, now: std::time::Instant) {
+        if let Ok(mut l) = self.lost_since.lock() {
+            l.get_or_insert(now);
+        }
+    }
+
+    fn regained(&self) {
+        if let Ok(mut l) = self.lost_since.lock() {
+            *l = None;
+        }
+    }
+
+    /// How long the consumer has been out of its group, as of `now` (zero while a member).
+    pub fn out_for(&self, now: std::time::Instant) -> Duration {
+        self.lost_since
+            .lock()
+            .ok()
+            .and_then(|l| *l)
+            .map_or(Duration::ZERO, |since| now.saturating_duration_since(since))
+    }
+}
+
+impl ClientContext for GroupWatch {}
+
+impl rdkafka::consumer::ConsumerContext for GroupWatch {
+    fn pre_rebalance(
+        &self,
+        consumer: &rdkafka::consumer::BaseConsumer<Self>,
+        rebalance: &rdkafka::consumer::Rebalance<'_>,
+    ) {
+        use rdkafka::consumer::Consumer;
+        // The lost flag is cleared once the revoke is handled: it is read before.
+        if matches!(rebalance, rdkafka::consumer::Rebalance::Revoke(_))
+            && consumer.assignment_lost()
+        {
+            tracing::warn!(
+                "kafka consumer lost its group membership (session timed out); rejoining"
+            );
+            self.lost(std::time::Instant::now());
+        }
+    }
+
+    fn post_rebalance(
+        &self,
+        _: &rdkafka::consumer::BaseConsumer<Self>,
+        rebalance: &rdkafka::consumer::Rebalance<'_>,
+    ) {
+        if matches!(rebalance, rdkafka::consumer::Rebalance::Assign(_)) {
+            self.regained();
+        }
+    }
+}
+
 /// Creates `topics` if missing (an existing topic is fine; any other failure is returned).
 /// This is each component's first request, so it is also where bad credentials are caught.
 pub async fn ensure_topics(
@@ -204,4 +283,26 @@ pub async fn ensure_topics(
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Instant;
+
+    #[test]
+    fn a_consumer_is_out_of_its_group_from_the_first_loss_until_an_assignment() {
+        let t0 = Instant::now();
+        let w = GroupWatch::default();
+        assert_eq!(w.out_for(t0), Duration::ZERO, "a member until a loss");
+        w.lost(t0 + Duration::from_secs(10));
+        w.lost(t0 + Duration::from_secs(40));
+        assert_eq!(
+            w.out_for(t0 + Duration::from_secs(70)),
+            Duration::from_secs(60),
+            "counted from the first loss"
+        );
+        w.regained();
+        assert_eq!(w.out_for(t0 + Duration::from_secs(200)), Duration::ZERO);
+    }
 }

@@ -7,15 +7,16 @@
 //! broker's session timeout passes after a kill (librdkafka's default, 45 s): a reset right after
 //! a kill -9 is refused until then, which errs on the safe side. The member polls every 500 ms,
 //! far inside `max.poll.interval.ms`, and reads nothing (it never commits), so it costs one idle
-//! connection.
+//! connection. A member that lost the group and has not rejoined within `REJOIN_DEADLINE` is
+//! replaced by a new client.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::KafkaError;
 
 use crate::config::Config;
-use crate::kafka::client_config;
+use crate::kafka::{GroupWatch, REJOIN_DEADLINE, client_config};
 use crate::shutdown::ShutdownRx;
 
 /// The group a running source is a member of.
@@ -44,22 +45,33 @@ pub fn announce_source(cfg: &Config, shutdown: ShutdownRx) -> Presence {
     let topic = cfg.offsets_topic();
     tokio::task::spawn_blocking(move || {
         let stopped = || shutdown.is_triggered() || done.is_triggered();
-        let consumer: BaseConsumer = match cc.create() {
-            Ok(c) => c,
-            Err(e) => {
+        // A member that lost the group and did not rejoin (see `kafka::REJOIN_DEADLINE`) is
+        // replaced by a new client, so that a running source stays visible.
+        while !stopped() {
+            let consumer: BaseConsumer<GroupWatch> = match cc
+                .create_with_context(GroupWatch::default())
+            {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot announce the running source in Kafka: `ecst offsets reset` will not see it");
+                    return;
+                }
+            };
+            if let Err(e) = consumer.subscribe(&[topic.as_str()]) {
                 tracing::warn!(error = %e, "cannot announce the running source in Kafka: `ecst offsets reset` will not see it");
                 return;
             }
-        };
-        if let Err(e) = consumer.subscribe(&[topic.as_str()]) {
-            tracing::warn!(error = %e, "cannot announce the running source in Kafka: `ecst offsets reset` will not see it");
-            return;
+            while !stopped() && consumer.context().out_for(Instant::now()) < REJOIN_DEADLINE {
+                // Polling keeps the membership; the messages are not needed.
+                let _ = consumer.poll(Duration::from_millis(500));
+            }
+            if !stopped() {
+                tracing::warn!(
+                    "the running source's presence member has not rejoined its group: recreating it"
+                );
+            }
+            consumer.unsubscribe();
         }
-        while !stopped() {
-            // Polling keeps the membership; the messages are not needed.
-            let _ = consumer.poll(Duration::from_millis(500));
-        }
-        consumer.unsubscribe();
     });
     Presence(done_tx)
 }

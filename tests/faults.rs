@@ -351,26 +351,11 @@ async fn sink_fault_on_links(
     crate::sink::wait_all_versioned(&mdb, "user_in_orders").await?;
     let stop = std::sync::Arc::new(AtomicBool::new(false));
     let written = std::sync::Arc::new(AtomicU32::new(0));
-    let writer = tokio::spawn({
-        let (db, stop, written) = (db.clone(), stop.clone(), written.clone());
-        async move {
-            use mysql_async::prelude::Queryable;
-            let mut c = admin().await?;
-            let mut pace = tokio::time::interval(Duration::from_millis(20));
-            while !stop.load(Ordering::Relaxed) {
-                // Pacing a workload, not waiting for a condition.
-                pace.tick().await;
-                let k = written.load(Ordering::Relaxed);
-                c.query_drop(format!(
-                    "UPDATE `{db}`.users SET email = 'fault.{k}@x' WHERE id = {}",
-                    k % 4 + 1
-                ))
-                .await?;
-                written.fetch_add(1, Ordering::Relaxed);
-            }
-            Ok::<_, anyhow::Error>(())
-        }
-    });
+    let writer = tokio::spawn(write_emails_until(
+        db.clone(),
+        stop.clone(),
+        written.clone(),
+    ));
     let toxics = inject(&proxies, kind, &attributes).await?;
     let at_fault = written.load(Ordering::Relaxed);
     let during = async {
@@ -442,6 +427,31 @@ async fn the_kafka_and_mongodb_links_blackholed_at_once_hold_the_sink_then_every
         &["source interrupted"],
     )
     .await
+}
+
+/// Changes the users' emails (about 50 a second, directly in MySQL) until `stop`, counting
+/// them in `written`.
+async fn write_emails_until(
+    db: String,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    written: std::sync::Arc<std::sync::atomic::AtomicU32>,
+) -> Result<()> {
+    use mysql_async::prelude::Queryable;
+    use std::sync::atomic::Ordering;
+    let mut c = admin().await?;
+    let mut pace = tokio::time::interval(Duration::from_millis(20));
+    while !stop.load(Ordering::Relaxed) {
+        // Pacing a workload, not waiting for a condition.
+        pace.tick().await;
+        let k = written.load(Ordering::Relaxed);
+        c.query_drop(format!(
+            "UPDATE `{db}`.users SET email = 'fault.{k}@x' WHERE id = {}",
+            k % 4 + 1
+        ))
+        .await?;
+        written.fetch_add(1, Ordering::Relaxed);
+    }
+    Ok(())
 }
 
 /// After a sink fault: every order's user copy equals its MySQL row (2 orders per user), nothing
@@ -814,4 +824,122 @@ async fn the_mysql_and_kafka_links_blackholed_at_once_are_noticed_and_then_every
         &["source interrupted"],
     )
     .await
+}
+
+// ---- a broker that hangs: SIGSTOP past the transaction and session timeouts, then SIGCONT
+
+/// How long the broker stays frozen: past the 10 s transaction timeout and the 6 s session
+/// timeout the frozen-broker tests set.
+const FROZEN_FOR: Duration = Duration::from_secs(20);
+
+/// Freezes the broker (SIGSTOP of its process group) until `FROZEN_FOR` has passed and each
+/// line of `noticed` is in `run`'s output, then thaws it, whatever happened.
+async fn freeze_the_broker(run: &Captured, noticed: &[&str]) -> Result<()> {
+    stack(&["freeze", "kafka"]).await?;
+    let frozen_at = std::time::Instant::now();
+    let held = async {
+        for line in noticed {
+            run.wait_for_output(line, T).await?;
+        }
+        wait_for("the broker frozen past the timeouts", T, || async {
+            Ok((frozen_at.elapsed() >= FROZEN_FOR).then_some(()))
+        })
+        .await
+    }
+    .await;
+    stack(&["thaw", "kafka"]).await?;
+    held
+}
+
+/// `toml` with a 10 s transaction timeout and a 6 s consumer session timeout (the broker's
+/// smallest), so that a 20 s freeze outlasts both.
+fn with_short_kafka_timeouts(toml: &str) -> Result<String> {
+    let out = toml.replace("[source]\n", "[source]\ntransaction_timeout_ms = 10000\n")
+        + "\n[kafka.properties]\n\"session.timeout.ms\" = \"6000\"\n";
+    anyhow::ensure!(out.contains("transaction_timeout_ms = 10000"), "{out}");
+    Ok(out)
+}
+
+#[tokio::test]
+async fn the_broker_frozen_past_the_transaction_timeout_then_thawed_every_committed_change_arrives_exactly_once()
+-> Result<()> {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let _exclusive = STACK_LOCK.write().await;
+    let db = counter_table().await?;
+    let tc = TestConfig::new(&db, &["counter"]);
+    let cfg = std::env::temp_dir().join(format!("{}.toml", tc.name));
+    std::fs::write(&cfg, with_short_kafka_timeouts(&tc.toml(true))?)?;
+    let mut run = spawn_captured(&cfg, "source", &[], "info")?;
+    wait_events(&tc.topic("counter"), 100, T).await?;
+    let stop = std::sync::Arc::new(AtomicBool::new(false));
+    let writer = tokio::spawn(write_until(db.clone(), stop.clone()));
+    wait_events(&tc.topic("counter"), 400, T).await?;
+    // The commit deadline is half the transaction timeout: 5 s.
+    let frozen = freeze_the_broker(
+        &run,
+        &[
+            "kafka did not acknowledge the transaction within 5 s",
+            "source interrupted",
+        ],
+    )
+    .await;
+    let after = async {
+        frozen?;
+        let at_thaw = committed_updates(&db).await?;
+        wait_events(&tc.topic("counter"), 100 + at_thaw + 100, T).await
+    }
+    .await;
+    stop.store(true, Ordering::Relaxed);
+    writer.await?;
+    after?;
+    assert_exactly_what_mysql_committed(&tc, &db).await?;
+    assert!(
+        run.child.try_wait()?.is_none(),
+        "the source rode the frozen broker out by itself:\n{}",
+        run.output()
+    );
+    run.child.kill().await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn the_broker_frozen_past_the_sinks_session_timeout_then_thawed_every_copy_equals_mysql()
+-> Result<()> {
+    use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+    let _exclusive = STACK_LOCK.write().await;
+    let db = seed_database().await?;
+    let tc = TestConfig::new(&db, &["users", "product"]).with_seed_mappings();
+    let mdb = mongo_db(&tc.mongo_db).await?;
+    seed_orders(&mdb, 2).await?;
+    let cfg = std::env::temp_dir().join(format!("{}.toml", tc.name));
+    std::fs::write(&cfg, with_short_kafka_timeouts(&tc.toml(true))?)?;
+    let mut run = spawn_captured(&cfg, "run", &[], "info")?;
+    let coll = mdb.collection::<bson::Document>("purchase_order");
+    crate::sink::wait_all_versioned(&mdb, "user_in_orders").await?;
+    let stop = std::sync::Arc::new(AtomicBool::new(false));
+    let written = std::sync::Arc::new(AtomicU32::new(0));
+    let writer = tokio::spawn(write_emails_until(
+        db.clone(),
+        stop.clone(),
+        written.clone(),
+    ));
+    wait_for("changes flowing before the freeze", T, || async {
+        Ok((written.load(Ordering::Relaxed) >= 50).then_some(()))
+    })
+    .await?;
+    let frozen = freeze_the_broker(&run, &["source interrupted"]).await;
+    // The workload goes on a little after the thaw, then stops.
+    let after = async {
+        frozen?;
+        let at_thaw = written.load(Ordering::Relaxed);
+        wait_for("changes after the thaw", T, || async {
+            Ok((written.load(Ordering::Relaxed) >= at_thaw + 50).then_some(()))
+        })
+        .await
+    }
+    .await;
+    stop.store(true, Ordering::Relaxed);
+    writer.await??;
+    after?;
+    copies_equal_mysql_and_nothing_dead_lettered(&db, &tc, &coll, &mut run, "frozen broker").await
 }

@@ -46,7 +46,9 @@ use rdkafka::{Message, TopicPartitionList};
 use crate::config::{Config, MappingKind};
 use crate::error::{Classify, ErrorClass};
 use crate::events::registry::{Registry, RegistryError};
-use crate::kafka::{KafkaClientError, MAX_MESSAGE_BYTES, TopicSpec, client_config, ensure_topics};
+use crate::kafka::{
+    GroupWatch, KafkaClientError, MAX_MESSAGE_BYTES, TopicSpec, client_config, ensure_topics,
+};
 use crate::metrics::{self as m, Readiness};
 use crate::retry::{RetryLoop, Verdict};
 use crate::shutdown::ShutdownRx;
@@ -506,7 +508,7 @@ impl Sink {
     }
 }
 
-fn consumer_for(cfg: &Config) -> Result<StreamConsumer, SinkError> {
+fn consumer_for(cfg: &Config) -> Result<SinkConsumer, SinkError> {
     let sink = cfg
         .sink
         .as_ref()
@@ -525,9 +527,12 @@ fn consumer_for(cfg: &Config) -> Result<StreamConsumer, SinkError> {
             (MAX_MESSAGE_BYTES * 2).to_string(),
         )
         .set("fetch.max.bytes", MAX_MESSAGE_BYTES.to_string());
-    cc.create()
+    cc.create_with_context(GroupWatch::default())
         .map_err(|e| SinkError::Kafka(KafkaClientError::Config(e)))
 }
+
+/// The sink's consumer: its context follows the group membership.
+type SinkConsumer = StreamConsumer<GroupWatch>;
 
 /// Messages received while a batch was written, in arrival order.
 #[derive(Default)]
@@ -559,7 +564,7 @@ impl Carry {
 /// Pauses fetching for every assigned partition (polling then only keeps the membership).
 /// librdkafka drops what it fetched but did not deliver, and resumes after the last message
 /// delivered, so nothing is skipped.
-fn pause_assigned(consumer: &StreamConsumer) -> bool {
+fn pause_assigned(consumer: &SinkConsumer) -> bool {
     match consumer.assignment() {
         Ok(tpl) if tpl.count() > 0 => match consumer.pause(&tpl) {
             Ok(()) => {
@@ -578,7 +583,7 @@ fn pause_assigned(consumer: &StreamConsumer) -> bool {
     }
 }
 
-fn resume_assigned(consumer: &StreamConsumer) {
+fn resume_assigned(consumer: &SinkConsumer) {
     if let Ok(tpl) = consumer.assignment()
         && let Err(e) = consumer.resume(&tpl)
     {
@@ -631,7 +636,7 @@ const LAG_INTERVAL: Duration = Duration::from_secs(5);
 /// to apply is what this process applied, else the group's committed offset, else the low
 /// watermark (nothing committed yet: everything is still to apply). Measured on a timer, so a
 /// sink that applies nothing (stuck, or starved of input) still shows its lag growing.
-fn record_lag(consumer: &StreamConsumer, topics: &[String], applied: &Applied) {
+fn record_lag(consumer: &SinkConsumer, topics: &[String], applied: &Applied) {
     let Ok(assignment) = consumer.assignment() else {
         return;
     };
@@ -711,15 +716,29 @@ pub async fn run(
         }
     };
     retry.recovered();
-    let result = consume(
-        &cfg,
-        &sink_cfg,
-        &sink,
-        &mut retry,
-        &mut shutdown,
-        &readiness,
-    )
-    .await;
+    let result = loop {
+        let r = consume(
+            &cfg,
+            &sink_cfg,
+            &sink,
+            &mut retry,
+            &mut shutdown,
+            &readiness,
+        )
+        .await;
+        // A consumer that lost its group for good is replaced by a new one (what it applied
+        // but did not commit is applied again, idempotently).
+        let Err(e @ SinkError::Kafka(KafkaClientError::OutOfGroup { .. })) = r else {
+            break r;
+        };
+        let Verdict::RetryIn(delay) = retry.failed("sink consumer recreated", &e) else {
+            break Err(e);
+        };
+        tokio::select! {
+            () = shutdown.wait() => break Ok(()),
+            () = tokio::time::sleep(delay) => {}
+        }
+    };
     // Close the MongoDB client while the runtime still runs: dropped at runtime shutdown, the
     // driver's background tasks panic on their closed channels.
     sink.close().await;
@@ -805,6 +824,9 @@ async fn consume(
             }
         }))
     };
+    // Out of the group for too long: the consumer is replaced (see `kafka::REJOIN_DEADLINE`).
+    let mut membership_tick = tokio::time::interval(LAG_INTERVAL);
+    membership_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let batch_timeout = Duration::from_millis(sink_cfg.batch_timeout_ms);
     let bounds = (sink_cfg.batch_size, sink_cfg.batch_max_bytes);
     // What arrived while the previous batch was written: the start of the next one.
@@ -819,7 +841,16 @@ async fn consume(
                     biased;
                     // PRIORITY 1: shutdown.
                     () = shutdown.wait() => break 'outer,
-                    // PRIORITY 2: input.
+                    // PRIORITY 2: the group membership, while nothing arrives.
+                    _ = membership_tick.tick() => {
+                        let out = consumer.context().out_for(Instant::now());
+                        if out >= crate::kafka::REJOIN_DEADLINE {
+                            tracing::warn!(group = %sink_cfg.group_id, out_s = out.as_secs(), "the sink's kafka consumer has not rejoined its group: recreating it");
+                            return Err(SinkError::Kafka(KafkaClientError::OutOfGroup { after_s: out.as_secs() }));
+                        }
+                        continue 'outer;
+                    }
+                    // PRIORITY 3: input.
                     r = consumer.recv() => r,
                 };
                 match r {

@@ -338,7 +338,8 @@ impl Publisher {
         )
         .await?;
         let started = Instant::now();
-        let deadline = started + COMMIT_DEADLINE;
+        let limit = self.commit_deadline();
+        let deadline = started + limit;
         // rdkafka's commit_transaction flushes first, and its flush polls in whole 100 ms
         // rounds whenever anything is still in flight: every commit took >= 100 ms
         // (ecst_source_commit_seconds). Waiting for the acknowledgements here, in 1 ms steps,
@@ -350,7 +351,7 @@ impl Publisher {
                 tracing::warn!(
                     unacknowledged = self.producer.in_flight_count(),
                     waited_s = started.elapsed().as_secs(),
-                    deadline_s = COMMIT_DEADLINE.as_secs(),
+                    deadline_s = limit.as_secs(),
                     "kafka has not acknowledged this transaction's records yet: waiting up to the commit deadline"
                 );
             }
@@ -358,7 +359,7 @@ impl Publisher {
         }
         let timed_out = |p: &TxProducer| {
             SourceError::Kafka(KafkaClientError::CommitTimedOut {
-                after_s: started.elapsed().as_secs(),
+                after_s: limit.as_secs(),
                 unacknowledged: p.in_flight_count(),
             })
         };
@@ -397,6 +398,17 @@ impl Publisher {
         Ok(())
     }
 
+    /// How long one commit may take: [`COMMIT_DEADLINE`], or half the transaction timeout when
+    /// that is shorter (the broker must not abort the transaction first).
+    fn commit_deadline(&self) -> Duration {
+        let timeout = self
+            .cfg
+            .source
+            .as_ref()
+            .map_or(300_000, |s| s.transaction_timeout_ms);
+        COMMIT_DEADLINE.min(Duration::from_millis(timeout / 2))
+    }
+
     pub(super) async fn abort(&mut self) {
         if !self.open {
             return;
@@ -416,7 +428,7 @@ impl Publisher {
 /// How long one commit (the acknowledgements of the transaction's records, then its end
 /// marker) may take before the transaction is abandoned and the session restarts: a broker that
 /// takes no data and closes nothing (a half-open connection) is otherwise only noticed after
-/// librdkafka's delivery timeout (the 300 s transaction timeout).
+/// librdkafka's delivery timeout (the transaction timeout, 300 s by default).
 const COMMIT_DEADLINE: Duration = Duration::from_secs(60);
 
 /// A commit still waiting after this is logged, once.
@@ -431,7 +443,13 @@ pub(super) async fn transactional_producer(cfg: &Config) -> Result<TxProducer, S
         .set("message.max.bytes", MAX_MESSAGE_BYTES.to_string())
         .set("linger.ms", "5")
         .set("compression.type", "lz4")
-        .set("transaction.timeout.ms", "300000")
+        .set(
+            "transaction.timeout.ms",
+            cfg.source
+                .as_ref()
+                .map_or(300_000, |s| s.transaction_timeout_ms)
+                .to_string(),
+        )
         .set("queue.buffering.max.kbytes", "65536");
     let producer: TxProducer = Arc::new(
         cc.create()

@@ -589,7 +589,11 @@ pub fn spawn_captured(
 ) -> Result<Captured> {
     let mut child = Command::new(ecst_bin())
         .args(["--config", &cfg.to_string_lossy(), cmd])
-        .env("RUST_LOG", rust_log)
+        // ECST_TEST_LOG overrides the test's filter, to look into a failing test.
+        .env(
+            "RUST_LOG",
+            std::env::var("ECST_TEST_LOG").unwrap_or_else(|_| rust_log.to_string()),
+        )
         .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
