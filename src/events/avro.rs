@@ -395,7 +395,7 @@ pub fn encode_envelope(
 
 #[cfg(test)]
 #[allow(deprecated)] // from_avro_datum: the non-deprecated builder reads the same bytes
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     #[test]
@@ -423,7 +423,7 @@ mod tests {
     use apache_avro::types::Value as AV;
     use std::sync::Arc;
 
-    fn all_types() -> TableSchema {
+    pub(crate) fn all_types() -> TableSchema {
         let c = |name: &str, kind: ColumnKind, nullable: bool| Column {
             default: None,
             name: name.into(),
@@ -480,8 +480,8 @@ mod tests {
         assert_eq!(decimal_bytes("1.25", 1), None, "would lose a digit");
     }
 
-    #[test]
-    fn encoded_envelope_decodes_with_apache_avro_against_the_generated_schema() {
+    /// A change of a row of every column type, its schemas, and its encoded envelope.
+    pub(crate) fn sample_envelope() -> (TableAvro, Arc<TableSchema>, Vec<u8>) {
         let schema = Arc::new(all_types());
         let avro = TableAvro::derive("ecst", &schema).expect("schema parses");
         let row = vec![
@@ -521,6 +521,12 @@ mod tests {
         };
         let mut buf = Vec::new();
         encode_envelope(&mut buf, "ecst", &ev, 99).expect("encodes");
+        (avro, schema, buf)
+    }
+
+    #[test]
+    fn encoded_envelope_decodes_with_apache_avro_against_the_generated_schema() {
+        let (avro, schema, buf) = sample_envelope();
         let decoded =
             apache_avro::from_avro_datum(&avro.value, &mut &buf[..], None).expect("decodes");
         let AV::Record(fields) = decoded else {

@@ -376,6 +376,66 @@ pub async fn decode_message(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
+
+    /// A byte string edited by `edits` (overwrite, insert or remove at a position), then cut.
+    fn corrupt(mut bytes: Vec<u8>, edits: &[(usize, u8, u8)], cut: Option<usize>) -> Vec<u8> {
+        for &(at, b, how) in edits {
+            let i = at % (bytes.len() + 1);
+            match how {
+                0 if i < bytes.len() => bytes[i] = b,
+                1 => bytes.insert(i, b),
+                _ if i < bytes.len() => {
+                    bytes.remove(i);
+                }
+                _ => {}
+            }
+        }
+        if let Some(c) = cut {
+            bytes.truncate(c % (bytes.len() + 1));
+        }
+        bytes
+    }
+
+    /// What the sink does with a value's bytes, short of the registry: unframe, decode against
+    /// the schema, convert to BSON. Any outcome but a panic is fine.
+    #[allow(deprecated)]
+    fn decode_as_the_sink_does(schema: &Schema, framed: &[u8]) {
+        let Ok((_, datum)) = crate::events::registry::unframe(framed) else {
+            return;
+        };
+        if let Ok(v) = apache_avro::from_avro_datum(schema, &mut &datum[..], None) {
+            let _ = convert(&v, schema);
+        }
+    }
+
+    fn framed(datum: &[u8]) -> Vec<u8> {
+        let mut out = Vec::new();
+        crate::events::registry::frame_into(&mut out, 1, datum);
+        out
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 3000, ..ProptestConfig::default() })]
+
+        #[test]
+        fn a_corrupted_change_envelope_is_decoded_or_refused_never_a_panic(
+            edits in prop::collection::vec((any::<usize>(), any::<u8>(), 0u8..3), 1..8),
+            cut in prop::option::of(any::<usize>()),
+        ) {
+            let (avro, _, datum) = crate::events::avro::tests::sample_envelope();
+            decode_as_the_sink_does(&avro.value, &corrupt(framed(&datum), &edits, cut));
+        }
+
+        #[test]
+        fn arbitrary_bytes_as_a_change_envelope_are_refused_or_decoded_never_a_panic(
+            bytes in prop::collection::vec(any::<u8>(), 0..600),
+        ) {
+            let (avro, _, _) = crate::events::avro::tests::sample_envelope();
+            decode_as_the_sink_does(&avro.value, &framed(&bytes));
+            decode_as_the_sink_does(&avro.value, &bytes);
+        }
+    }
 
     #[test]
     fn decimals_become_exact_decimal128() {

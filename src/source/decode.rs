@@ -388,9 +388,22 @@ fn decode_image<'a>(
             table: qn(),
             detail: format!("column `{}`: {e}", col.name),
         };
-        let raw: BinlogValue<'_> = buf
-            .parse((bc.ty, bc.meta.as_slice(), bc.unsigned, is_diff))
-            .map_err(|e| col_err(e.to_string()))?;
+        // mysql_common's value parser indexes the TABLE_MAP metadata and does unchecked
+        // arithmetic on the value's bytes: a corrupt event (one that passed the CRC, or with
+        // checksums off) can panic in it. That is a decode error of this column, not a crash
+        // of the reader (found by the property tests below).
+        let parsed = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            buf.parse::<BinlogValue<'_>>((bc.ty, bc.meta.as_slice(), bc.unsigned, is_diff))
+        }));
+        let raw: BinlogValue<'_> = match parsed {
+            Ok(v) => v.map_err(|e| col_err(e.to_string()))?,
+            Err(_) => {
+                return Err(col_err(format!(
+                    "the value does not fit its type {:?} with metadata {:?} (a corrupt event)",
+                    bc.ty, bc.meta
+                )));
+            }
+        };
         let my = match raw {
             BinlogValue::Value(v) => v,
             BinlogValue::Jsonb(j) => {
@@ -429,6 +442,140 @@ fn decode_image<'a>(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::events::TableSchema;
+    use crate::source::table_map::BinlogColumn;
+    use proptest::prelude::*;
+    use std::sync::Arc;
+
+    /// Wire type, TABLE_MAP metadata, UNSIGNED, and the column kind ecst derives for it.
+    fn wire_columns() -> Vec<(ColumnType, Vec<u8>, bool, ColumnKind)> {
+        use ColumnType as T;
+        vec![
+            (T::MYSQL_TYPE_LONG, vec![], false, ColumnKind::Int),
+            (
+                T::MYSQL_TYPE_LONGLONG,
+                vec![],
+                true,
+                ColumnKind::UnsignedLong,
+            ),
+            (T::MYSQL_TYPE_INT24, vec![], false, ColumnKind::Int),
+            (
+                T::MYSQL_TYPE_VARCHAR,
+                vec![0x2c, 0x01],
+                false,
+                ColumnKind::String(Charset::Utf8),
+            ),
+            (T::MYSQL_TYPE_BLOB, vec![2], false, ColumnKind::Bytes),
+            (
+                T::MYSQL_TYPE_STRING,
+                vec![0xfe, 16],
+                false,
+                ColumnKind::Bytes,
+            ),
+            (
+                T::MYSQL_TYPE_NEWDECIMAL,
+                vec![12, 4],
+                false,
+                ColumnKind::Decimal {
+                    precision: 12,
+                    scale: 4,
+                },
+            ),
+            (
+                T::MYSQL_TYPE_DATETIME2,
+                vec![6],
+                false,
+                ColumnKind::DateTime,
+            ),
+            (
+                T::MYSQL_TYPE_TIMESTAMP2,
+                vec![3],
+                false,
+                ColumnKind::Timestamp,
+            ),
+            (T::MYSQL_TYPE_TIME2, vec![0], false, ColumnKind::Time),
+            (T::MYSQL_TYPE_DATE, vec![], false, ColumnKind::Date),
+            (T::MYSQL_TYPE_YEAR, vec![], false, ColumnKind::Year),
+            (T::MYSQL_TYPE_DOUBLE, vec![8], false, ColumnKind::Double),
+            (T::MYSQL_TYPE_FLOAT, vec![4], false, ColumnKind::Float),
+            (T::MYSQL_TYPE_JSON, vec![4], false, ColumnKind::Json),
+            (
+                T::MYSQL_TYPE_STRING,
+                vec![0xf7, 1],
+                false,
+                ColumnKind::Enum(vec!["a".into(), "b".into()]),
+            ),
+            (
+                T::MYSQL_TYPE_STRING,
+                vec![0xf8, 1],
+                false,
+                ColumnKind::Set(vec!["a".into(), "b".into()]),
+            ),
+            (T::MYSQL_TYPE_BIT, vec![3, 1], false, ColumnKind::Bytes),
+        ]
+    }
+
+    /// A table of the wire columns, with each column's metadata replaced where `metas` says.
+    fn wire_table(metas: &[Option<Vec<u8>>]) -> BinlogTable {
+        let wire = wire_columns();
+        let columns = wire
+            .iter()
+            .enumerate()
+            .map(|(i, (ty, meta, unsigned, _))| BinlogColumn {
+                ty: *ty,
+                meta: metas
+                    .get(i)
+                    .cloned()
+                    .flatten()
+                    .unwrap_or_else(|| meta.clone()),
+                unsigned: *unsigned,
+            })
+            .collect();
+        let schema = TableSchema {
+            db: "fuzz".into(),
+            table: "t".into(),
+            columns: wire
+                .into_iter()
+                .enumerate()
+                .map(|(i, (_, _, _, kind))| Column {
+                    default: None,
+                    name: format!("c{i}"),
+                    kind,
+                    nullable: true,
+                })
+                .collect(),
+            key: vec![0],
+        };
+        BinlogTable {
+            schema: Arc::new(schema),
+            columns,
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 3000, ..ProptestConfig::default() })]
+
+        #[test]
+        fn arbitrary_row_bytes_are_decoded_or_refused_never_a_panic(
+            rows in prop::collection::vec(any::<u8>(), 0..400),
+            before in any::<bool>(),
+            partial in any::<bool>(),
+        ) {
+            let table = wire_table(&[]);
+            let all = vec![true; table.columns.len()];
+            let _ = decode_rows(&table, &rows, before.then_some(all.as_slice()), Some(&all), partial);
+        }
+
+        #[test]
+        fn arbitrary_table_map_metadata_never_makes_row_decoding_panic(
+            metas in prop::collection::vec(prop::option::of(prop::collection::vec(any::<u8>(), 0..3)), 18),
+            rows in prop::collection::vec(any::<u8>(), 0..200),
+        ) {
+            let table = wire_table(&metas);
+            let all = vec![true; table.columns.len()];
+            let _ = decode_rows(&table, &rows, None, Some(&all), false);
+        }
+    }
 
     fn col(kind: ColumnKind) -> Column {
         Column {
