@@ -15,7 +15,7 @@ use crate::ops::{assert_exactly_once, counter_table, write_counter_updates};
 const T: Duration = Duration::from_secs(180);
 
 /// A Toxiproxy proxy to `upstream`, listening on a free loopback port; deleted when dropped.
-struct Proxy {
+pub(crate) struct Proxy {
     api: String,
     name: String,
     port: u16,
@@ -54,7 +54,7 @@ impl Proxy {
     }
 
     /// Adds a toxic of `kind` on the server → client direction; returns its name.
-    async fn toxic(&self, kind: &str, attributes: serde_json::Value) -> Result<String> {
+    pub(crate) async fn toxic(&self, kind: &str, attributes: serde_json::Value) -> Result<String> {
         let name = format!("{kind}_down");
         self.http
             .post(format!("{}/proxies/{}/toxics", self.api, self.name))
@@ -68,7 +68,7 @@ impl Proxy {
         Ok(name)
     }
 
-    async fn remove(&self, toxic: &str) -> Result<()> {
+    pub(crate) async fn remove(&self, toxic: &str) -> Result<()> {
         self.http
             .delete(format!("{}/proxies/{}/toxics/{toxic}", self.api, self.name))
             .send()
@@ -93,7 +93,7 @@ impl Drop for Proxy {
 
 /// Which connection of ecst a fault is put on.
 #[derive(Clone, Copy, Debug)]
-enum Link {
+pub(crate) enum Link {
     Mysql,
     /// Through the broker's PROXIED listener, which advertises the proxy's address (dev/stack).
     Kafka,
@@ -118,7 +118,7 @@ fn mongo_port() -> Result<u16> {
 }
 
 impl Link {
-    async fn proxy(self) -> Result<Proxy> {
+    pub(crate) async fn proxy(self) -> Result<Proxy> {
         match self {
             Link::Mysql => Proxy::to(endpoints().mysql_port).await,
             Link::Kafka => {
@@ -133,7 +133,7 @@ impl Link {
     }
 
     /// `toml` with this link's address replaced by the proxy's.
-    fn through(self, toml: &str, proxy: &Proxy) -> Result<String> {
+    pub(crate) fn through(self, toml: &str, proxy: &Proxy) -> Result<String> {
         let e = endpoints();
         let (from, to) = match self {
             Link::Mysql => (
@@ -162,7 +162,7 @@ impl Link {
 /// Proxies for `links`, the config `toml` rewritten through them, written to a file; the
 /// Kafka link's proxy listens on the port the broker advertises, so a test using it holds the
 /// stack exclusively (the returned guard).
-async fn through_proxies(
+pub(crate) async fn through_proxies(
     links: &[Link],
     toml: String,
     name: &str,
@@ -186,13 +186,13 @@ async fn through_proxies(
 
 /// A held share of the dev stack.
 #[allow(dead_code)]
-enum StackGuard {
+pub(crate) enum StackGuard {
     Shared(tokio::sync::RwLockReadGuard<'static, ()>),
     Exclusive(tokio::sync::RwLockWriteGuard<'static, ()>),
 }
 
 /// The same toxic on each proxy; their names.
-async fn inject(
+pub(crate) async fn inject(
     proxies: &[Proxy],
     kind: &str,
     attributes: &serde_json::Value,
@@ -204,7 +204,7 @@ async fn inject(
     Ok(names)
 }
 
-async fn heal(proxies: &[Proxy], toxics: &[String]) -> Result<()> {
+pub(crate) async fn heal(proxies: &[Proxy], toxics: &[String]) -> Result<()> {
     for (p, t) in proxies.iter().zip(toxics) {
         p.remove(t).await?;
     }
@@ -277,7 +277,7 @@ async fn fault_on_links(
 }
 
 /// How many one-row updates MySQL has committed to the counter table so far.
-async fn committed_updates(db: &str) -> Result<usize> {
+pub(crate) async fn committed_updates(db: &str) -> Result<usize> {
     use mysql_async::prelude::Queryable;
     let mut c = admin().await?;
     let sum: Option<i64> = c
@@ -431,25 +431,33 @@ async fn the_kafka_and_mongodb_links_blackholed_at_once_hold_the_sink_then_every
 
 /// Changes the users' emails (about 50 a second, directly in MySQL) until `stop`, counting
 /// them in `written`.
-async fn write_emails_until(
+pub(crate) async fn write_emails_until(
     db: String,
     stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
     written: std::sync::Arc<std::sync::atomic::AtomicU32>,
 ) -> Result<()> {
     use mysql_async::prelude::Queryable;
     use std::sync::atomic::Ordering;
-    let mut c = admin().await?;
     let mut pace = tokio::time::interval(Duration::from_millis(20));
     while !stop.load(Ordering::Relaxed) {
-        // Pacing a workload, not waiting for a condition.
+        // Pacing a workload, not waiting for a condition (also while MySQL is down).
         pace.tick().await;
-        let k = written.load(Ordering::Relaxed);
-        c.query_drop(format!(
-            "UPDATE `{db}`.users SET email = 'fault.{k}@x' WHERE id = {}",
-            k % 4 + 1
-        ))
-        .await?;
-        written.fetch_add(1, Ordering::Relaxed);
+        let Ok(mut c) = admin().await else { continue };
+        while !stop.load(Ordering::Relaxed) {
+            pace.tick().await;
+            let k = written.load(Ordering::Relaxed);
+            let done = c
+                .query_drop(format!(
+                    "UPDATE `{db}`.users SET email = 'fault.{k}@x' WHERE id = {}",
+                    k % 4 + 1
+                ))
+                .await;
+            if done.is_err() {
+                // MySQL went away: whether it committed is what MySQL's rows say.
+                break;
+            }
+            written.fetch_add(1, Ordering::Relaxed);
+        }
     }
     Ok(())
 }
@@ -501,10 +509,20 @@ async fn copies_equal_mysql_and_nothing_dead_lettered(
 /// Writes counter updates (10 one-row updates per transaction) until `stop`, riding out a MySQL
 /// that goes away: a failed transaction is simply not committed, and MySQL's final counts say
 /// what was.
-async fn write_until(db: String, stop: std::sync::Arc<std::sync::atomic::AtomicBool>) {
+pub(crate) async fn write_until(db: String, stop: std::sync::Arc<std::sync::atomic::AtomicBool>) {
+    write_paced_until(db, stop, None).await;
+}
+
+/// [`write_until`], at most one transaction per `pace` when given.
+pub(crate) async fn write_paced_until(
+    db: String,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    pace: Option<Duration>,
+) {
     use mysql_async::prelude::Queryable;
     use std::sync::atomic::Ordering;
     let mut k: u32 = 0;
+    let mut tick = pace.map(tokio::time::interval);
     while !stop.load(Ordering::Relaxed) {
         let Ok(mut c) = admin().await else {
             // MySQL is down: try again shortly (pacing a workload, not waiting for a condition).
@@ -512,6 +530,10 @@ async fn write_until(db: String, stop: std::sync::Arc<std::sync::atomic::AtomicB
             continue;
         };
         while !stop.load(Ordering::Relaxed) {
+            if let Some(t) = tick.as_mut() {
+                // Pacing a workload, not waiting for a condition.
+                t.tick().await;
+            }
             let done = async {
                 let mut tx = c.start_transaction(mysql_async::TxOpts::default()).await?;
                 for i in 0..10 {
@@ -853,7 +875,7 @@ async fn freeze_the_broker(run: &Captured, noticed: &[&str]) -> Result<()> {
 
 /// `toml` with a 10 s transaction timeout and a 6 s consumer session timeout (the broker's
 /// smallest), so that a 20 s freeze outlasts both.
-fn with_short_kafka_timeouts(toml: &str) -> Result<String> {
+pub(crate) fn with_short_kafka_timeouts(toml: &str) -> Result<String> {
     let out = toml.replace("[source]\n", "[source]\ntransaction_timeout_ms = 10000\n")
         + "\n[kafka.properties]\n\"session.timeout.ms\" = \"6000\"\n";
     anyhow::ensure!(out.contains("transaction_timeout_ms = 10000"), "{out}");

@@ -6,11 +6,12 @@
 mod common;
 mod continuity;
 mod failures;
-mod faults;
+pub(crate) mod faults;
 mod inspect;
 mod ops;
 mod security;
 mod sink;
 mod smoke;
+mod soak;
 mod source;
 mod views;

@@ -705,7 +705,9 @@ async fn offsets_reset_is_refused_while_running_dry_runs_by_default_and_resnapsh
     // Stopped: without --yes, a plan and nothing written.
     wait_for("the stopped source to leave its group", T, || async {
         let (ok, text) = offsets_cmd(&cfg, &["reset", "--source", &resnapshot]).await?;
-        Ok((ok && text.contains("would move")).then_some(text))
+        // Not yet: the refusal (it names the members still seen) is the last error shown.
+        anyhow::ensure!(ok && text.contains("would move"), "{text}");
+        Ok(Some(text))
     })
     .await?;
     let (_, shown) = offsets_cmd(&cfg, &["show"]).await?;
