@@ -287,3 +287,48 @@ async fn a_second_sigterm_exits_at_once_while_the_first_one_drains() -> Result<(
     assert!(!run.output().contains("panicked"), "{}", run.output());
     Ok(())
 }
+
+#[tokio::test]
+async fn a_change_larger_than_kafka_takes_stops_the_source_naming_its_topic_and_size() -> Result<()>
+{
+    let _shared = STACK_LOCK.read().await;
+    let db = unique("big");
+    sql(format!("CREATE DATABASE `{db}`")).await?;
+    sql(format!(
+        "CREATE TABLE `{db}`.blobs (id INT PRIMARY KEY, b LONGBLOB)"
+    ))
+    .await?;
+    sql(format!("INSERT INTO `{db}`.blobs VALUES (1, 'small')")).await?;
+    let tc = TestConfig::new(&db, &["blobs"]);
+    let cfg = write_config(&tc, true, None)?;
+    let mut run = spawn_captured(&cfg, "source", &[], "info")?;
+    wait_events(&tc.topic("blobs"), 1, T).await?;
+    // 40 MiB after a small before image fits; then 40 MiB before and 40 MiB after (80 MiB as
+    // one record) does not. Built by the server: no client packet carries them.
+    let mib40 = 40 * 1024 * 1024;
+    sql(format!(
+        "UPDATE `{db}`.blobs SET b = REPEAT('x', {mib40}) WHERE id = 1"
+    ))
+    .await?;
+    sql(format!(
+        "UPDATE `{db}`.blobs SET b = REPEAT('y', {mib40}) WHERE id = 1"
+    ))
+    .await?;
+    let status = tokio::time::timeout(T, run.child.wait())
+        .await
+        .context("the source stops instead of retrying for ever")??;
+    let out = run.output();
+    assert!(!status.success(), "a record too large is a failure: {out}");
+    assert!(
+        out.contains(&format!("a change on topic `{}`", tc.topic("blobs")))
+            && out.contains("more than the 67108864 bytes ecst produces"),
+        "the source names the topic, the size and the limit:\n{out}"
+    );
+    let evs = wait_events(&tc.topic("blobs"), 2, T).await?;
+    assert_eq!(
+        evs.len(),
+        2,
+        "the snapshot row and the 40 MiB change, nothing after"
+    );
+    Ok(())
+}

@@ -555,7 +555,7 @@ pub(crate) async fn write_paced_until(
 }
 
 /// Every update event of the counter table exactly once: per row, n = 1..=its value in MySQL.
-async fn assert_exactly_what_mysql_committed(tc: &TestConfig, db: &str) -> Result<()> {
+pub(crate) async fn assert_exactly_what_mysql_committed(tc: &TestConfig, db: &str) -> Result<()> {
     use mysql_async::prelude::Queryable;
     let mut c = admin().await?;
     let finals: Vec<(i32, i32)> = c
@@ -695,10 +695,25 @@ async fn mongodbs_postgresql_storage_killed_9_while_users_change_then_restarted_
     sink_process_fault("pg").await
 }
 
-#[tokio::test]
-async fn a_blackholed_registry_link_during_a_schema_change_holds_the_source_which_then_delivers_every_change_exactly_once()
--> Result<()> {
-    let _shared = STACK_LOCK.read().await;
+/// What happens to the registry while a schema change needs it.
+enum RegistryFault {
+    /// Its link blackholed (through a proxy).
+    Blackhole,
+    /// SIGKILL of the registry process, then its start (its storage is a file: the schemas
+    /// registered before survive, and so do their ids).
+    Kill,
+}
+
+/// The counter table's source with a 2 s registry timeout; the registry fails as `fault` says
+/// while an ALTER needs a new schema; after it is back, every change must be in Kafka exactly
+/// once, those after the ALTER with the new column, the process still running.
+async fn schema_change_while_the_registry_fails(fault: RegistryFault) -> Result<()> {
+    let _shared;
+    let _exclusive;
+    match fault {
+        RegistryFault::Blackhole => _shared = STACK_LOCK.read().await,
+        RegistryFault::Kill => _exclusive = STACK_LOCK.write().await,
+    }
     let e = endpoints();
     let registry_port: u16 = e
         .registry
@@ -707,27 +722,34 @@ async fn a_blackholed_registry_link_during_a_schema_change_holds_the_source_whic
         .and_then(|h| h.split(['/', ':']).nth(1))
         .and_then(|p| p.parse().ok())
         .context("the registry's port")?;
-    let proxy = Proxy::to(registry_port).await?;
+    let proxy = match fault {
+        RegistryFault::Blackhole => Some(Proxy::to(registry_port).await?),
+        RegistryFault::Kill => None,
+    };
     let db = counter_table().await?;
     let tc = TestConfig::new(&db, &["counter"]);
-    let toml = tc
-        .toml(true)
-        .replace(&format!(":{registry_port}/"), &format!(":{}/", proxy.port))
-        .replace(
-            "[schema_registry]\n",
-            "[schema_registry]\n            timeout_ms = 2000\n",
-        );
-    anyhow::ensure!(
-        toml.contains(&format!(":{}/", proxy.port)) && toml.contains("timeout_ms = 2000"),
-        "{toml}"
+    let mut toml = tc.toml(true).replace(
+        "[schema_registry]\n",
+        "[schema_registry]\n            timeout_ms = 2000\n",
     );
+    anyhow::ensure!(toml.contains("timeout_ms = 2000"), "{toml}");
+    if let Some(p) = &proxy {
+        toml = toml.replace(&format!(":{registry_port}/"), &format!(":{}/", p.port));
+        anyhow::ensure!(toml.contains(&format!(":{}/", p.port)), "{toml}");
+    }
     let cfg = std::env::temp_dir().join(format!("{}.toml", tc.name));
     std::fs::write(&cfg, toml)?;
     let mut run = spawn_captured(&cfg, "source", &[], "info")?;
     wait_events(&tc.topic("counter"), 100, T).await?;
     write_counter_updates(&db, 300).await?;
     wait_events(&tc.topic("counter"), 400, T).await?;
-    let toxic = proxy.toxic("timeout", json!({ "timeout": 0 })).await?;
+    let toxic = match &proxy {
+        Some(p) => Some(p.toxic("timeout", json!({ "timeout": 0 })).await?),
+        None => {
+            stack(&["kill", "registry"]).await?;
+            None
+        }
+    };
     let during = async {
         // A new column: the next change needs a new schema, which the registry cannot give.
         sql(format!(
@@ -739,7 +761,10 @@ async fn a_blackholed_registry_link_during_a_schema_change_holds_the_source_whic
         Ok::<_, anyhow::Error>(())
     }
     .await;
-    proxy.remove(&toxic).await?;
+    match (&proxy, &toxic) {
+        (Some(p), Some(t)) => p.remove(t).await?,
+        _ => stack(&["start", "registry"]).await?,
+    }
     during?;
     write_counter_updates(&db, 400).await?;
     let evs = wait_events(&tc.topic("counter"), 1_100, T).await?;
@@ -756,6 +781,18 @@ async fn a_blackholed_registry_link_during_a_schema_change_holds_the_source_whic
     );
     run.child.kill().await?;
     Ok(())
+}
+
+#[tokio::test]
+async fn a_blackholed_registry_link_during_a_schema_change_holds_the_source_which_then_delivers_every_change_exactly_once()
+-> Result<()> {
+    schema_change_while_the_registry_fails(RegistryFault::Blackhole).await
+}
+
+#[tokio::test]
+async fn the_registry_killed_9_during_a_schema_change_then_restarted_every_change_arrives_exactly_once()
+-> Result<()> {
+    schema_change_while_the_registry_fails(RegistryFault::Kill).await
 }
 
 // ---- the Kafka link

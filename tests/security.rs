@@ -403,3 +403,83 @@ async fn no_secret_appears_in_logs_print_config_check_metrics_the_status_page_or
     }
     Ok(())
 }
+
+#[tokio::test]
+async fn a_mysql_password_rotated_while_streaming_is_read_again_from_its_file_and_no_change_is_lost_or_repeated()
+-> Result<()> {
+    use mysql_async::prelude::Queryable;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let _shared = STACK_LOCK.read().await;
+    let db = crate::ops::counter_table().await?;
+    let tc = TestConfig::new(&db, &["counter"]);
+    // A user of this test's own, so that rotating its password touches no other test.
+    let user = unique("rot");
+    let grants = "REPLICATION SLAVE, REPLICATION CLIENT, BINLOG MONITOR, SELECT, RELOAD, LOCK TABLES, SHOW VIEW";
+    for host in ["127.0.0.1", "localhost"] {
+        sql(format!(
+            "CREATE USER '{user}'@'{host}' IDENTIFIED BY 'first-pw'"
+        ))
+        .await?;
+        sql(format!("GRANT {grants} ON *.* TO '{user}'@'{host}'")).await?;
+    }
+    let pw_file = std::env::temp_dir().join(format!("{user}.pw"));
+    std::fs::write(&pw_file, "first-pw\n")?;
+    let e = endpoints();
+    let toml = tc
+        .toml(true)
+        .replace(
+            &format!("user = \"{}\"", e.mysql_user),
+            &format!("user = \"{user}\""),
+        )
+        .replace(
+            &format!("password = \"{}\"", e.mysql_password),
+            &format!("password_file = \"{}\"", pw_file.display()),
+        );
+    anyhow::ensure!(toml.contains("password_file"), "{toml}");
+    let cfg = std::env::temp_dir().join(format!("{}.toml", tc.name));
+    std::fs::write(&cfg, toml)?;
+    let mut run = spawn_captured(&cfg, "source", &[], "info")?;
+    wait_events(&tc.topic("counter"), 100, T).await?;
+    let stop = std::sync::Arc::new(AtomicBool::new(false));
+    let writer = tokio::spawn(crate::faults::write_until(db.clone(), stop.clone()));
+    wait_events(&tc.topic("counter"), 400, T).await?;
+    // The rotation: the server takes the new password, and ecst's sessions end (as a
+    // restart or a network blip would end them); the file still holds the old one.
+    for host in ["127.0.0.1", "localhost"] {
+        sql(format!(
+            "ALTER USER '{user}'@'{host}' IDENTIFIED BY 'second-pw'"
+        ))
+        .await?;
+    }
+    let mut c = admin().await?;
+    let ids: Vec<u64> = c
+        .query(format!(
+            "SELECT id FROM information_schema.processlist WHERE user = '{user}'"
+        ))
+        .await?;
+    for id in ids {
+        let _ = c.query_drop(format!("KILL CONNECTION {id}")).await;
+    }
+    run.wait_for_output("mysql refused the password", T).await?;
+    std::fs::write(&pw_file, "second-pw\n")?;
+    run.wait_for_output("recovered", T).await?;
+    let at = crate::faults::committed_updates(&db).await?;
+    wait_events(&tc.topic("counter"), 100 + at + 100, T).await?;
+    stop.store(true, Ordering::Relaxed);
+    writer.await?;
+    crate::faults::assert_exactly_what_mysql_committed(&tc, &db).await?;
+    assert!(
+        run.child.try_wait()?.is_none(),
+        "the source rode the rotation out by itself:\n{}",
+        run.output()
+    );
+    assert!(
+        !run.output().contains("first-pw") && !run.output().contains("second-pw"),
+        "no password in the log"
+    );
+    run.child.kill().await?;
+    for host in ["127.0.0.1", "localhost"] {
+        sql(format!("DROP USER '{user}'@'{host}'")).await?;
+    }
+    Ok(())
+}

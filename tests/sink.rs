@@ -449,6 +449,74 @@ async fn poison_messages_go_to_the_dead_letter_topic_with_context_and_later_chan
 }
 
 #[tokio::test]
+async fn a_truncated_record_and_one_that_does_not_match_its_schema_are_dead_lettered_with_context()
+-> Result<()> {
+    let _shared = STACK_LOCK.read().await;
+    let db = seed_database().await?;
+    let tc = TestConfig::new(&db, &["users", "product"]).with_seed_mappings();
+    let mdb = mongo_db(&tc.mongo_db).await?;
+    seed_orders(&mdb, 1).await?;
+    let run = start(tc.config(true)?, Components::Both);
+    wait_all_versioned(&mdb, "user_in_orders").await?;
+    let topic = tc.topic("users");
+    // A real change record of the topic: its framing names a schema the registry has.
+    let real = read_topic(&topic, 1, T).await?;
+    let (key, value) = real
+        .first()
+        .and_then(|m| Some((m.key()?.to_vec(), m.payload()?.to_vec())))
+        .context("a record of the users topic")?;
+    let truncated = value[..value.len() / 2].to_vec();
+    let mut mismatched = value[..5].to_vec();
+    // A union index the value schema does not have, then noise: bytes that are not this schema.
+    mismatched.extend_from_slice(&[0x7f, 0xff, 0xff, 0xff, 0x0f, 1, 2, 3]);
+    let producer: ThreadedProducer<DefaultProducerContext> = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", endpoints().kafka)
+        .create()?;
+    for payload in [&truncated, &mismatched] {
+        producer
+            .send(BaseRecord::to(&topic).key(&key[..]).payload(&payload[..]))
+            .map_err(|(e, _)| e)?;
+    }
+    producer.flush(Duration::from_secs(20))?;
+    sql(format!(
+        "UPDATE `{db}`.users SET email = 'after.broken@x' WHERE id = 2"
+    ))
+    .await?;
+    wait_for("the change after the broken records applied", T, || async {
+        let docs = orders(&mdb).await?;
+        Ok(docs
+            .iter()
+            .any(|d| user_email(d).as_deref() == Some("after.broken@x"))
+            .then_some(()))
+    })
+    .await?;
+    let dlq = read_topic(&format!("{}.dlq", tc.name), 2, T).await?;
+    assert_eq!(dlq.len(), 2, "both broken records dead-lettered");
+    let header = |m: &rdkafka::message::OwnedMessage, k: &str| -> Option<String> {
+        m.headers()?
+            .iter()
+            .find(|h| h.key == k)
+            .and_then(|h| h.value)
+            .map(|v| String::from_utf8_lossy(v).into_owned())
+    };
+    for (m, original) in dlq.iter().zip([&truncated, &mismatched]) {
+        assert_eq!(m.payload(), Some(&original[..]), "original bytes kept");
+        assert_eq!(
+            header(m, "ecst.dlq.error.class").as_deref(),
+            Some("definite")
+        );
+        let message = header(m, "ecst.dlq.error.message").unwrap_or_default();
+        let id = u32::from_be_bytes([value[1], value[2], value[3], value[4]]);
+        assert!(
+            message.contains("value") && message.contains(&id.to_string()),
+            "the message names the part and the schema id {id}: {message}"
+        );
+    }
+    run.stop().await?;
+    Ok(())
+}
+
+#[tokio::test]
 async fn ten_thousand_random_updates_over_1000_users_converge_to_the_mysql_table() -> Result<()> {
     let _shared = STACK_LOCK.read().await;
     let db = unique("conv");

@@ -189,6 +189,30 @@ pub enum SourceError {
         /// Registry message.
         detail: String,
     },
+    /// MySQL refused the password read from `mysql.password_file` (ERROR 1045).
+    #[error(
+        "mysql refused the password of `{user}` read from `{file}` (ERROR 1045: {detail}); if it is being rotated, ecst retries, reading the file again each time, until the file holds the password the server takes. Fix: write the current password to the file"
+    )]
+    PasswordRefused {
+        /// MySQL user.
+        user: String,
+        /// The password file.
+        file: String,
+        /// The server's message.
+        detail: String,
+    },
+    /// A change whose Kafka record is larger than ecst produces (`kafka::MAX_MESSAGE_BYTES`).
+    #[error(
+        "a change on topic `{topic}` is {bytes} bytes as a Kafka record (key, before and after images), more than the {limit} bytes ecst produces; the source stopped before it, nothing after it is lost. Fix: keep values this large out of the captured table (store them elsewhere and keep a reference in the row), or remove the table from source.tables"
+    )]
+    RecordTooLarge {
+        /// Topic of the change.
+        topic: String,
+        /// Record size (key + value).
+        bytes: usize,
+        /// The limit.
+        limit: usize,
+    },
     /// Registry errors other than refusal.
     #[error(transparent)]
     Registry(#[from] RegistryError),
@@ -242,6 +266,7 @@ impl Classify for SourceError {
                 _ => ErrorClass::Transient,
             },
             E::ConnectTimeout { .. }
+            | E::PasswordRefused { .. }
             | E::Stalled { .. }
             | E::StreamEnded
             | E::Checksum { .. }
@@ -266,6 +291,7 @@ impl Classify for SourceError {
             | E::Purged { .. }
             | E::ForeignPosition { .. }
             | E::SchemaRefused { .. }
+            | E::RecordTooLarge { .. }
             | E::Avro(_)
             | E::Task(_) => ErrorClass::Definite,
         }
@@ -278,6 +304,7 @@ impl Classify for SourceError {
             E::Mysql(mysql_async::Error::Io(_)) => "mysql_io".into(),
             E::Mysql(_) => "mysql".into(),
             E::ConnectTimeout { .. } => "mysql_connect_timeout".into(),
+            E::PasswordRefused { .. } => "mysql_1045".into(),
             E::Stalled { .. } => "binlog_stalled".into(),
             E::StreamEnded => "binlog_ended".into(),
             E::Checksum { .. } => "binlog_checksum".into(),
@@ -286,6 +313,7 @@ impl Classify for SourceError {
             E::Kafka(_) => "kafka".into(),
             E::Offsets { .. } => "offsets_topic".into(),
             E::ChannelClosed => "channel_closed".into(),
+            E::RecordTooLarge { .. } => "record_too_large".into(),
             _ => "source".into(),
         }
     }
@@ -293,6 +321,9 @@ impl Classify for SourceError {
     fn hint(&self) -> &'static str {
         use SourceError as E;
         match self {
+            E::PasswordRefused { .. } => {
+                "mysql.password_file (it must hold the password MySQL takes now)"
+            }
             E::Mysql(_) | E::ConnectTimeout { .. } | E::Stalled { .. } | E::StreamEnded => {
                 "that MySQL at mysql.host:mysql.port is up and reachable, accepts the ecst user (grants, max_connections), and that no network device drops idle connections"
             }

@@ -112,13 +112,30 @@ fn same_tables(a: &[String], b: &[String]) -> bool {
     a == b
 }
 
+/// The password to connect with: `password_file`'s content now, when it is set (a rotated
+/// secret is picked up at the next connection without a restart), else the configured one.
+fn current_password(cfg: &MysqlConfig) -> Option<String> {
+    if let Some(file) = &cfg.password_file {
+        match std::fs::read_to_string(file) {
+            Ok(s) => return Some(s.trim_end_matches(['\n', '\r']).to_string()),
+            Err(e) => {
+                tracing::warn!(file = %file, error = %e, "cannot read mysql.password_file again: connecting with the password read at start");
+            }
+        }
+    }
+    cfg.password.as_ref().map(|p| p.expose().to_string())
+}
+
 /// Opens a MySQL connection per config, within the connect timeout.
+///
+/// With `password_file`, a refused password (ERROR 1045) is transient: during a rotation the
+/// server takes the new password before the file has it, and each retry reads the file again.
 pub async fn connect(cfg: &MysqlConfig) -> Result<mysql_async::Conn, SourceError> {
     let mut opts = mysql_async::OptsBuilder::default()
         .ip_or_hostname(cfg.host.clone())
         .tcp_port(cfg.port)
         .user(Some(cfg.user.clone()))
-        .pass(cfg.password.as_ref().map(|p| p.expose().to_string()))
+        .pass(current_password(cfg))
         .prefer_socket(false);
     if cfg.tls == TlsMode::Required {
         let mut ssl = mysql_async::SslOpts::default();
@@ -129,6 +146,13 @@ pub async fn connect(cfg: &MysqlConfig) -> Result<mysql_async::Conn, SourceError
     }
     let fut = mysql_async::Conn::new(opts);
     match tokio::time::timeout(Duration::from_millis(cfg.connect_timeout_ms), fut).await {
+        Ok(Err(mysql_async::Error::Server(e))) if e.code == 1045 && cfg.password_file.is_some() => {
+            Err(SourceError::PasswordRefused {
+                user: cfg.user.clone(),
+                file: cfg.password_file.clone().unwrap_or_default(),
+                detail: e.message,
+            })
+        }
         Ok(conn) => Ok(conn?),
         Err(_) => Err(SourceError::ConnectTimeout {
             host: cfg.host.clone(),

@@ -189,6 +189,14 @@ impl Publisher {
         payload: Option<&[u8]>,
         headers: OwnedHeaders,
     ) -> Result<(), SourceError> {
+        let bytes = key.map_or(0, <[u8]>::len) + payload.map_or(0, <[u8]>::len);
+        if bytes > MAX_MESSAGE_BYTES {
+            return Err(SourceError::RecordTooLarge {
+                topic: topic.to_string(),
+                bytes,
+                limit: MAX_MESSAGE_BYTES,
+            });
+        }
         let mut record: BaseRecord<'_, [u8], [u8]> = BaseRecord::to(topic).headers(headers);
         if let Some(k) = key {
             record = record.key(k);
