@@ -266,13 +266,7 @@ async fn fault_on_links(
     stop.store(true, Ordering::Relaxed);
     writer.await?;
     healed?;
-    assert_exactly_what_mysql_committed(&tc, &db).await?;
-    assert!(
-        run.child.try_wait()?.is_none(),
-        "the source rode the fault out by itself:\n{}",
-        run.output()
-    );
-    run.child.kill().await?;
+    exactly_once_and_still_running(&mut run, &tc, &db, "fault").await?;
     Ok(())
 }
 
@@ -554,6 +548,24 @@ pub(crate) async fn write_paced_until(
     }
 }
 
+/// After a source fault: every change MySQL committed in Kafka exactly once, and the source
+/// rode `what` out by itself (it is then stopped).
+pub(crate) async fn exactly_once_and_still_running(
+    run: &mut Captured,
+    tc: &TestConfig,
+    db: &str,
+    what: &str,
+) -> Result<()> {
+    assert_exactly_what_mysql_committed(tc, db).await?;
+    assert!(
+        run.child.try_wait()?.is_none(),
+        "the source rode the {what} out by itself:\n{}",
+        run.output()
+    );
+    run.child.kill().await?;
+    Ok(())
+}
+
 /// Every update event of the counter table exactly once: per row, n = 1..=its value in MySQL.
 pub(crate) async fn assert_exactly_what_mysql_committed(tc: &TestConfig, db: &str) -> Result<()> {
     use mysql_async::prelude::Queryable;
@@ -622,13 +634,7 @@ async fn process_fault(service: &str, noticed: bool) -> Result<()> {
     stop.store(true, Ordering::Relaxed);
     writer.await?;
     assert!(before_stop >= 500);
-    assert_exactly_what_mysql_committed(&tc, &db).await?;
-    assert!(
-        run.child.try_wait()?.is_none(),
-        "the source rode the crash out by itself:\n{}",
-        run.output()
-    );
-    run.child.kill().await?;
+    exactly_once_and_still_running(&mut run, &tc, &db, "crash").await?;
     Ok(())
 }
 
@@ -951,13 +957,7 @@ async fn the_broker_frozen_past_the_transaction_timeout_then_thawed_every_commit
     stop.store(true, Ordering::Relaxed);
     writer.await?;
     after?;
-    assert_exactly_what_mysql_committed(&tc, &db).await?;
-    assert!(
-        run.child.try_wait()?.is_none(),
-        "the source rode the frozen broker out by itself:\n{}",
-        run.output()
-    );
-    run.child.kill().await?;
+    exactly_once_and_still_running(&mut run, &tc, &db, "frozen broker").await?;
     Ok(())
 }
 

@@ -467,17 +467,11 @@ async fn a_mysql_password_rotated_while_streaming_is_read_again_from_its_file_an
     wait_events(&tc.topic("counter"), 100 + at + 100, T).await?;
     stop.store(true, Ordering::Relaxed);
     writer.await?;
-    crate::faults::assert_exactly_what_mysql_committed(&tc, &db).await?;
-    assert!(
-        run.child.try_wait()?.is_none(),
-        "the source rode the rotation out by itself:\n{}",
-        run.output()
-    );
     assert!(
         !run.output().contains("first-pw") && !run.output().contains("second-pw"),
         "no password in the log"
     );
-    run.child.kill().await?;
+    crate::faults::exactly_once_and_still_running(&mut run, &tc, &db, "rotation").await?;
     for host in ["127.0.0.1", "localhost"] {
         sql(format!("DROP USER '{user}'@'{host}'")).await?;
     }

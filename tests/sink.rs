@@ -365,6 +365,55 @@ async fn a_document_mapping_keeps_a_plain_replica_with_upserts_and_deletes() -> 
     Ok(())
 }
 
+/// Produces `records` (key, value) to the users topic, then changes user 2's email to `email`
+/// in MySQL, waits for it to reach the copies (a broken record holds nothing up), and returns
+/// the dead letters, one per record.
+async fn broken_records_then_a_change(
+    tc: &TestConfig,
+    mdb: &mongodb::Database,
+    records: &[(&[u8], &[u8])],
+    email: &str,
+) -> Result<Vec<rdkafka::message::OwnedMessage>> {
+    let producer: ThreadedProducer<DefaultProducerContext> = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", endpoints().kafka)
+        .create()?;
+    let topic = tc.topic("users");
+    for (key, payload) in records {
+        producer
+            .send(BaseRecord::to(&topic).key(*key).payload(*payload))
+            .map_err(|(e, _)| e)?;
+    }
+    producer.flush(Duration::from_secs(20))?;
+    let db = tc.tables[0]
+        .split('.')
+        .next()
+        .context("the test database")?;
+    sql(format!(
+        "UPDATE `{db}`.users SET email = '{email}' WHERE id = 2"
+    ))
+    .await?;
+    wait_for("the change after the broken records applied", T, || async {
+        let docs = orders(mdb).await?;
+        Ok(docs
+            .iter()
+            .any(|d| user_email(d).as_deref() == Some(email))
+            .then_some(()))
+    })
+    .await?;
+    let dlq = read_topic(&format!("{}.dlq", tc.name), records.len(), T).await?;
+    assert_eq!(dlq.len(), records.len(), "each broken record dead-lettered");
+    Ok(dlq)
+}
+
+/// A header of a dead letter, as text.
+fn dlq_header(m: &rdkafka::message::OwnedMessage, k: &str) -> Option<String> {
+    m.headers()?
+        .iter()
+        .find(|h| h.key == k)
+        .and_then(|h| h.value)
+        .map(|v| String::from_utf8_lossy(v).into_owned())
+}
+
 #[tokio::test]
 async fn poison_messages_go_to_the_dead_letter_topic_with_context_and_later_changes_still_apply()
 -> Result<()> {
@@ -375,47 +424,16 @@ async fn poison_messages_go_to_the_dead_letter_topic_with_context_and_later_chan
     seed_orders(&mdb, 1).await?;
     let run = start(tc.config(true)?, Components::Both);
     wait_all_versioned(&mdb, "user_in_orders").await?;
-    let producer: ThreadedProducer<DefaultProducerContext> = rdkafka::ClientConfig::new()
-        .set("bootstrap.servers", endpoints().kafka)
-        .create()?;
     let topic = tc.topic("users");
-    producer
-        .send(
-            BaseRecord::to(&topic)
-                .key(&b"junk"[..])
-                .payload(&b"\x13\x37 random bytes"[..]),
-        )
-        .map_err(|(e, _)| e)?;
     let unknown_id: &[u8] = &[0, 0x7f, 0xff, 0xff, 0xf0, 1, 2, 3];
-    producer
-        .send(
-            BaseRecord::to(&topic)
-                .key(&b"junk2"[..])
-                .payload(unknown_id),
-        )
-        .map_err(|(e, _)| e)?;
-    producer.flush(Duration::from_secs(20))?;
-    sql(format!(
-        "UPDATE `{db}`.users SET email = 'after.poison@x' WHERE id = 2"
-    ))
+    let dlq = broken_records_then_a_change(
+        &tc,
+        &mdb,
+        &[(b"junk", b"\x13\x37 random bytes"), (b"junk2", unknown_id)],
+        "after.poison@x",
+    )
     .await?;
-    wait_for("change after the poison applied", T, || async {
-        let docs = orders(&mdb).await?;
-        Ok(docs
-            .iter()
-            .any(|d| user_email(d).as_deref() == Some("after.poison@x"))
-            .then_some(()))
-    })
-    .await?;
-    let dlq = read_topic(&format!("{}.dlq", tc.name), 2, T).await?;
-    assert_eq!(dlq.len(), 2, "both poison messages dead-lettered");
-    let header = |m: &rdkafka::message::OwnedMessage, k: &str| -> Option<String> {
-        m.headers()?
-            .iter()
-            .find(|h| h.key == k)
-            .and_then(|h| h.value)
-            .map(|v| String::from_utf8_lossy(v).into_owned())
-    };
+    let header = dlq_header;
     assert_eq!(
         dlq[0].payload(),
         Some(&b"\x13\x37 random bytes"[..]),
@@ -469,36 +487,14 @@ async fn a_truncated_record_and_one_that_does_not_match_its_schema_are_dead_lett
     let mut mismatched = value[..5].to_vec();
     // A union index the value schema does not have, then noise: bytes that are not this schema.
     mismatched.extend_from_slice(&[0x7f, 0xff, 0xff, 0xff, 0x0f, 1, 2, 3]);
-    let producer: ThreadedProducer<DefaultProducerContext> = rdkafka::ClientConfig::new()
-        .set("bootstrap.servers", endpoints().kafka)
-        .create()?;
-    for payload in [&truncated, &mismatched] {
-        producer
-            .send(BaseRecord::to(&topic).key(&key[..]).payload(&payload[..]))
-            .map_err(|(e, _)| e)?;
-    }
-    producer.flush(Duration::from_secs(20))?;
-    sql(format!(
-        "UPDATE `{db}`.users SET email = 'after.broken@x' WHERE id = 2"
-    ))
+    let dlq = broken_records_then_a_change(
+        &tc,
+        &mdb,
+        &[(&key, &truncated), (&key, &mismatched)],
+        "after.broken@x",
+    )
     .await?;
-    wait_for("the change after the broken records applied", T, || async {
-        let docs = orders(&mdb).await?;
-        Ok(docs
-            .iter()
-            .any(|d| user_email(d).as_deref() == Some("after.broken@x"))
-            .then_some(()))
-    })
-    .await?;
-    let dlq = read_topic(&format!("{}.dlq", tc.name), 2, T).await?;
-    assert_eq!(dlq.len(), 2, "both broken records dead-lettered");
-    let header = |m: &rdkafka::message::OwnedMessage, k: &str| -> Option<String> {
-        m.headers()?
-            .iter()
-            .find(|h| h.key == k)
-            .and_then(|h| h.value)
-            .map(|v| String::from_utf8_lossy(v).into_owned())
-    };
+    let header = dlq_header;
     for (m, original) in dlq.iter().zip([&truncated, &mismatched]) {
         assert_eq!(m.payload(), Some(&original[..]), "original bytes kept");
         assert_eq!(

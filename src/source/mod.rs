@@ -136,6 +136,11 @@ pub async fn connect(cfg: &MysqlConfig) -> Result<mysql_async::Conn, SourceError
         .tcp_port(cfg.port)
         .user(Some(cfg.user.clone()))
         .pass(current_password(cfg))
+        // The protocol's largest packet (1 GiB, the server's replica-side limit). By default the
+        // driver takes the server's max_allowed_packet (often 64 MiB), while a row event may be
+        // larger (an UPDATE's before and after images of a 40 MiB value): the stream then failed
+        // on it for ever, in every source reading that server, whatever table it was on.
+        .max_allowed_packet(Some(1 << 30))
         .prefer_socket(false);
     if cfg.tls == TlsMode::Required {
         let mut ssl = mysql_async::SslOpts::default();
