@@ -576,16 +576,7 @@ pub(crate) async fn assert_exactly_what_mysql_committed(tc: &TestConfig, db: &st
     let updates: usize = finals.iter().map(|(_, n)| *n as usize).sum();
     anyhow::ensure!(updates > 0, "the workload committed nothing");
     let evs = wait_events(&tc.topic("counter"), 100 + updates, T).await?;
-    let mut seen: std::collections::HashMap<i32, Vec<i32>> = std::collections::HashMap::new();
-    for e in evs.iter().filter(|e| e.op == ecst::events::Op::Update) {
-        let id = e.key.get_i32("id").unwrap_or(-1);
-        let n = e
-            .after
-            .as_ref()
-            .and_then(|a| a.get_i32("n").ok())
-            .unwrap_or(-1);
-        seen.entry(id).or_default().push(n);
-    }
+    let mut seen = crate::ops::counter_values_per_row(&evs);
     for (id, n) in finals {
         let expected: Vec<i32> = (1..=n).collect();
         assert_eq!(

@@ -142,8 +142,10 @@ pub(crate) async fn write_counter_updates(db: &str, count: u32) -> Result<()> {
     Ok(())
 }
 
-/// Every (id, n) value of the update events must appear exactly once, n = 1..=expected per id.
-pub(crate) fn assert_exactly_once(evs: &[ecst::sink::decode::DecodedEvent], per_id: i32) {
+/// The `n` of each update event of the counter table, per row id, in the order read.
+pub(crate) fn counter_values_per_row(
+    evs: &[ecst::sink::decode::DecodedEvent],
+) -> std::collections::HashMap<i32, Vec<i32>> {
     let mut seen: std::collections::HashMap<i32, Vec<i32>> = std::collections::HashMap::new();
     for e in evs.iter().filter(|e| e.op == Op::Update) {
         let id = e.key.get_i32("id").unwrap_or(-1);
@@ -154,6 +156,12 @@ pub(crate) fn assert_exactly_once(evs: &[ecst::sink::decode::DecodedEvent], per_
             .unwrap_or(-1);
         seen.entry(id).or_default().push(n);
     }
+    seen
+}
+
+/// Every (id, n) value of the update events must appear exactly once, n = 1..=expected per id.
+pub(crate) fn assert_exactly_once(evs: &[ecst::sink::decode::DecodedEvent], per_id: i32) {
+    let seen = counter_values_per_row(evs);
     assert_eq!(seen.len(), 100, "every row changed");
     for (id, ns) in seen {
         let expected: Vec<i32> = (1..=per_id).collect();
@@ -167,6 +175,12 @@ pub(crate) fn assert_exactly_once(evs: &[ecst::sink::decode::DecodedEvent], per_
 pub(crate) async fn counter_table() -> Result<String> {
     let db = unique("ops");
     sql(format!("CREATE DATABASE `{db}`")).await?;
+    add_counter_table(&db).await?;
+    Ok(db)
+}
+
+/// Creates `db.counter`: rows 1..=100, each with n = 0.
+pub(crate) async fn add_counter_table(db: &str) -> Result<()> {
     sql(format!(
         "CREATE TABLE `{db}`.counter (id INT PRIMARY KEY, n INT NOT NULL)"
     ))
@@ -175,7 +189,7 @@ pub(crate) async fn counter_table() -> Result<String> {
         "INSERT INTO `{db}`.counter SELECT seq, 0 FROM `{db}`.seq_1_to_100"
     ))
     .await?;
-    Ok(db)
+    Ok(())
 }
 
 #[tokio::test]

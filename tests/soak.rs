@@ -156,16 +156,7 @@ async fn truth(
         Ok(evs) => evs,
         Err(_) => events_of(&topic, usize::MAX, Duration::from_secs(20)).await?,
     };
-    let mut seen: BTreeMap<i32, Vec<i32>> = BTreeMap::new();
-    for e in evs.iter().filter(|e| e.op == ecst::events::Op::Update) {
-        let id = e.key.get_i32("id").unwrap_or(-1);
-        let n = e
-            .after
-            .as_ref()
-            .and_then(|a| a.get_i32("n").ok())
-            .unwrap_or(-1);
-        seen.entry(id).or_default().push(n);
-    }
+    let mut seen = crate::ops::counter_values_per_row(&evs);
     let mut t = Truth {
         made,
         ..Truth::default()
@@ -271,14 +262,7 @@ async fn random_faults_for_the_minutes_asked_leave_every_change_once_and_every_c
     eprintln!("[soak] {minutes} min, seed {seed} (ECST_SOAK_SEED={seed} draws the same faults)");
     let mut draw = Draw(seed);
     let db = seed_database().await?;
-    sql(format!(
-        "CREATE TABLE `{db}`.counter (id INT PRIMARY KEY, n INT NOT NULL)"
-    ))
-    .await?;
-    sql(format!(
-        "INSERT INTO `{db}`.counter SELECT seq, 0 FROM `{db}`.seq_1_to_100"
-    ))
-    .await?;
+    crate::ops::add_counter_table(&db).await?;
     let tc = TestConfig::new(&db, &["users", "product", "counter"]).with_seed_mappings();
     let mdb = mongo_db(&tc.mongo_db).await?;
     seed_orders(&mdb, 2).await?;
