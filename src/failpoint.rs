@@ -10,12 +10,16 @@
 //!   `ECST_FAILPOINT_FILE` (if set) and then never returns. The task holding it stops there;
 //!   every other task (the producer loop committing what was handed over, the metrics endpoint)
 //!   goes on. The test waits for the file, asserts on the stored state and kills the process.
+//! * `ECST_FAILPOINT_RELEASE=<path>` (optional) makes the pause end when that file appears: the
+//!   test acts on the paused state (cuts a connection the task holds, say) and then lets the task
+//!   meet the result. Without it a pause lasts for good.
 //! * Without the feature [`armed`] is a constant `false`: release builds carry no pause point and
 //!   read no variable.
 //!
 //! The points: `snapshot.rows` (rows of the snapshot handed to the producer loop, checked after
 //! each chunk), `stream.rows_events` (rows events handed over by the binlog reader, checked
-//! after each).
+//! after each), `stream.gtid_lookup` (progress 0: the MariaDB GTID lookup's connection is open,
+//! its query not yet sent).
 
 /// Whether point `name` is armed for `progress`; if so the caller must stop there for good
 /// (`std::future::pending().await`). Marks the pause in `ECST_FAILPOINT_FILE`.
@@ -60,9 +64,20 @@ pub fn armed(_name: &str, _progress: u64) -> bool {
     false
 }
 
-/// Stops the calling task for good if point `name` is armed for `progress`.
+/// Stops the calling task if point `name` is armed for `progress`: for good, or until the file
+/// `ECST_FAILPOINT_RELEASE` names appears.
 pub async fn pause_if_armed(name: &str, progress: u64) {
-    if armed(name, progress) {
-        std::future::pending::<()>().await;
+    if !armed(name, progress) {
+        return;
+    }
+    match std::env::var_os("ECST_FAILPOINT_RELEASE") {
+        Some(release) => {
+            let release = std::path::PathBuf::from(release);
+            while !release.exists() {
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            }
+            tracing::warn!(failpoint = name, "test failpoint released");
+        }
+        None => std::future::pending::<()>().await,
     }
 }

@@ -86,6 +86,69 @@ async fn connection_quota(per_hour: u32) -> Result<()> {
     Ok(())
 }
 
+/// Cuts every connection of ecst's MySQL user (the caller holds the stack exclusively).
+async fn kill_ecst_connections() -> Result<()> {
+    let mut admin_conn = admin().await?;
+    let ids: Vec<u64> = admin_conn
+        .exec(
+            "SELECT ID FROM information_schema.PROCESSLIST WHERE USER = ? AND ID <> CONNECTION_ID()",
+            (endpoints().mysql_user,),
+        )
+        .await?;
+    for id in ids {
+        // Gone already: fine.
+        let _gone = admin_conn.query_drop(format!("KILL {id}")).await;
+    }
+    admin_conn.disconnect().await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_gtid_lookup_cut_after_the_snapshot_is_retried_and_the_positions_keep_their_gtid_state()
+-> Result<()> {
+    let _exclusive = STACK_LOCK.write().await;
+    // A binlog file of its own: one that an earlier test filled with events over
+    // max_allowed_packet has no GTID state for the server to give at all.
+    sql("FLUSH BINARY LOGS").await?;
+    let db = seed_database().await?;
+    let tc = TestConfig::new(&db, &["users"]);
+    let cfg = write_config(&tc, true, None)?;
+    // The lookup of the snapshot position's GTID state pauses with its connection open; the
+    // connection is cut and the lookup let go, so its query meets a closed connection.
+    let (mut env, reached) = failpoint("stream.gtid_lookup", 0);
+    let release = std::env::temp_dir().join(unique("release"));
+    env.push((
+        "ECST_FAILPOINT_RELEASE".into(),
+        release.to_string_lossy().into_owned(),
+    ));
+    let run = spawn_captured(&cfg, "source", &env, "info")?;
+    wait_for_failpoint(&reached, T).await?;
+    kill_ecst_connections().await?;
+    std::fs::write(&release, b"go")?;
+    sql(format!(
+        "UPDATE `{db}`.users SET email = 'after.the.cut@x' WHERE id = 1"
+    ))
+    .await?;
+    let evs = wait_events(&tc.topic("users"), 5, T).await?;
+    assert!(evs.iter().any(|e| {
+        e.after.as_ref().and_then(|a| a.get_str("email").ok()) == Some("after.the.cut@x")
+    }));
+    let parsed = tc.config(true)?;
+    let stored = wait_for("the change's position to be stored", T, || async {
+        Ok(ecst::source::load_offset(&parsed, &parsed.offsets_topic())
+            .await?
+            .filter(|o| o.snapshot_completed && o.gtid.is_some()))
+    })
+    .await?;
+    let _removed = std::fs::remove_file(&release);
+    let out = run.output();
+    assert!(
+        stored.gtid_set.as_deref().is_some_and(|g| !g.is_empty()),
+        "the stored position carries the server's GTID state, not none: {stored:?}\n{out}"
+    );
+    Ok(())
+}
+
 #[tokio::test]
 async fn while_mysql_refuses_the_reader_ready_metrics_and_log_name_the_cause_until_it_recovers()
 -> Result<()> {
@@ -106,19 +169,11 @@ async fn while_mysql_refuses_the_reader_ready_metrics_and_log_name_the_cause_unt
     // A quota of one new connection an hour, then ecst's connections cut: the session's
     // preflight connection gets the one, the binlog reader's is refused (1226), and so is
     // every later attempt until the quota is lifted.
+    // Ready comes with the snapshot's end and the binlog reader connects just after: its
+    // connection must be among those cut, or it would hold the quota's one connection.
+    run.wait_for_output("binlog stream started", T).await?;
     connection_quota(1).await?;
-    let mut admin_conn = admin().await?;
-    let ids: Vec<u64> = admin_conn
-        .exec(
-            "SELECT ID FROM information_schema.PROCESSLIST WHERE USER = ? AND ID <> CONNECTION_ID()",
-            (endpoints().mysql_user,),
-        )
-        .await?;
-    for id in ids {
-        // Gone already: fine.
-        let _gone = admin_conn.query_drop(format!("KILL {id}")).await;
-    }
-    admin_conn.disconnect().await?;
+    kill_ecst_connections().await?;
     let outcome = async {
         let body = wait_for("/ready to name the refusal", T, || async {
             let r = http_get(port, "/ready").await?;
@@ -159,7 +214,7 @@ async fn while_mysql_refuses_the_reader_ready_metrics_and_log_name_the_cause_unt
     }
     .await;
     connection_quota(0).await?;
-    outcome?;
+    outcome.with_context(|| format!("ecst's output:\n{}", run.output()))?;
     // Connections allowed again: the source recovers by itself and says so everywhere.
     sql(format!(
         "UPDATE `{db}`.users SET email = 'after@x' WHERE id = 1"
@@ -330,5 +385,8 @@ async fn a_change_larger_than_kafka_takes_stops_the_source_naming_its_topic_and_
         2,
         "the snapshot row and the 40 MiB change, nothing after"
     );
+    // Events over max_allowed_packet make the server's BINLOG_GTID_POS NULL for every later
+    // position of their file: the tests after this one get a new file.
+    sql("FLUSH BINARY LOGS").await?;
     Ok(())
 }

@@ -73,16 +73,22 @@ use window::Window;
 /// The GTID state at `start`: MySQL's set when the snapshot read one; on MariaDB, the server's
 /// own answer for that position (`BINLOG_GTID_POS`). `None` when neither is known: positions are
 /// then stored without one, and a failover stops the source instead of resuming.
+///
+/// Only the server's "no such function" (1305, MySQL) means "not known". Any other error (the
+/// connection cut, the server down) is returned: taking it for "not known" would store every
+/// position of this run without its GTID state, so that a later failover, which this lookup
+/// would have allowed, stops the source for good.
 async fn initial_gtid_state(
     cfg: &MysqlConfig,
     start: &BinlogPosition,
     mysql_set: Option<&str>,
-) -> Option<crate::gtid::GtidState> {
+) -> Result<Option<crate::gtid::GtidState>, SourceError> {
     if let Some(s) = mysql_set {
-        return crate::gtid::GtidState::parse_mysql(s).ok();
+        return Ok(crate::gtid::GtidState::parse_mysql(s).ok());
     }
     let asked = async {
         let mut conn = connect(cfg).await?;
+        crate::failpoint::pause_if_armed("stream.gtid_lookup", 0).await;
         let r: Option<Option<String>> = conn
             .exec_first("SELECT BINLOG_GTID_POS(?, ?)", (&start.file, start.pos))
             .await?;
@@ -91,15 +97,26 @@ async fn initial_gtid_state(
     }
     .await;
     match asked {
-        Ok(Some(s)) => crate::gtid::GtidState::parse_mariadb(&s)
+        Ok(Some(s)) => Ok(crate::gtid::GtidState::parse_mariadb(&s)
             .map_err(|e| tracing::warn!(error = %e, "the server's GTID position is unreadable"))
-            .ok(),
-        Ok(None) => None,
-        // MySQL has no BINLOG_GTID_POS (1305): its state comes from snapshots only.
-        Err(e) => {
-            tracing::debug!(error = %e, "no GTID state for the start position");
-            None
+            .ok()),
+        Ok(None) => {
+            // Seen when an event larger than the server's max_allowed_packet lies earlier in
+            // that binlog file: the server's scan of the file stops there.
+            tracing::warn!(
+                position = %start,
+                "MariaDB gives no GTID state for the start position (BINLOG_GTID_POS is NULL): \
+                 positions are stored without one, and a failover to another server stops the \
+                 source instead of resuming"
+            );
+            Ok(None)
         }
+        // MySQL has no BINLOG_GTID_POS (1305): its state comes from snapshots only.
+        Err(SourceError::Mysql(mysql_async::Error::Server(e))) if e.code == 1305 => {
+            tracing::debug!(error = %e, "no GTID state for the start position");
+            Ok(None)
+        }
+        Err(e) => Err(e),
     }
 }
 
@@ -606,7 +623,7 @@ async fn session(
                 let state = match start_gtid.as_deref().map(crate::gtid::GtidState::parse) {
                     Some(Ok(s)) => Some(s),
                     _ if gtid_connect.is_some() => None,
-                    _ => initial_gtid_state(&reader_cfg, &p, None).await,
+                    _ => initial_gtid_state(&reader_cfg, &p, None).await?,
                 };
                 (p, stored_window, state)
             }
@@ -619,7 +636,7 @@ async fn session(
                     .map(|s| s.at.clone())
                     .ok_or(SourceError::NoBinlogPosition)?;
                 let window = Window::new(&segments, &tables);
-                let state = initial_gtid_state(&reader_cfg, &start, mysql_set.as_deref()).await;
+                let state = initial_gtid_state(&reader_cfg, &start, mysql_set.as_deref()).await?;
                 let gtid_set = state.as_ref().map(ToString::to_string);
                 tx.send(SourceMsg::SnapshotDone { segments, gtid_set })
                     .await?;
