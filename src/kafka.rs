@@ -33,7 +33,7 @@ pub enum KafkaClientError {
     Broker(#[from] KafkaError),
     /// The broker refused the credentials (SASL or TLS client authentication).
     #[error(
-        "kafka refused the credentials: {reason}; fix: check kafka.properties (sasl.*, ssl.*) and kafka.secret_files"
+        "kafka refused the credentials: {reason}; fix: check kafka.properties (sasl.*, ssl.*) and kafka.secret_files (read at start: after a password rotation, restart ecst with the file updated)"
     )]
     Auth {
         /// librdkafka's account of the failure.

@@ -2,7 +2,9 @@
 //!
 //! The stack's MariaDB user `ecst_tls` may only log in over TLS (`REQUIRE SSL`) and the broker
 //! has a SASL/PLAIN listener beside the plaintext one (`dev/stack`), so these tests fail if ecst
-//! silently connected without TLS or without authenticating.
+//! silently connected without TLS or without authenticating. The MongoDB ones go to `mongo-tls`,
+//! a FerretDB that listens with TLS only there and asks for SCRAM-SHA-256, on its own backend
+//! database: a copy updated there was written over TLS, as the authenticated user.
 
 use std::time::Duration;
 
@@ -126,8 +128,9 @@ async fn a_wrong_kafka_sasl_password_stops_the_source_with_an_authentication_err
     let toml = secured_toml(&tc, true, "not-the-password")?;
     let err = source_error(&toml).await?;
     assert!(
-        err.to_lowercase().contains("authentication"),
-        "a definite error naming authentication: {err}"
+        err.to_lowercase().contains("authentication")
+            && err.contains("after a password rotation, restart ecst"),
+        "a definite error naming authentication, and the rotation model: {err}"
     );
     Ok(())
 }
@@ -235,7 +238,9 @@ async fn a_wrong_registry_password_stops_source_and_sink_naming_the_registry_and
     let wrong = through_registry_auth(&tc.toml(true), "not-the-password")?;
     let err = source_error(&wrong).await?;
     assert!(
-        err.contains("schema registry refused the credentials") && err.contains("password_file"),
+        err.contains("schema registry refused the credentials")
+            && err.contains("password_file")
+            && err.contains("after a password rotation, restart ecst"),
         "a definite error naming the registry and the fix: {err}"
     );
     // The events exist (a source with the right password), and a sink with the wrong one
@@ -256,12 +261,153 @@ async fn a_wrong_registry_password_stops_source_and_sink_naming_the_registry_and
         err.contains("schema registry refused the credentials"),
         "the sink stops naming the registry: {err}"
     );
-    let dlq = read_topic(&format!("{}.dlq", tc.name), 1, Duration::from_secs(3)).await?;
-    assert!(
-        dlq.is_empty(),
-        "nothing dead-lettered: {} messages",
-        dlq.len()
+    assert_eq!(dead_letters(&tc).await?, 0, "nothing dead-lettered");
+    Ok(())
+}
+
+/// The URI of the stack's `mongo-tls` (FerretDB over TLS with SCRAM-SHA-256), with `password`.
+fn mongo_tls_uri(password: &str) -> String {
+    let stack = env(
+        "ECST_STACK_DIR",
+        concat!(env!("CARGO_MANIFEST_DIR"), "/.stack"),
     );
+    let good = env("ECST_MONGO_TLS_PASSWORD", "ecst-mongo-pw");
+    env(
+        "ECST_MONGO_TLS_URI",
+        &format!(
+            "mongodb://ecst:{good}@127.0.0.1:27119/?tls=true&tlsCAFile={stack}/mysql/tls/ca.pem&authSource=ecst_auth&authMechanism=SCRAM-SHA-256"
+        ),
+    )
+    .replace(&format!(":{good}@"), &format!(":{password}@"))
+}
+
+/// `toml` with its MongoDB URI replaced by `uri_file` holding `uri`.
+fn through_mongo_tls(toml: &str, uri: &str) -> Result<String> {
+    let old = format!("uri = \"{}\"", endpoints().mongo);
+    anyhow::ensure!(toml.contains(&old), "no MongoDB URI to replace in {toml}");
+    let file = secret_file("mongo-uri", uri)?;
+    Ok(toml.replace(&old, &format!("uri_file = \"{file}\"")))
+}
+
+/// Database `name` on `mongo-tls`, as the test's own authenticated TLS client.
+async fn mongo_tls_db(name: &str) -> Result<mongodb::Database> {
+    install_tls();
+    let good = env("ECST_MONGO_TLS_PASSWORD", "ecst-mongo-pw");
+    let client = mongodb::Client::with_uri_str(mongo_tls_uri(&good))
+        .await
+        .map_err(|e| anyhow::anyhow!("mongo-tls (is it up? dev/stack up mongo-tls): {e}"))?;
+    Ok(client.database(name))
+}
+
+#[tokio::test]
+async fn the_sink_updates_the_copies_over_mongodb_tls_with_scram_credentials_from_uri_file()
+-> Result<()> {
+    let _shared = STACK_LOCK.read().await;
+    let db = seed_database().await?;
+    let tc = TestConfig::new(&db, &["users", "product"]).with_seed_mappings();
+    let mdb = mongo_tls_db(&tc.mongo_db).await?;
+    seed_orders(&mdb, 2).await?;
+    let password = env("ECST_MONGO_TLS_PASSWORD", "ecst-mongo-pw");
+    let uri = mongo_tls_uri(&password);
+    assert!(uri.contains("tls=true") && uri.contains(&format!(":{password}@")));
+    let toml = through_mongo_tls(&tc.toml(true), &uri)?;
+    let cfg = ecst::config::Config::from_toml_str(&toml, Vec::new())
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    assert!(!cfg.redacted().contains(&password));
+    let run = start(cfg, Components::Both);
+    wait_events(&tc.topic("users"), 4, T).await?;
+    sql(format!(
+        "UPDATE `{db}`.users SET email = 'neha.parate@hotmail.com' WHERE id = 1"
+    ))
+    .await?;
+    let coll = mdb.collection::<bson::Document>("purchase_order");
+    wait_for("neha's copies over MongoDB TLS and SCRAM", T, || async {
+        let n = coll
+            .count_documents(bson::doc! { "user.email": "neha.parate@hotmail.com" })
+            .await?;
+        Ok((n == 2).then_some(()))
+    })
+    .await?;
+    assert!(!run.is_finished());
+    run.stop().await?;
+    // The plain, unauthenticated MongoDB of the stack got none of it: the sink wrote over TLS.
+    let plain = mongo_db(&tc.mongo_db).await?;
+    assert_eq!(
+        plain
+            .collection::<bson::Document>("purchase_order")
+            .count_documents(bson::doc! {})
+            .await?,
+        0
+    );
+    Ok(())
+}
+
+/// How many dead letters `tc`'s sink wrote (none when it never made its topic).
+async fn dead_letters(tc: &TestConfig) -> Result<usize> {
+    match read_topic(&format!("{}.dlq", tc.name), 1, Duration::from_secs(3)).await {
+        Ok(dlq) => Ok(dlq.len()),
+        Err(e) if e.to_string().contains("does not exist") => Ok(0),
+        Err(e) => Err(e),
+    }
+}
+
+/// Starts a sink from `toml` (its events exist) and returns the error it stops with.
+async fn sink_error(toml: &str) -> Result<String> {
+    let cfg = ecst::config::Config::from_toml_str(toml, Vec::new())
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let sink = start(cfg, Components::Sink);
+    Ok(tokio::time::timeout(T, sink.join_error())
+        .await?
+        .unwrap_or_default())
+}
+
+#[tokio::test]
+async fn a_wrong_mongodb_password_stops_the_sink_naming_mongodb_and_dead_letters_nothing()
+-> Result<()> {
+    let _shared = STACK_LOCK.read().await;
+    let db = seed_database().await?;
+    let tc = TestConfig::new(&db, &["users", "product"]).with_seed_mappings();
+    let good = start(tc.config(true)?, Components::Source);
+    wait_events(&tc.topic("users"), 4, T).await?;
+    good.stop().await?;
+    let toml = through_mongo_tls(&tc.toml(false), &mongo_tls_uri("not-the-password"))?;
+    let err = sink_error(&toml).await?;
+    assert!(
+        err.contains("mongodb refused the credentials")
+            && err.contains("uri_file")
+            && err.contains("after a password rotation, restart ecst"),
+        "a definite error naming MongoDB and the fix: {err}"
+    );
+    assert!(!err.contains("not-the-password"), "{err}");
+    assert_eq!(dead_letters(&tc).await?, 0, "nothing dead-lettered");
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_mongodb_certificate_from_an_unknown_ca_stops_the_sink_naming_mongodb() -> Result<()> {
+    let _shared = STACK_LOCK.read().await;
+    let db = seed_database().await?;
+    let tc = TestConfig::new(&db, &["users", "product"]).with_seed_mappings();
+    let good = start(tc.config(true)?, Components::Source);
+    wait_events(&tc.topic("users"), 4, T).await?;
+    good.stop().await?;
+    // Without tlsCAFile the driver trusts the system's roots, which do not know the stack's CA.
+    let password = env("ECST_MONGO_TLS_PASSWORD", "ecst-mongo-pw");
+    let uri = mongo_tls_uri(&password);
+    let without_ca = uri
+        .split('&')
+        .filter(|p| !p.starts_with("tlsCAFile="))
+        .collect::<Vec<_>>()
+        .join("&");
+    assert!(without_ca.contains("tls=true") && !without_ca.contains("tlsCAFile"));
+    let err = sink_error(&through_mongo_tls(&tc.toml(false), &without_ca)?).await?;
+    assert!(
+        err.contains("mongodb's TLS connection cannot be trusted")
+            && err.contains("UnknownIssuer")
+            && err.contains("tlsCAFile"),
+        "a definite error naming MongoDB, the certificate and the fix: {err}"
+    );
+    assert_eq!(dead_letters(&tc).await?, 0, "nothing dead-lettered");
     Ok(())
 }
 
@@ -275,7 +421,7 @@ async fn no_secret_appears_in_logs_print_config_check_metrics_the_status_page_or
     let _shared = STACK_LOCK.read().await;
     let db = seed_database().await?;
     let tc = TestConfig::new(&db, &["users", "product"]).with_seed_mappings();
-    let mdb = mongo_db(&tc.mongo_db).await?;
+    let mdb = mongo_tls_db(&tc.mongo_db).await?;
     seed_orders(&mdb, 1).await?;
     // A MySQL user of this test whose password is found nowhere else (the stack's users have
     // their names as passwords, which a log may name rightly).
@@ -291,10 +437,14 @@ async fn no_secret_appears_in_logs_print_config_check_metrics_the_status_page_or
     .await?;
     let sasl_pw = env("ECST_KAFKA_SASL_PASSWORD", "ecst-sasl");
     let registry_pw = env("ECST_REGISTRY_AUTH_PASSWORD", "ecst-registry-pw");
+    let mongo_pw = env("ECST_MONGO_TLS_PASSWORD", "ecst-mongo-pw");
     let port = free_port()?;
-    let toml = through_registry_auth(
-        &secured_toml_as(&tc, true, &sasl_pw, &user, &mysql_pw)?,
-        &registry_pw,
+    let toml = through_mongo_tls(
+        &through_registry_auth(
+            &secured_toml_as(&tc, true, &sasl_pw, &user, &mysql_pw)?,
+            &registry_pw,
+        )?,
+        &mongo_tls_uri(&mongo_pw),
     )?
     .replace("listen = \"\"", &format!("listen = \"127.0.0.1:{port}\""));
     let cfg = std::env::temp_dir().join(format!("{}.toml", unique("secrets")));
@@ -320,7 +470,7 @@ async fn no_secret_appears_in_logs_print_config_check_metrics_the_status_page_or
         ("print-config", cli(&["print-config"]).await?),
         ("check", cli(&["check"]).await?),
     ];
-    // Every line at debug level, of a run that used all three secrets.
+    // Every line at debug level, of a run that used all four secrets.
     let mut run = spawn_captured(&cfg, "run", &[], "debug")?;
     wait_events(&tc.topic("users"), 4, T).await?;
     // A poison message: its dead letter carries the error in its headers.
@@ -394,6 +544,7 @@ async fn no_secret_appears_in_logs_print_config_check_metrics_the_status_page_or
             ("mysql", &mysql_pw),
             ("kafka", &sasl_pw),
             ("registry", &registry_pw),
+            ("mongodb", &mongo_pw),
         ] {
             assert!(
                 !t.contains(secret.as_str()),

@@ -54,7 +54,7 @@ pub enum RegistryError {
     /// The registry refused ecst's credentials (HTTP 401/403): a rotated password or a missing
     /// permission, never a property of one message.
     #[error(
-        "schema registry refused the credentials ({detail}); fix: schema_registry.username and password (or password_file), or the registry's permissions for that user"
+        "schema registry refused the credentials ({detail}); fix: schema_registry.username and password (or password_file, read at start: after a password rotation, restart ecst with the file updated), or the registry's permissions for that user"
     )]
     Unauthorized {
         /// The registry's answer.

@@ -75,6 +75,22 @@ pub enum SinkError {
     /// Driver error.
     #[error("mongodb: {0}")]
     Mongo(#[source] mongodb::error::Error),
+    /// MongoDB refused the credentials of `mongo.uri` (SCRAM or X.509 authentication failed).
+    #[error(
+        "mongodb refused the credentials ({detail}); fix: the user and password in mongo.uri (or uri_file, read at start: after a password rotation, restart ecst with the file updated), its authSource and authMechanism"
+    )]
+    MongoCredentials {
+        /// The driver's message (it carries no secret).
+        detail: String,
+    },
+    /// MongoDB's TLS certificate is not trusted, or the URI's TLS settings are unusable.
+    #[error(
+        "mongodb's TLS connection cannot be trusted ({detail}); fix: tlsCAFile in mongo.uri (the CA that signed MongoDB's certificate, which must name the host of the URI)"
+    )]
+    MongoTls {
+        /// The driver's message.
+        detail: String,
+    },
     /// A retryable statement-level error.
     #[error("mongodb write error {code}: {message}")]
     MongoWrite {
@@ -122,6 +138,33 @@ pub enum SinkError {
     NotConfigured(&'static str),
 }
 
+impl SinkError {
+    /// A driver error as the sink reports it: refused credentials and an untrusted TLS
+    /// connection are their own definite errors (retrying them changes nothing, and a write
+    /// that meets them must not be dead-lettered either); anything else stays
+    /// [`SinkError::Mongo`], classed by [`is_transient`].
+    pub fn mongo(e: mongodb::error::Error) -> SinkError {
+        use mongodb::error::ErrorKind;
+        let text = e.to_string();
+        match e.kind.as_ref() {
+            ErrorKind::Authentication { message, .. } => SinkError::MongoCredentials {
+                detail: message.clone(),
+            },
+            // AuthenticationFailed, answered to a command.
+            ErrorKind::Command(c) if c.code == 18 => SinkError::MongoCredentials {
+                detail: c.message.clone(),
+            },
+            ErrorKind::InvalidTlsConfig { message, .. } => SinkError::MongoTls {
+                detail: message.clone(),
+            },
+            // rustls's verdict on the server's certificate (unknown issuer, expired, not valid
+            // for the host), which the driver reports inside an I/O or server-selection error.
+            _ if text.contains("invalid peer certificate") => SinkError::MongoTls { detail: text },
+            _ => SinkError::Mongo(e),
+        }
+    }
+}
+
 impl Classify for SinkError {
     fn class(&self) -> ErrorClass {
         match self {
@@ -137,7 +180,10 @@ impl Classify for SinkError {
             | SinkError::DeadLetter { .. } => ErrorClass::Transient,
             SinkError::Kafka(e) => e.class(),
             SinkError::Registry(e) => e.class(),
-            SinkError::MissingIndex { .. } | SinkError::NotConfigured(_) => ErrorClass::Definite,
+            SinkError::MissingIndex { .. }
+            | SinkError::NotConfigured(_)
+            | SinkError::MongoCredentials { .. }
+            | SinkError::MongoTls { .. } => ErrorClass::Definite,
         }
     }
 
@@ -151,6 +197,8 @@ impl Classify for SinkError {
             SinkError::MongoWrite { code, .. } | SinkError::WriteConcern { code, .. } => {
                 format!("mongo_{code}")
             }
+            SinkError::MongoCredentials { .. } => "mongo_credentials".into(),
+            SinkError::MongoTls { .. } => "mongo_tls".into(),
             SinkError::Kafka(_) => "kafka".into(),
             SinkError::Registry(_) => "registry".into(),
             SinkError::DeadLetter { .. } => "dead_letter_topic".into(),
@@ -160,7 +208,11 @@ impl Classify for SinkError {
 
     fn hint(&self) -> &'static str {
         match self {
-            SinkError::Mongo(_) | SinkError::MongoWrite { .. } | SinkError::WriteConcern { .. } => {
+            SinkError::Mongo(_)
+            | SinkError::MongoWrite { .. }
+            | SinkError::WriteConcern { .. }
+            | SinkError::MongoCredentials { .. }
+            | SinkError::MongoTls { .. } => {
                 "that MongoDB at mongo.uri is up, has a primary, and accepts the user"
             }
             SinkError::Registry(_) => "that the schema registry at schema_registry.url is up",

@@ -101,18 +101,18 @@ impl MongoWriter {
     pub async fn connect(uri: &str, database: &str) -> Result<Self, SinkError> {
         let mut opts = mongodb::options::ClientOptions::parse(uri)
             .await
-            .map_err(SinkError::Mongo)?;
+            .map_err(SinkError::mongo)?;
         opts.app_name.get_or_insert_with(|| "ecst".into());
         if opts.server_selection_timeout.is_none() {
             opts.server_selection_timeout = Some(std::time::Duration::from_secs(5));
         }
         let opts_write_concern = opts.write_concern.clone();
-        let client = mongodb::Client::with_options(opts).map_err(SinkError::Mongo)?;
+        let client = mongodb::Client::with_options(opts).map_err(SinkError::mongo)?;
         let db = client.database(database);
         let info = db
             .run_command(doc! { "buildInfo": 1 })
             .await
-            .map_err(SinkError::Mongo)?;
+            .map_err(SinkError::mongo)?;
         let ferretdb = info.contains_key("ferretdbVersion");
         if ferretdb {
             tracing::info!(
@@ -172,11 +172,11 @@ impl MongoWriter {
             Ok(c) => Some(c),
             // A collection that does not exist yet has no indexes (NamespaceNotFound).
             Err(e) if matches!(e.kind.as_ref(), ErrorKind::Command(c) if c.code == 26) => None,
-            Err(e) => return Err(SinkError::Mongo(e)),
+            Err(e) => return Err(SinkError::mongo(e)),
         };
         if let Some(cursor) = cursor.as_mut() {
             use futures::TryStreamExt;
-            while let Some(idx) = cursor.try_next().await.map_err(SinkError::Mongo)? {
+            while let Some(idx) = cursor.try_next().await.map_err(SinkError::mongo)? {
                 if idx.keys.keys().next().map(String::as_str) == Some(path) {
                     return Ok(());
                 }
@@ -191,7 +191,7 @@ impl MongoWriter {
         let model = mongodb::IndexModel::builder()
             .keys(doc! { path: 1 })
             .build();
-        coll.create_index(model).await.map_err(SinkError::Mongo)?;
+        coll.create_index(model).await.map_err(SinkError::mongo)?;
         tracing::info!(collection, path, "index created");
         Ok(())
     }
@@ -250,10 +250,12 @@ impl MongoWriter {
             if let Some(wc) = &self.write_concern {
                 cmd.insert("writeConcern", wc.clone());
             }
-            let reply = match self.db.run_command(cmd).await {
+            let reply = match self.db.run_command(cmd).await.map_err(SinkError::mongo) {
                 Ok(r) => r,
-                Err(e) if is_transient(&e) => return Err(SinkError::Mongo(e)),
-                Err(e) if part.len() > 1 => {
+                // Only a definite error of the statements themselves is isolated and
+                // dead-lettered; the environment's (an outage, refused credentials, untrusted
+                // TLS) stops or retries the batch.
+                Err(SinkError::Mongo(e)) if !is_transient(&e) && part.len() > 1 => {
                     // Isolate the poison statement: one by one.
                     tracing::warn!(error = %e, statements = part.len(), "command failed, isolating statement by statement");
                     for one in part {
@@ -262,10 +264,11 @@ impl MongoWriter {
                     }
                     return Ok(());
                 }
-                Err(e) => {
+                Err(SinkError::Mongo(e)) if !is_transient(&e) => {
                     outcome.failed.push((part[0].entry, e.to_string()));
                     return Ok(());
                 }
+                Err(e) => return Err(e),
             };
             // `ok: 1` with a writeConcernError: the writes may be rolled back (a primary that
             // stepped down during a majority wait). Not acknowledged, so retried as a whole.
@@ -414,6 +417,38 @@ mod tests {
         assert!(!duplicate_is_on_id(
             &doc! { "errmsg": "E11000 duplicate key error collection: d.c index: email_1 dup key" }
         ));
+    }
+
+    #[test]
+    fn an_untrusted_certificate_and_refused_credentials_are_definite_stops_naming_mongodb() {
+        let cert = mongodb::error::Error::from(std::io::Error::other(
+            "invalid peer certificate: UnknownIssuer",
+        ));
+        // A transient driver error as such: only the conversion makes it a definite stop,
+        // so the write path never dead-letters it either.
+        assert!(is_transient(&cert));
+        let e = SinkError::mongo(cert);
+        assert!(matches!(e, SinkError::MongoTls { .. }), "{e:?}");
+        assert_eq!(e.class(), ErrorClass::Definite);
+        assert!(
+            e.to_string().starts_with("mongodb's TLS") && e.to_string().contains("tlsCAFile"),
+            "{e}"
+        );
+        let refused: mongodb::error::CommandError = bson::from_document(doc! {
+            "code": 18, "codeName": "AuthenticationFailed", "errmsg": "Authentication failed.",
+        })
+        .expect("a command error");
+        let e = SinkError::mongo(ErrorKind::Command(refused).into());
+        assert!(matches!(e, SinkError::MongoCredentials { .. }), "{e:?}");
+        assert_eq!(e.class(), ErrorClass::Definite);
+        assert!(
+            e.to_string().contains("mongodb refused the credentials"),
+            "{e}"
+        );
+        let outage =
+            SinkError::mongo(std::io::Error::from(std::io::ErrorKind::ConnectionReset).into());
+        assert!(matches!(outage, SinkError::Mongo(_)));
+        assert_eq!(outage.class(), ErrorClass::Transient);
     }
 
     #[test]
