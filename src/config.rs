@@ -846,6 +846,48 @@ impl Config {
                         "must not be empty when given (omit it to copy all fields)",
                     );
                 }
+                if m.kind == MappingKind::Embedded {
+                    for (k, p) in [
+                        ("match_path", &m.match_path),
+                        ("target_path", &m.target_path),
+                    ] {
+                        if let Some(p) = p
+                            && p.split('.').next() == Some(crate::sink::mapping::VERSION_FIELD)
+                        {
+                            issue(
+                                &f(k),
+                                "must not be under `_ecst`, where ecst keeps the copies' versions",
+                            );
+                        }
+                    }
+                    if let Some(p) = &m.target_path
+                        && p.starts_with("_id.")
+                    {
+                        issue(
+                            &f("target_path"),
+                            "must not be under `_id` (MongoDB never changes a document's _id)",
+                        );
+                    }
+                    if let Some(missing) = match_field_left_out(m) {
+                        issue(&f("fields"), &missing);
+                    }
+                }
+                // A document mapping replaces whole documents: what another mapping wrote into
+                // them would be dropped at the next change.
+                if let Some((j, other)) = sink.mappings.iter().enumerate().find(|(j, o)| {
+                    *j != i
+                        && o.collection == m.collection
+                        && (m.kind == MappingKind::Document || o.kind == MappingKind::Document)
+                }) && i > j
+                {
+                    issue(
+                        &f("collection"),
+                        &format!(
+                            "`{}` is also the collection of mapping `{}`, and a kind = \"document\" mapping replaces whole documents (dropping what another mapping wrote): give it a collection of its own",
+                            m.collection, other.name
+                        ),
+                    );
+                }
             }
         }
         if self.source.is_none() && self.sink.is_none() {
@@ -878,6 +920,34 @@ impl Config {
         }
         s
     }
+}
+
+/// Why an embedded mapping's copy would lose its own match field (`None`: it keeps it). When
+/// `match_path` lies inside `target_path` (`product.productId` in `product`), every write
+/// replaces the copy with the projected row, so the projection must produce that field (after
+/// `rename`); otherwise the first update leaves the parents without the key they are found by.
+fn match_field_left_out(m: &MappingConfig) -> Option<String> {
+    let target = m.target_path.as_deref()?;
+    let rest = m
+        .match_path
+        .as_deref()?
+        .strip_prefix(target)?
+        .strip_prefix('.')?;
+    let field = rest.split('.').next()?;
+    let renamed_to_it = m.rename.values().any(|v| v == field);
+    let produced = match &m.fields {
+        Some(fields) => fields
+            .iter()
+            .any(|c| m.rename.get(c).map_or(c.as_str(), String::as_str) == field),
+        // Every column is copied: only a rename can take the field away.
+        None => renamed_to_it || !m.rename.contains_key(field),
+    };
+    (!produced).then(|| {
+        format!(
+            "the copy at `{target}` must keep `{field}`, the field match_path `{}` finds parents by: every write replaces the copy with the projected row, so without it the first update orphans every parent; add the column that becomes `{field}` to fields (or its rename)",
+            m.match_path.as_deref().unwrap_or_default()
+        )
+    })
 }
 
 /// Why Kafka would refuse `topic` as a topic name (`None`: it is valid): at most 249 characters
@@ -1038,6 +1108,68 @@ mod tests {
                 .to_string();
             assert!(err.contains("source.transaction_timeout_ms"), "{err}");
         }
+    }
+
+    #[test]
+    fn an_embedded_projection_that_drops_its_own_match_field_or_a_path_under_ecst_names_the_field()
+    {
+        let base = |extra: &str| {
+            format!(
+                "{MINIMAL}[mongo]\nuri = \"mongodb://127.0.0.1:27017\"\ndatabase = \"orders\"\n[sink]\n[[sink.mappings]]\nname = \"p\"\ntopic = \"t\"\nkind = \"embedded\"\ncollection = \"purchase_order\"\n{extra}\n"
+            )
+        };
+        let seed = "match_path = \"product.productId\"\ntarget_path = \"product\"\nfields = [\"id\", \"description\"]\nrename = { id = \"productId\" }";
+        Config::from_toml_str(&base(seed), Vec::new()).expect("the seed's product mapping");
+        // All columns copied, the key column renamed to the match field: fine too; a match path
+        // outside the copy is not the projection's business.
+        for ok in [
+            "match_path = \"product.productId\"\ntarget_path = \"product\"\nrename = { id = \"productId\" }",
+            "match_path = \"user.id\"\ntarget_path = \"user\"",
+            "match_path = \"user_id\"\ntarget_path = \"user\"\nfields = [\"email\"]",
+        ] {
+            Config::from_toml_str(&base(ok), Vec::new()).expect(ok);
+        }
+        for (bad, field) in [
+            (
+                "match_path = \"product.productId\"\ntarget_path = \"product\"\nfields = [\"description\"]\nrename = { id = \"productId\" }",
+                "sink.mappings[0].fields",
+            ),
+            (
+                "match_path = \"user.id\"\ntarget_path = \"user\"\nrename = { id = \"userId\" }",
+                "sink.mappings[0].fields",
+            ),
+            (
+                "match_path = \"user.id\"\ntarget_path = \"_ecst.user\"",
+                "sink.mappings[0].target_path",
+            ),
+            (
+                "match_path = \"user.id\"\ntarget_path = \"_id.user\"",
+                "sink.mappings[0].target_path",
+            ),
+        ] {
+            let err = Config::from_toml_str(&base(bad), Vec::new())
+                .expect_err(bad)
+                .to_string();
+            assert!(err.contains(field), "{bad}: {err}");
+        }
+    }
+
+    #[test]
+    fn a_document_mapping_sharing_its_collection_with_another_mapping_names_the_field() {
+        let sink = "[mongo]\nuri = \"mongodb://127.0.0.1:27017\"\ndatabase = \"orders\"\n[sink]\n[[sink.mappings]]\nname = \"u\"\ntopic = \"t\"\nkind = \"document\"\ncollection = \"users\"\n";
+        let embedded = "[[sink.mappings]]\nname = \"a\"\ntopic = \"t2\"\nkind = \"embedded\"\ncollection = \"C\"\nmatch_path = \"address.id\"\ntarget_path = \"address\"\n";
+        let apart = format!("{MINIMAL}{sink}{}", embedded.replace('C', "orders"));
+        Config::from_toml_str(&apart, Vec::new()).expect("collections of their own");
+        let shared = format!("{MINIMAL}{sink}{}", embedded.replace('C', "users"));
+        let err = Config::from_toml_str(&shared, Vec::new())
+            .expect_err("must fail")
+            .to_string();
+        assert!(
+            err.contains("sink.mappings[1].collection")
+                && err.contains("mapping `u`")
+                && !err.contains("sink.mappings[0].collection"),
+            "one message, on the later mapping: {err}"
+        );
     }
 
     #[test]

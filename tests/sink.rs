@@ -365,6 +365,63 @@ async fn a_document_mapping_keeps_a_plain_replica_with_upserts_and_deletes() -> 
     Ok(())
 }
 
+#[tokio::test]
+async fn a_document_mapping_replaces_documents_so_a_dropped_column_and_an_old_key_leave_nothing()
+-> Result<()> {
+    let _shared = STACK_LOCK.read().await;
+    let db = seed_database().await?;
+    let mut tc = TestConfig::new(&db, &["users"]);
+    // Deletes are kept: only a key change may remove a document.
+    tc.sink = Some(mapping_toml(&tc, "users_replica", "document", "keep", ""));
+    let mdb = mongo_db(&tc.mongo_db).await?;
+    let run = start(tc.config(true)?, Components::Both);
+    let users = mdb.collection::<Document>("users");
+    wait_for("replica filled", T, || async {
+        Ok((users
+            .count_documents(doc! { "lastname": { "$exists": true } })
+            .await?
+            == 4)
+            .then_some(()))
+    })
+    .await?;
+    sql(format!("ALTER TABLE `{db}`.users DROP COLUMN lastname")).await?;
+    sql(format!(
+        "UPDATE `{db}`.users SET email = 'neha@x' WHERE id = 1"
+    ))
+    .await?;
+    sql(format!("UPDATE `{db}`.users SET id = 10 WHERE id = 2")).await?;
+    wait_for("the new rows, whole", T, || async {
+        let neha = users.find_one(doc! { "_id": 1 }).await?;
+        let moved = users.find_one(doc! { "_id": 10 }).await?;
+        Ok(
+            (neha.as_ref().and_then(|d| d.get_str("email").ok()) == Some("neha@x")
+                && moved.is_some())
+            .then_some((neha, moved)),
+        )
+    })
+    .await
+    .map(|(neha, moved)| {
+        let neha = neha.unwrap_or_default();
+        assert!(
+            !neha.contains_key("lastname"),
+            "the dropped column's field is gone: {neha}"
+        );
+        let moved = moved.unwrap_or_default();
+        assert_eq!(
+            moved.get_str("email").ok(),
+            Some("aravind.dekate@gmail.com")
+        );
+    })?;
+    assert_eq!(
+        users.count_documents(doc! { "_id": 2 }).await?,
+        0,
+        "no ghost under the old key"
+    );
+    assert_eq!(users.count_documents(doc! {}).await?, 4);
+    run.stop().await?;
+    Ok(())
+}
+
 /// Produces `records` (key, value) to the users topic, then changes user 2's email to `email`
 /// in MySQL, waits for it to reach the copies (a broken record holds nothing up), and returns
 /// the dead letters, one per record.

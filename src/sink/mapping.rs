@@ -7,8 +7,14 @@
 //!
 //! * `embedded`: `update` with `multi: true` on `{<match_path>: key, guard}` setting
 //!   `<target_path>` to the projected row. Never upserts: parents belong to the order-service.
-//! * `document`: `update` with `upsert: true` on `{_id: key, guard}`. When the guard rejects an
-//!   existing newer document the upsert hits a duplicate `_id`: that is a stale change, skipped.
+//! * `document`: `update` with `upsert: true` on `{_id: key, guard}` whose update is the whole
+//!   new document (a replacement, the MongoDB Kafka sink connector's default write model): the
+//!   document is the row, so a column dropped later leaves no field behind. When the guard
+//!   rejects an existing newer document the upsert hits a duplicate `_id`: that is a stale
+//!   change, skipped. A primary-key change under `on_key_change = "follow"` moves the document:
+//!   the old `_id` is deleted (guarded), whatever `on_delete` says, since no row was deleted.
+//!   A document mapping owns its collection (config validation): a replacement would drop what
+//!   another mapping wrote into the same documents.
 
 use bson::{Bson, Document, doc};
 
@@ -172,11 +178,23 @@ impl Mapping {
         if ev.op == Op::Truncate {
             return self.cfg.on_truncate == TruncatePolicy::Keep;
         }
+        if ev.op != Op::Delete {
+            return false;
+        }
+        match (self.cfg.kind, self.key_change_follows(ev)) {
+            // The create half moves the copies.
+            (MappingKind::Embedded, true) => true,
+            // The old document goes.
+            (MappingKind::Document, true) => false,
+            (_, false) => self.cfg.on_delete == DeletePolicy::Keep,
+        }
+    }
+
+    /// Whether `ev` is the delete half of a primary-key change that the copies follow.
+    fn key_change_follows(&self, ev: &DecodedEvent) -> bool {
         ev.op == Op::Delete
-            && (self.cfg.on_delete == DeletePolicy::Keep
-                || (ev.new_key.is_some()
-                    && self.cfg.kind == MappingKind::Embedded
-                    && self.cfg.on_key_change == KeyChangePolicy::Follow))
+            && ev.new_key.is_some()
+            && self.cfg.on_key_change == KeyChangePolicy::Follow
     }
 
     /// A TRUNCATE: every copy this mapping wrote before it, per `on_truncate` (guarded, so
@@ -281,14 +299,16 @@ impl Mapping {
                 match ev.op {
                     Op::Create | Op::Read | Op::Update => {
                         let row = ev.after.as_ref().ok_or_else(|| self.err("no after image"))?;
-                        let mut set = self.project(row)?;
-                        set.remove("_id");
-                        set.insert(self.version_path.clone(), v);
-                        let mut u = doc! { "$set": set };
-                        if self.cfg.on_delete == DeletePolicy::Mark {
-                            u.insert("$unset", doc! { DELETED_FIELD: "" });
-                        }
+                        // The replacement: the projected row and this mapping's version (a
+                        // marked delete's flag goes with the old content).
+                        let mut u = self.project(row)?;
+                        u.remove("_id");
+                        u.remove(VERSION_FIELD);
+                        u.insert(VERSION_FIELD, doc! { self.cfg.name.as_str(): v });
                         out.push(Statement::Update { q, u, multi: false, upsert: true });
+                    }
+                    Op::Delete if self.key_change_follows(ev) => {
+                        out.push(Statement::Delete { q, many: false });
                     }
                     Op::Delete => match self.cfg.on_delete {
                         DeletePolicy::Keep => {}
@@ -348,6 +368,66 @@ mod tests {
             old_key: None,
             new_key: None,
         }
+    }
+
+    fn users_document_mapping(on_delete: DeletePolicy) -> Mapping {
+        Mapping::new(MappingConfig {
+            name: "users_doc".into(),
+            topic: "ecst.test.users".into(),
+            kind: MappingKind::Document,
+            collection: "users".into(),
+            match_path: None,
+            target_path: None,
+            fields: None,
+            rename: BTreeMap::new(),
+            on_delete,
+            on_key_change: KeyChangePolicy::Follow,
+            on_truncate: TruncatePolicy::Keep,
+        })
+    }
+
+    #[test]
+    fn a_document_mapping_replaces_the_whole_document_so_a_dropped_column_leaves_no_field() {
+        let m = users_document_mapping(DeletePolicy::Mark);
+        let mut ev = event(Op::Update);
+        ev.after = Some(doc! { "id": 1, "description": "IPad" }); // `price` dropped
+        let st = m.statements(&ev).expect("maps");
+        let [
+            Statement::Update {
+                q,
+                u,
+                multi: false,
+                upsert: true,
+            },
+        ] = st.as_slice()
+        else {
+            panic!("one upsert: {st:?}");
+        };
+        assert_eq!(q.get("_id"), Some(&Bson::Int32(1)));
+        assert!(q.contains_key("$or"), "guarded: {q}");
+        assert_eq!(
+            u,
+            &doc! { "id": 1, "description": "IPad", "_ecst": { "users_doc": "v2" } },
+            "a replacement: no operator, so no field of the old document (nor its __deleted) survives"
+        );
+    }
+
+    #[test]
+    fn a_key_change_moves_a_mirrored_document_even_when_deletes_are_kept() {
+        let m = users_document_mapping(DeletePolicy::Keep);
+        let mut delete_half = event(Op::Delete);
+        delete_half.new_key = Some(doc! { "id": 10 });
+        assert!(!m.is_noop(&delete_half), "the old document must go");
+        let st = m.statements(&delete_half).expect("maps");
+        let [Statement::Delete { q, many: false }] = st.as_slice() else {
+            panic!("one delete of the old _id: {st:?}");
+        };
+        assert_eq!(q.get("_id"), Some(&Bson::Int32(1)));
+        assert!(q.contains_key("$or"), "guarded: {q}");
+        // A real delete under `keep` still keeps the document.
+        let plain = event(Op::Delete);
+        assert!(m.is_noop(&plain));
+        assert!(m.statements(&plain).expect("maps").is_empty());
     }
 
     #[test]
