@@ -146,8 +146,9 @@ impl AuthWatch {
     }
 }
 
-impl ClientContext for AuthWatch {
-    fn error(&self, error: KafkaError, reason: &str) {
+impl AuthWatch {
+    /// Records `error` if it is an authentication failure.
+    fn saw(&self, error: &KafkaError, reason: &str) {
         let auth = matches!(
             error.rdkafka_error_code(),
             Some(RDKafkaErrorCode::Authentication | RDKafkaErrorCode::SaslAuthenticationFailed)
@@ -156,6 +157,12 @@ impl ClientContext for AuthWatch {
             *f = Some(reason.to_string());
         }
         tracing::debug!(error = %error, reason, "kafka client error");
+    }
+}
+
+impl ClientContext for AuthWatch {
+    fn error(&self, error: KafkaError, reason: &str) {
+        self.saw(&error, reason);
     }
 }
 
@@ -173,10 +180,13 @@ pub const REJOIN_DEADLINE: Duration = Duration::from_secs(60);
 
 /// A consumer context that follows the group membership: it is lost when librdkafka revokes
 /// the assignment as lost (the session timed out, the member was fenced) and regained with the
-/// next assignment (even an empty one).
-#[derive(Debug, Default)]
+/// next assignment (even an empty one). It also remembers an authentication failure (a
+/// password rotated on the brokers while the consumer runs: its next connection is refused),
+/// which would otherwise look like a group that cannot be rejoined.
+#[derive(Default)]
 pub struct GroupWatch {
     lost_since: std::sync::Mutex<Option<std::time::Instant>>,
+    auth: AuthWatch,
 }
 
 impl GroupWatch {
@@ -192,6 +202,11 @@ impl GroupWatch {
         }
     }
 
+    /// The authentication failure seen so far, if any.
+    pub fn auth_failure(&self) -> Option<String> {
+        self.auth.failure()
+    }
+
     /// How long the consumer has been out of its group, as of `now` (zero while a member).
     pub fn out_for(&self, now: std::time::Instant) -> Duration {
         self.lost_since
@@ -202,7 +217,11 @@ impl GroupWatch {
     }
 }
 
-impl ClientContext for GroupWatch {}
+impl ClientContext for GroupWatch {
+    fn error(&self, error: KafkaError, reason: &str) {
+        self.auth.saw(&error, reason);
+    }
+}
 
 impl rdkafka::consumer::ConsumerContext for GroupWatch {
     fn pre_rebalance(

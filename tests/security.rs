@@ -8,7 +8,7 @@
 
 use std::time::Duration;
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use ecst::app::Components;
 
 use crate::common::*;
@@ -553,6 +553,106 @@ async fn no_secret_appears_in_logs_print_config_check_metrics_the_status_page_or
         }
     }
     Ok(())
+}
+
+/// Sets the password of Kafka user `ecst` on the broker's ROTATE listener. SASL/PLAIN users
+/// live in the listener's static JAAS, which Kafka does not reconfigure at run time, so a
+/// rotation is what it is in production: the config changed (here through the file dev/stack
+/// builds that JAAS from), then a broker restart.
+async fn rotate_kafka_password(password: &str) -> Result<()> {
+    let stack_dir = env(
+        "ECST_STACK_DIR",
+        concat!(env!("CARGO_MANIFEST_DIR"), "/.stack"),
+    );
+    std::fs::write(
+        format!("{stack_dir}/kafka/rotate-password"),
+        format!("{password}\n"),
+    )?;
+    stack(&["restart", "kafka"]).await
+}
+
+#[tokio::test]
+async fn a_kafka_password_rotated_on_the_broker_stops_ecst_saying_to_restart_and_the_restart_with_the_new_file_loses_nothing()
+-> Result<()> {
+    let _exclusive = STACK_LOCK.write().await;
+    let old_pw = format!("pw-{}", unique("k"));
+    let new_pw = format!("pw-{}", unique("k"));
+    rotate_kafka_password(&old_pw).await?;
+    let db = seed_database().await?;
+    let tc = TestConfig::new(&db, &["users", "product"]).with_seed_mappings();
+    let mdb = mongo_db(&tc.mongo_db).await?;
+    seed_orders(&mdb, 2).await?;
+    let file = secret_file("kafka-rotate", &old_pw)?;
+    let toml = tc.toml(true).replace(
+        &format!("bootstrap_servers = \"{}\"", endpoints().kafka),
+        &format!(
+            r#"bootstrap_servers = "{rotate}"
+            properties = {{ "security.protocol" = "SASL_PLAINTEXT", "sasl.mechanism" = "PLAIN", "sasl.username" = "{user}" }}
+            secret_files = {{ "sasl.password" = "{file}" }}"#,
+            rotate = env("ECST_KAFKA_ROTATE_BOOTSTRAP", "127.0.0.1:19097"),
+            user = env("ECST_KAFKA_SASL_USER", "ecst"),
+        ),
+    );
+    let parse = || {
+        ecst::config::Config::from_toml_str(&toml, Vec::new()).map_err(|e| anyhow::anyhow!("{e}"))
+    };
+    let coll = mdb.collection::<bson::Document>("purchase_order");
+    let copies_say = |email: &'static str| {
+        let coll = coll.clone();
+        async move {
+            wait_for(
+                &format!("both of neha's copies to say {email}"),
+                T,
+                || async {
+                    let n = coll
+                        .count_documents(bson::doc! { "user.email": email })
+                        .await?;
+                    Ok((n == 2).then_some(()))
+                },
+            )
+            .await
+        }
+    };
+    let run = start(parse()?, Components::Both);
+    wait_events(&tc.topic("users"), 4, T).await?;
+    set_email(&db, 1, "before.rotation@x").await?;
+    copies_say("before.rotation@x").await?;
+    // The brokers take the new password; ecst still has the old one, and its connections are
+    // gone with the restart.
+    rotate_kafka_password(&new_pw).await?;
+    set_email(&db, 1, "during.rotation@x").await?;
+    let err = tokio::time::timeout(Duration::from_secs(180), run.join_error())
+        .await
+        .context("ecst stops instead of retrying a refused password for ever")?
+        .unwrap_or_default();
+    assert!(
+        err.contains("kafka refused the credentials")
+            && err.contains("after a password rotation, restart ecst"),
+        "a definite stop naming Kafka's refusal and the restart: {err}"
+    );
+    // The file updated and ecst restarted: the change made meanwhile arrives, once.
+    std::fs::write(&file, format!("{new_pw}\n"))?;
+    let run = start(parse()?, Components::Both);
+    copies_say("during.rotation@x").await?;
+    set_email(&db, 1, "after.rotation@x").await?;
+    copies_say("after.rotation@x").await?;
+    run.stop().await?;
+    let evs = wait_events(&tc.topic("users"), 7, T).await?;
+    for email in ["before.rotation@x", "during.rotation@x", "after.rotation@x"] {
+        let n = evs
+            .iter()
+            .filter(|e| e.after.as_ref().and_then(|a| a.get_str("email").ok()) == Some(email))
+            .count();
+        assert_eq!(n, 1, "the change to {email} is in Kafka exactly once");
+    }
+    Ok(())
+}
+
+async fn set_email(db: &str, id: i32, email: &str) -> Result<()> {
+    sql(format!(
+        "UPDATE `{db}`.users SET email = '{email}' WHERE id = {id}"
+    ))
+    .await
 }
 
 #[tokio::test]

@@ -895,6 +895,9 @@ async fn consume(
                     () = shutdown.wait() => break 'outer,
                     // PRIORITY 2: the group membership, while nothing arrives.
                     _ = membership_tick.tick() => {
+                        if let Some(reason) = consumer.context().auth_failure() {
+                            return Err(SinkError::Kafka(KafkaClientError::Auth { reason }));
+                        }
                         let out = consumer.context().out_for(Instant::now());
                         if out >= crate::kafka::REJOIN_DEADLINE {
                             tracing::warn!(group = %sink_cfg.group_id, out_s = out.as_secs(), "the sink's kafka consumer has not rejoined its group: recreating it");
@@ -907,6 +910,20 @@ async fn consume(
                 };
                 match r {
                     Ok(m) => m.detach(),
+                    // The brokers refuse the password (rotated on their side): a definite
+                    // stop that says so, not a consume error retried for ever.
+                    Err(e)
+                        if matches!(
+                            e.rdkafka_error_code(),
+                            Some(rdkafka::types::RDKafkaErrorCode::Authentication)
+                        ) =>
+                    {
+                        let reason = consumer
+                            .context()
+                            .auth_failure()
+                            .unwrap_or_else(|| e.to_string());
+                        return Err(SinkError::Kafka(KafkaClientError::Auth { reason }));
+                    }
                     Err(e) => {
                         let e = SinkError::Kafka(KafkaClientError::Broker(e));
                         let Verdict::RetryIn(delay) = retry.failed("kafka consume error", &e)
