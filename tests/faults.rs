@@ -494,6 +494,7 @@ async fn copies_equal_mysql_and_nothing_dead_lettered(
         "the sink rode the {what} out by itself:\n{}",
         run.output()
     );
+    record_fault_peak_rss(run)?;
     run.child.kill().await?;
     Ok(())
 }
@@ -562,6 +563,7 @@ pub(crate) async fn exactly_once_and_still_running(
         "the source rode the {what} out by itself:\n{}",
         run.output()
     );
+    record_fault_peak_rss(run)?;
     run.child.kill().await?;
     Ok(())
 }
@@ -776,6 +778,7 @@ async fn schema_change_while_the_registry_fails(fault: RegistryFault) -> Result<
         "the source rode the fault out by itself:\n{}",
         run.output()
     );
+    record_fault_peak_rss(&run)?;
     run.child.kill().await?;
     Ok(())
 }

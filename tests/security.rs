@@ -78,6 +78,33 @@ fn secured_toml_as(
     Ok(toml)
 }
 
+/// Runs source and sink from `cfg` on `tc`'s seed scenario (two orders per user in `mdb`):
+/// the seed's change of Neha's email reaches both of her copies, and the run is still going.
+async fn nehas_change_reaches_both_copies(
+    cfg: ecst::config::Config,
+    tc: &TestConfig,
+    mdb: &mongodb::Database,
+    what: &str,
+) -> Result<()> {
+    let run = start(cfg, Components::Both);
+    wait_events(&tc.topic("users"), 4, T).await?;
+    sql(format!(
+        "UPDATE `{}`.users SET email = 'neha.parate@hotmail.com' WHERE id = 1",
+        tc.db
+    ))
+    .await?;
+    let coll = mdb.collection::<bson::Document>("purchase_order");
+    wait_for(what, T, || async {
+        let n = coll
+            .count_documents(bson::doc! { "user.email": "neha.parate@hotmail.com" })
+            .await?;
+        Ok((n == 2).then_some(()))
+    })
+    .await?;
+    assert!(!run.is_finished(), "{what}: the run goes on");
+    run.stop().await
+}
+
 /// Starts a source from `toml` and returns the error it stops with (empty if none).
 async fn source_error(toml: &str) -> Result<String> {
     let cfg = ecst::config::Config::from_toml_str(toml, Vec::new())
@@ -101,22 +128,7 @@ async fn source_and_sink_run_over_mysql_tls_and_kafka_sasl_with_passwords_from_f
         .map_err(|e| anyhow::anyhow!("{e}"))?;
     let shown = cfg.redacted();
     assert!(!shown.contains("ecst-sasl") && !shown.contains("\"ecst_tls\"\n"));
-    let run = start(cfg, Components::Both);
-    wait_events(&tc.topic("users"), 4, T).await?;
-    sql(format!(
-        "UPDATE `{db}`.users SET email = 'neha.parate@hotmail.com' WHERE id = 1"
-    ))
-    .await?;
-    let coll = mdb.collection::<bson::Document>("purchase_order");
-    wait_for("neha's copies over TLS and SASL", T, || async {
-        let n = coll
-            .count_documents(bson::doc! { "user.email": "neha.parate@hotmail.com" })
-            .await?;
-        Ok((n == 2).then_some(()))
-    })
-    .await?;
-    assert!(!run.is_finished());
-    run.stop().await?;
+    nehas_change_reaches_both_copies(cfg, &tc, &mdb, "neha's copies over TLS and SASL").await?;
     Ok(())
 }
 
@@ -206,26 +218,13 @@ async fn source_and_sink_work_through_a_registry_that_requires_basic_auth_with_t
     );
     let cfg = ecst::config::Config::from_toml_str(&toml, Vec::new())
         .map_err(|e| anyhow::anyhow!("{e}"))?;
-    let run = start(cfg, Components::Both);
-    wait_events(&tc.topic("users"), 4, T).await?;
-    sql(format!(
-        "UPDATE `{db}`.users SET email = 'neha.parate@hotmail.com' WHERE id = 1"
-    ))
-    .await?;
-    let coll = mdb.collection::<bson::Document>("purchase_order");
-    wait_for(
+    nehas_change_reaches_both_copies(
+        cfg,
+        &tc,
+        &mdb,
         "neha's copies through the authenticated registry",
-        T,
-        || async {
-            let n = coll
-                .count_documents(bson::doc! { "user.email": "neha.parate@hotmail.com" })
-                .await?;
-            Ok((n == 2).then_some(()))
-        },
     )
     .await?;
-    assert!(!run.is_finished());
-    run.stop().await?;
     Ok(())
 }
 
@@ -314,22 +313,8 @@ async fn the_sink_updates_the_copies_over_mongodb_tls_with_scram_credentials_fro
     let cfg = ecst::config::Config::from_toml_str(&toml, Vec::new())
         .map_err(|e| anyhow::anyhow!("{e}"))?;
     assert!(!cfg.redacted().contains(&password));
-    let run = start(cfg, Components::Both);
-    wait_events(&tc.topic("users"), 4, T).await?;
-    sql(format!(
-        "UPDATE `{db}`.users SET email = 'neha.parate@hotmail.com' WHERE id = 1"
-    ))
-    .await?;
-    let coll = mdb.collection::<bson::Document>("purchase_order");
-    wait_for("neha's copies over MongoDB TLS and SCRAM", T, || async {
-        let n = coll
-            .count_documents(bson::doc! { "user.email": "neha.parate@hotmail.com" })
-            .await?;
-        Ok((n == 2).then_some(()))
-    })
-    .await?;
-    assert!(!run.is_finished());
-    run.stop().await?;
+    nehas_change_reaches_both_copies(cfg, &tc, &mdb, "neha's copies over MongoDB TLS and SCRAM")
+        .await?;
     // The plain, unauthenticated MongoDB of the stack got none of it: the sink wrote over TLS.
     let plain = mongo_db(&tc.mongo_db).await?;
     assert_eq!(

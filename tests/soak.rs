@@ -230,19 +230,6 @@ async fn apply(fault: Fault, proxies: &[Proxy]) -> Result<()> {
     }
 }
 
-/// Peak resident memory of a process (`VmHWM`), in MB.
-fn peak_rss_mb(pid: u32) -> Option<f64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let kb: f64 = status
-        .lines()
-        .find(|l| l.starts_with("VmHWM:"))?
-        .split_whitespace()
-        .nth(1)?
-        .parse()
-        .ok()?;
-    Some(kb / 1024.0)
-}
-
 #[tokio::test]
 #[ignore = "a soak of ECST_SOAK_MINUTES minutes: run it with dev/soak"]
 async fn random_faults_for_the_minutes_asked_leave_every_change_once_and_every_copy_equal()

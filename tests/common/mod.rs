@@ -576,6 +576,47 @@ pub fn sigterm(child: &Child) -> Result<()> {
 
 /// `ecst <cmd>` as a child with extra environment, its stdout and stderr collected (and echoed
 /// to the test's stderr, so a failing test still shows them).
+/// Peak resident memory of a process (`VmHWM`), in MB.
+pub fn peak_rss_mb(pid: u32) -> Option<f64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let kb: f64 = status
+        .lines()
+        .find(|l| l.starts_with("VmHWM:"))?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()?;
+    Some(kb / 1024.0)
+}
+
+/// What a fault may make ecst's peak resident memory (a debug build; the 30-minute soak peaked
+/// at 158 MB): far above, and memory is not bounded by the batch and buffer limits.
+pub const FAULT_PEAK_RSS_MB: f64 = 512.0;
+
+/// Records ecst's peak resident memory over the fault the calling test ran (the test's name
+/// is its thread's) in `target/fault-peak-rss.tsv`, which `dev/test` prints, and fails if it
+/// passed [`FAULT_PEAK_RSS_MB`].
+pub fn record_fault_peak_rss(run: &Captured) -> Result<f64> {
+    use std::io::Write;
+    let pid = run.child.id().context("ecst has exited")?;
+    let peak = peak_rss_mb(pid).context("no VmHWM for ecst")?;
+    let test = std::thread::current()
+        .name()
+        .unwrap_or("unnamed")
+        .to_string();
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/target/fault-peak-rss.tsv");
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)?;
+    writeln!(f, "{test}\t{peak:.0}")?;
+    anyhow::ensure!(
+        peak <= FAULT_PEAK_RSS_MB,
+        "ecst's peak RSS during the fault was {peak:.0} MB, over {FAULT_PEAK_RSS_MB} MB"
+    );
+    Ok(peak)
+}
+
 pub struct Captured {
     pub child: Child,
     output: Arc<std::sync::Mutex<String>>,
