@@ -183,10 +183,22 @@ pub const REJOIN_DEADLINE: Duration = Duration::from_secs(60);
 /// next assignment (even an empty one). It also remembers an authentication failure (a
 /// password rotated on the brokers while the consumer runs: its next connection is refused),
 /// which would otherwise look like a group that cannot be rejoined.
-#[derive(Default)]
+///
+/// A new consumer counts as out of its group from its creation until its first assignment: the
+/// consumer made to replace one that never rejoined was seen never to join either (its
+/// coordinator query stuck the same way), and without this it would wait for ever, silently.
 pub struct GroupWatch {
     lost_since: std::sync::Mutex<Option<std::time::Instant>>,
     auth: AuthWatch,
+}
+
+impl Default for GroupWatch {
+    fn default() -> Self {
+        GroupWatch {
+            lost_since: std::sync::Mutex::new(Some(std::time::Instant::now())),
+            auth: AuthWatch::default(),
+        }
+    }
 }
 
 impl GroupWatch {
@@ -310,9 +322,22 @@ mod tests {
     use std::time::Instant;
 
     #[test]
+    fn a_new_consumer_is_out_of_its_group_until_its_first_assignment() {
+        let w = GroupWatch::default();
+        let created = Instant::now();
+        assert!(
+            w.out_for(created + Duration::from_secs(61)) >= Duration::from_secs(60),
+            "a consumer that never joins is recreated like one that never rejoins"
+        );
+        w.regained();
+        assert_eq!(w.out_for(created + Duration::from_secs(61)), Duration::ZERO);
+    }
+
+    #[test]
     fn a_consumer_is_out_of_its_group_from_the_first_loss_until_an_assignment() {
         let t0 = Instant::now();
         let w = GroupWatch::default();
+        w.regained(); // joined
         assert_eq!(w.out_for(t0), Duration::ZERO, "a member until a loss");
         w.lost(t0 + Duration::from_secs(10));
         w.lost(t0 + Duration::from_secs(40));
