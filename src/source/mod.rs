@@ -247,6 +247,47 @@ pub async fn load_offset(cfg: &Config, topic: &str) -> Result<Option<SourceOffse
     res.map_err(|detail| SourceError::Offsets { topic, detail })
 }
 
+/// The position to resume from after the producer was replaced: what the offsets topic holds
+/// (`loaded`), unless it is older than what this process itself committed (`known`, set only
+/// when `commit_transaction` succeeded). A read that misses a committed transaction would
+/// re-publish it (duplicates); a newer stored position is a commit that was reported failed
+/// but landed, and the topic is right. Positions that cannot be ordered (another numbering, a
+/// snapshot's progress at one position) keep the topic's.
+fn reconcile_reload(
+    known: Option<SourceOffset>,
+    loaded: Option<SourceOffset>,
+) -> Option<SourceOffset> {
+    let Some(k) = known else {
+        return loaded;
+    };
+    match &loaded {
+        None => {
+            tracing::warn!(
+                committed = %k.position,
+                "the offsets topic does not show the position this process committed: resuming from the committed one"
+            );
+            Some(k)
+        }
+        Some(l) if l.position < k.position => {
+            tracing::warn!(
+                committed = %k.position,
+                stored = %l.position,
+                "the offsets topic shows an older position than this process committed: resuming from the committed one"
+            );
+            Some(k)
+        }
+        Some(l) if l.position > k.position => {
+            tracing::info!(
+                committed = %k.position,
+                stored = %l.position,
+                "a transaction reported as failed was committed: resuming after it"
+            );
+            loaded
+        }
+        Some(_) => loaded,
+    }
+}
+
 /// Runs the source until shutdown or a definite error.
 pub async fn run(
     cfg: Arc<Config>,
@@ -389,7 +430,8 @@ async fn session(
         });
         // The producer's init_transactions aborted any transaction a previous incarnation left
         // open, so the committed offset read now is final.
-        *committed = load_offset(cfg, &offsets_topic).await?;
+        let loaded = load_offset(cfg, &offsets_topic).await?;
+        *committed = reconcile_reload(committed.take(), loaded);
     }
     // The poller knows where we stand before the first commit of this session.
     if let Some(o) = committed.as_ref() {
@@ -904,5 +946,49 @@ async fn pump(
             }
             last_commit = Instant::now();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn at(pos: u64) -> SourceOffset {
+        SourceOffset {
+            position: BinlogPosition {
+                file: "mariadb-bin.000004".into(),
+                pos,
+            },
+            gtid: None,
+            gtid_set: None,
+            snapshot_completed: true,
+            tables: Vec::new(),
+            epoch: 1,
+            server_id: None,
+            server_uuid: None,
+            snapshot_segments: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn a_reload_older_than_what_this_process_committed_resumes_from_the_committed_position() {
+        assert_eq!(
+            reconcile_reload(Some(at(900)), Some(at(400))),
+            Some(at(900))
+        );
+        assert_eq!(reconcile_reload(Some(at(900)), None), Some(at(900)));
+    }
+
+    #[test]
+    fn a_reload_newer_than_what_this_process_committed_is_a_commit_that_landed_and_wins() {
+        assert_eq!(
+            reconcile_reload(Some(at(400)), Some(at(900))),
+            Some(at(900))
+        );
+        assert_eq!(reconcile_reload(None, Some(at(400))), Some(at(400)));
+        assert_eq!(
+            reconcile_reload(Some(at(400)), Some(at(400))),
+            Some(at(400))
+        );
     }
 }
