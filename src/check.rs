@@ -310,6 +310,10 @@ async fn check_mongo(
         "mongodb reachable",
         format!("database `{}`", mongo.database),
     ));
+    match crate::sink::server_supports(w, &sink.mappings) {
+        Ok(()) => {}
+        Err(e) => out.push(fail("mongodb supports every mapping", e.to_string())),
+    }
     for m in &sink.mappings {
         if m.kind != MappingKind::Embedded {
             continue;

@@ -868,6 +868,18 @@ impl Config {
                             "must not be under `_id` (MongoDB never changes a document's _id)",
                         );
                     }
+                    if let (Some(mp), Some(tp)) = (&m.match_path, &m.target_path)
+                        && let Err(e) = crate::sink::mapping::array_target(mp, tp)
+                    {
+                        issue(
+                            &f(if e.starts_with(&format!("`{tp}`")) {
+                                "target_path"
+                            } else {
+                                "match_path"
+                            }),
+                            &e,
+                        );
+                    }
                     if let Some(missing) = match_field_left_out(m) {
                         issue(&f("fields"), &missing);
                     }
@@ -927,7 +939,9 @@ impl Config {
 /// replaces the copy with the projected row, so the projection must produce that field (after
 /// `rename`); otherwise the first update leaves the parents without the key they are found by.
 fn match_field_left_out(m: &MappingConfig) -> Option<String> {
-    let target = m.target_path.as_deref()?;
+    // An array copy (`items.$[].product`) is matched through the array (`items.product.id`).
+    let target = m.target_path.as_deref()?.replace(".$[].", ".");
+    let target = target.as_str();
     let rest = m
         .match_path
         .as_deref()?
@@ -1151,6 +1165,55 @@ mod tests {
                 .expect_err(bad)
                 .to_string();
             assert!(err.contains(field), "{bad}: {err}");
+        }
+    }
+
+    #[test]
+    fn an_array_copy_takes_one_dollar_bracket_and_a_match_path_through_the_array_or_names_the_field()
+     {
+        let base = |extra: &str| {
+            format!(
+                "{MINIMAL}[mongo]\nuri = \"mongodb://127.0.0.1:27017\"\ndatabase = \"orders\"\n[sink]\n[[sink.mappings]]\nname = \"p\"\ntopic = \"t\"\nkind = \"embedded\"\ncollection = \"orders\"\n{extra}\n"
+            )
+        };
+        let lines = "match_path = \"items.product.productId\"\ntarget_path = \"items.$[].product\"\nfields = [\"id\", \"description\"]\nrename = { id = \"productId\" }";
+        Config::from_toml_str(&base(lines), Vec::new()).expect("an array copy");
+        for (bad, field, says) in [
+            (
+                "match_path = \"items.product.productId\"\ntarget_path = \"items.$[].product\"\nfields = [\"description\"]",
+                "sink.mappings[0].fields",
+                "must keep `productId`",
+            ),
+            (
+                "match_path = \"lines.product.id\"\ntarget_path = \"items.$[].product\"",
+                "sink.mappings[0].match_path",
+                "through the array",
+            ),
+            (
+                "match_path = \"items.product.id\"\ntarget_path = \"items.$[e].product\"",
+                "sink.mappings[0].target_path",
+                "one `$[]`",
+            ),
+            (
+                "match_path = \"a.b.id\"\ntarget_path = \"a.$[].b.$[].c\"",
+                "sink.mappings[0].target_path",
+                "nested arrays",
+            ),
+            (
+                "match_path = \"items.id\"\ntarget_path = \"items.$[]\"",
+                "sink.mappings[0].target_path",
+                "between",
+            ),
+            (
+                "match_path = \"items.$[].product.id\"\ntarget_path = \"product\"",
+                "sink.mappings[0].match_path",
+                "query path",
+            ),
+        ] {
+            let err = Config::from_toml_str(&base(bad), Vec::new())
+                .expect_err(bad)
+                .to_string();
+            assert!(err.contains(field) && err.contains(says), "{bad}: {err}");
         }
     }
 

@@ -915,3 +915,181 @@ async fn a_truncate_applies_each_mappings_policy_and_rows_written_after_it_stay(
     source.stop().await?;
     Ok(())
 }
+
+/// The descriptions of `order`'s lines, in order, with their quantities.
+async fn lines_of(coll: &mongodb::Collection<Document>, order: i32) -> Result<Vec<(String, i32)>> {
+    let d = coll
+        .find_one(doc! { "_id": order })
+        .await?
+        .with_context(|| format!("order {order}"))?;
+    d.get_array("items")?
+        .iter()
+        .map(|e| {
+            let e = e.as_document().context("a line")?;
+            Ok((
+                e.get_document("product")?
+                    .get_str("description")
+                    .unwrap_or("-")
+                    .to_string(),
+                e.get_i32("qty")?,
+            ))
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn a_product_copied_into_order_lines_refreshes_every_matching_line_or_is_refused_where_array_filters_are_missing()
+-> Result<()> {
+    let _shared = STACK_LOCK.read().await;
+    let db = seed_database().await?;
+    let mut tc = TestConfig::new(&db, &["product"]);
+    tc.sink = Some(format!(
+        r#"
+        [sink]
+        group_id = "{g}"
+        batch_timeout_ms = 10
+        [[sink.mappings]]
+        name = "product_in_lines"
+        topic = "{topic}"
+        kind = "embedded"
+        collection = "order_lines"
+        match_path = "items.product.productId"
+        target_path = "items.$[].product"
+        fields = ["id", "description"]
+        rename = {{ id = "productId" }}
+        on_delete = "mark"
+        "#,
+        g = sink_group(&tc),
+        topic = tc.topic("product"),
+    ));
+    let mdb = mongo_db(&tc.mongo_db).await?;
+    let ferretdb = mdb
+        .run_command(doc! { "buildInfo": 1 })
+        .await?
+        .contains_key("ferretdbVersion");
+    let coll = mdb.collection::<Document>("order_lines");
+    let line = |id: i32, qty: i32| doc! { "product": { "productId": id, "description": "old" }, "qty": qty };
+    coll.insert_many([
+        // The same product twice, another beside it.
+        doc! { "_id": 1, "items": [line(1, 1), line(2, 2), line(1, 3)] },
+        doc! { "_id": 2, "items": [line(2, 5)] },
+        doc! { "_id": 3, "items": [line(3, 7)] },
+    ])
+    .await?;
+    // `ecst check` says the same before anything runs.
+    let cfg = write_config(&tc, true, None)?;
+    let out = tokio::process::Command::new(ecst_bin())
+        .args(["--config", &cfg.to_string_lossy(), "check"])
+        .output()
+        .await?;
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    let refused = text.lines().any(|l| {
+        l.starts_with("FAIL") && l.contains("product_in_lines") && l.contains("arrayFilters")
+    });
+    assert_eq!(refused, ferretdb, "{text}");
+    let run = start(tc.config(true)?, Components::Both);
+    if ferretdb {
+        // FerretDB 1.x has no `arrayFilters`: a loud stop naming the mapping and the fix,
+        // never copies left unrefreshed.
+        let err = tokio::time::timeout(T, run.join_error())
+            .await
+            .context("the sink stops by itself on FerretDB")?
+            .context("with an error")?;
+        assert!(
+            err.contains("product_in_lines")
+                && err.contains("arrayFilters")
+                && err.contains("FerretDB"),
+            "{err}"
+        );
+        assert_eq!(lines_of(&coll, 1).await?[0].0, "old", "nothing written");
+        return Ok(());
+    }
+    wait_for("the snapshot in every line", T, || async {
+        Ok((lines_of(&coll, 1).await?
+            == [("IPad".into(), 1), ("IPhone".into(), 2), ("IPad".into(), 3)]
+            && lines_of(&coll, 2).await? == [("IPhone".to_string(), 5)]
+            && lines_of(&coll, 3).await? == [("Sony TV".to_string(), 7)])
+        .then_some(()))
+    })
+    .await?;
+    sql(format!(
+        "UPDATE `{db}`.product SET description = 'IPad Pro' WHERE id = 1"
+    ))
+    .await?;
+    sql(format!("DELETE FROM `{db}`.product WHERE id = 3")).await?;
+    wait_for(
+        "both lines of product 1 changed, and product 3 marked",
+        T,
+        || async {
+            let three = coll.find_one(doc! { "_id": 3 }).await?.unwrap_or_default();
+            let marked = three
+                .get_array("items")
+                .ok()
+                .and_then(|a| a.first())
+                .and_then(Bson::as_document)
+                .and_then(|e| e.get_document("product").ok())
+                .is_some_and(|p| p.get_bool("__deleted") == Ok(true));
+            Ok((lines_of(&coll, 1).await?
+                == [
+                    ("IPad Pro".into(), 1),
+                    ("IPhone".into(), 2),
+                    ("IPad Pro".into(), 3),
+                ]
+                && marked)
+                .then_some(()))
+        },
+    )
+    .await?;
+    assert_eq!(
+        lines_of(&coll, 2).await?,
+        [("IPhone".to_string(), 5)],
+        "another product's line is left alone"
+    );
+    // Each line carries its own version: the changed lines the update's, the other the
+    // snapshot's.
+    let one = coll.find_one(doc! { "_id": 1 }).await?.unwrap_or_default();
+    let versions: Vec<String> = one
+        .get_array("items")?
+        .iter()
+        .filter_map(Bson::as_document)
+        .filter_map(|e| {
+            e.get_document("_ecst")
+                .ok()?
+                .get_str("product_in_lines")
+                .ok()
+                .map(str::to_string)
+        })
+        .collect();
+    assert_eq!(versions.len(), 3, "{one}");
+    assert!(
+        versions[0] == versions[2] && versions[0] > versions[1],
+        "{versions:?}"
+    );
+    assert!(!one.contains_key("_ecst"), "the version is per line: {one}");
+    // The guard is per line: a line holding a newer version than the next change keeps its copy
+    // while the other line of the same product takes the change.
+    coll.update_one(
+        doc! { "_id": 1 },
+        doc! { "$set": { "items.0._ecst.product_in_lines": "z-newer-than-any" } },
+    )
+    .await?;
+    sql(format!(
+        "UPDATE `{db}`.product SET description = 'IPad Air' WHERE id = 1"
+    ))
+    .await?;
+    wait_for("the unguarded line changed", T, || async {
+        Ok((lines_of(&coll, 1).await?[2].0 == "IPad Air").then_some(()))
+    })
+    .await?;
+    assert_eq!(
+        lines_of(&coll, 1).await?,
+        [
+            ("IPad Pro".into(), 1),
+            ("IPhone".into(), 2),
+            ("IPad Air".into(), 3)
+        ],
+        "the line with the newer version is left alone"
+    );
+    run.stop().await?;
+    Ok(())
+}

@@ -7,6 +7,13 @@
 //!
 //! * `embedded`: `update` with `multi: true` on `{<match_path>: key, guard}` setting
 //!   `<target_path>` to the projected row. Never upserts: parents belong to the order-service.
+//! * `embedded` into arrays (`target_path = "items.$[].product"`): the copy sits in each
+//!   element of `items` whose `match_path` (`items.product.productId`) equals the key, and so
+//!   does its version (`items.$[]._ecst.<mapping>`): one `updateMany` with an `arrayFilters`
+//!   element filter `{e.<match>: key, element guard}` refreshes every matching element of every
+//!   parent, each guarded by its own version, so a parent holding the product twice, or beside
+//!   other products, gets exactly the elements of that key changed. Needs `arrayFilters`
+//!   (MongoDB 3.6+, mongo-java-server; FerretDB 1.x lacks it and the sink refuses to start).
 //! * `document`: `update` with `upsert: true` on `{_id: key, guard}` whose update is the whole
 //!   new document (a replacement, the MongoDB Kafka sink connector's default write model): the
 //!   document is the row, so a column dropped later leaves no field behind. When the guard
@@ -40,6 +47,8 @@ pub enum Statement {
         multi: bool,
         /// Insert when missing.
         upsert: bool,
+        /// `arrayFilters` of the statement (empty: none).
+        array_filters: Vec<Document>,
     },
     /// A `delete` command statement.
     Delete {
@@ -65,7 +74,68 @@ pub enum Statement {
         version: String,
         /// Whether this statement moves copies to another key (primary-key change).
         moves: bool,
+        /// `arrayFilters` selecting the array elements to change (empty: not an array copy).
+        array_filters: Vec<Document>,
     },
+}
+
+/// Where an embedded mapping's copy sits inside array elements: `target_path =
+/// "items.$[].product"` with `match_path = "items.product.productId"`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ArrayTarget {
+    /// The array's path in the parent (`items`).
+    pub array: String,
+    /// The copy's path inside an element (`product`).
+    pub target: String,
+    /// The key's path inside an element (`product.productId`).
+    pub matcher: String,
+}
+
+/// The array form of an embedded mapping's paths: `Ok(None)` for a plain copy, an error
+/// (naming what is wrong) for a notation ecst does not take.
+pub fn array_target(match_path: &str, target_path: &str) -> Result<Option<ArrayTarget>, String> {
+    let segs: Vec<&str> = target_path.split('.').collect();
+    let marks: Vec<usize> = segs
+        .iter()
+        .enumerate()
+        .filter(|(_, s)| s.starts_with('$'))
+        .map(|(i, _)| i)
+        .collect();
+    if marks.is_empty() {
+        if match_path.split('.').any(|s| s.starts_with('$')) {
+            return Err(format!(
+                "`{match_path}`: match_path is a query path (arrays are traversed without `$`, e.g. \"items.product.productId\")"
+            ));
+        }
+        return Ok(None);
+    }
+    let i = marks[0];
+    if marks.len() > 1 || segs[i] != "$[]" {
+        return Err(format!(
+            "`{target_path}`: one `$[]` marks the array whose elements hold the copy (e.g. \"items.$[].product\"); nested arrays, `$` and `$[<id>]` are not supported"
+        ));
+    }
+    if i == 0 || i + 1 == segs.len() {
+        return Err(format!(
+            "`{target_path}`: `$[]` must sit between the array's path and the copy's path inside an element (e.g. \"items.$[].product\")"
+        ));
+    }
+    let array = segs[..i].join(".");
+    let target = segs[i + 1..].join(".");
+    let Some(matcher) = match_path
+        .strip_prefix(array.as_str())
+        .and_then(|r| r.strip_prefix('.'))
+        .filter(|r| !r.is_empty() && !r.split('.').any(|s| s.starts_with('$')))
+    else {
+        return Err(format!(
+            "`{match_path}`: with target_path `{target_path}`, match_path must be the key's path through the array, `{array}.<path in an element>` (e.g. \"{array}.{target}.id\")"
+        ));
+    };
+    Ok(Some(ArrayTarget {
+        array,
+        target,
+        matcher: matcher.to_string(),
+    }))
 }
 
 /// A mapping ready to apply.
@@ -74,6 +144,8 @@ pub struct Mapping {
     /// Config.
     pub cfg: MappingConfig,
     version_path: String,
+    /// The copy's place inside array elements, for an array mapping.
+    array: Option<ArrayTarget>,
 }
 
 /// A change that cannot be mapped (goes to the dead-letter topic).
@@ -90,7 +162,21 @@ impl Mapping {
     /// Builds a mapping from its config.
     pub fn new(cfg: MappingConfig) -> Self {
         let version_path = format!("{VERSION_FIELD}.{}", cfg.name);
-        Mapping { cfg, version_path }
+        // Validated with the config: a bad notation never reaches here.
+        let array = match (&cfg.kind, &cfg.match_path, &cfg.target_path) {
+            (MappingKind::Embedded, Some(m), Some(t)) => array_target(m, t).ok().flatten(),
+            _ => None,
+        };
+        Mapping {
+            cfg,
+            version_path,
+            array,
+        }
+    }
+
+    /// Where the copies sit inside array elements, for an array mapping.
+    pub fn array(&self) -> Option<&ArrayTarget> {
+        self.array.as_ref()
     }
 
     /// Path of the version field of this mapping.
@@ -123,7 +209,99 @@ impl Mapping {
             version_path: self.version_path.clone(),
             version: version.to_string(),
             moves,
+            array_filters: Vec::new(),
         }
+    }
+
+    /// The statements of an array mapping (see the module note): every element of `a.array`
+    /// whose key is the change's, and whose own version is older, gets the change.
+    fn array_statements(
+        &self,
+        ev: &DecodedEvent,
+        a: &ArrayTarget,
+        v: &str,
+    ) -> Result<Vec<Statement>, MappingError> {
+        let elem_version = format!("{VERSION_FIELD}.{}", self.cfg.name);
+        let at = |p: &str| format!("{}.$[e].{p}", a.array);
+        // Missing or older: `$not: {$gte}` (a filter's top-level fields must all name the
+        // identifier, so no `$or`; versions are strings, and `$not` matches a missing field).
+        let guard = |extra: Document| {
+            let mut f = extra;
+            f.insert(format!("e.{elem_version}"), doc! { "$not": { "$gte": v } });
+            f
+        };
+        let stmt = |key: Bson, u: Document, moves: bool| Statement::FanOut {
+            q: doc! { format!("{}.{}", a.array, a.matcher): key.clone() },
+            u,
+            path: format!("{}.{}", a.array, a.matcher),
+            key: key.clone(),
+            version_path: format!("{}.{elem_version}", a.array),
+            version: v.to_string(),
+            moves,
+            array_filters: vec![guard(doc! { format!("e.{}", a.matcher): key })],
+        };
+        let mut out = Vec::new();
+        match ev.op {
+            Op::Truncate => {
+                // `unset` is refused for embedded mappings by config validation.
+                if self.cfg.on_truncate != TruncatePolicy::Mark {
+                    return Ok(out);
+                }
+                let filter = doc! { format!("e.{elem_version}"): { "$exists": true, "$lt": v } };
+                out.push(Statement::Update {
+                    q: doc! { format!("{}.{elem_version}", a.array): { "$exists": true } },
+                    u: doc! { "$set": {
+                        at(&format!("{}.{DELETED_FIELD}", a.target)): true,
+                        at(&elem_version): v,
+                    }},
+                    multi: true,
+                    upsert: false,
+                    array_filters: vec![filter],
+                });
+            }
+            Op::Create | Op::Read | Op::Update => {
+                let row = ev
+                    .after
+                    .as_ref()
+                    .ok_or_else(|| self.err("no after image"))?;
+                let copy = self.project(row)?;
+                let set = doc! { "$set": { at(&a.target): copy, at(&elem_version): v } };
+                if let (Some(old), KeyChangePolicy::Follow) = (&ev.old_key, self.cfg.on_key_change)
+                {
+                    out.push(stmt(self.key_value(old)?, set.clone(), true));
+                }
+                out.push(stmt(self.key_value(&ev.key)?, set, false));
+            }
+            Op::Delete => {
+                if self.key_change_follows(ev) {
+                    return Ok(out); // the create half moves the copies
+                }
+                let key = self.key_value(&ev.key)?;
+                let u = match self.cfg.on_delete {
+                    DeletePolicy::Keep => return Ok(out),
+                    DeletePolicy::Unset => match a
+                        .matcher
+                        .strip_prefix(a.target.as_str())
+                        .and_then(|rest| rest.strip_prefix('.'))
+                    {
+                        Some(rest) => doc! { "$set": {
+                            at(&a.target): nested(rest, key.clone()),
+                            at(&elem_version): v,
+                        }},
+                        None => doc! {
+                            "$unset": { at(&a.target): "" },
+                            "$set": { at(&elem_version): v },
+                        },
+                    },
+                    DeletePolicy::Mark => doc! { "$set": {
+                        at(&format!("{}.{DELETED_FIELD}", a.target)): true,
+                        at(&elem_version): v,
+                    }},
+                };
+                out.push(stmt(key, u, false));
+            }
+        }
+        Ok(out)
     }
 
     /// The key's match value: the single key field's value, or the whole key document.
@@ -219,6 +397,7 @@ impl Mapping {
                     u: doc! { "$set": { flag: true, self.version_path.as_str(): v } },
                     multi: true,
                     upsert: false,
+                    array_filters: Vec::new(),
                 }]
             }
         }
@@ -227,6 +406,9 @@ impl Mapping {
     /// The statements that apply `ev`, in order.
     pub fn statements(&self, ev: &DecodedEvent) -> Result<Vec<Statement>, MappingError> {
         let v = ev.version.as_str();
+        if let Some(a) = &self.array {
+            return self.array_statements(ev, a, v);
+        }
         if ev.op == Op::Truncate {
             return Ok(self.truncate(v));
         }
@@ -305,7 +487,13 @@ impl Mapping {
                         u.remove("_id");
                         u.remove(VERSION_FIELD);
                         u.insert(VERSION_FIELD, doc! { self.cfg.name.as_str(): v });
-                        out.push(Statement::Update { q, u, multi: false, upsert: true });
+                        out.push(Statement::Update {
+                            q,
+                            u,
+                            multi: false,
+                            upsert: true,
+                            array_filters: Vec::new(),
+                        });
                     }
                     Op::Delete if self.key_change_follows(ev) => {
                         out.push(Statement::Delete { q, many: false });
@@ -318,6 +506,7 @@ impl Mapping {
                             u: doc! { "$set": { DELETED_FIELD: true, self.version_path.as_str(): v } },
                             multi: false,
                             upsert: true,
+                            array_filters: Vec::new(),
                         }),
                     },
                     // Handled above.
@@ -370,6 +559,104 @@ mod tests {
         }
     }
 
+    fn lines_mapping(on_delete: DeletePolicy) -> Mapping {
+        let mut m = product_mapping().cfg;
+        m.name = "p".into();
+        m.match_path = Some("items.product.productId".into());
+        m.target_path = Some("items.$[].product".into());
+        m.on_delete = on_delete;
+        Mapping::new(m)
+    }
+
+    #[test]
+    fn an_array_copy_is_one_update_many_whose_array_filter_takes_the_keys_lines_older_than_the_change()
+     {
+        let m = lines_mapping(DeletePolicy::Unset);
+        assert_eq!(
+            m.array(),
+            Some(&ArrayTarget {
+                array: "items".into(),
+                target: "product".into(),
+                matcher: "product.productId".into(),
+            })
+        );
+        let st = m.statements(&event(Op::Update)).expect("maps");
+        let [
+            Statement::FanOut {
+                q,
+                u,
+                array_filters,
+                ..
+            },
+        ] = st.as_slice()
+        else {
+            panic!("one fan-out: {st:?}");
+        };
+        assert_eq!(q, &doc! { "items.product.productId": 1 });
+        assert_eq!(
+            u,
+            &doc! { "$set": {
+                "items.$[e].product": { "productId": 1, "description": "IPad" },
+                "items.$[e]._ecst.p": "v2",
+            }}
+        );
+        assert_eq!(
+            array_filters,
+            &vec![doc! {
+                "e.product.productId": 1,
+                "e._ecst.p": { "$not": { "$gte": "v2" } },
+            }],
+            "the key's lines whose own version is missing or older"
+        );
+    }
+
+    #[test]
+    fn an_array_copy_deleted_keeps_the_lines_match_field_or_marks_it_and_a_key_change_moves_lines()
+    {
+        let unset = lines_mapping(DeletePolicy::Unset)
+            .statements(&event(Op::Delete))
+            .expect("maps");
+        let [Statement::FanOut { u, .. }] = unset.as_slice() else {
+            panic!("{unset:?}");
+        };
+        assert_eq!(
+            u,
+            &doc! { "$set": { "items.$[e].product": { "productId": 1 }, "items.$[e]._ecst.p": "v2" } }
+        );
+        let mark = lines_mapping(DeletePolicy::Mark)
+            .statements(&event(Op::Delete))
+            .expect("maps");
+        let [Statement::FanOut { u, .. }] = mark.as_slice() else {
+            panic!("{mark:?}");
+        };
+        assert_eq!(
+            u,
+            &doc! { "$set": { "items.$[e].product.__deleted": true, "items.$[e]._ecst.p": "v2" } }
+        );
+        let mut moved = event(Op::Update);
+        moved.old_key = Some(doc! { "id": 7 });
+        let st = lines_mapping(DeletePolicy::Keep)
+            .statements(&moved)
+            .expect("maps");
+        let [
+            Statement::FanOut {
+                q,
+                moves: true,
+                array_filters,
+                ..
+            },
+            Statement::FanOut { moves: false, .. },
+        ] = st.as_slice()
+        else {
+            panic!("the old key's lines move, then the new key's: {st:?}");
+        };
+        assert_eq!(q, &doc! { "items.product.productId": 7 });
+        assert_eq!(
+            array_filters[0].get("e.product.productId"),
+            Some(&Bson::Int32(7))
+        );
+    }
+
     fn users_document_mapping(on_delete: DeletePolicy) -> Mapping {
         Mapping::new(MappingConfig {
             name: "users_doc".into(),
@@ -398,6 +685,7 @@ mod tests {
                 u,
                 multi: false,
                 upsert: true,
+                ..
             },
         ] = st.as_slice()
         else {

@@ -43,7 +43,7 @@ use rdkafka::message::{Header, Headers, OwnedHeaders, OwnedMessage};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::{Message, TopicPartitionList};
 
-use crate::config::{Config, MappingKind};
+use crate::config::{Config, MappingConfig, MappingKind};
 use crate::error::{Classify, ErrorClass};
 use crate::events::registry::{Registry, RegistryError};
 use crate::kafka::{
@@ -136,6 +136,14 @@ pub enum SinkError {
     /// Missing configuration.
     #[error("sink is not configured: {0}")]
     NotConfigured(&'static str),
+    /// A mapping needs what the MongoDB server does not offer.
+    #[error("mapping `{mapping}`: {detail}")]
+    Unsupported {
+        /// Mapping name.
+        mapping: String,
+        /// What is missing, and the fix.
+        detail: String,
+    },
 }
 
 impl SinkError {
@@ -182,6 +190,7 @@ impl Classify for SinkError {
             SinkError::Registry(e) => e.class(),
             SinkError::MissingIndex { .. }
             | SinkError::NotConfigured(_)
+            | SinkError::Unsupported { .. }
             | SinkError::MongoCredentials { .. }
             | SinkError::MongoTls { .. } => ErrorClass::Definite,
         }
@@ -203,6 +212,7 @@ impl Classify for SinkError {
             SinkError::Registry(_) => "registry".into(),
             SinkError::DeadLetter { .. } => "dead_letter_topic".into(),
             SinkError::MissingIndex { .. } | SinkError::NotConfigured(_) => "sink".into(),
+            SinkError::Unsupported { .. } => "mapping_unsupported".into(),
         }
     }
 
@@ -219,7 +229,9 @@ impl Classify for SinkError {
             SinkError::Kafka(_) | SinkError::DeadLetter { .. } => {
                 "that the Kafka brokers in kafka.bootstrap_servers are up"
             }
-            SinkError::MissingIndex { .. } | SinkError::NotConfigured(_) => "the error above",
+            SinkError::MissingIndex { .. }
+            | SinkError::NotConfigured(_)
+            | SinkError::Unsupported { .. } => "the error above",
         }
     }
 }
@@ -299,6 +311,28 @@ pub struct Sink {
     dlq_topic: String,
 }
 
+/// Whether the server can run every mapping: a copy inside array elements needs `arrayFilters`,
+/// which FerretDB 1.x lacks (a loud stop at start, never copies left unrefreshed).
+pub fn server_supports(writer: &MongoWriter, mappings: &[MappingConfig]) -> Result<(), SinkError> {
+    let arrays = mappings.iter().find(|m| {
+        m.kind == MappingKind::Embedded
+            && matches!(
+                (&m.match_path, &m.target_path),
+                (Some(mp), Some(tp)) if matches!(mapping::array_target(mp, tp), Ok(Some(_)))
+            )
+    });
+    match arrays {
+        Some(m) if writer.is_ferretdb() => Err(SinkError::Unsupported {
+            mapping: m.name.clone(),
+            detail: format!(
+                "target_path `{}` copies into array elements, which needs `arrayFilters`; this server is FerretDB, which does not support them: use MongoDB (3.6 or later) for this mapping",
+                m.target_path.as_deref().unwrap_or_default()
+            ),
+        }),
+        _ => Ok(()),
+    }
+}
+
 impl Sink {
     /// Closes the MongoDB client (see [`MongoWriter::close`]).
     pub async fn close(self) {
@@ -319,6 +353,7 @@ impl Sink {
             .cloned()
             .map(Mapping::new)
             .collect();
+        server_supports(&writer, &sink_cfg.mappings)?;
         for mp in &mappings {
             if mp.cfg.kind == MappingKind::Embedded
                 && let Some(path) = &mp.cfg.match_path

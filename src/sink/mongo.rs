@@ -201,13 +201,19 @@ impl MongoWriter {
         let stmts: Vec<Tagged> = stmts
             .iter()
             .map(|t| match &t.stmt {
-                Statement::FanOut { q, u, .. } => Tagged {
+                Statement::FanOut {
+                    q,
+                    u,
+                    array_filters,
+                    ..
+                } => Tagged {
                     entry: t.entry,
                     stmt: Statement::Update {
                         q: q.clone(),
                         u: u.clone(),
                         multi: true,
                         upsert: false,
+                        array_filters: array_filters.clone(),
                     },
                 },
                 _ => t.clone(),
@@ -332,6 +338,21 @@ impl MongoWriter {
     }
 }
 
+/// One statement of an `update` command.
+fn update_item(
+    q: &Document,
+    u: &Document,
+    multi: bool,
+    upsert: bool,
+    filters: &[Document],
+) -> Bson {
+    let mut d = doc! { "q": q.clone(), "u": u.clone(), "multi": multi, "upsert": upsert };
+    if !filters.is_empty() {
+        d.insert("arrayFilters", filters.to_vec());
+    }
+    Bson::Document(d)
+}
+
 /// The write-concern error of a command reply, if any (`ok: 1` does not mean acknowledged).
 fn write_concern_error(reply: &Document) -> Option<SinkError> {
     let wce = reply.get_document("writeConcernError").ok()?;
@@ -368,16 +389,18 @@ fn command(collection: &str, part: &[Tagged]) -> Document {
                 u,
                 multi,
                 upsert,
-            } => Bson::Document(
-                doc! { "q": q.clone(), "u": u.clone(), "multi": *multi, "upsert": *upsert },
-            ),
+                array_filters,
+            } => update_item(q, u, *multi, *upsert, array_filters),
+            // Turned into updates by `apply` before commands are built.
+            Statement::FanOut {
+                q,
+                u,
+                array_filters,
+                ..
+            } => update_item(q, u, true, false, array_filters),
             Statement::Delete { q, many } => {
                 Bson::Document(doc! { "q": q.clone(), "limit": i32::from(!*many) })
             }
-            // Turned into updates by `apply` before commands are built.
-            Statement::FanOut { q, u, .. } => Bson::Document(
-                doc! { "q": q.clone(), "u": u.clone(), "multi": true, "upsert": false },
-            ),
         })
         .collect();
     if is_delete {
