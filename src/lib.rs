@@ -17,6 +17,7 @@ pub mod metrics;
 pub mod offsets;
 pub mod positions;
 pub mod presence;
+pub mod reconcile;
 pub mod retry;
 pub mod shutdown;
 pub mod sink;

@@ -53,6 +53,18 @@ enum Command {
         #[command(subcommand)]
         action: OffsetsAction,
     },
+    /// Compare every embedded copy (and mirrored document) with the latest row of its key in
+    /// the change topic: counts of ok, stale, missing and orphaned copies, with samples.
+    /// --repair rewrites the drifted ones through the sink's guarded writes. Exit status 1
+    /// while drift is left (like diff), 2 on an error.
+    Reconcile {
+        /// Only this mapping (default: all).
+        #[arg(long)]
+        mapping: Option<String>,
+        /// Repair what differs, then compare again.
+        #[arg(long)]
+        repair: bool,
+    },
     /// A live view of a running ecst in the terminal, read from its metrics endpoint: per table
     /// events/s and snapshot progress, the binlog position against the server's end and its purge
     /// margin, per mapping applied/s, stale skips, consumer lag and dead letters. q quits.
@@ -206,6 +218,23 @@ fn main() -> ExitCode {
                 action: OffsetsAction::Show,
             } => {
                 return printed(ecst::positions::show(&cfg).await);
+            }
+            Command::Reconcile { mapping, repair } => {
+                let opts = ecst::reconcile::Options { mapping, repair };
+                return match ecst::reconcile::run(&cfg, &opts).await {
+                    Ok(report) => {
+                        print!("{}", report.text);
+                        if report.clean {
+                            ExitCode::SUCCESS
+                        } else {
+                            ExitCode::from(1)
+                        }
+                    }
+                    Err(e) => {
+                        eprintln!("error: {e}");
+                        ExitCode::from(2)
+                    }
+                };
             }
             Command::Source => Components::Source,
             Command::Sink => Components::Sink,

@@ -1090,6 +1090,218 @@ async fn a_product_copied_into_order_lines_refreshes_every_matching_line_or_is_r
         ],
         "the line with the newer version is left alone"
     );
+    // Reconcile sees lines too: one restored without its version, one edited by hand.
+    coll.update_one(
+        doc! { "_id": 1 },
+        doc! {
+            "$unset": { "items.0._ecst": "" },
+            "$set": { "items.1.product.description": "hand edit" },
+        },
+    )
+    .await?;
+    let (code, text) = reconcile(&cfg, &["--repair"]).await?;
+    assert_eq!(code, Some(0), "{text}");
+    assert!(
+        text.contains("copies 5: ok 3, stale 2, missing 0, orphaned 0")
+            && text.contains("after the repair, copies 5: ok 5,"),
+        "{text}"
+    );
+    assert_eq!(
+        lines_of(&coll, 1).await?,
+        [
+            ("IPad Air".into(), 1),
+            ("IPhone".into(), 2),
+            ("IPad Air".into(), 3)
+        ]
+    );
     run.stop().await?;
+    Ok(())
+}
+
+/// `ecst reconcile` with `args`: its exit code and what it printed.
+async fn reconcile(cfg: &std::path::Path, args: &[&str]) -> Result<(Option<i32>, String)> {
+    let out = tokio::process::Command::new(ecst_bin())
+        .args(["--config", &cfg.to_string_lossy(), "reconcile"])
+        .args(args)
+        .output()
+        .await?;
+    Ok((
+        out.status.code(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    ))
+}
+
+#[tokio::test]
+async fn reconcile_finds_planted_stale_missing_and_orphaned_copies_and_repair_leaves_only_what_no_row_explains()
+-> Result<()> {
+    let _shared = STACK_LOCK.read().await;
+    let db = seed_database().await?;
+    let mut tc = TestConfig::new(&db, &["users"]);
+    tc.sink = Some(mapping_toml(
+        &tc,
+        "user_in_orders",
+        "embedded",
+        "mark",
+        "match_path = \"user.id\"\ntarget_path = \"user\"\nfields = [\"id\", \"firstname\", \"lastname\", \"email\"]",
+    ));
+    let mdb = mongo_db(&tc.mongo_db).await?;
+    seed_orders(&mdb, 2).await?;
+    let run = start(tc.config(true)?, Components::Both);
+    wait_all_versioned(&mdb, "user_in_orders").await?;
+    run.stop().await?;
+    // Changes the sink never applies (it is down), as a DLQ'd change or a restored backup
+    // would leave them.
+    let source = start(tc.config(true)?, Components::Source);
+    sql(format!(
+        "UPDATE `{db}`.users SET email = 'aravind@new.example' WHERE id = 2"
+    ))
+    .await?;
+    sql(format!("DELETE FROM `{db}`.users WHERE id = 4")).await?;
+    wait_events(&tc.topic("users"), 6, T).await?;
+    source.stop().await?;
+    // Drift planted behind ecst's back: a copy edited (its version kept), a parent inserted
+    // with no copy, a parent naming a user that never existed.
+    let coll = mdb.collection::<Document>("purchase_order");
+    coll.update_one(
+        doc! { "user.id": 1 },
+        doc! { "$set": { "user.email": "drift@x" } },
+    )
+    .await?;
+    coll.insert_many([
+        doc! { "_id": 900, "user": { "id": 3 } },
+        doc! { "_id": 901, "user": { "id": 77, "firstname": "Ghost" } },
+    ])
+    .await?;
+    let cfg = write_config(&tc, true, None)?;
+    let (code, text) = reconcile(&cfg, &[]).await?;
+    assert_eq!(code, Some(1), "drift found is exit status 1:\n{text}");
+    // 10 copies: user 1's two (one drifted), user 2's two (behind), user 3's two and order 900
+    // (no copy), user 4's two (deleted, not marked), order 901 (no such user).
+    assert!(
+        text.contains("copies 10: ok 3, stale 3, missing 1, orphaned 3"),
+        "{text}"
+    );
+    assert!(
+        text.contains("_id 900") && text.contains("_id 901"),
+        "samples: {text}"
+    );
+    // Snapshot of 4, the update, the delete and its tombstone; user 4's key is gone, not absent.
+    assert!(
+        text.contains("4 keys in the topic (7 messages, 0 undecodable"),
+        "{text}"
+    );
+    let untouched = coll
+        .count_documents(doc! { "user.email": "drift@x" })
+        .await?;
+    assert_eq!(untouched, 1, "without --repair nothing is written");
+
+    let (code, text) = reconcile(&cfg, &["--repair"]).await?;
+    assert_eq!(
+        code,
+        Some(1),
+        "order 901 is left, so drift is left:\n{text}"
+    );
+    assert!(
+        text.contains("after the repair, copies 10: ok 9, stale 0, missing 0, orphaned 1"),
+        "{text}"
+    );
+    let docs = orders(&mdb).await?;
+    let email_of = |uid: i64| -> Vec<String> {
+        docs.iter()
+            .filter(|d| user_id(d) == Some(uid))
+            .filter_map(user_email)
+            .collect()
+    };
+    assert_eq!(email_of(1), ["neha.parate@gmail.com"; 2], "the edit undone");
+    assert_eq!(
+        email_of(2),
+        ["aravind@new.example"; 2],
+        "the missed change applied"
+    );
+    assert_eq!(
+        email_of(3),
+        ["mayur.devghare@gmail.com"; 3],
+        "order 900 got its copy"
+    );
+    for d in docs.iter().filter(|d| user_id(d) == Some(4)) {
+        assert_eq!(
+            d.get_document("user")?.get_bool("__deleted"),
+            Ok(true),
+            "the delete applied by the mapping's policy: {d}"
+        );
+    }
+    let ghost = coll
+        .find_one(doc! { "_id": 901 })
+        .await?
+        .unwrap_or_default();
+    assert_eq!(
+        ghost.get_document("user")?,
+        &doc! { "id": 77, "firstname": "Ghost" },
+        "nothing says what a copy of user 77 is: left alone"
+    );
+    // Clean once the unexplained parent is gone; a wrong mapping name is an error (status 2).
+    coll.delete_one(doc! { "_id": 901 }).await?;
+    let (code, text) = reconcile(&cfg, &["--mapping", "user_in_orders"]).await?;
+    assert_eq!(code, Some(0), "{text}");
+    let (code, text) = reconcile(&cfg, &["--mapping", "nope"]).await?;
+    assert!(
+        code == Some(2) && text.contains("no mapping named `nope`"),
+        "{text}"
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn reconcile_of_a_document_mapping_restores_a_deleted_and_an_edited_document_and_reports_a_foreign_one()
+-> Result<()> {
+    let _shared = STACK_LOCK.read().await;
+    let db = seed_database().await?;
+    let mut tc = TestConfig::new(&db, &["users"]);
+    tc.sink = Some(mapping_toml(&tc, "users_replica", "document", "unset", ""));
+    let mdb = mongo_db(&tc.mongo_db).await?;
+    let run = start(tc.config(true)?, Components::Both);
+    let users = mdb.collection::<Document>("users");
+    wait_for("replica filled", T, || async {
+        Ok((users.count_documents(doc! {}).await? == 4).then_some(()))
+    })
+    .await?;
+    run.stop().await?;
+    users.delete_one(doc! { "_id": 3 }).await?;
+    users
+        .update_one(
+            doc! { "_id": 1 },
+            doc! { "$set": { "email": "drift@x" }, "$unset": { "lastname": "" } },
+        )
+        .await?;
+    users
+        .insert_one(doc! { "_id": 99, "email": "who@x" })
+        .await?;
+    let cfg = write_config(&tc, true, None)?;
+    let (code, text) = reconcile(&cfg, &["--repair"]).await?;
+    assert_eq!(code, Some(1), "document 99 is left:\n{text}");
+    // Documents 1 (edited), 2, 4, 99 (no such row) and row 3 without its document.
+    assert!(
+        text.contains("documents 5: ok 2, stale 1, missing 1, orphaned 1"),
+        "{text}"
+    );
+    assert!(
+        text.contains("after the repair, documents 5: ok 4, stale 0, missing 0, orphaned 1"),
+        "{text}"
+    );
+    let neha = users.find_one(doc! { "_id": 1 }).await?.unwrap_or_default();
+    assert_eq!(neha.get_str("email")?, "neha.parate@gmail.com");
+    assert_eq!(neha.get_str("lastname")?, "Parate");
+    assert!(
+        users.find_one(doc! { "_id": 3 }).await?.is_some(),
+        "row 3's document back"
+    );
+    assert!(
+        users.find_one(doc! { "_id": 99 }).await?.is_some(),
+        "left alone"
+    );
     Ok(())
 }

@@ -146,6 +146,9 @@ pub struct Mapping {
     version_path: String,
     /// The copy's place inside array elements, for an array mapping.
     array: Option<ArrayTarget>,
+    /// Whether the guard also takes copies at the change's own version (`ecst reconcile
+    /// --repair`: a copy edited behind ecst's back keeps its version).
+    inclusive: bool,
 }
 
 /// A change that cannot be mapped (goes to the dead-letter topic).
@@ -171,7 +174,23 @@ impl Mapping {
             cfg,
             version_path,
             array,
+            inclusive: false,
         }
+    }
+
+    /// The mapping as `ecst reconcile --repair` writes it: the same statements, whose guard also
+    /// takes copies at the change's own version (so a drifted copy with a current version is
+    /// rewritten), and still never one written by a newer change.
+    pub fn for_repair(cfg: MappingConfig) -> Self {
+        Mapping {
+            inclusive: true,
+            ..Mapping::new(cfg)
+        }
+    }
+
+    /// The guard's comparison: older, or (repairing) not newer.
+    fn older(&self) -> &'static str {
+        if self.inclusive { "$lte" } else { "$lt" }
     }
 
     /// Where the copies sit inside array elements, for an array mapping.
@@ -194,7 +213,7 @@ impl Mapping {
     fn guard(&self, version: &str) -> Document {
         doc! { "$or": [
             { self.version_path.as_str(): { "$exists": false } },
-            { self.version_path.as_str(): { "$lt": version } },
+            { self.version_path.as_str(): { self.older(): version } },
         ]}
     }
 
@@ -227,7 +246,8 @@ impl Mapping {
         // identifier, so no `$or`; versions are strings, and `$not` matches a missing field).
         let guard = |extra: Document| {
             let mut f = extra;
-            f.insert(format!("e.{elem_version}"), doc! { "$not": { "$gte": v } });
+            let newer = if self.inclusive { "$gt" } else { "$gte" };
+            f.insert(format!("e.{elem_version}"), doc! { "$not": { newer: v } });
             f
         };
         let stmt = |key: Bson, u: Document, moves: bool| Statement::FanOut {
@@ -247,7 +267,8 @@ impl Mapping {
                 if self.cfg.on_truncate != TruncatePolicy::Mark {
                     return Ok(out);
                 }
-                let filter = doc! { format!("e.{elem_version}"): { "$exists": true, "$lt": v } };
+                let filter =
+                    doc! { format!("e.{elem_version}"): { "$exists": true, self.older(): v } };
                 out.push(Statement::Update {
                     q: doc! { format!("{}.{elem_version}", a.array): { "$exists": true } },
                     u: doc! { "$set": {
@@ -305,7 +326,7 @@ impl Mapping {
     }
 
     /// The key's match value: the single key field's value, or the whole key document.
-    fn key_value(&self, key: &Document) -> Result<Bson, MappingError> {
+    pub fn key_value(&self, key: &Document) -> Result<Bson, MappingError> {
         match key.len() {
             0 => Err(self.err("the change has no key (table without primary key)")),
             1 => Ok(key
