@@ -1305,3 +1305,77 @@ async fn reconcile_of_a_document_mapping_restores_a_deleted_and_an_edited_docume
     );
     Ok(())
 }
+
+#[tokio::test]
+async fn a_mapping_added_to_a_group_already_past_its_topics_snapshot_is_backfilled_by_reconcile_without_a_snapshot()
+-> Result<()> {
+    let _shared = STACK_LOCK.read().await;
+    let db = seed_database().await?;
+    let mut tc = TestConfig::new(&db, &["users"]);
+    let first = mapping_toml(
+        &tc,
+        "user_in_orders",
+        "embedded",
+        "keep",
+        "match_path = \"user.id\"\ntarget_path = \"user\"",
+    );
+    tc.sink = Some(first.clone());
+    let mdb = mongo_db(&tc.mongo_db).await?;
+    seed_orders(&mdb, 1).await?;
+    let run = start(tc.config(true)?, Components::Both);
+    wait_all_versioned(&mdb, "user_in_orders").await?;
+    run.stop().await?;
+    // A second mapping of the same topic, into invoices the billing side created with only
+    // the user's id: the group's offsets are past the snapshot, so the sink alone would fill
+    // an invoice only when its user next changes.
+    let invoices = mdb.collection::<Document>("invoice");
+    invoices
+        .insert_many((1..=4).map(|id| doc! { "_id": id * 10, "user": { "id": id } }))
+        .await?;
+    tc.sink = Some(format!(
+        "{first}\n[[sink.mappings]]\nname = \"user_in_invoices\"\ntopic = \"{}\"\nkind = \"embedded\"\ncollection = \"invoice\"\nmatch_path = \"user.id\"\ntarget_path = \"user\"\nfields = [\"id\", \"email\"]\n",
+        tc.topic("users")
+    ));
+    let cfg = write_config(&tc, true, None)?;
+    let (code, text) = reconcile(&cfg, &["--mapping", "user_in_invoices", "--repair"]).await?;
+    assert_eq!(code, Some(0), "{text}");
+    assert!(
+        text.contains("copies 4: ok 0, stale 0, missing 4, orphaned 0")
+            && text.contains("after the repair, copies 4: ok 4,"),
+        "{text}"
+    );
+    let neha = invoices
+        .find_one(doc! { "_id": 10 })
+        .await?
+        .unwrap_or_default();
+    assert_eq!(
+        neha.get_document("user")?,
+        &doc! { "id": 1, "email": "neha.parate@gmail.com" }
+    );
+    assert_eq!(
+        events_of(&tc.topic("users"), 5, Duration::from_secs(5))
+            .await?
+            .len(),
+        4,
+        "no snapshot was taken again: the topic still holds the 4 snapshot rows"
+    );
+    // The sink then carries the new mapping on, beside the old one.
+    let run = start(tc.config(true)?, Components::Both);
+    sql(format!(
+        "UPDATE `{db}`.users SET email = 'neha@new.example' WHERE id = 1"
+    ))
+    .await?;
+    wait_for("the next change in both collections", T, || async {
+        let inv = invoices
+            .count_documents(doc! { "user.email": "neha@new.example" })
+            .await?;
+        let ord = mdb
+            .collection::<Document>("purchase_order")
+            .count_documents(doc! { "user.email": "neha@new.example" })
+            .await?;
+        Ok((inv == 1 && ord == 1).then_some(()))
+    })
+    .await?;
+    run.stop().await?;
+    Ok(())
+}
