@@ -322,9 +322,10 @@ async fn a_primary_key_change_moves_the_copies_to_the_new_key() -> Result<()> {
     Ok(())
 }
 
-#[tokio::test]
-async fn a_document_mapping_keeps_a_plain_replica_with_upserts_and_deletes() -> Result<()> {
-    let _shared = STACK_LOCK.read().await;
+/// The seed's users mirrored into collection `users` by a document mapping (`on_delete =
+/// "unset"`), once all 4 are there: the MySQL database, the config, the pipeline, the collection.
+async fn filled_users_replica()
+-> Result<(String, TestConfig, Running, mongodb::Collection<Document>)> {
     let db = seed_database().await?;
     let mut tc = TestConfig::new(&db, &["users"]);
     tc.sink = Some(mapping_toml(&tc, "users_replica", "document", "unset", ""));
@@ -335,6 +336,13 @@ async fn a_document_mapping_keeps_a_plain_replica_with_upserts_and_deletes() -> 
         Ok((users.count_documents(doc! {}).await? == 4).then_some(()))
     })
     .await?;
+    Ok((db, tc, run, users))
+}
+
+#[tokio::test]
+async fn a_document_mapping_keeps_a_plain_replica_with_upserts_and_deletes() -> Result<()> {
+    let _shared = STACK_LOCK.read().await;
+    let (db, _tc, run, users) = filled_users_replica().await?;
     sql(format!(
         "INSERT INTO `{db}`.users VALUES (9, 'New', 'Person', 'new@x')"
     ))
@@ -1259,16 +1267,7 @@ async fn reconcile_finds_planted_stale_missing_and_orphaned_copies_and_repair_le
 async fn reconcile_of_a_document_mapping_restores_a_deleted_and_an_edited_document_and_reports_a_foreign_one()
 -> Result<()> {
     let _shared = STACK_LOCK.read().await;
-    let db = seed_database().await?;
-    let mut tc = TestConfig::new(&db, &["users"]);
-    tc.sink = Some(mapping_toml(&tc, "users_replica", "document", "unset", ""));
-    let mdb = mongo_db(&tc.mongo_db).await?;
-    let run = start(tc.config(true)?, Components::Both);
-    let users = mdb.collection::<Document>("users");
-    wait_for("replica filled", T, || async {
-        Ok((users.count_documents(doc! {}).await? == 4).then_some(()))
-    })
-    .await?;
+    let (_db, tc, run, users) = filled_users_replica().await?;
     run.stop().await?;
     users.delete_one(doc! { "_id": 3 }).await?;
     users
