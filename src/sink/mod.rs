@@ -621,6 +621,34 @@ fn consumer_for(cfg: &Config) -> Result<SinkConsumer, SinkError> {
 /// The sink's consumer: its context follows the group membership.
 type SinkConsumer = StreamConsumer<GroupWatch>;
 
+/// Owns the sink's consumer so that its last drop never runs on an async worker. Dropping a
+/// librdkafka consumer closes it, and the close waits for the broker (leaving the group): a
+/// broker that refuses the credentials (a rotated password) or does not answer holds it for
+/// ever. That was seen blocking a whole runtime for over ten minutes after a password rotation.
+/// The close runs on a detached thread of its own; the process does not wait for it.
+struct ClosesOffThread(Option<Arc<SinkConsumer>>);
+
+impl std::ops::Deref for ClosesOffThread {
+    type Target = Arc<SinkConsumer>;
+    fn deref(&self) -> &Self::Target {
+        // Set at construction, taken only by `drop`.
+        self.0.as_ref().unwrap_or_else(|| unreachable!("taken only on drop"))
+    }
+}
+
+impl Drop for ClosesOffThread {
+    fn drop(&mut self) {
+        if let Some(c) = self.0.take() {
+            let closing = std::thread::Builder::new()
+                .name("sink-consumer-close".into())
+                .spawn(move || drop(c));
+            if let Err(e) = closing {
+                tracing::warn!(error = %e, "no thread for closing the kafka consumer: closed here");
+            }
+        }
+    }
+}
+
 /// Messages received while a batch was written, in arrival order.
 #[derive(Default)]
 struct Carry {
@@ -841,7 +869,7 @@ async fn consume(
     shutdown: &mut ShutdownRx,
     readiness: &Arc<Readiness>,
 ) -> Result<(), SinkError> {
-    let consumer = Arc::new(consumer_for(cfg)?);
+    let consumer = ClosesOffThread(Some(Arc::new(consumer_for(cfg)?)));
     let topics: Vec<String> = {
         let mut t: Vec<String> = sink_cfg.mappings.iter().map(|m| m.topic.clone()).collect();
         t.sort();
