@@ -632,7 +632,9 @@ impl std::ops::Deref for ClosesOffThread {
     type Target = Arc<SinkConsumer>;
     fn deref(&self) -> &Self::Target {
         // Set at construction, taken only by `drop`.
-        self.0.as_ref().unwrap_or_else(|| unreachable!("taken only on drop"))
+        self.0
+            .as_ref()
+            .unwrap_or_else(|| unreachable!("taken only on drop"))
     }
 }
 
