@@ -39,7 +39,6 @@ use bson::{Bson, Document, doc};
 use futures::TryStreamExt;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::KafkaError;
-use rdkafka::message::Headers;
 use rdkafka::{Message, Offset, TopicPartitionList};
 
 use crate::config::{Config, DeletePolicy, MappingConfig, MappingKind, TruncatePolicy};
@@ -416,19 +415,7 @@ async fn latest_per_key(
             said = Instant::now();
             tracing::info!(topic = %topic, messages = st.messages, keys = st.keys.len(), "reading the change topic");
         }
-        let headers: Vec<(String, Vec<u8>)> = msg
-            .headers()
-            .map(|h| {
-                h.iter()
-                    .map(|h| {
-                        (
-                            h.key.to_string(),
-                            h.value.map(<[u8]>::to_vec).unwrap_or_default(),
-                        )
-                    })
-                    .collect()
-            })
-            .unwrap_or_default();
+        let headers = crate::sink::headers_of(&msg);
         let ev = match decode_message(registry, msg.key(), msg.payload(), &headers).await {
             Ok(Some(ev)) => ev,
             // A tombstone: its delete came just before it.

@@ -287,7 +287,7 @@ pub struct BatchStats {
     pub dead_lettered: usize,
 }
 
-fn headers_of(msg: &OwnedMessage) -> Vec<(String, Vec<u8>)> {
+pub(crate) fn headers_of(msg: &OwnedMessage) -> Vec<(String, Vec<u8>)> {
     match msg.headers() {
         Some(h) => h
             .iter()
