@@ -1378,3 +1378,123 @@ async fn a_mapping_added_to_a_group_already_past_its_topics_snapshot_is_backfill
     run.stop().await?;
     Ok(())
 }
+
+/// The value of `series` (name and labels, exactly as exposed) on `/metrics`.
+async fn metric(port: u16, series: &str) -> Result<Option<f64>> {
+    let body = http_get(port, "/metrics").await?;
+    Ok(body.lines().find_map(|l| {
+        l.strip_prefix(series)
+            .and_then(|rest| rest.strip_prefix(' '))
+            .and_then(|v| v.trim().parse().ok())
+    }))
+}
+
+/// Creates `topic` with one partition and `config`.
+async fn create_topic(topic: &str, config: &[(&str, &str)]) -> Result<()> {
+    use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+    let admin: AdminClient<_> = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", endpoints().kafka)
+        .create()?;
+    let mut t = NewTopic::new(topic, 1, TopicReplication::Fixed(1));
+    for (k, v) in config {
+        t = t.set(k, v);
+    }
+    for r in admin.create_topics(&[t], &AdminOptions::new()).await? {
+        r.map_err(|(t, e)| anyhow::anyhow!("creating {t}: {e}"))?;
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_dead_letter_topic_refusing_records_holds_only_them_and_the_batchs_writes_are_not_sent_again()
+-> Result<()> {
+    let _shared = STACK_LOCK.read().await;
+    let db = seed_database().await?;
+    let mut tc = TestConfig::new(&db, &["users", "product"]).with_seed_mappings();
+    // A batch waits up to 3 s: the two records produced below land in one batch.
+    tc.sink = tc
+        .sink
+        .map(|s| s.replace("batch_timeout_ms = 10", "batch_timeout_ms = 3000"));
+    let mdb = mongo_db(&tc.mongo_db).await?;
+    seed_orders(&mdb, 1).await?;
+    // The dead-letter topic exists already and takes no record of a dead letter's size.
+    let dlq = format!("{}.dlq", tc.name);
+    create_topic(&dlq, &[("max.message.bytes", "64")]).await?;
+    let port = free_port()?;
+    let cfg = write_config(&tc, true, Some(port))?;
+    let run = spawn_captured(&cfg, "run", &[], "warn")?;
+    wait_all_versioned(&mdb, "user_in_orders").await?;
+    // Batches written to MongoDB (the histogram records each write of a batch once it is
+    // acknowledged).
+    let writes = "ecst_sink_batch_write_seconds_count";
+    let writes_before = metric(port, writes).await?.unwrap_or(0.0);
+    // One batch: a replayed change (a guarded write MongoDB answers) and a poison record.
+    let topic = tc.topic("users");
+    let replayed = read_topic(&topic, 1, T).await?;
+    let (key, value) = replayed
+        .first()
+        .and_then(|m| Some((m.key()?.to_vec(), m.payload()?.to_vec())))
+        .context("a record of the users topic")?;
+    let producer: ThreadedProducer<DefaultProducerContext> = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", endpoints().kafka)
+        .set("linger.ms", "50")
+        .create()?;
+    producer
+        .send(BaseRecord::to(&topic).key(&key[..]).payload(&value[..]))
+        .map_err(|(e, _)| e)?;
+    producer
+        .send(
+            BaseRecord::to(&topic)
+                .key(&b"junk"[..])
+                .payload(&b"\x13\x37 poison"[..]),
+        )
+        .map_err(|(e, _)| e)?;
+    producer.flush(Duration::from_secs(20))?;
+    let refusals = r#"ecst_component_errors_total{component="sink",kind="dead_letter_topic"}"#;
+    wait_for("three refused dead-letter sends", T, || async {
+        Ok(metric(port, refusals)
+            .await?
+            .filter(|n| *n >= 3.0)
+            .map(|_| ()))
+    })
+    .await?;
+    assert_eq!(
+        metric(port, writes).await?.unwrap_or(0.0) - writes_before,
+        1.0,
+        "the batch was written to MongoDB once, not once per dead-letter attempt"
+    );
+    // The topic takes records again: the dead letter is delivered once, and the stream goes on.
+    {
+        use rdkafka::admin::{AdminClient, AdminOptions, AlterConfig, ResourceSpecifier};
+        let admin: AdminClient<_> = rdkafka::ClientConfig::new()
+            .set("bootstrap.servers", endpoints().kafka)
+            .create()?;
+        let alter =
+            AlterConfig::new(ResourceSpecifier::Topic(&dlq)).set("max.message.bytes", "1048576");
+        for r in admin.alter_configs(&[alter], &AdminOptions::new()).await? {
+            r.map_err(|(t, e)| anyhow::anyhow!("altering {t:?}: {e}"))?;
+        }
+    }
+    sql(format!(
+        "UPDATE `{db}`.users SET email = 'after.dlq.refusal@x' WHERE id = 2"
+    ))
+    .await?;
+    wait_for("the change after the refusal applied", T, || async {
+        let docs = orders(&mdb).await?;
+        Ok(docs
+            .iter()
+            .any(|d| user_email(d).as_deref() == Some("after.dlq.refusal@x"))
+            .then_some(()))
+    })
+    .await?;
+    let dead = read_topic(&dlq, 1, T).await?;
+    assert_eq!(dead.len(), 1, "the poison record dead-lettered once");
+    assert_eq!(dead[0].payload(), Some(&b"\x13\x37 poison"[..]));
+    assert_eq!(
+        metric(port, writes).await?.unwrap_or(0.0) - writes_before,
+        2.0,
+        "the held batch once, then the update's batch: the delivery wrote nothing again"
+    );
+    sigterm(&run.child)?;
+    Ok(())
+}

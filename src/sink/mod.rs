@@ -26,7 +26,10 @@
 //! backoff; offsets do not move. Definite (bad framing, unknown schema id, undecodable datum,
 //! unmappable value, a statement MongoDB refuses): that message goes to the dead-letter topic with
 //! its original bytes and headers plus `ecst.dlq.*` headers naming topic, partition, offset, error
-//! class and message, and the worker continues.
+//! class and message, and the worker continues. A dead-letter topic that refuses records (down,
+//! a quota, records too large for it) holds only those records: the batch's MongoDB writes are
+//! acknowledged once and not sent again; its offsets move only once every dead letter is
+//! delivered, and a retry sends only the dead letters not yet delivered.
 
 pub mod decode;
 pub mod mapping;
@@ -278,13 +281,16 @@ struct DeadLetter {
     error: String,
 }
 
-/// Counts of one processed batch (tests and benchmarks read them through metrics).
-#[derive(Debug, Default, Clone, Copy)]
-pub struct BatchStats {
-    /// Changes written.
-    pub applied: usize,
-    /// Messages dead-lettered.
-    pub dead_lettered: usize,
+/// A batch whose MongoDB writes are acknowledged: what is left is to dead-letter what could not
+/// be applied, then to record its metrics. Kept apart so that a dead-letter topic that refuses
+/// records holds up only those records: the writes are never sent again for it.
+struct Written {
+    /// Dead letters not yet delivered.
+    dead: Vec<DeadLetter>,
+    /// Changes taken into account per mapping (written, or collapsed into a newer one).
+    applied_per_mapping: HashMap<usize, u64>,
+    /// (source commit, ecst read) times of the batch's changes, for the latency histograms.
+    times: Vec<(Option<i64>, Option<i64>)>,
 }
 
 pub(crate) fn headers_of(msg: &OwnedMessage) -> Vec<(String, Vec<u8>)> {
@@ -390,9 +396,10 @@ impl Sink {
         &self.writer
     }
 
-    /// Decodes, maps and writes one batch; dead-letters what cannot be applied.
-    /// Returns an error only for transient problems (the caller retries the batch).
-    pub async fn process(&self, batch: &[OwnedMessage]) -> Result<BatchStats, SinkError> {
+    /// Decodes, maps and writes one batch, and collects what cannot be applied for the
+    /// dead-letter topic. Returns an error only for transient problems (the caller retries the
+    /// batch; its writes are guarded, so writing them again changes nothing).
+    async fn write(&self, batch: &[OwnedMessage]) -> Result<Written, SinkError> {
         let mut dead: Vec<DeadLetter> = Vec::new();
         // (mapping, message, event) in arrival order.
         let mut entries: Vec<(usize, usize, Arc<DecodedEvent>)> = Vec::new();
@@ -504,35 +511,43 @@ impl Sink {
             write_ms = started.elapsed().as_millis() as u64,
             "batch written"
         );
-        let dead_count = dead.len();
-        self.dead_letter(batch, dead).await?;
-        // Everything of this batch is acknowledged: record metrics.
-        let now = crate::events::now_ms();
-        for (mi, n) in &applied_per_mapping {
-            metrics::counter!(m::SINK_APPLIED_TOTAL, m::MAPPING_LABEL => self.mappings[*mi].cfg.name.clone()).increment(*n);
-        }
-        for (_, _, ev) in &entries {
-            if let Some(ts) = ev.source_ts_ms.filter(|t| *t > 0) {
-                metrics::histogram!(m::END_TO_END_LATENCY)
-                    .record((now - ts).max(0) as f64 / 1000.0);
-            }
-            if let Some(ts) = ev.read_ts_ms.filter(|t| *t > 0) {
-                metrics::histogram!(m::PIPELINE_LATENCY).record((now - ts).max(0) as f64 / 1000.0);
-            }
-        }
-        Ok(BatchStats {
-            applied: applied_per_mapping.values().sum::<u64>() as usize,
-            dead_lettered: dead_count,
+        Ok(Written {
+            dead,
+            applied_per_mapping,
+            times: entries
+                .iter()
+                .map(|(_, _, ev)| (ev.source_ts_ms, ev.read_ts_ms))
+                .collect(),
         })
     }
 
+    /// Records the metrics of a batch whose writes and dead letters are all acknowledged.
+    fn record_applied(&self, written: &Written) {
+        let now = crate::events::now_ms();
+        for (mi, n) in &written.applied_per_mapping {
+            metrics::counter!(m::SINK_APPLIED_TOTAL, m::MAPPING_LABEL => self.mappings[*mi].cfg.name.clone()).increment(*n);
+        }
+        for (source_ts, read_ts) in &written.times {
+            if let Some(ts) = source_ts.filter(|t| *t > 0) {
+                metrics::histogram!(m::END_TO_END_LATENCY)
+                    .record((now - ts).max(0) as f64 / 1000.0);
+            }
+            if let Some(ts) = read_ts.filter(|t| *t > 0) {
+                metrics::histogram!(m::PIPELINE_LATENCY).record((now - ts).max(0) as f64 / 1000.0);
+            }
+        }
+    }
+
+    /// Sends `dead` to the dead-letter topic. Each delivered record leaves `dead`; on an error
+    /// the ones left are those still to send (a retry sends only them, and writes nothing to
+    /// MongoDB again).
     async fn dead_letter(
         &self,
         batch: &[OwnedMessage],
-        dead: Vec<DeadLetter>,
+        dead: &mut Vec<DeadLetter>,
     ) -> Result<(), SinkError> {
         let mut pending = Vec::with_capacity(dead.len());
-        for d in dead {
+        for (i, d) in dead.iter().enumerate() {
             let Some(msg) = batch.get(d.msg) else {
                 continue;
             };
@@ -580,18 +595,33 @@ impl Sink {
                 rec = rec.payload(p);
             }
             pending.push((
+                i,
                 msg.topic().to_string(),
                 self.dlq.send(rec, Duration::from_secs(30)),
             ));
         }
-        for (from, fut) in pending {
-            fut.await.map_err(|(source, _)| SinkError::DeadLetter {
-                topic: self.dlq_topic.clone(),
-                source,
-            })?;
-            metrics::counter!(m::SINK_DLQ_TOTAL, m::TOPIC_LABEL => from).increment(1);
+        let mut delivered = vec![false; dead.len()];
+        let mut failed = None;
+        for (i, from, fut) in pending {
+            match fut.await {
+                Ok(_) => {
+                    delivered[i] = true;
+                    metrics::counter!(m::SINK_DLQ_TOTAL, m::TOPIC_LABEL => from).increment(1);
+                }
+                Err((source, _)) => {
+                    failed.get_or_insert(SinkError::DeadLetter {
+                        topic: self.dlq_topic.clone(),
+                        source,
+                    });
+                }
+            }
         }
-        Ok(())
+        let mut i = 0;
+        dead.retain(|_| {
+            i += 1;
+            !delivered[i - 1]
+        });
+        failed.map_or(Ok(()), Err)
     }
 }
 
@@ -716,24 +746,55 @@ async fn apply_until_done(
     retry: &mut RetryLoop,
     shutdown: &mut ShutdownRx,
 ) -> Result<bool, SinkError> {
-    loop {
-        match sink.process(batch).await {
-            Ok(_) => {
-                retry.recovered();
-                return Ok(true);
-            }
-            Err(e) if e.class() == ErrorClass::Transient => {
-                let Verdict::RetryIn(delay) = retry.failed("sink batch not applied", &e) else {
-                    return Err(e);
-                };
-                tracing::debug!(messages = batch.len(), "batch held until it can be applied");
-                tokio::select! {
-                    () = shutdown.wait() => return Ok(false),
-                    () = tokio::time::sleep(delay) => {}
+    let mut written = loop {
+        match sink.write(batch).await {
+            Ok(w) => break w,
+            Err(e) => {
+                if !wait_to_retry(retry, shutdown, "sink batch not applied", e).await? {
+                    return Ok(false);
                 }
+                tracing::debug!(messages = batch.len(), "batch held until it can be applied");
             }
-            Err(e) => return Err(e),
         }
+    };
+    // The writes are acknowledged; a dead-letter topic that refuses records holds up only
+    // those records (the offsets still do not move until they are delivered).
+    while !written.dead.is_empty() {
+        match sink.dead_letter(batch, &mut written.dead).await {
+            Ok(()) => break,
+            Err(e) => {
+                if !wait_to_retry(retry, shutdown, "dead letters not delivered", e).await? {
+                    return Ok(false);
+                }
+                tracing::debug!(
+                    dead_letters = written.dead.len(),
+                    "dead letters held until the topic takes them; the batch's writes are done"
+                );
+            }
+        }
+    }
+    retry.recovered();
+    sink.record_applied(&written);
+    Ok(true)
+}
+
+/// After a failed attempt: a transient error waits its backoff (`Ok(true)`: try again;
+/// `Ok(false)`: shutdown came first); a definite one, or one retried for too long, is returned.
+async fn wait_to_retry(
+    retry: &mut RetryLoop,
+    shutdown: &mut ShutdownRx,
+    what: &'static str,
+    e: SinkError,
+) -> Result<bool, SinkError> {
+    if e.class() != ErrorClass::Transient {
+        return Err(e);
+    }
+    let Verdict::RetryIn(delay) = retry.failed(what, &e) else {
+        return Err(e);
+    };
+    tokio::select! {
+        () = shutdown.wait() => Ok(false),
+        () = tokio::time::sleep(delay) => Ok(true),
     }
 }
 
