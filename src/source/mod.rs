@@ -777,6 +777,26 @@ struct Lineage {
 const RECOVERED_AFTER: Duration = Duration::from_secs(10);
 
 /// The producer loop of one session.
+/// Commits `o`, unless a shutdown comes first (`Ok(false)`). A commit waits for the brokers up
+/// to the commit deadline, longer than a shutdown may take: when the sink has already stopped
+/// on an error (brokers refusing a rotated password), that wait would outlast the shutdown
+/// deadline and hide the error. Left uncommitted, the transaction never becomes visible and its
+/// changes are read again from the stored position after the restart: nothing is lost or
+/// doubled.
+async fn commit_unless_shutdown(
+    publisher: &mut Publisher,
+    o: &SourceOffset,
+    shutdown: &mut ShutdownRx,
+) -> Result<bool, SourceError> {
+    tokio::select! {
+        r = publisher.commit(o) => r.map(|()| true),
+        () = shutdown.wait() => {
+            tracing::info!("shutdown during a commit: the open transaction is left uncommitted and read again at the next start");
+            Ok(false)
+        }
+    }
+}
+
 #[allow(clippy::too_many_arguments)]
 async fn pump(
     src: &SourceConfig,
@@ -906,7 +926,9 @@ async fn pump(
                 });
                 // The end of a snapshot is committed at once.
                 if let Some(o) = pending.take() {
-                    publisher.commit(&o).await?;
+                    if !commit_unless_shutdown(publisher, &o, shutdown).await? {
+                        return Ok(());
+                    }
                     *committed = Some(o);
                     last_commit = Instant::now();
                 }
@@ -936,7 +958,9 @@ async fn pump(
         };
         if due && let Some(o) = pending.take() {
             if committed.as_ref() != Some(&o) {
-                publisher.commit(&o).await?;
+                if !commit_unless_shutdown(publisher, &o, shutdown).await? {
+                    return Ok(());
+                }
                 *committed = Some(o);
                 committed_here = true;
                 if last_ts_ms > 0 {
