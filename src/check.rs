@@ -280,6 +280,11 @@ pub async fn run_checks(cfg: &Config) -> Vec<Check> {
             }
         }
     }
+    if let (Some(reg), Some(sink)) = (&registry_ok, &cfg.sink) {
+        for m in &sink.mappings {
+            out.push(mapping_fit(reg, m).await);
+        }
+    }
     if let (Some(mongo), Some(sink)) = (&cfg.mongo, &cfg.sink) {
         match MongoWriter::connect(mongo.uri.expose(), &mongo.database).await {
             Err(e) => out.push(fail("mongodb connection", e.to_string())),
@@ -290,6 +295,34 @@ pub async fn run_checks(cfg: &Config) -> Vec<Check> {
         }
     }
     out
+}
+
+/// Whether mapping `m` fits the latest schema of its topic (see [`crate::sink::fit`]).
+async fn mapping_fit(
+    reg: &crate::events::registry::Registry,
+    m: &crate::config::MappingConfig,
+) -> Check {
+    let name = format!("mapping {} fits {}", m.name, m.topic);
+    match reg.latest(&format!("{}-value", m.topic)).await {
+        Ok(None) => {
+            return pass(
+                &name,
+                "the topic has no schema yet: checked when its first change arrives",
+            );
+        }
+        Ok(Some(_)) => {}
+        Err(e) => return fail(&name, e.to_string()),
+    }
+    match crate::sink::fit::Fitting::default()
+        .check_latest(reg, &[m], &m.topic)
+        .await
+    {
+        Ok(()) => pass(
+            &name,
+            "the latest schema has every column it names and its key",
+        ),
+        Err(e) => fail(&name, e.to_string()),
+    }
 }
 
 /// The MongoDB lines of `check` over an open writer.

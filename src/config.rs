@@ -311,6 +311,21 @@ pub enum TruncatePolicy {
     Mark,
 }
 
+/// What the sink does with a message it cannot apply (undecodable, unmappable, or a statement
+/// MongoDB refuses): Kafka Connect's `errors.tolerance`. Environment problems never reach it:
+/// they are retried or stop the sink whatever this says.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorPolicy {
+    /// Send it to the dead-letter topic with its context and go on (the default;
+    /// `errors.tolerance = all` with a DLQ).
+    #[default]
+    DeadLetter,
+    /// Stop the sink, naming the message; nothing after it is applied and no offset moves
+    /// (`errors.tolerance = none`).
+    Stop,
+}
+
 /// What a primary-key change does to existing copies.
 #[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "snake_case")]
@@ -352,6 +367,9 @@ pub struct MappingConfig {
     /// could not keep its match field), `mark` for both.
     #[serde(default)]
     pub on_truncate: TruncatePolicy,
+    /// A message this mapping cannot apply: `dead_letter` (default) or `stop`.
+    #[serde(default)]
+    pub on_error: ErrorPolicy,
 }
 
 /// `[sink]`

@@ -190,6 +190,9 @@ pub const REJOIN_DEADLINE: Duration = Duration::from_secs(60);
 pub struct GroupWatch {
     lost_since: std::sync::Mutex<Option<std::time::Instant>>,
     auth: AuthWatch,
+    /// Revocations so far; each revoked partition keeps the number of its latest one.
+    revocations: std::sync::atomic::AtomicU64,
+    revoked: std::sync::Mutex<std::collections::HashMap<(String, i32), u64>>,
 }
 
 impl Default for GroupWatch {
@@ -197,6 +200,8 @@ impl Default for GroupWatch {
         GroupWatch {
             lost_since: std::sync::Mutex::new(Some(std::time::Instant::now())),
             auth: AuthWatch::default(),
+            revocations: std::sync::atomic::AtomicU64::new(0),
+            revoked: std::sync::Mutex::default(),
         }
     }
 }
@@ -212,6 +217,33 @@ impl GroupWatch {
         if let Ok(mut l) = self.lost_since.lock() {
             *l = None;
         }
+    }
+
+    /// The number of revocations so far: a message received now is older than any revocation
+    /// numbered above it.
+    pub fn revocation_mark(&self) -> u64 {
+        self.revocations.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    fn revoke<'a>(&self, partitions: impl Iterator<Item = (&'a str, i32)>) {
+        let n = self
+            .revocations
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst)
+            + 1;
+        if let Ok(mut r) = self.revoked.lock() {
+            for (t, p) in partitions {
+                r.insert((t.to_string(), p), n);
+            }
+        }
+    }
+
+    /// The partitions revoked since the last call, each with the number of its revocation
+    /// (messages of it received under a lower mark came before it).
+    pub fn take_revoked(&self) -> std::collections::HashMap<(String, i32), u64> {
+        self.revoked
+            .lock()
+            .map(|mut r| std::mem::take(&mut *r))
+            .unwrap_or_default()
     }
 
     /// The authentication failure seen so far, if any.
@@ -243,13 +275,14 @@ impl rdkafka::consumer::ConsumerContext for GroupWatch {
     ) {
         use rdkafka::consumer::Consumer;
         // The lost flag is cleared once the revoke is handled: it is read before.
-        if matches!(rebalance, rdkafka::consumer::Rebalance::Revoke(_))
-            && consumer.assignment_lost()
-        {
-            tracing::warn!(
-                "kafka consumer lost its group membership (session timed out); rejoining"
-            );
-            self.lost(std::time::Instant::now());
+        if let rdkafka::consumer::Rebalance::Revoke(tpl) = rebalance {
+            if consumer.assignment_lost() {
+                tracing::warn!(
+                    "kafka consumer lost its group membership (session timed out); rejoining"
+                );
+                self.lost(std::time::Instant::now());
+            }
+            self.revoke(tpl.elements().iter().map(|e| (e.topic(), e.partition())));
         }
     }
 

@@ -482,10 +482,7 @@ fn classify(
             let Some(row) = ev.after.as_ref() else {
                 return Class::Stale;
             };
-            let Ok(mut expected) = m.project(row) else {
-                // The mapping cannot copy this row (the sink dead-letters it): not drift.
-                return Class::Ok;
-            };
+            let mut expected = m.project(row);
             if m.cfg.kind == MappingKind::Document {
                 expected.remove("_id");
                 expected.remove(VERSION_FIELD);
@@ -681,6 +678,7 @@ mod tests {
             on_delete,
             on_key_change: KeyChangePolicy::Follow,
             on_truncate: TruncatePolicy::Mark,
+            on_error: crate::config::ErrorPolicy::DeadLetter,
         })
     }
 

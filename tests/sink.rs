@@ -1498,3 +1498,228 @@ async fn a_dead_letter_topic_refusing_records_holds_only_them_and_the_batchs_wri
     sigterm(&run.child)?;
     Ok(())
 }
+
+/// `ecst check`'s output for `cfg`.
+async fn check_output(cfg: &std::path::Path) -> Result<String> {
+    let out = tokio::process::Command::new(ecst_bin())
+        .args(["--config", &cfg.to_string_lossy(), "check"])
+        .output()
+        .await?;
+    Ok(String::from_utf8_lossy(&out.stdout).to_string())
+}
+
+/// How many records the test's dead-letter topic holds (it may not exist: none).
+async fn dead_letters(tc: &TestConfig) -> usize {
+    read_topic(&format!("{}.dlq", tc.name), 1, Duration::from_secs(3))
+        .await
+        .map(|m| m.len())
+        .unwrap_or(0)
+}
+
+#[tokio::test]
+async fn a_typo_in_a_mappings_fields_stops_the_sink_naming_it_check_reports_it_and_nothing_is_dead_lettered()
+-> Result<()> {
+    let _shared = STACK_LOCK.read().await;
+    let db = seed_database().await?;
+    let mut tc = TestConfig::new(&db, &["users", "product"]).with_seed_mappings();
+    tc.sink = tc.sink.map(|s| {
+        s.replace(
+            r#"fields = ["id", "firstname", "lastname", "email"]"#,
+            r#"fields = ["id", "firstname", "lastname", "emial"]"#,
+        )
+    });
+    let mdb = mongo_db(&tc.mongo_db).await?;
+    seed_orders(&mdb, 1).await?;
+    // The first start: the topic has no schema yet, so its first change is judged.
+    let run = start(tc.config(true)?, Components::Both);
+    let err = tokio::time::timeout(T, run.join_error())
+        .await
+        .context("the sink stops by itself")?
+        .context("with an error")?;
+    assert!(
+        err.contains("user_in_orders") && err.contains("`emial`") && err.contains("email"),
+        "names the mapping, the field and the columns there are: {err}"
+    );
+    assert_eq!(dead_letters(&tc).await, 0, "nothing diverted");
+    assert!(
+        orders(&mdb).await?.iter().all(|d| !d.contains_key("_ecst")),
+        "no copy written"
+    );
+    // `check` now judges the registered schema.
+    let cfg = write_config(&tc, true, None)?;
+    let text = check_output(&cfg).await?;
+    assert!(
+        text.lines().any(|l| l.starts_with("FAIL")
+            && l.contains("mapping user_in_orders fits")
+            && l.contains("`emial`")),
+        "{text}"
+    );
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("PASS") && l.contains("mapping product_in_orders fits")),
+        "{text}"
+    );
+    // The same config again: refused at start, before consuming.
+    let again = start(tc.config(false)?, Components::Sink);
+    let err = tokio::time::timeout(T, again.join_error())
+        .await
+        .context("refused at start")?
+        .context("with an error")?;
+    assert!(err.contains("`emial`"), "{err}");
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_column_dropped_under_a_mapping_stops_the_sink_and_after_the_fix_every_change_lands_rows_before_a_new_column_without_it()
+-> Result<()> {
+    let _shared = STACK_LOCK.read().await;
+    let db = seed_database().await?;
+    let tc = TestConfig::new(&db, &["users", "product"]).with_seed_mappings();
+    let mdb = mongo_db(&tc.mongo_db).await?;
+    seed_orders(&mdb, 1).await?;
+    let source = start(tc.config(true)?, Components::Source);
+    let sink = start(tc.config(false)?, Components::Sink);
+    wait_all_versioned(&mdb, "user_in_orders").await?;
+    sql(format!("ALTER TABLE `{db}`.users DROP COLUMN lastname")).await?;
+    sql(format!(
+        "UPDATE `{db}`.users SET email = 'after.drop@x' WHERE id = 2"
+    ))
+    .await?;
+    let err = tokio::time::timeout(T, sink.join_error())
+        .await
+        .context("the sink stops at the first row without the column")?
+        .context("with an error")?;
+    assert!(
+        err.contains("user_in_orders") && err.contains("`lastname`"),
+        "{err}"
+    );
+    assert_eq!(dead_letters(&tc).await, 0, "nothing diverted");
+    // Meanwhile a column is added, and row 1 gets a value in it.
+    sql(format!(
+        "ALTER TABLE `{db}`.users ADD COLUMN phone VARCHAR(20) NULL"
+    ))
+    .await?;
+    sql(format!(
+        "UPDATE `{db}`.users SET phone = '555-0101', email = 'with.phone@x' WHERE id = 1"
+    ))
+    .await?;
+    // The source has seen the new column (4 snapshot rows, then the two updates): the fix is
+    // deployed after the migration, as `fields` may name only columns the rows have.
+    wait_events(&tc.topic("users"), 6, T).await?;
+    // The fix: the mapping copies the columns the rows have now.
+    let mut fixed = tc.clone();
+    fixed.sink = fixed.sink.map(|s| {
+        s.replace(
+            r#"fields = ["id", "firstname", "lastname", "email"]"#,
+            r#"fields = ["id", "firstname", "email", "phone"]"#,
+        )
+    });
+    let sink = start(fixed.config(false)?, Components::Sink);
+    wait_for("both changes applied after the fix", T, || async {
+        let docs = orders(&mdb).await?;
+        let email = |id| {
+            docs.iter()
+                .find(|d| user_id(d) == Some(id))
+                .and_then(user_email)
+        };
+        Ok((email(1).as_deref() == Some("with.phone@x")
+            && email(2).as_deref() == Some("after.drop@x"))
+        .then_some(()))
+    })
+    .await?;
+    let docs = orders(&mdb).await?;
+    let user = |id| {
+        docs.iter()
+            .find(|d| user_id(d) == Some(id))
+            .and_then(|d| d.get_document("user").ok().cloned())
+            .unwrap_or_default()
+    };
+    assert_eq!(
+        user(1).get_str("phone").ok(),
+        Some("555-0101"),
+        "{}",
+        user(1)
+    );
+    assert!(
+        !user(2).contains_key("phone") && !user(2).contains_key("lastname"),
+        "user 2's row was written between the drop and the new column: {}",
+        user(2)
+    );
+    assert_eq!(dead_letters(&tc).await, 0);
+    sink.stop().await?;
+    source.stop().await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_mapping_set_to_stop_on_errors_stops_at_a_poison_message_and_after_the_switch_to_dead_letter_nothing_is_lost()
+-> Result<()> {
+    let _shared = STACK_LOCK.read().await;
+    let db = seed_database().await?;
+    let mut tc = TestConfig::new(&db, &["users", "product"]).with_seed_mappings();
+    let dead_letter = tc.clone();
+    tc.sink = tc.sink.map(|s| {
+        s.replace(
+            "name = \"user_in_orders\"",
+            "name = \"user_in_orders\"\n            on_error = \"stop\"",
+        )
+    });
+    let mdb = mongo_db(&tc.mongo_db).await?;
+    seed_orders(&mdb, 1).await?;
+    let source = start(tc.config(true)?, Components::Source);
+    let sink = start(tc.config(false)?, Components::Sink);
+    wait_all_versioned(&mdb, "user_in_orders").await?;
+    let producer: ThreadedProducer<DefaultProducerContext> = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", endpoints().kafka)
+        .create()?;
+    producer
+        .send(
+            BaseRecord::to(&tc.topic("users"))
+                .key(&b"junk"[..])
+                .payload(&b"\x13\x37 poison"[..]),
+        )
+        .map_err(|(e, _)| e)?;
+    producer.flush(Duration::from_secs(20))?;
+    sql(format!(
+        "UPDATE `{db}`.users SET email = 'after.stop@x' WHERE id = 2"
+    ))
+    .await?;
+    let err = tokio::time::timeout(T, sink.join_error())
+        .await
+        .context("the sink stops at the poison message")?
+        .context("with an error")?;
+    let at = format!("{}/0@", tc.topic("users"));
+    assert!(
+        err.contains("user_in_orders")
+            && err.contains("on_error = \"stop\"")
+            && err.contains(&at)
+            && err.contains("magic byte"),
+        "names the mapping, the message and its error: {err}"
+    );
+    assert_eq!(dead_letters(&tc).await, 0, "nothing diverted");
+    assert!(
+        orders(&mdb)
+            .await?
+            .iter()
+            .all(|d| user_email(d).as_deref() != Some("after.stop@x")),
+        "nothing after the poison message applied"
+    );
+    // Switched to dead_letter: the poison message is diverted and the change behind it lands.
+    let sink = start(dead_letter.config(false)?, Components::Sink);
+    wait_for(
+        "the change behind the poison message applied",
+        T,
+        || async {
+            Ok(orders(&mdb)
+                .await?
+                .iter()
+                .any(|d| user_email(d).as_deref() == Some("after.stop@x"))
+                .then_some(()))
+        },
+    )
+    .await?;
+    assert_eq!(dead_letters(&tc).await, 1);
+    sink.stop().await?;
+    source.stop().await?;
+    Ok(())
+}

@@ -13,7 +13,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use schema_registry_converter::async_impl::schema_registry::{
-    SrSettings, get_all_subjects, get_schema_by_id, is_compatible_schema, post_schema,
+    SrSettings, get_all_subjects, get_schema_by_id, get_schema_by_subject_and_version,
+    is_compatible_schema, post_schema,
 };
 use schema_registry_converter::error::SRCError;
 use schema_registry_converter::schema_registry_common::{SchemaType, SuppliedSchema};
@@ -247,6 +248,31 @@ impl Registry {
                 }
             }
         }
+    }
+
+    /// The id and schema of the latest version registered under `subject` (`None`: no such
+    /// subject yet). Never cached: a new version may have come since the last call.
+    pub async fn latest(
+        &self,
+        subject: &str,
+    ) -> Result<Option<(u32, Arc<apache_avro::Schema>)>, RegistryError> {
+        let registered = match get_schema_by_subject_and_version(&self.sr, subject, None).await {
+            Ok(r) => r,
+            Err(e) => {
+                let (transient, text) = classify_src(&e);
+                return if transient {
+                    Err(RegistryError::Unavailable(text))
+                } else if let Some(auth) = unauthorized(&text) {
+                    Err(auth)
+                } else if status_of(&text) == Some(404) || text.contains("404") {
+                    Ok(None)
+                } else {
+                    Err(RegistryError::Settings(text))
+                };
+            }
+        };
+        let id = registered.id;
+        Ok(Some((id, self.schema(id).await?)))
     }
 
     /// The writer schema of `id`. Cached; an unknown id is fetched once.

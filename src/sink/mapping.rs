@@ -285,7 +285,7 @@ impl Mapping {
                     .after
                     .as_ref()
                     .ok_or_else(|| self.err("no after image"))?;
-                let copy = self.project(row)?;
+                let copy = self.project(row);
                 let set = doc! { "$set": { at(&a.target): copy, at(&elem_version): v } };
                 if let (Some(old), KeyChangePolicy::Follow) = (&ev.old_key, self.cfg.on_key_change)
                 {
@@ -344,14 +344,14 @@ impl Mapping {
     }
 
     /// The copy of a row: projected and renamed per config.
-    pub fn project(&self, row: &Document) -> Result<Document, MappingError> {
+    pub fn project(&self, row: &Document) -> Document {
         let mut out = Document::new();
         match &self.cfg.fields {
             Some(fields) => {
-                for f in fields {
-                    let v = row
-                        .get(f)
-                        .ok_or_else(|| self.err(format!("field `{f}` is not in the row")))?;
+                // A column the row lacks was added after it was written (the sink's fit
+                // check stops on any other reason, see `fit`): the copy leaves it out, as the
+                // row had it.
+                for (f, v) in fields.iter().filter_map(|f| Some((f, row.get(f)?))) {
                     out.insert(
                         self.cfg.rename.get(f).cloned().unwrap_or_else(|| f.clone()),
                         v.clone(),
@@ -367,7 +367,7 @@ impl Mapping {
                 }
             }
         }
-        Ok(out)
+        out
     }
 
     /// Whether `ev` changes nothing through this mapping (a delete kept by policy, or the
@@ -444,7 +444,7 @@ impl Mapping {
                             .after
                             .as_ref()
                             .ok_or_else(|| self.err("no after image"))?;
-                        let copy = self.project(row)?;
+                        let copy = self.project(row);
                         let set = doc! { target.as_str(): copy, self.version_path.as_str(): v };
                         if let (Some(old), KeyChangePolicy::Follow) =
                             (&ev.old_key, self.cfg.on_key_change)
@@ -504,7 +504,7 @@ impl Mapping {
                         let row = ev.after.as_ref().ok_or_else(|| self.err("no after image"))?;
                         // The replacement: the projected row and this mapping's version (a
                         // marked delete's flag goes with the old content).
-                        let mut u = self.project(row)?;
+                        let mut u = self.project(row);
                         u.remove("_id");
                         u.remove(VERSION_FIELD);
                         u.insert(VERSION_FIELD, doc! { self.cfg.name.as_str(): v });
@@ -563,6 +563,7 @@ mod tests {
             on_delete: DeletePolicy::Unset,
             on_key_change: KeyChangePolicy::Follow,
             on_truncate: TruncatePolicy::Mark,
+            on_error: crate::config::ErrorPolicy::DeadLetter,
         })
     }
 
@@ -691,6 +692,7 @@ mod tests {
             on_delete,
             on_key_change: KeyChangePolicy::Follow,
             on_truncate: TruncatePolicy::Keep,
+            on_error: crate::config::ErrorPolicy::DeadLetter,
         })
     }
 
@@ -779,11 +781,20 @@ mod tests {
     }
 
     #[test]
-    fn a_missing_projected_field_is_a_mapping_error() {
+    fn a_row_written_before_a_projected_column_was_added_is_copied_without_it() {
         let mut ev = event(Op::Update);
         ev.after = Some(doc! { "id": 1 });
-        let err = product_mapping().statements(&ev).expect_err("must fail");
-        assert!(err.to_string().contains("description"), "{err}");
+        let st = product_mapping().statements(&ev).expect("maps");
+        let Some(Statement::FanOut { u, .. }) = st.first() else {
+            panic!("{st:?}");
+        };
+        assert_eq!(
+            u.get_document("$set")
+                .ok()
+                .and_then(|s| s.get_document("product").ok()),
+            Some(&doc! { "productId": 1 }),
+            "{u}"
+        );
     }
 
     #[test]

@@ -26,12 +26,16 @@
 //! backoff; offsets do not move. Definite (bad framing, unknown schema id, undecodable datum,
 //! unmappable value, a statement MongoDB refuses): that message goes to the dead-letter topic with
 //! its original bytes and headers plus `ecst.dlq.*` headers naming topic, partition, offset, error
-//! class and message, and the worker continues. A dead-letter topic that refuses records (down,
+//! class and message, and the worker continues; under `on_error = "stop"` the mapping stops the
+//! sink at that message instead, before anything of its batch is written (a statement MongoDB
+//! refused: after the rest was written), and no offset moves. A mapping that does not fit the
+//! rows of its topic (`fit`) stops the sink the same way. A dead-letter topic that refuses records (down,
 //! a quota, records too large for it) holds only those records: the batch's MongoDB writes are
 //! acknowledged once and not sent again; its offsets move only once every dead letter is
 //! delivered, and a retry sends only the dead letters not yet delivered.
 
 pub mod decode;
+pub mod fit;
 pub mod mapping;
 pub mod mongo;
 
@@ -46,7 +50,7 @@ use rdkafka::message::{Header, Headers, OwnedHeaders, OwnedMessage};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::{Message, TopicPartitionList};
 
-use crate::config::{Config, MappingConfig, MappingKind};
+use crate::config::{Config, ErrorPolicy, MappingConfig, MappingKind};
 use crate::error::{Classify, ErrorClass};
 use crate::events::registry::{Registry, RegistryError};
 use crate::kafka::{
@@ -139,6 +143,23 @@ pub enum SinkError {
     /// Missing configuration.
     #[error("sink is not configured: {0}")]
     NotConfigured(&'static str),
+    /// A mapping does not fit the rows of its topic (or the registry could not say).
+    #[error(transparent)]
+    Fit(#[from] fit::FitError),
+    /// A message a mapping with `on_error = "stop"` cannot apply.
+    #[error(
+        "mapping `{mapping}` (on_error = \"stop\") cannot apply message {at} ({stage}): {error}; nothing after it is applied and its offset does not move; fix: the cause named, then restart; or set on_error = \"dead_letter\" to divert such messages to the dead-letter topic"
+    )]
+    Unapplicable {
+        /// Mapping name.
+        mapping: String,
+        /// `topic/partition@offset`.
+        at: String,
+        /// Stage that failed (`decode`, `mapping`, `write`).
+        stage: &'static str,
+        /// The error.
+        error: String,
+    },
     /// A mapping needs what the MongoDB server does not offer.
     #[error("mapping `{mapping}`: {detail}")]
     Unsupported {
@@ -191,9 +212,11 @@ impl Classify for SinkError {
             | SinkError::DeadLetter { .. } => ErrorClass::Transient,
             SinkError::Kafka(e) => e.class(),
             SinkError::Registry(e) => e.class(),
+            SinkError::Fit(e) => e.class(),
             SinkError::MissingIndex { .. }
             | SinkError::NotConfigured(_)
             | SinkError::Unsupported { .. }
+            | SinkError::Unapplicable { .. }
             | SinkError::MongoCredentials { .. }
             | SinkError::MongoTls { .. } => ErrorClass::Definite,
         }
@@ -213,9 +236,11 @@ impl Classify for SinkError {
             SinkError::MongoTls { .. } => "mongo_tls".into(),
             SinkError::Kafka(_) => "kafka".into(),
             SinkError::Registry(_) => "registry".into(),
+            SinkError::Fit(e) => e.kind(),
             SinkError::DeadLetter { .. } => "dead_letter_topic".into(),
             SinkError::MissingIndex { .. } | SinkError::NotConfigured(_) => "sink".into(),
             SinkError::Unsupported { .. } => "mapping_unsupported".into(),
+            SinkError::Unapplicable { .. } => "mapping_stopped".into(),
         }
     }
 
@@ -229,12 +254,14 @@ impl Classify for SinkError {
                 "that MongoDB at mongo.uri is up, has a primary, and accepts the user"
             }
             SinkError::Registry(_) => "that the schema registry at schema_registry.url is up",
+            SinkError::Fit(e) => e.hint(),
             SinkError::Kafka(_) | SinkError::DeadLetter { .. } => {
                 "that the Kafka brokers in kafka.bootstrap_servers are up"
             }
             SinkError::MissingIndex { .. }
             | SinkError::NotConfigured(_)
-            | SinkError::Unsupported { .. } => "the error above",
+            | SinkError::Unsupported { .. }
+            | SinkError::Unapplicable { .. } => "the error above",
         }
     }
 }
@@ -276,6 +303,8 @@ fn newest_per_key(
 /// A message that will be dead-lettered.
 struct DeadLetter {
     msg: usize,
+    /// The mapping that could not apply it (`None`: undecodable, so every mapping of its topic).
+    mapping: Option<usize>,
     stage: &'static str,
     class: ErrorClass,
     error: String,
@@ -315,6 +344,7 @@ pub struct Sink {
     mappings: Vec<Mapping>,
     dlq: FutureProducer,
     dlq_topic: String,
+    fitting: fit::Fitting,
 }
 
 /// Whether the server can run every mapping: a copy inside array elements needs `arrayFilters`,
@@ -360,6 +390,15 @@ impl Sink {
             .map(Mapping::new)
             .collect();
         server_supports(&writer, &sink_cfg.mappings)?;
+        let fitting = fit::Fitting::default();
+        for topic in topics_of(&sink_cfg.mappings) {
+            let on_topic: Vec<&MappingConfig> = sink_cfg
+                .mappings
+                .iter()
+                .filter(|m| m.topic == topic)
+                .collect();
+            fitting.check_latest(&registry, &on_topic, &topic).await?;
+        }
         for mp in &mappings {
             if mp.cfg.kind == MappingKind::Embedded
                 && let Some(path) = &mp.cfg.match_path
@@ -388,6 +427,7 @@ impl Sink {
             mappings,
             dlq,
             dlq_topic,
+            fitting,
         })
     }
 
@@ -403,6 +443,21 @@ impl Sink {
         let mut dead: Vec<DeadLetter> = Vec::new();
         // (mapping, message, event) in arrival order.
         let mut entries: Vec<(usize, usize, Arc<DecodedEvent>)> = Vec::new();
+        for msg in batch {
+            if let Some(ids) = fit::ids_of(msg.key(), msg.payload())
+                && !self.fitting.judged(msg.topic(), ids)
+            {
+                let on_topic: Vec<&MappingConfig> = self
+                    .mappings
+                    .iter()
+                    .map(|m| &m.cfg)
+                    .filter(|m| m.topic == msg.topic())
+                    .collect();
+                self.fitting
+                    .check_ids(&self.registry, &on_topic, msg.topic(), ids)
+                    .await?;
+            }
+        }
         for (i, msg) in batch.iter().enumerate() {
             let headers = headers_of(msg);
             match decode_message(&self.registry, msg.key(), msg.payload(), &headers).await {
@@ -433,6 +488,7 @@ impl Sink {
                     }
                     dead.push(DeadLetter {
                         msg: i,
+                        mapping: None,
                         stage: "decode",
                         class: ErrorClass::Definite,
                         error: e.to_string(),
@@ -440,6 +496,7 @@ impl Sink {
                 }
                 Err(e) => dead.push(DeadLetter {
                     msg: i,
+                    mapping: None,
                     stage: "decode",
                     class: ErrorClass::Definite,
                     error: e.to_string(),
@@ -467,12 +524,15 @@ impl Sink {
                 }
                 Err(e) => dead.push(DeadLetter {
                     msg: *msg_i,
+                    mapping: Some(*mi),
                     stage: "mapping",
                     class: ErrorClass::Definite,
                     error: e.to_string(),
                 }),
             }
         }
+        // A mapping that stops on errors stops before anything of the batch is written.
+        self.stop_on(batch, &dead)?;
         let started = Instant::now();
         tracing::debug!(
             changes = entries.len(),
@@ -491,6 +551,7 @@ impl Sink {
                     *applied = applied.saturating_sub(1);
                     dead.push(DeadLetter {
                         msg: *msg_i,
+                        mapping: Some(*mi),
                         stage: "write",
                         class: ErrorClass::Definite,
                         error,
@@ -504,6 +565,9 @@ impl Sink {
             }
         }
         metrics::histogram!(m::SINK_BATCH_SECONDS).record(started.elapsed().as_secs_f64());
+        // Statements MongoDB refused: the rest of the batch is written (guarded, so writing it
+        // again after the fix changes nothing), its offsets do not move.
+        self.stop_on(batch, &dead)?;
         tracing::debug!(
             messages = batch.len(),
             changes = entries.len(),
@@ -519,6 +583,30 @@ impl Sink {
                 .map(|(_, _, ev)| (ev.source_ts_ms, ev.read_ts_ms))
                 .collect(),
         })
+    }
+
+    /// The stop that a dead letter means for a mapping with `on_error = "stop"` (for an
+    /// undecodable message: any mapping of its topic).
+    fn stop_on(&self, batch: &[OwnedMessage], dead: &[DeadLetter]) -> Result<(), SinkError> {
+        for d in dead {
+            let Some(msg) = batch.get(d.msg) else {
+                continue;
+            };
+            let stops = self.mappings.iter().enumerate().find(|(mi, m)| {
+                m.cfg.on_error == ErrorPolicy::Stop
+                    && d.mapping.is_none_or(|x| x == *mi)
+                    && m.cfg.topic == msg.topic()
+            });
+            if let Some((_, m)) = stops {
+                return Err(SinkError::Unapplicable {
+                    mapping: m.cfg.name.clone(),
+                    at: format!("{}/{}@{}", msg.topic(), msg.partition(), msg.offset()),
+                    stage: d.stage,
+                    error: d.error.clone(),
+                });
+            }
+        }
+        Ok(())
     }
 
     /// Records the metrics of a batch whose writes and dead letters are all acknowledged.
@@ -625,6 +713,14 @@ impl Sink {
     }
 }
 
+/// The distinct topics of `mappings`, sorted.
+fn topics_of(mappings: &[MappingConfig]) -> Vec<String> {
+    let mut t: Vec<String> = mappings.iter().map(|m| m.topic.clone()).collect();
+    t.sort();
+    t.dedup();
+    t
+}
+
 fn consumer_for(cfg: &Config) -> Result<SinkConsumer, SinkError> {
     let sink = cfg
         .sink
@@ -656,7 +752,27 @@ type SinkConsumer = StreamConsumer<GroupWatch>;
 /// broker that refuses the credentials (a rotated password) or does not answer holds it for
 /// ever. That was seen blocking a whole runtime for over ten minutes after a password rotation.
 /// The close runs on a detached thread of its own; the process does not wait for it.
+///
+/// Every other holder of the consumer goes through [`release`] too: the lag task keeps only a
+/// `Weak` between its ticks, and each blocking call releases its clone, so whichever holder
+/// is the last, the close never runs on an async worker (seen once more: the lag task, aborted
+/// after the main loop ended, dropped the last clone on a test's runtime) nor holds a blocking
+/// thread that a runtime's shutdown waits for.
 struct ClosesOffThread(Option<Arc<SinkConsumer>>);
+
+/// Drops one holder of the consumer; the last one closes it on a detached thread.
+fn release(c: Arc<SinkConsumer>) {
+    // `into_inner` is atomic: exactly one of several concurrent releases gets the consumer.
+    let Some(last) = Arc::into_inner(c) else {
+        return;
+    };
+    let closing = std::thread::Builder::new()
+        .name("sink-consumer-close".into())
+        .spawn(move || drop(last));
+    if let Err(e) = closing {
+        tracing::warn!(error = %e, "no thread for closing the kafka consumer: closed here");
+    }
+}
 
 impl std::ops::Deref for ClosesOffThread {
     type Target = Arc<SinkConsumer>;
@@ -671,34 +787,52 @@ impl std::ops::Deref for ClosesOffThread {
 impl Drop for ClosesOffThread {
     fn drop(&mut self) {
         if let Some(c) = self.0.take() {
-            let closing = std::thread::Builder::new()
-                .name("sink-consumer-close".into())
-                .spawn(move || drop(c));
-            if let Err(e) = closing {
-                tracing::warn!(error = %e, "no thread for closing the kafka consumer: closed here");
-            }
+            release(c);
         }
     }
 }
 
-/// Messages received while a batch was written, in arrival order.
+/// Messages received while a batch was written, in arrival order, each with the revocation
+/// mark it was received under (`GroupWatch::revocation_mark`).
 #[derive(Default)]
 struct Carry {
-    messages: std::collections::VecDeque<OwnedMessage>,
+    messages: std::collections::VecDeque<(OwnedMessage, u64)>,
     bytes: usize,
     /// Whether the assigned partitions were paused because the carry is full.
     paused: bool,
 }
 
 impl Carry {
-    fn push(&mut self, m: OwnedMessage) {
+    fn push(&mut self, m: OwnedMessage, mark: u64) {
         self.bytes += message_bytes(&m);
-        self.messages.push_back(m);
+        self.messages.push_back((m, mark));
     }
     fn pop(&mut self) -> Option<OwnedMessage> {
-        let m = self.messages.pop_front()?;
+        let (m, _) = self.messages.pop_front()?;
         self.bytes -= message_bytes(&m);
         Some(m)
+    }
+    /// Drops the messages of partitions revoked after they were received: the partition's new
+    /// owner applies them from the committed offset (and this process does too, from there, if
+    /// the partition comes back), so writing them here could only come after newer changes.
+    /// A message received after its partition came back is kept. Returns how many it dropped.
+    fn forget(&mut self, revoked: &HashMap<(String, i32), u64>) -> usize {
+        if revoked.is_empty() {
+            return 0;
+        }
+        let before = self.messages.len();
+        let mut bytes = self.bytes;
+        self.messages.retain(|(m, mark)| {
+            let gone = revoked
+                .get(&(m.topic().to_string(), m.partition()))
+                .is_some_and(|n| mark < n);
+            if gone {
+                bytes -= message_bytes(m);
+            }
+            !gone
+        });
+        self.bytes = bytes;
+        before - self.messages.len()
     }
     fn is_empty(&self) -> bool {
         self.messages.is_empty()
@@ -933,20 +1067,16 @@ async fn consume(
     readiness: &Arc<Readiness>,
 ) -> Result<(), SinkError> {
     let consumer = ClosesOffThread(Some(Arc::new(consumer_for(cfg)?)));
-    let topics: Vec<String> = {
-        let mut t: Vec<String> = sink_cfg.mappings.iter().map(|m| m.topic.clone()).collect();
-        t.sort();
-        t.dedup();
-        t
-    };
+    let topics = topics_of(&sink_cfg.mappings);
     // Subscribing to a topic that does not exist yet would only notice it at the next metadata
     // refresh: wait for the source to create them, saying so.
     let mut waited = false;
     loop {
-        let c = consumer.clone();
+        let c = (*consumer).clone();
         let t = topics.clone();
         let missing = tokio::task::spawn_blocking(move || -> Vec<String> {
-            t.into_iter()
+            let missing = t
+                .into_iter()
                 .filter(|topic| {
                     // All topics, not the one by name: a named metadata request auto-creates
                     // the topic on brokers with auto.create.topics.enable.
@@ -960,7 +1090,9 @@ async fn consume(
                         })
                         .unwrap_or(true)
                 })
-                .collect()
+                .collect();
+            release(c);
+            missing
         })
         .await
         .unwrap_or_default();
@@ -988,15 +1120,26 @@ async fn consume(
     }
     let done_offsets: Applied = Arc::default();
     let _lag = {
-        let (consumer, topics, applied) = (consumer.clone(), topics.clone(), done_offsets.clone());
+        let (consumer, topics, applied) = (
+            Arc::downgrade(&consumer),
+            topics.clone(),
+            done_offsets.clone(),
+        );
         crate::shutdown::AbortOnDrop(tokio::spawn(async move {
             let mut tick = tokio::time::interval(LAG_INTERVAL);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
                 tick.tick().await;
-                let (c, t, a) = (consumer.clone(), topics.clone(), applied.clone());
+                let Some(c) = consumer.upgrade() else {
+                    return;
+                };
+                let (t, a) = (topics.clone(), applied.clone());
                 // Off the async threads; a slow broker answer only delays the gauge.
-                if let Err(e) = tokio::task::spawn_blocking(move || record_lag(&c, &t, &a)).await {
+                let measured = tokio::task::spawn_blocking(move || {
+                    record_lag(&c, &t, &a);
+                    release(c);
+                });
+                if let Err(e) = measured.await {
                     tracing::debug!(error = %e, "consumer lag measurement failed");
                 }
             }
@@ -1010,6 +1153,18 @@ async fn consume(
     // What arrived while the previous batch was written: the start of the next one.
     let mut carry = Carry::default();
     'outer: loop {
+        // Under a steady stream the carry is never empty, and a batch taken from it never waits
+        // on the select below: the shutdown is looked at here, between batches, too.
+        if shutdown.is_triggered() {
+            break 'outer;
+        }
+        let dropped = carry.forget(&consumer.context().take_revoked());
+        if dropped > 0 {
+            tracing::info!(
+                messages = dropped,
+                "messages of revoked partitions dropped from the next batch: their new owner applies them"
+            );
+        }
         // Gather a batch: what was carried over, else block for the first message; then fill
         // until size, bytes or timeout.
         let first = match carry.pop() {
@@ -1112,7 +1267,7 @@ async fn consume(
                     r = &mut work => break r,
                     r = consumer.recv() => match r {
                         Ok(m) => {
-                            carry.push(m.detach());
+                            carry.push(m.detach(), consumer.context().revocation_mark());
                             if carry.is_full(bounds) {
                                 carry.paused = pause_assigned(&consumer) || carry.paused;
                             }
@@ -1224,10 +1379,38 @@ mod tests {
     }
 
     #[test]
+    fn the_carry_drops_messages_of_a_partition_revoked_after_they_came_and_keeps_later_ones() {
+        let mut c = Carry::default();
+        let on = |partition: i32, offset: i64| {
+            OwnedMessage::new(
+                Some(vec![0; 4]),
+                None,
+                "t".into(),
+                Timestamp::NotAvailable,
+                partition,
+                offset,
+                None,
+            )
+        };
+        c.push(on(0, 1), 0);
+        c.push(on(1, 1), 0);
+        // Partition 0 revoked (revocation 1), then assigned again: offset 1 comes again.
+        c.push(on(0, 1), 1);
+        let revoked = HashMap::from([(("t".to_string(), 0), 1)]);
+        assert_eq!(c.forget(&revoked), 1);
+        let left: Vec<(i32, i64)> = std::iter::from_fn(|| c.pop())
+            .map(|m| (m.partition(), m.offset()))
+            .collect();
+        assert_eq!(left, vec![(1, 1), (0, 1)]);
+        assert_eq!(c.bytes, 0, "the bytes of the dropped message went with it");
+        assert_eq!(c.forget(&HashMap::new()), 0);
+    }
+
+    #[test]
     fn the_carry_keeps_arrival_order_and_counts_key_and_value_bytes() {
         let mut c = Carry::default();
-        c.push(message(7, 10));
-        c.push(message(8, 20));
+        c.push(message(7, 10), 0);
+        c.push(message(8, 20), 0);
         assert_eq!(c.bytes, 12 + 22);
         assert_eq!(c.pop().map(|m| m.offset()), Some(7));
         assert_eq!(c.bytes, 22);
@@ -1238,7 +1421,7 @@ mod tests {
     #[test]
     fn the_carry_is_full_at_either_bound() {
         let mut c = Carry::default();
-        c.push(message(1, 8));
+        c.push(message(1, 8), 0);
         assert!(!c.is_full((2, 100)));
         assert!(c.is_full((1, 100)), "message bound");
         assert!(c.is_full((2, 10)), "byte bound (8 + 2 key bytes)");
