@@ -9,6 +9,7 @@ mod failures;
 pub(crate) mod faults;
 mod inspect;
 mod ops;
+mod scale_out;
 mod security;
 mod sink;
 mod smoke;
