@@ -204,8 +204,8 @@ pub fn ids_of(key: Option<&[u8]>, payload: Option<&[u8]>) -> Option<Ids> {
 }
 
 impl Fitting {
-    /// Checks every mapping of `topic` against its latest registered schemas (nothing when the
-    /// topic has none yet).
+    /// Checks the mappings of `topic` (of all `mappings`) against its latest registered schemas
+    /// (nothing when the topic has none yet).
     pub async fn check_latest(
         &self,
         registry: &Registry,
@@ -228,9 +228,10 @@ impl Fitting {
             .is_ok_and(|s| s.get(topic).is_some_and(|p| p.contains(&ids)))
     }
 
-    /// Checks the mappings of `topic` against the schemas of ids `(key_id, value_id)` that a
-    /// message carries. Ids the registry does not know, or schemas it cannot parse, are left
-    /// to the decoder (that message goes to the dead-letter topic with its own error).
+    /// Checks the mappings of `topic` (of all `mappings`) against the schemas of ids
+    /// `(key_id, value_id)` that a message carries. Ids the registry does not know, or schemas
+    /// it cannot parse, are left to the decoder (that message goes to the dead-letter topic
+    /// with its own error), and not asked about again.
     pub async fn check_ids(
         &self,
         registry: &Registry,
@@ -254,7 +255,10 @@ impl Fitting {
             | (_, Err(RegistryError::Unauthorized { detail })) => {
                 return Err(RegistryError::Unauthorized { detail }.into());
             }
-            _ => return Ok(()),
+            _ => {
+                self.mark(topic, (key_id, value_id));
+                return Ok(());
+            }
         };
         let latest = registry
             .latest(&format!("{topic}-value"))
@@ -271,12 +275,14 @@ impl Fitting {
         };
         let shape = shape_of(key_schema.as_deref(), &value);
         judge(mappings, topic, value_id, shape.as_ref(), latest)?;
-        if let Ok(mut s) = self.seen.lock() {
-            s.entry(topic.to_string())
-                .or_default()
-                .insert((key_id, value_id));
-        }
+        self.mark(topic, (key_id, value_id));
         Ok(())
+    }
+
+    fn mark(&self, topic: &str, ids: Ids) {
+        if let Ok(mut s) = self.seen.lock() {
+            s.entry(topic.to_string()).or_default().insert(ids);
+        }
     }
 }
 
@@ -291,7 +297,7 @@ fn judge(
     let Some(shape) = shape else {
         return Ok(());
     };
-    for m in mappings {
+    for m in mappings.iter().filter(|m| m.topic == topic) {
         let found = problems(m, shape, latest);
         if !found.is_empty() {
             return Err(FitError::DoesNotFit {

@@ -391,13 +391,9 @@ impl Sink {
             .collect();
         server_supports(&writer, &sink_cfg.mappings)?;
         let fitting = fit::Fitting::default();
+        let all: Vec<&MappingConfig> = sink_cfg.mappings.iter().collect();
         for topic in topics_of(&sink_cfg.mappings) {
-            let on_topic: Vec<&MappingConfig> = sink_cfg
-                .mappings
-                .iter()
-                .filter(|m| m.topic == topic)
-                .collect();
-            fitting.check_latest(&registry, &on_topic, &topic).await?;
+            fitting.check_latest(&registry, &all, &topic).await?;
         }
         for mp in &mappings {
             if mp.cfg.kind == MappingKind::Embedded
@@ -447,14 +443,9 @@ impl Sink {
             if let Some(ids) = fit::ids_of(msg.key(), msg.payload())
                 && !self.fitting.judged(msg.topic(), ids)
             {
-                let on_topic: Vec<&MappingConfig> = self
-                    .mappings
-                    .iter()
-                    .map(|m| &m.cfg)
-                    .filter(|m| m.topic == msg.topic())
-                    .collect();
+                let all: Vec<&MappingConfig> = self.mappings.iter().map(|m| &m.cfg).collect();
                 self.fitting
-                    .check_ids(&self.registry, &on_topic, msg.topic(), ids)
+                    .check_ids(&self.registry, &all, msg.topic(), ids)
                     .await?;
             }
         }
@@ -704,11 +695,8 @@ impl Sink {
                 }
             }
         }
-        let mut i = 0;
-        dead.retain(|_| {
-            i += 1;
-            !delivered[i - 1]
-        });
+        let mut delivered = delivered.into_iter();
+        dead.retain(|_| !delivered.next().unwrap_or(false));
         failed.map_or(Ok(()), Err)
     }
 }
