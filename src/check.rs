@@ -41,6 +41,24 @@ fn resume_check_for_mode(c: Check, mode: SnapshotMode) -> Check {
         format!("{what}; the source will re-snapshot (snapshot_mode = \"{mode}\")"),
     )
 }
+/// How tables added to `source.tables` and `ecst snapshot` are read on this server, and the
+/// online snapshots the stored position says are still running.
+fn online_check(mariadb: bool, running: Option<&[crate::offsets::OnlineTable]>) -> Check {
+    let mut detail = if mariadb {
+        "MariaDB: a table added to source.tables, or asked for with `ecst snapshot`, is read online in chunks (no lock; every table streams on meanwhile); one without a primary key is read before the stream resumes, and `ecst snapshot` refuses it".to_string()
+    } else {
+        "MySQL: none (no binlog position is tied to a consistent read): a table added to source.tables is read before the stream resumes, and `ecst snapshot` is refused".to_string()
+    };
+    if let Some(running) = running.filter(|r| !r.is_empty()) {
+        let list: Vec<String> = running
+            .iter()
+            .map(|t| format!("{} ({} rows so far)", t.table, t.rows_done))
+            .collect();
+        detail.push_str(&format!("; running: {}", list.join(", ")));
+    }
+    pass("online snapshots", detail)
+}
+
 fn fail(name: &str, detail: impl Into<String>) -> Check {
     Check {
         name: name.into(),
@@ -253,6 +271,10 @@ pub async fn run_checks(cfg: &Config) -> Vec<Check> {
                         ),
                     },
                 ));
+                out.push(online_check(
+                    mariadb,
+                    stored.as_ref().map(|o| &o.online.tables[..]),
+                ));
                 out.push(lineage_check(stored.as_ref(), &identity, src.snapshot_mode));
             }
             Err(e) => out.push(fail(
@@ -392,6 +414,34 @@ mod tests {
     }
 
     #[test]
+    fn the_online_snapshot_line_says_how_added_tables_are_read_and_which_are_running() {
+        let none = online_check(true, None);
+        assert!(
+            none.ok && none.detail.contains("read online"),
+            "{}",
+            none.detail
+        );
+        let running = [crate::offsets::OnlineTable {
+            table: "test.product".into(),
+            last_key: None,
+            rows_done: 1200,
+        }];
+        let some = online_check(true, Some(&running));
+        assert!(
+            some.detail
+                .contains("running: test.product (1200 rows so far)"),
+            "{}",
+            some.detail
+        );
+        let mysql = online_check(false, None);
+        assert!(
+            mysql.detail.starts_with("MySQL: none") && mysql.detail.contains("refused"),
+            "{}",
+            mysql.detail
+        );
+    }
+
+    #[test]
     fn the_lineage_line_says_whose_position_is_stored_and_fails_only_where_the_source_would_stop() {
         let now = crate::source::preflight::ServerIdentity {
             server_id: 7,
@@ -408,6 +458,7 @@ mod tests {
             snapshot_completed: true,
             tables: vec![],
             snapshot_segments: vec![],
+            online: Default::default(),
         };
         let same = lineage_check(Some(&stored(7)), &now, SnapshotMode::Initial);
         assert!(same.ok && same.detail.contains("epoch 5") && same.detail.contains("this server"));

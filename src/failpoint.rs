@@ -19,7 +19,8 @@
 //! The points: `snapshot.rows` (rows of the snapshot handed to the producer loop, checked after
 //! each chunk), `stream.rows_events` (rows events handed over by the binlog reader, checked
 //! after each), `stream.gtid_lookup` (progress 0: the MariaDB GTID lookup's connection is open,
-//! its query not yet sent).
+//! its query not yet sent), `online.rows` (rows of the running online snapshot published, checked
+//! after each chunk and its progress are handed over).
 
 /// Whether point `name` is armed for `progress`; if so the caller must stop there for good
 /// (`std::future::pending().await`). Marks the pause in `ECST_FAILPOINT_FILE`.

@@ -146,7 +146,9 @@ impl<W: Write + Send> Emit for Printer<'_, W> {
                     writeln!(self.out, "{line}").map_err(|e| SourceError::Task(e.to_string()))?;
                 }
             }
-            SourceMsg::SnapshotProgress(_) | SourceMsg::SnapshotDone { .. } => {}
+            SourceMsg::SnapshotProgress(_)
+            | SourceMsg::SnapshotDone { .. }
+            | SourceMsg::OnlineProgress { .. } => {}
         }
         Ok(())
     }

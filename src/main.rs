@@ -65,6 +65,14 @@ enum Command {
         #[arg(long)]
         repair: bool,
     },
+    /// Snapshot tables again while the source runs (online: no lock, every table streams on):
+    /// a signal in the source's signals topic, which the running source picks up (a stopped one
+    /// when it starts). Progress shows in the source's log and its snapshot metrics.
+    Snapshot {
+        /// `db.table` names, each one in source.tables.
+        #[arg(required = true)]
+        tables: Vec<String>,
+    },
     /// A live view of a running ecst in the terminal, read from its metrics endpoint: per table
     /// events/s and snapshot progress, the binlog position against the server's end and its purge
     /// margin, per mapping applied/s, stale skips, consumer lag and dead letters. q quits.
@@ -235,6 +243,9 @@ fn main() -> ExitCode {
                         ExitCode::from(2)
                     }
                 };
+            }
+            Command::Snapshot { tables } => {
+                return printed(ecst::source::signal::request_snapshot(&cfg, &tables).await);
             }
             Command::Source => Components::Source,
             Command::Sink => Components::Sink,

@@ -56,6 +56,9 @@ pub const SNAPSHOT_ROWS_DONE: &str = "ecst_snapshot_rows_done";
 pub const SNAPSHOT_ROWS_TOTAL: &str = "ecst_snapshot_rows_total";
 /// Gauge: 1 while a snapshot runs.
 pub const SNAPSHOT_RUNNING: &str = "ecst_snapshot_running";
+/// Counter: online snapshot chunks read again because the stream had passed their read view
+/// (`source::online`); a steady rise means the chunks chase a stream that never pauses.
+pub const SNAPSHOT_CHUNKS_REREAD_TOTAL: &str = "ecst_snapshot_chunks_reread_total";
 /// Counter: reconnects/restarts of the source after transient errors.
 pub const SOURCE_RESTARTS_TOTAL: &str = "ecst_source_restarts_total";
 /// Counter, labels `mapping`: change events applied to MongoDB.
@@ -188,6 +191,10 @@ pub fn install() -> Result<PrometheusHandle, String> {
         "Estimated rows of the table being snapshotted"
     );
     describe_gauge!(SNAPSHOT_RUNNING, "1 while a snapshot runs");
+    describe_counter!(
+        SNAPSHOT_CHUNKS_REREAD_TOTAL,
+        "Online snapshot chunks read again because the stream had passed their read view"
+    );
     describe_counter!(
         SOURCE_RESTARTS_TOTAL,
         "Source restarts after transient errors"

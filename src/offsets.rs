@@ -155,6 +155,43 @@ pub struct SourceOffset {
     /// still replays the binlog stretch that a resumed snapshot spanned.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub snapshot_segments: Vec<SnapshotSegment>,
+    /// Online snapshots of single tables still to finish, and the signals read
+    /// (`source::online`): stored with the position, so a restart goes on where the stream and
+    /// the snapshots stood together.
+    #[serde(default, skip_serializing_if = "OnlineState::is_empty")]
+    pub online: OnlineState,
+}
+
+/// The online (streaming-while-reading) snapshots of a source: what is left of each, and where
+/// its signals topic has been read to.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct OnlineState {
+    /// Tables being snapshotted, in order; the first is the one being read.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tables: Vec<OnlineTable>,
+    /// The offset of the next signal to read (`ecst snapshot`), once any was read.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signals_next: Option<i64>,
+}
+
+impl OnlineState {
+    /// Nothing to store.
+    pub fn is_empty(&self) -> bool {
+        self.tables.is_empty() && self.signals_next.is_none()
+    }
+}
+
+/// One table's online snapshot.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct OnlineTable {
+    /// `db.table`.
+    pub table: String,
+    /// The last primary key whose chunk is in Kafka (`None`: none yet).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_key: Option<Vec<Value>>,
+    /// Rows published so far (progress reporting only).
+    #[serde(default)]
+    pub rows_done: u64,
 }
 
 impl SourceOffset {
@@ -269,6 +306,14 @@ mod tests {
                 tables_done: 0,
                 last_key: Some(vec![Value::Long(7), Value::Bytes(vec![1, 2])]),
             }],
+            online: OnlineState {
+                tables: vec![OnlineTable {
+                    table: "test.product".into(),
+                    last_key: Some(vec![Value::String("b".into())]),
+                    rows_done: 3,
+                }],
+                signals_next: Some(2),
+            },
         };
         assert_eq!(SourceOffset::from_bytes(&o.to_bytes()), Ok(o.clone()));
         // Offsets written before segments existed still read.
@@ -276,5 +321,10 @@ mod tests {
             br#"{"position":{"file":"f.000001","pos":4},"gtid":null,"snapshot_completed":true}"#;
         let old = SourceOffset::from_bytes(old).expect("old offset parses");
         assert!(old.snapshot_segments.is_empty() && old.tables.is_empty());
+        assert!(old.online.is_empty());
+        assert!(
+            !String::from_utf8_lossy(&old.to_bytes()).contains("online"),
+            "an offset without online snapshots is written as before"
+        );
     }
 }

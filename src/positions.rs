@@ -215,6 +215,7 @@ pub async fn reset(
                 new.snapshot_completed = false;
                 new.snapshot_segments.clear();
                 new.tables.clear();
+                new.online.tables.clear();
                 "the next start snapshots every table in a new epoch"
             }
             SourceTarget::ResnapshotTable(t) => {
@@ -230,6 +231,7 @@ pub async fn reset(
                     ));
                 }
                 new.tables.retain(|x| x != t);
+                new.online.tables.retain(|x| &x.table != t);
                 "the next start snapshots this table while the others stream on from the stored position"
             }
         };

@@ -44,6 +44,7 @@ async fn a_binlog_position_the_server_refuses_stops_the_source_with_the_servers_
             snapshot_completed: true,
             tables: tc.tables.clone(),
             snapshot_segments: Vec::new(),
+            online: Default::default(),
         },
     )
     .await?;

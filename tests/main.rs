@@ -8,6 +8,7 @@ mod continuity;
 mod failures;
 pub(crate) mod faults;
 mod inspect;
+mod online;
 mod ops;
 mod scale_out;
 mod security;

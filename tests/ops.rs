@@ -37,6 +37,7 @@ async fn check_fails_the_binlog_format_line_with_statement_and_passes_the_others
         "schema registry reachable",
         "mysql binlog_row_image",
         "mongodb reachable",
+        "online snapshots",
     ] {
         assert!(
             text.lines()

@@ -21,6 +21,8 @@ use mysql_async::prelude::Queryable;
 
 use super::charset::Collations;
 use super::decoder::{Capture, Catalog, Decoder, Emit};
+use super::online::Online;
+use super::signal::Signal;
 use super::table_map::{from_information_schema, server_collations, with_defaults};
 use super::window::Window;
 use super::{Outbox, SourceError, SourceMsg, connect};
@@ -75,8 +77,17 @@ pub struct Gtid {
     pub connect: Option<String>,
 }
 
+/// Online snapshots and the signals that queue them, beside the stream (`source::online`).
+pub struct Beside {
+    /// The online snapshots still to run.
+    pub online: Online,
+    /// Signals (`ecst snapshot`), when the source listens for them.
+    pub signals: Option<tokio::sync::mpsc::Receiver<Result<Signal, SourceError>>>,
+}
+
 /// Reads the binlog from `start` (or after `gtid.connect`) and sends messages to `tx` until an
-/// error or shutdown.
+/// error or shutdown; online snapshot chunks are read between events and placed in the stream
+/// where the module note of `source::online` says.
 #[allow(clippy::too_many_arguments)]
 pub async fn run_reader(
     cfg: MysqlConfig,
@@ -85,9 +96,15 @@ pub async fn run_reader(
     epoch: u64,
     window: Option<Window>,
     gtid: Gtid,
+    beside: Beside,
     mut tx: Outbox,
     mut shutdown: ShutdownRx,
 ) -> Result<(), SourceError> {
+    let Beside {
+        mut online,
+        mut signals,
+    } = beside;
+    let captured = tables.clone();
     let mut conn = connect(&cfg).await?;
     let checksum: Option<String> = conn.query_first("SELECT @@global.binlog_checksum").await?;
     let crc = checksum
@@ -123,12 +140,23 @@ pub async fn run_reader(
         .checked_sub(Duration::from_secs(2))
         .unwrap_or_else(std::time::Instant::now);
     loop {
+        let read_chunk = online.wants_read(&decoder);
         let next = tokio::select! {
             biased;
             // PRIORITY 1: shutdown stops intake at once; the open transaction is re-read later.
             () = shutdown.wait() => return Ok(()),
             // PRIORITY 2: the next event, or a stall.
             n = tokio::time::timeout(watchdog, stream.next()) => n,
+            // PRIORITY 3: a signal (`ecst snapshot`).
+            Some(signal) = async { signals.as_mut()?.recv().await }, if signals.is_some() => {
+                online.on_signal(signal?, &captured, &decoder, &tx).await?;
+                continue;
+            }
+            // PRIORITY 4: no event waiting: the next online snapshot chunk.
+            () = online.ready(), if read_chunk => {
+                online.read_next(&decoder, &tx).await?;
+                continue;
+            }
         };
         let event = match next {
             Err(_) => {
@@ -145,5 +173,6 @@ pub async fn run_reader(
             metrics::gauge!(m::SOURCE_LAST_EVENT_TS).set(m::now_s().floor());
         }
         decoder.on_event(&event, crc, &mut server, &mut tx).await?;
+        online.after_event(&decoder, &tx).await?;
     }
 }

@@ -155,6 +155,9 @@ pub struct Decoder {
     gtid_state: Option<GtidState>,
     /// table_id → (raw TABLE_MAP body, decoded shape); None = not captured.
     tables_by_id: HashMap<u64, (Vec<u8>, Option<Arc<BinlogTable>>)>,
+    /// The position of the heartbeat just heard between transactions: the server had nothing
+    /// more to send, so everything up to there is read (cleared by the next other event).
+    heard: Option<u64>,
 }
 
 impl Decoder {
@@ -186,6 +189,7 @@ impl Decoder {
             collations: None,
             gtid_state: None,
             tables_by_id: HashMap::new(),
+            heard: None,
         }
     }
 
@@ -206,6 +210,40 @@ impl Decoder {
     /// The binlog file being read.
     pub fn file(&self) -> &str {
         &self.file
+    }
+
+    /// Where a restart could resume right now without publishing anything twice: the last
+    /// boundary, while no change of an open transaction has been emitted and no boundary waits
+    /// for its position. `None` otherwise (`source::online` hands a chunk over only at such a
+    /// point).
+    pub fn resume_point(&self) -> Option<BinlogPosition> {
+        (!self.emitted && self.deferred.is_none() && !self.file.is_empty()).then(|| {
+            BinlogPosition {
+                file: self.file.clone(),
+                pos: self.boundary,
+            }
+        })
+    }
+
+    /// Whether the stream still replays the stretch a resumed snapshot spanned (its rows are
+    /// filtered by the positions they were read at: `source::window`).
+    pub fn in_window(&self) -> bool {
+        match (&self.window, self.resume_point()) {
+            (None, _) => false,
+            (Some(w), Some(at)) => !w.passed(&at),
+            (Some(_), None) => true,
+        }
+    }
+
+    /// How far the stream is read with nothing open: the position of a heartbeat heard between
+    /// transactions (the server had nothing more to send, so no transaction ends between the
+    /// resume point and there), else the resume point.
+    pub fn settled_to(&self) -> Option<BinlogPosition> {
+        let at = self.resume_point()?;
+        match self.heard {
+            Some(h) if !self.in_tx && h > at.pos => Some(BinlogPosition { pos: h, ..at }),
+            _ => Some(at),
+        }
     }
 
     /// Where the open transaction's changes are placed (for messages about it).
@@ -297,6 +335,7 @@ impl Decoder {
     ) -> Result<(), SourceError> {
         let header = event.header();
         let etype = header.event_type_raw();
+        self.heard = None;
         // A deferred boundary is known exactly once a positioned event follows: a GTID event
         // starts where the transaction before it ended; a heartbeat says where the dump is.
         if self.deferred.is_some() {
@@ -345,6 +384,9 @@ impl Decoder {
                 }
             }
             FORMAT_DESCRIPTION_EVENT => self.fde_seen = true,
+            HEARTBEAT_EVENT if !self.in_tx && self.deferred.is_none() && log_pos != 0 => {
+                self.heard = Some(u64::from(log_pos));
+            }
             HEARTBEAT_EVENT | STOP_EVENT => {}
             MARIADB_GTID_EVENT => {
                 let parsed = parse_mariadb_gtid(event.data(), header.server_id());

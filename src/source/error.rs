@@ -230,6 +230,34 @@ pub enum SourceError {
         /// Detail.
         detail: String,
     },
+    /// The signals topic (`ecst snapshot`) could not be read or written.
+    #[error("signals topic `{topic}`: {detail}")]
+    Signals {
+        /// Topic.
+        topic: String,
+        /// Detail.
+        detail: String,
+    },
+    /// An online snapshot was asked of a table the source does not capture.
+    #[error(
+        "`{table}` is not captured by this source (source.tables: {tables}): add it to source.tables (a table added there is snapshotted online at the next start)"
+    )]
+    NotCaptured {
+        /// The table asked for.
+        table: String,
+        /// The captured tables.
+        tables: String,
+    },
+    /// An online snapshot needs what this server cannot give.
+    #[error(
+        "online snapshot of `{table}`: {why}. Fix: re-snapshot the table at the next start instead (`ecst offsets reset --source resnapshot-table:{table} --yes` while the source is stopped)"
+    )]
+    OnlineUnsupported {
+        /// The table.
+        table: String,
+        /// Why.
+        why: String,
+    },
     /// The reader task ended because the producer side went away (shutdown or error).
     #[error("internal channel closed")]
     ChannelClosed,
@@ -272,7 +300,8 @@ impl Classify for SourceError {
             | E::Checksum { .. }
             | E::ChannelClosed
             | E::SnapshotLock { .. }
-            | E::Offsets { .. } => ErrorClass::Transient,
+            | E::Offsets { .. }
+            | E::Signals { .. } => ErrorClass::Transient,
             E::Registry(e) => e.class(),
             E::Kafka(e) => e.class(),
             E::TableMap { .. }
@@ -286,6 +315,8 @@ impl Classify for SourceError {
             | E::Unsupported { .. }
             | E::Payload { .. }
             | E::TableNotFound { .. }
+            | E::NotCaptured { .. }
+            | E::OnlineUnsupported { .. }
             | E::NoBinlogPosition
             | E::Preflight(_)
             | E::Purged { .. }
@@ -312,6 +343,7 @@ impl Classify for SourceError {
             E::Registry(_) => "registry".into(),
             E::Kafka(_) => "kafka".into(),
             E::Offsets { .. } => "offsets_topic".into(),
+            E::Signals { .. } => "signals_topic".into(),
             E::ChannelClosed => "channel_closed".into(),
             E::RecordTooLarge { .. } => "record_too_large".into(),
             _ => "source".into(),
@@ -331,7 +363,7 @@ impl Classify for SourceError {
                 "long-running queries or LOCK TABLES sessions on MySQL (SHOW PROCESSLIST)"
             }
             E::Registry(_) => "that the schema registry at schema_registry.url is up",
-            E::Kafka(_) | E::Offsets { .. } => {
+            E::Kafka(_) | E::Offsets { .. } | E::Signals { .. } => {
                 "that the Kafka brokers in kafka.bootstrap_servers are up and the offsets topic is available"
             }
             _ => "the error above",

@@ -8,7 +8,7 @@ use tokio::sync::mpsc;
 
 use super::SourceError;
 use crate::events::ChangeEvent;
-use crate::offsets::{BinlogPosition, SnapshotSegment};
+use crate::offsets::{BinlogPosition, OnlineState, SnapshotSegment};
 
 /// Messages the hand-over holds at most (commits and batches alike); rows are bounded
 /// separately by [`Outbox`]'s permits.
@@ -94,6 +94,16 @@ pub enum SourceMsg {
     },
     /// A snapshot chunk boundary: everything sent before it is covered by these segments.
     SnapshotProgress(Vec<SnapshotSegment>),
+    /// Online snapshots moved on (a chunk published, a table queued by a signal): stored with
+    /// the next position. `at`: the stream's resume point when everything sent before this is
+    /// covered by it and this state (it may be committed at once); `None`: the state goes with
+    /// the next boundary.
+    OnlineProgress {
+        /// The whole state.
+        state: OnlineState,
+        /// The resume point it is stored at, if it may be stored now.
+        at: Option<BinlogPosition>,
+    },
     /// The snapshot finished; streaming starts at the first segment's position.
     SnapshotDone {
         /// Every segment of the snapshot (more than one if it was resumed).

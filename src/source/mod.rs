@@ -39,9 +39,11 @@ pub mod decoder;
 mod error;
 mod handover;
 mod json;
+mod online;
 pub mod preflight;
 mod publisher;
 pub mod retention;
+pub mod signal;
 pub mod snapshot;
 pub mod table_map;
 pub mod window;
@@ -61,7 +63,9 @@ use crate::error::{Classify, ErrorClass};
 use crate::events::registry::Registry;
 use crate::kafka::{KafkaClientError, MAX_MESSAGE_BYTES, TopicSpec, client_config, ensure_topics};
 use crate::metrics::{self as m, Readiness};
-use crate::offsets::{self, BinlogPosition, SnapshotSegment, SourceOffset};
+use crate::offsets::{
+    self, BinlogPosition, OnlineState, OnlineTable, SnapshotSegment, SourceOffset,
+};
 use crate::retry::{RetryLoop, Verdict};
 use crate::shutdown::ShutdownRx;
 pub use error::SourceError;
@@ -118,6 +122,21 @@ async fn initial_gtid_state(
         }
         Err(e) => Err(e),
     }
+}
+
+/// Whether every one of `tables` has a primary key (an online snapshot pages by it).
+async fn all_keyed(cfg: &MysqlConfig, tables: &[String]) -> Result<bool, SourceError> {
+    let mut conn = connect(cfg).await?;
+    let mut keyed = true;
+    for t in tables {
+        let (db, table) = t.split_once('.').unwrap_or(("", t));
+        keyed &= !table_map::from_information_schema(&mut conn, db, table)
+            .await?
+            .key
+            .is_empty();
+    }
+    conn.disconnect().await?;
+    Ok(keyed)
 }
 
 /// Whether two table lists name the same tables (in any order).
@@ -397,11 +416,14 @@ async fn session(
     progress: &Arc<tokio::sync::watch::Sender<Option<retention::Committed>>>,
 ) -> Result<(), SourceError> {
     let offsets_topic = cfg.offsets_topic();
-    let mut topics = vec![TopicSpec {
-        name: offsets_topic.clone(),
-        partitions: 1,
-        config: vec![("cleanup.policy", "compact".to_string())],
-    }];
+    let mut topics = vec![
+        TopicSpec {
+            name: offsets_topic.clone(),
+            partitions: 1,
+            config: vec![("cleanup.policy", "compact".to_string())],
+        },
+        signal::topic_spec(cfg),
+    ];
     for t in &src.tables {
         let (db, table) = t.split_once('.').unwrap_or(("", t));
         topics.push(TopicSpec {
@@ -496,7 +518,6 @@ async fn session(
                 .filter(|t| src.tables.contains(t))
                 .cloned()
                 .collect();
-            tracing::info!(tables = ?added, streaming_from = %o.position, "tables added to source.tables since the last snapshot: snapshotting them, the others stream on from the stored position");
             resume = vec![SnapshotSegment {
                 at: o.position.clone(),
                 tables_done: kept.len(),
@@ -521,6 +542,38 @@ async fn session(
         .collect();
     if !failed.is_empty() {
         return Err(SourceError::Preflight(failed));
+    }
+    // Online snapshots go on from the stored state, for the tables still captured.
+    let mut online = stored
+        .as_ref()
+        .map(|o| o.online.clone())
+        .or_else(|| {
+            committed.as_ref().map(|o| OnlineState {
+                tables: Vec::new(),
+                signals_next: o.online.signals_next,
+            })
+        })
+        .unwrap_or_default();
+    online.tables.retain(|t| src.tables.contains(&t.table));
+    // MariaDB gives a read view's exact binlog position: an added table with a primary key is
+    // snapshotted online while every table streams on (`online`), instead of before the stream
+    // resumes.
+    let mariadb = identity.server_uuid.is_none();
+    if snapshot_added && mariadb && all_keyed(mysql, &added).await? {
+        tracing::info!(tables = ?added, streaming_from = ?needed_position.map(ToString::to_string), "tables added to source.tables since the last snapshot: snapshotting them online while every table streams on");
+        snapshot_added = false;
+        resume.clear();
+        for t in &added {
+            if !online.tables.iter().any(|q| &q.table == t) {
+                online.tables.push(OnlineTable {
+                    table: t.clone(),
+                    last_key: None,
+                    rows_done: 0,
+                });
+            }
+        }
+    } else if snapshot_added {
+        tracing::info!(tables = ?added, "tables added to source.tables since the last snapshot: snapshotting them before the stream resumes (no online snapshot: the server is MySQL or a table has no primary key)");
     }
     let mut need_snapshot = match (src.snapshot_mode, &stored) {
         _ if snapshot_added => true,
@@ -568,6 +621,10 @@ async fn session(
         }
     }
     let purged = gtid_failover.is_none() && (purged || foreign.is_some());
+    if purged {
+        // A new snapshot of every table covers what the online ones would read.
+        online.tables.clear();
+    }
     if purged && !resume.is_empty() {
         tracing::warn!(
             "the interrupted snapshot's start position was purged from the server, snapshotting from the start"
@@ -641,6 +698,9 @@ async fn session(
         }
         (_, true) => None,
     };
+    if start.is_none() {
+        online.tables.clear();
+    }
 
     let (tx, mut rx) = Outbox::new(src.channel_capacity);
     let reader_cfg = mysql.clone();
@@ -659,6 +719,14 @@ async fn session(
         .as_ref()
         .and_then(|o| Window::new(&o.snapshot_segments, &o.tables));
     let gtid_connect = gtid_failover.clone();
+    let beside = binlog::Beside {
+        online: online::Online::new(mysql.clone(), epoch, chunk, online.clone(), mariadb),
+        signals: Some(signal::listen(
+            cfg,
+            online.signals_next.unwrap_or(0),
+            shutdown.clone(),
+        )),
+    };
     let reader = tokio::spawn(async move {
         let (start, window, state) = match start {
             Some(p) => {
@@ -695,6 +763,7 @@ async fn session(
                 state,
                 connect: gtid_connect,
             },
+            beside,
             tx,
             reader_shutdown,
         )
@@ -704,6 +773,7 @@ async fn session(
     let result = pump(
         src,
         session_tables,
+        online,
         publisher,
         committed,
         !need_snapshot,
@@ -801,6 +871,7 @@ async fn commit_unless_shutdown(
 async fn pump(
     src: &SourceConfig,
     tables: Vec<String>,
+    mut online: OnlineState,
     publisher: &mut Publisher,
     committed: &mut Option<SourceOffset>,
     no_snapshot: bool,
@@ -828,6 +899,11 @@ async fn pump(
         .as_ref()
         .filter(|o| o.snapshot_completed)
         .and_then(|o| Window::new(&o.snapshot_segments, &o.tables));
+    // The offset of the last boundary the stream reached (what an online snapshot's progress is
+    // stored with when it arrives between two boundaries).
+    let mut boundary: Option<SourceOffset> = committed
+        .clone()
+        .filter(|o| o.snapshot_completed && snapshot_done);
     readiness.source_ready.store(true, Ordering::Relaxed);
     loop {
         let msg = tokio::select! {
@@ -884,7 +960,25 @@ async fn pump(
                             .as_ref()
                             .map(|w| w.segments().to_vec())
                             .unwrap_or_default(),
+                        online: online.clone(),
                     });
+                    boundary = pending.clone();
+                }
+            }
+            Some(SourceMsg::OnlineProgress { state, at }) => {
+                online = state;
+                // Stored at once when the reader stands at the last boundary (everything sent
+                // is covered by it and this state), else with the next boundary.
+                if let (Some(at), Some(b)) = (at, boundary.as_ref())
+                    && b.position == at
+                {
+                    let o = SourceOffset {
+                        online: online.clone(),
+                        ..b.clone()
+                    };
+                    boundary = Some(o.clone());
+                    pending = Some(o);
+                    at_boundary = true;
                 }
             }
             Some(SourceMsg::SnapshotProgress(segments)) => {
@@ -900,6 +994,7 @@ async fn pump(
                         snapshot_completed: false,
                         tables: tables.clone(),
                         snapshot_segments: segments,
+                        online: online.clone(),
                     });
                 }
             }
@@ -923,7 +1018,9 @@ async fn pump(
                         .as_ref()
                         .map(|w| w.segments().to_vec())
                         .unwrap_or_default(),
+                    online: online.clone(),
                 });
+                boundary = pending.clone();
                 // The end of a snapshot is committed at once.
                 if let Some(o) = pending.take() {
                     if !commit_unless_shutdown(publisher, &o, shutdown).await? {
@@ -991,6 +1088,7 @@ mod tests {
             server_id: None,
             server_uuid: None,
             snapshot_segments: Vec::new(),
+            online: OnlineState::default(),
         }
     }
 

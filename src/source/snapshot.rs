@@ -76,22 +76,7 @@ pub async fn run_snapshot(
     ))
     .await?;
     let (position, table_locks) = match method {
-        Method::ConsistentSnapshot => {
-            conn.query_drop("START TRANSACTION WITH CONSISTENT SNAPSHOT, READ ONLY")
-                .await?;
-            let rows: Vec<(String, String)> =
-                conn.query("SHOW STATUS LIKE 'binlog_snapshot_%'").await?;
-            let get = |k: &str| {
-                rows.iter()
-                    .find(|(n, _)| n.eq_ignore_ascii_case(k))
-                    .map(|(_, v)| v.clone())
-            };
-            let file = get("Binlog_snapshot_file").unwrap_or_default();
-            let pos = get("Binlog_snapshot_position")
-                .and_then(|p| p.parse().ok())
-                .unwrap_or(0);
-            (BinlogPosition { file, pos }, false)
-        }
+        Method::ConsistentSnapshot => (open_consistent_read(&mut conn).await?, false),
         Method::GlobalLock { fallback } => {
             match lock(&mut conn, "FLUSH TABLES WITH READ LOCK", lock_wait_s).await {
                 Ok(()) => {
@@ -254,6 +239,27 @@ pub async fn run_snapshot(
     Ok((segments, executed.filter(|_| fresh)))
 }
 
+/// Opens a consistent read on MariaDB and returns the binlog position it matches exactly
+/// (`binlog_snapshot_file/position`, no lock). The position's file is empty where the server
+/// has no such status (MySQL).
+pub(super) async fn open_consistent_read(
+    conn: &mut mysql_async::Conn,
+) -> Result<BinlogPosition, SourceError> {
+    conn.query_drop("START TRANSACTION WITH CONSISTENT SNAPSHOT, READ ONLY")
+        .await?;
+    let rows: Vec<(String, String)> = conn.query("SHOW STATUS LIKE 'binlog_snapshot_%'").await?;
+    let get = |k: &str| {
+        rows.iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(k))
+            .map(|(_, v)| v.clone())
+    };
+    let file = get("Binlog_snapshot_file").unwrap_or_default();
+    let pos = get("Binlog_snapshot_position")
+        .and_then(|p| p.parse().ok())
+        .unwrap_or(0);
+    Ok(BinlogPosition { file, pos })
+}
+
 /// The snapshot's locking: `source.snapshot_locking` and `source.snapshot_lock_wait_s`.
 #[derive(Debug, Clone, Copy)]
 pub struct LockPolicy {
@@ -316,7 +322,7 @@ async fn table_locked(
 }
 
 /// Rows of a table's first chunk (see [`next_limit`]).
-const FIRST_CHUNK_ROWS: u32 = 256;
+pub(super) const FIRST_CHUNK_ROWS: u32 = 256;
 
 /// How much one snapshot chunk may hold.
 #[derive(Debug, Clone, Copy)]
@@ -337,7 +343,7 @@ pub fn next_limit(limit: u32, n: usize, bytes: usize, bounds: ChunkBounds) -> u3
 }
 
 /// The approximate memory of one decoded row.
-fn row_bytes(row: &[Value]) -> usize {
+pub(super) fn row_bytes(row: &[Value]) -> usize {
     row.iter()
         .map(|v| match v {
             Value::String(s) | Value::Decimal(s) => s.len() + 24,
@@ -453,7 +459,7 @@ fn quote_ident(s: &str) -> String {
 }
 
 /// One chunk of a keyed table, in key order after `after`.
-async fn read_chunk(
+pub(super) async fn read_chunk(
     conn: &mut mysql_async::Conn,
     schema: &TableSchema,
     after: Option<&[Value]>,

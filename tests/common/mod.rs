@@ -116,6 +116,14 @@ pub async fn seed_database() -> Result<String> {
     Ok(db)
 }
 
+/// Whether the test server is MariaDB (else MySQL, in the compat workflow).
+pub async fn server_is_mariadb() -> Result<bool> {
+    use mysql_async::prelude::Queryable;
+    let mut c = admin().await?;
+    let v: Option<String> = c.query_first("SELECT VERSION()").await?;
+    Ok(v.unwrap_or_default().contains("MariaDB"))
+}
+
 /// Runs one statement as admin.
 pub async fn sql(stmt: impl AsRef<str>) -> Result<()> {
     let mut c = admin().await?;

@@ -1,0 +1,484 @@
+//! Online snapshots of single tables while every captured table keeps streaming: for a table
+//! added to `source.tables` of a deployment that already streams, and on demand
+//! (`ecst snapshot db.table`, through `source::signal`). No lock is taken, and nothing waits.
+//!
+//! This is DBLog's idea (Andreakis & Papapanagiotou, 2020; Debezium's incremental snapshots):
+//! interleave key-ordered chunks of the table with the binlog stream, and place each chunk in
+//! the stream where it cannot move any row backwards. DBLog brackets each chunk between two
+//! watermark writes and drops from the chunk every key the stream changed between them. MariaDB
+//! lets us do without the writes (ecst's user only reads) and without dropping anything: a chunk
+//! is read inside `START TRANSACTION WITH CONSISTENT SNAPSHOT`, whose `binlog_snapshot_position`
+//! is the **exact** binlog position `P` of that read view — every transaction before `P` is in
+//! the rows read, none after it.
+//!
+//! **The rule.** A chunk read at `P` is handed to the producer exactly when the stream's resume
+//! point `B` (the last transaction boundary, with nothing of the next transaction published:
+//! [`Decoder::resume_point`]) satisfies `B ≤ P ≤ S`, where `S` ≥ `B` is how far the stream is
+//! read with nothing open (a heartbeat heard between transactions, [`Decoder::settled_to`]; no
+//! transaction ends between `B` and `S`). Then, for every key `k` of the chunk:
+//!
+//! * every change to `k` before `P` lies before `B`, so it was published before the chunk, and
+//!   the chunk's row already shows it;
+//! * every change to `k` after `P` is published after the chunk.
+//!
+//! So in each key's order the chunk's row sits exactly where its read view was taken, and its
+//! version (`P`, row 0) sorts after the changes before `P` and before those after it
+//! (`offsets::version_of`: a change is placed at its transaction's start plus its row index).
+//!
+//! If the stream is still before `P` (`B < P`: the server committed more than was read yet),
+//! the chunk waits until the stream reaches it. If the stream is already past `P` when the chunk
+//! is read or while it waits (`P < B`: a transaction written to the binlog before its read view
+//! included it, or a boundary that jumped over `P`), the chunk is dropped and read again a little
+//! later, at a new read view, which then lies at or after `B`. Keys are never compared in Rust,
+//! so any key (text in any collation, composite, binary) is paged by the server's own
+//! `ORDER BY`. Chunks are read only once the stream is past the stretch a resumed initial
+//! snapshot spanned (`source::window`), where a row's changes are filtered by the position it
+//! was read at.
+//!
+//! **Exactly once.** A chunk and the progress it makes ([`OnlineState`]: the table's last key)
+//! reach the producer loop together, and the progress is stored with a resume position in the
+//! same Kafka transaction as the chunk's rows. After a crash the stream resumes at the stored
+//! position and the snapshot after the stored key; what was published but not committed is
+//! aborted with its transaction. Reading a chunk twice is harmless anyway: a row at a later read
+//! view is a later version.
+//!
+//! **Bounds.** A chunk holds at most `source.snapshot_chunk_size` rows and
+//! `source.snapshot_chunk_max_bytes` of values (it starts small and grows while rows are
+//! narrow, as the initial snapshot's chunks do); one chunk is in memory at a time, and it goes
+//! through the same permit-bounded hand-over as every change.
+//!
+//! **Where it runs.** MariaDB only: MySQL has no binlog position tied to a read view. On MySQL
+//! a table added to `source.tables` is snapshotted at the start, before the stream resumes, as
+//! it was before online snapshots existed, and `ecst snapshot` is refused with that fix. Tables
+//! without a primary key cannot be paged; they are refused the same way (loudly, in the log and
+//! in `ecst check`).
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use mysql_async::prelude::Queryable;
+
+use super::decoder::Decoder;
+use super::snapshot::{ChunkBounds, FIRST_CHUNK_ROWS, next_limit, read_chunk, row_bytes};
+use super::table_map::from_information_schema;
+use super::{Outbox, SourceError, SourceMsg, connect};
+use crate::config::MysqlConfig;
+use crate::events::{ChangeEvent, Op, SourceInfo, TableSchema, Value};
+use crate::metrics as m;
+use crate::offsets::{BinlogPosition, OnlineState, OnlineTable};
+
+/// The longest wait before a chunk read behind the stream is read again.
+const MAX_RETRY_WAIT: Duration = Duration::from_millis(200);
+
+/// Where a chunk read at `at` goes, the stream standing at resume point `resume` and read with
+/// nothing open up to `settled` (the rule of the module note).
+#[derive(Debug, PartialEq, Eq)]
+enum Placement {
+    /// `resume ≤ at ≤ settled`: hand it over now.
+    Now,
+    /// `resume < at`, beyond `settled`: the stream has not reached the read view yet.
+    Wait,
+    /// `at < resume`, or positions that do not compare (another file numbering): the stream has
+    /// passed the read view; read the chunk again.
+    ReadAgain,
+}
+
+fn placement(resume: &BinlogPosition, settled: &BinlogPosition, at: &BinlogPosition) -> Placement {
+    use std::cmp::Ordering::{Equal, Greater, Less};
+    match (resume.partial_cmp(at), at.partial_cmp(settled)) {
+        (Some(Less | Equal), Some(Less | Equal)) => Placement::Now,
+        (Some(Less), Some(Greater)) => Placement::Wait,
+        _ => Placement::ReadAgain,
+    }
+}
+
+/// A chunk read and not yet handed over.
+struct Chunk {
+    /// The read view's exact binlog position.
+    at: BinlogPosition,
+    /// Its rows, in key order.
+    rows: Vec<Vec<Value>>,
+    /// The shape they were read with.
+    schema: Arc<TableSchema>,
+    /// Fewer rows than asked for: the table ends with this chunk.
+    last: bool,
+    /// The row limit it was read with (the next one grows from it).
+    limit: u32,
+    /// Its rows' approximate bytes.
+    bytes: usize,
+}
+
+/// The online snapshots of one reader session.
+pub struct Online {
+    cfg: MysqlConfig,
+    epoch: u64,
+    bounds: ChunkBounds,
+    state: OnlineState,
+    /// The server gives a read view's binlog position (MariaDB).
+    supported: bool,
+    /// The side connection chunks are read on.
+    conn: Option<mysql_async::Conn>,
+    pending: Option<Chunk>,
+    /// The row limit of the next chunk.
+    limit: u32,
+    /// A chunk read behind the stream: the next read waits until then.
+    not_before: Option<Instant>,
+    /// Reads behind the stream in a row (the wait doubles with each).
+    behind: u32,
+    /// When the first table's snapshot started (this session).
+    started: Instant,
+}
+
+impl Online {
+    /// The online snapshots of `state`, read from `cfg`'s server; `supported` is false on a
+    /// server without a read view's binlog position (MySQL), where none is run.
+    pub fn new(
+        cfg: MysqlConfig,
+        epoch: u64,
+        bounds: ChunkBounds,
+        state: OnlineState,
+        supported: bool,
+    ) -> Self {
+        if let Some(t) = state.tables.first() {
+            tracing::info!(table = %t.table, after_key = ?t.last_key, queued = state.tables.len(), "online snapshot running while the stream goes on");
+        }
+        let running = !state.tables.is_empty();
+        metrics::gauge!(m::SNAPSHOT_RUNNING).set(if running { 1.0 } else { 0.0 });
+        Online {
+            cfg,
+            epoch,
+            bounds,
+            state,
+            supported,
+            conn: None,
+            pending: None,
+            limit: FIRST_CHUNK_ROWS.min(bounds.rows.max(1)),
+            not_before: None,
+            behind: 0,
+            started: Instant::now(),
+        }
+    }
+
+    /// Whether a chunk should be read now: the stream is at a resume point, and past the stretch
+    /// a resumed snapshot spanned (inside it, a row's changes are filtered by the position it
+    /// was read at, which a chunk read there could precede).
+    pub fn wants_read(&self, decoder: &Decoder) -> bool {
+        self.supported
+            && !decoder.in_window()
+            && decoder.resume_point().is_some()
+            && self.pending.is_none()
+            && !self.state.tables.is_empty()
+    }
+
+    /// Resolves when the next chunk may be read (at once, or after a read behind the stream).
+    pub async fn ready(&self) {
+        if let Some(t) = self.not_before {
+            tokio::time::sleep_until(t.into()).await;
+        }
+    }
+
+    /// Reads the next chunk of the first table, and hands it over at once if the stream stands
+    /// at its position.
+    pub async fn read_next(&mut self, decoder: &Decoder, tx: &Outbox) -> Result<(), SourceError> {
+        let Some(t) = self.state.tables.first() else {
+            return Ok(());
+        };
+        let (table, after) = (t.table.clone(), t.last_key.clone());
+        if self.conn.is_none() {
+            let mut c = connect(&self.cfg).await?;
+            c.query_drop("SET SESSION time_zone = '+00:00'").await?;
+            c.query_drop("SET SESSION TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+                .await?;
+            self.conn = Some(c);
+        }
+        let Some(conn) = self.conn.as_mut() else {
+            return Ok(());
+        };
+        let (db, name) = table.split_once('.').unwrap_or(("", &table));
+        let limit = self.limit;
+        let read = async {
+            let at = super::snapshot::open_consistent_read(conn).await?;
+            let schema = from_information_schema(conn, db, name).await?;
+            let rows = if schema.key.is_empty() {
+                Vec::new()
+            } else {
+                read_chunk(conn, &schema, after.as_deref(), limit).await?
+            };
+            // A concurrent ALTER between the shape and the read: read again with the new shape.
+            let again = from_information_schema(conn, db, name).await?;
+            conn.query_drop("COMMIT").await?;
+            Ok::<_, SourceError>((at, schema, rows, again))
+        }
+        .await;
+        let (at, schema, rows, again) = match read {
+            Ok(r) => r,
+            Err(e) => {
+                // The connection's state is unknown: a new one next time.
+                self.conn = None;
+                return Err(e);
+            }
+        };
+        let refused = if at.file.is_empty() {
+            Some(
+                "this server gives no binlog position for a consistent read (binlog_snapshot_position: MySQL)",
+            )
+        } else if schema.key.is_empty() {
+            Some("the table has no primary key to page it by")
+        } else {
+            None
+        };
+        if let Some(why) = refused {
+            // Refused, loudly, without stopping the stream of every other table: the session's
+            // start routes added tables it cannot snapshot online to the snapshot at the start,
+            // so only a signal ends here (`ecst snapshot` refuses these itself).
+            let err = SourceError::OnlineUnsupported {
+                table: table.clone(),
+                why: why.into(),
+            };
+            tracing::error!(table = %table, error = %err, "online snapshot refused");
+            self.state.tables.remove(0);
+            if self.state.tables.is_empty() {
+                metrics::gauge!(m::SNAPSHOT_RUNNING).set(0.0);
+            }
+            return tx
+                .send(SourceMsg::OnlineProgress {
+                    state: self.state.clone(),
+                    at: decoder.resume_point(),
+                })
+                .await;
+        }
+        if again.columns.len() != schema.columns.len()
+            || again
+                .columns
+                .iter()
+                .zip(&schema.columns)
+                .any(|(a, b)| a.name != b.name || a.kind != b.kind)
+        {
+            tracing::info!(table = %table, "table altered while a chunk was read: reading it again");
+            return Ok(());
+        }
+        let n = rows.len();
+        let bytes = rows.iter().map(|r| row_bytes(r)).sum();
+        self.pending = Some(Chunk {
+            at,
+            rows,
+            schema: Arc::new(schema),
+            last: n < limit as usize,
+            limit,
+            bytes,
+        });
+        self.place(decoder, tx).await
+    }
+
+    /// After each event: hands the waiting chunk over if the stream now stands at its position,
+    /// or drops it if the stream went past.
+    pub async fn after_event(&mut self, decoder: &Decoder, tx: &Outbox) -> Result<(), SourceError> {
+        if self.pending.is_none() {
+            return Ok(());
+        }
+        self.place(decoder, tx).await
+    }
+
+    /// The rule of the module note.
+    async fn place(&mut self, decoder: &Decoder, tx: &Outbox) -> Result<(), SourceError> {
+        let (Some(chunk), Some(resume), Some(settled)) = (
+            self.pending.as_ref(),
+            decoder.resume_point(),
+            decoder.settled_to(),
+        ) else {
+            return Ok(());
+        };
+        match placement(&resume, &settled, &chunk.at) {
+            Placement::Now => {
+                let Some(chunk) = self.pending.take() else {
+                    return Ok(());
+                };
+                self.behind = 0;
+                self.not_before = None;
+                self.hand_over(chunk, &resume, tx).await
+            }
+            Placement::Wait => Ok(()),
+            Placement::ReadAgain => {
+                let read_at = chunk.at.to_string();
+                self.pending = None;
+                self.behind = self.behind.saturating_add(1);
+                let wait = Duration::from_millis(5)
+                    .saturating_mul(1 << self.behind.min(6))
+                    .min(MAX_RETRY_WAIT);
+                self.not_before = Some(Instant::now() + wait);
+                metrics::counter!(m::SNAPSHOT_CHUNKS_REREAD_TOTAL).increment(1);
+                tracing::debug!(%read_at, stream_at = %resume, "online snapshot chunk read behind the stream: reading it again");
+                Ok(())
+            }
+        }
+    }
+
+    /// Publishes a chunk and the progress it makes, at the resume point `at`.
+    async fn hand_over(
+        &mut self,
+        chunk: Chunk,
+        at: &BinlogPosition,
+        tx: &Outbox,
+    ) -> Result<(), SourceError> {
+        let Some(entry) = self.state.tables.first_mut() else {
+            return Ok(());
+        };
+        let table = entry.table.clone();
+        let now = crate::events::now_ms();
+        let template = SourceInfo {
+            ts_ms: now,
+            snapshot: "incremental",
+            server_id: 0,
+            gtid: None,
+            file: Arc::from(chunk.at.file.as_str()),
+            pos: chunk.at.pos,
+            row: 0,
+            epoch: self.epoch,
+            read_ts_ms: now,
+        };
+        let n = chunk.rows.len();
+        if let Some(last) = chunk.rows.last() {
+            entry.last_key = Some(chunk.schema.key_of(last));
+        }
+        entry.rows_done += n as u64;
+        let done = entry.rows_done;
+        if n > 0 {
+            let events = chunk
+                .rows
+                .into_iter()
+                .map(|row| ChangeEvent {
+                    schema: chunk.schema.clone(),
+                    op: Op::Read,
+                    before: None,
+                    after: Some(row),
+                    source: template.clone(),
+                })
+                .collect();
+            tx.send(SourceMsg::Changes(events)).await?;
+        }
+        metrics::gauge!(m::SNAPSHOT_ROWS_DONE, m::TABLE_LABEL => table.clone()).set(done as f64);
+        if chunk.last {
+            self.state.tables.remove(0);
+            self.limit = FIRST_CHUNK_ROWS.min(self.bounds.rows.max(1));
+            metrics::gauge!(m::SNAPSHOT_ROWS_TOTAL, m::TABLE_LABEL => table.clone())
+                .set(done as f64);
+            tracing::info!(table = %table, rows = done, read_at = %chunk.at, took_s = self.started.elapsed().as_secs(), "online snapshot of table finished");
+            self.started = Instant::now();
+            match self.state.tables.first() {
+                Some(next) => {
+                    tracing::info!(table = %next.table, "online snapshot running while the stream goes on");
+                }
+                None => metrics::gauge!(m::SNAPSHOT_RUNNING).set(0.0),
+            }
+        } else {
+            self.limit = next_limit(chunk.limit, n, chunk.bytes, self.bounds);
+            tracing::debug!(table = %table, rows_done = done, read_at = %chunk.at, "online snapshot chunk published");
+        }
+        tx.send(SourceMsg::OnlineProgress {
+            state: self.state.clone(),
+            at: Some(at.clone()),
+        })
+        .await?;
+        crate::failpoint::pause_if_armed("online.rows", done).await;
+        Ok(())
+    }
+
+    /// Takes a signal: queues its tables (those not queued yet) and stores where the signals
+    /// were read to, with the next boundary (or at once, at a resume point).
+    pub async fn on_signal(
+        &mut self,
+        signal: super::signal::Signal,
+        captured: &std::collections::HashSet<String>,
+        decoder: &Decoder,
+        tx: &Outbox,
+    ) -> Result<(), SourceError> {
+        match signal.tables {
+            Ok(tables) => {
+                for t in tables {
+                    if !captured.contains(&t) {
+                        tracing::error!(table = %t, offset = signal.offset, "snapshot signal for a table this source does not capture: ignored (add it to source.tables; an added table is snapshotted online at the next start)");
+                    } else if !self.supported {
+                        tracing::error!(table = %t, offset = signal.offset, error = %SourceError::OnlineUnsupported { table: t.clone(), why: "this server gives no binlog position for a consistent read (MySQL)".into() }, "snapshot signal refused");
+                    } else if self.state.tables.iter().any(|q| q.table == t) {
+                        tracing::info!(table = %t, offset = signal.offset, "snapshot signal for a table already being snapshotted online: nothing to add");
+                    } else {
+                        tracing::info!(table = %t, offset = signal.offset, "snapshot signal: the table is snapshotted online while the stream goes on");
+                        if self.state.tables.is_empty() {
+                            self.started = Instant::now();
+                            metrics::gauge!(m::SNAPSHOT_RUNNING).set(1.0);
+                        }
+                        self.state.tables.push(OnlineTable {
+                            table: t,
+                            last_key: None,
+                            rows_done: 0,
+                        });
+                    }
+                }
+            }
+            Err(why) => {
+                tracing::error!(offset = signal.offset, %why, "unreadable record in the signals topic: ignored");
+            }
+        }
+        self.state.signals_next = Some(signal.offset.saturating_add(1));
+        tx.send(SourceMsg::OnlineProgress {
+            state: self.state.clone(),
+            at: decoder.resume_point(),
+        })
+        .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn p(s: &str) -> BinlogPosition {
+        s.parse().expect("a position")
+    }
+
+    #[test]
+    fn a_chunk_goes_in_exactly_where_the_stream_stands_at_its_read_view() {
+        // The stream's resume point is the read view.
+        assert_eq!(
+            placement(&p("b.000002:900"), &p("b.000002:900"), &p("b.000002:900")),
+            Placement::Now
+        );
+        // Read view between the resume point and a heartbeat heard after it (no transaction
+        // ends in between: MariaDB's binlog checkpoint events, say).
+        assert_eq!(
+            placement(&p("b.000002:900"), &p("b.000002:1000"), &p("b.000002:950")),
+            Placement::Now
+        );
+    }
+
+    #[test]
+    fn a_chunk_read_ahead_of_the_stream_waits_and_one_behind_it_is_read_again() {
+        assert_eq!(
+            placement(&p("b.000002:900"), &p("b.000002:900"), &p("b.000002:1200")),
+            Placement::Wait
+        );
+        assert_eq!(
+            placement(&p("b.000002:900"), &p("b.000003:4"), &p("b.000003:120")),
+            Placement::Wait
+        );
+        // The stream already published changes after the read view: the chunk could move
+        // those rows backwards.
+        assert_eq!(
+            placement(&p("b.000002:900"), &p("b.000002:900"), &p("b.000002:800")),
+            Placement::ReadAgain
+        );
+        assert_eq!(
+            placement(&p("b.000003:4"), &p("b.000003:4"), &p("b.000002:800")),
+            Placement::ReadAgain
+        );
+        // Another numbering (RESET MASTER, a renamed log): never placed by guess.
+        assert_eq!(
+            placement(
+                &p("b.000002:900"),
+                &p("b.000002:900"),
+                &p("other.000002:900")
+            ),
+            Placement::ReadAgain
+        );
+    }
+}

@@ -1,0 +1,316 @@
+//! Online snapshots (`source::online`): a table added to a running deployment, and
+//! `ecst snapshot`, are read chunk by chunk while every captured table streams on; each chunk's
+//! rows land in each key's change order exactly where their read view was taken.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
+
+use anyhow::{Result, ensure};
+use ecst::app::Components;
+use ecst::events::Op;
+use ecst::sink::decode::DecodedEvent;
+use mysql_async::prelude::Queryable;
+
+use crate::common::*;
+
+const T: Duration = Duration::from_secs(120);
+
+/// Rows of the table added while the deployment runs.
+const BIG_ROWS: u64 = 3000;
+
+/// `db.big`: `BIG_ROWS` rows keyed by text whose case-insensitive order is not its byte order
+/// (`a…` and `B…` alternate), with a counter `n` at 0 and `k` to find a row by number.
+async fn add_big_table(db: &str) -> Result<()> {
+    sql(format!(
+        "CREATE TABLE `{db}`.big (id VARCHAR(40) PRIMARY KEY, k INT NOT NULL UNIQUE, n INT NOT NULL, pad VARCHAR(200) NOT NULL)"
+    ))
+    .await?;
+    sql(format!(
+        "INSERT INTO `{db}`.big SELECT CONCAT(IF(seq % 2, 'a', 'B'), MD5(seq)), seq, 0, REPEAT('x', 150) FROM `{db}`.seq_1_to_{BIG_ROWS}"
+    ))
+    .await?;
+    Ok(())
+}
+
+/// Writes transactions until `stop`: each adds 1 to `n` of a pseudo-random row of `counter`
+/// and, if `big` is set, of `big`. Counts the transactions committed.
+async fn write_until(
+    db: String,
+    big: bool,
+    stop: Arc<AtomicBool>,
+    committed: Arc<AtomicU64>,
+) -> Result<()> {
+    let mut c = admin().await?;
+    let mut x: u64 = 0x9E37_79B9;
+    while !stop.load(Ordering::Relaxed) {
+        x = x.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1);
+        let (a, b) = ((x >> 33) % 100 + 1, (x >> 17) % BIG_ROWS + 1);
+        let mut tx = c.start_transaction(mysql_async::TxOpts::default()).await?;
+        tx.query_drop(format!(
+            "UPDATE `{db}`.counter SET n = n + 1 WHERE id = {a}"
+        ))
+        .await?;
+        if big {
+            tx.query_drop(format!("UPDATE `{db}`.big SET n = n + 1 WHERE k = {b}"))
+                .await?;
+        }
+        tx.commit().await?;
+        committed.fetch_add(1, Ordering::Relaxed);
+    }
+    Ok(())
+}
+
+/// `key → n` of every row of `db.table` in MySQL.
+async fn mysql_counts(db: &str, table: &str) -> Result<HashMap<String, i32>> {
+    let mut c = admin().await?;
+    let key = if table == "big" {
+        "id"
+    } else {
+        "CAST(id AS CHAR)"
+    };
+    let rows: Vec<(String, i32)> = c
+        .query(format!("SELECT {key}, n FROM `{db}`.`{table}`"))
+        .await?;
+    Ok(rows.into_iter().collect())
+}
+
+fn key_text(e: &DecodedEvent) -> String {
+    match e.key.get("id") {
+        Some(bson::Bson::String(s)) => s.clone(),
+        Some(bson::Bson::Int32(i)) => i.to_string(),
+        other => format!("{other:?}"),
+    }
+}
+
+fn n_of(e: &DecodedEvent) -> Option<i32> {
+    e.after.as_ref().and_then(|a| a.get_i32("n").ok())
+}
+
+/// Reads every event of `topic` once the table is quiet: one read per row (`reads`) and one
+/// update per committed `n`, then checks each key's events in topic order:
+/// * every update adds exactly 1 to the value before it: each change exactly once, in order;
+/// * a read shows exactly the value the key's changes had reached where it stands: a snapshot
+///   row never moves a key backwards and never skips a change;
+/// * the last value is MySQL's; each row is read exactly `reads_per_row` times.
+async fn assert_changes_and_reads_in_place(
+    topic: &str,
+    finals: &HashMap<String, i32>,
+    reads_per_row: usize,
+) -> Result<Vec<DecodedEvent>> {
+    let updates: usize = finals.values().map(|n| *n as usize).sum();
+    let total = finals.len() * reads_per_row + updates;
+    let evs = wait_events(topic, total, T).await?;
+    let more = events_of(topic, total + 1, Duration::from_secs(3)).await?;
+    ensure!(
+        more.len() == total,
+        "{topic}: {} events, expected {total}",
+        more.len()
+    );
+    let mut last: HashMap<String, i32> = HashMap::new();
+    let mut reads: HashMap<String, usize> = HashMap::new();
+    for e in &evs {
+        let k = key_text(e);
+        let n = n_of(e).ok_or_else(|| anyhow::anyhow!("{topic}: an event without n: {e:?}"))?;
+        let before = last.get(&k).copied();
+        match e.op {
+            Op::Update => ensure!(
+                n == before.unwrap_or(0) + 1,
+                "{topic} key {k}: update to {n} after {before:?}"
+            ),
+            Op::Read => {
+                ensure!(
+                    n == before.unwrap_or(0),
+                    "{topic} key {k}: a snapshot row with n = {n} after the change to {before:?}"
+                );
+                *reads.entry(k.clone()).or_default() += 1;
+            }
+            other => anyhow::bail!("{topic} key {k}: unexpected {other:?}"),
+        }
+        last.insert(k, n);
+    }
+    for (k, n) in finals {
+        ensure!(
+            last.get(k) == Some(n),
+            "{topic} key {k}: Kafka ends at {:?}, MySQL at {n}",
+            last.get(k)
+        );
+        ensure!(
+            reads.get(k).copied().unwrap_or(0) == reads_per_row,
+            "{topic} key {k}: read {:?} times, expected {reads_per_row}",
+            reads.get(k)
+        );
+    }
+    Ok(evs)
+}
+
+/// Waits until the writer has committed `more` transactions after now.
+async fn written(committed: &AtomicU64, more: u64) -> Result<()> {
+    let target = committed.load(Ordering::Relaxed) + more;
+    wait_for("the writer's transactions", T, || async {
+        Ok((committed.load(Ordering::Relaxed) >= target).then_some(()))
+    })
+    .await
+}
+
+#[tokio::test]
+async fn a_table_added_to_a_running_deployment_is_snapshotted_online_while_both_tables_change_and_kill_9_mid_snapshot_loses_and_doubles_nothing()
+-> Result<()> {
+    let _shared = STACK_LOCK.read().await;
+    let db = crate::ops::counter_table().await?;
+    add_big_table(&db).await?;
+    let mut tc = TestConfig::new(&db, &["counter"]);
+    // Small chunks: 3000 rows are read in many chunks, between which the stream goes on.
+    tc.extra_source = "snapshot_chunk_size = 50".into();
+    let cfg = write_config(&tc, true, None)?;
+    let run = spawn_captured(&cfg, "source", &[], "info")?;
+    wait_events(&tc.topic("counter"), 100, T).await?;
+    drop(run);
+    // Both tables change from now on, while ecst restarts with `big` added.
+    let stop = Arc::new(AtomicBool::new(false));
+    let committed = Arc::new(AtomicU64::new(0));
+    let writer = tokio::spawn(write_until(
+        db.clone(),
+        true,
+        stop.clone(),
+        committed.clone(),
+    ));
+    written(&committed, 20).await?;
+    tc.tables.push(format!("{db}.big"));
+    let cfg = write_config(&tc, true, None)?;
+    let (pause, reached) = failpoint("online.rows", 1000);
+    let mut run = spawn_captured(&cfg, "source", &pause, "info")?;
+    run.wait_for_output("snapshotting them online", T).await?;
+    wait_for_failpoint(&reached, T).await?;
+    // `ecst check` shows the snapshot running, from the stored position.
+    wait_for("`ecst check` to show the online snapshot", T, || async {
+        let out = tokio::process::Command::new(ecst_bin())
+            .args(["--config", &cfg.to_string_lossy(), "check"])
+            .output()
+            .await?;
+        let text = String::from_utf8_lossy(&out.stdout).to_string();
+        Ok(text
+            .lines()
+            .any(|l| {
+                l.starts_with("PASS")
+                    && l.contains("online snapshots")
+                    && l.contains(&format!("running: {db}.big ("))
+            })
+            .then_some(()))
+    })
+    .await?;
+    // Mid-snapshot, a chunk handed over and maybe committed: kill -9.
+    run.child.kill().await?;
+    written(&committed, 20).await?;
+    let mut run = spawn_captured(&cfg, "source", &[], "info")?;
+    run.wait_for_output("online snapshot of table finished", T)
+        .await?;
+    written(&committed, 20).await?;
+    stop.store(true, Ordering::Relaxed);
+    writer.await??;
+    let counter = assert_changes_and_reads_in_place(
+        &tc.topic("counter"),
+        &mysql_counts(&db, "counter").await?,
+        1,
+    )
+    .await?;
+    let big =
+        assert_changes_and_reads_in_place(&tc.topic("big"), &mysql_counts(&db, "big").await?, 1)
+            .await?;
+    // Online, not before the stream: the rows were read at many read views, and the other
+    // table's changes were streamed between the first and the last of them.
+    let read_versions: std::collections::BTreeSet<&str> = big
+        .iter()
+        .filter(|e| e.op == Op::Read)
+        .map(|e| e.version.as_str())
+        .collect();
+    ensure!(
+        read_versions.len() > 10,
+        "{} read views",
+        read_versions.len()
+    );
+    let (first, last) = (
+        read_versions.first().copied().unwrap_or_default(),
+        read_versions.last().copied().unwrap_or_default(),
+    );
+    let between = counter
+        .iter()
+        .filter(|e| e.op == Op::Update && e.version.as_str() > first && e.version.as_str() < last)
+        .count();
+    ensure!(
+        between > 0,
+        "no change of the other table streamed during the snapshot"
+    );
+    assert!(
+        run.child.try_wait()?.is_none(),
+        "the source runs on:\n{}",
+        run.output()
+    );
+    run.child.kill().await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn ecst_snapshot_reads_a_captured_table_again_online_while_it_changes() -> Result<()> {
+    let _shared = STACK_LOCK.read().await;
+    let db = crate::ops::counter_table().await?;
+    let mut tc = TestConfig::new(&db, &["counter"]);
+    tc.extra_source = "snapshot_chunk_size = 10".into();
+    let cfg = tc.config(true)?;
+    let run = start(cfg.clone(), Components::Source);
+    wait_events(&tc.topic("counter"), 100, T).await?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let committed = Arc::new(AtomicU64::new(0));
+    let writer = tokio::spawn(write_until(
+        db.clone(),
+        false,
+        stop.clone(),
+        committed.clone(),
+    ));
+    written(&committed, 20).await?;
+    // A table not captured is refused, naming it; nothing is written.
+    let refused = ecst::source::signal::request_snapshot(&cfg, &[format!("{db}.nope")])
+        .await
+        .err()
+        .map(|e| e.to_string())
+        .unwrap_or_default();
+    assert!(
+        refused.contains(&format!("`{db}.nope` is not captured")),
+        "{refused}"
+    );
+    let asked = ecst::source::signal::request_snapshot(&cfg, &[format!("{db}.counter")]).await?;
+    assert!(asked.contains("offset 0"), "{asked}");
+    // The second read of every row arrives while the writer goes on.
+    wait_for("100 more snapshot rows", T, || async {
+        let evs = events_of(&tc.topic("counter"), 100_000, Duration::from_secs(2)).await?;
+        Ok((evs.iter().filter(|e| e.op == Op::Read).count() >= 200).then_some(()))
+    })
+    .await?;
+    written(&committed, 20).await?;
+    stop.store(true, Ordering::Relaxed);
+    writer.await??;
+    assert_changes_and_reads_in_place(
+        &tc.topic("counter"),
+        &mysql_counts(&db, "counter").await?,
+        2,
+    )
+    .await?;
+    // A restart does not read the signal again: its offset is stored with the position.
+    run.stop().await?;
+    let stored = ecst::source::load_offset(&cfg, &cfg.offsets_topic())
+        .await?
+        .ok_or_else(|| anyhow::anyhow!("no stored offset"))?;
+    assert_eq!(stored.online.signals_next, Some(1));
+    assert!(stored.online.tables.is_empty(), "{:?}", stored.online);
+    let run = start(cfg, Components::Source);
+    sql(format!("UPDATE `{db}`.counter SET n = n + 1 WHERE id = 1")).await?;
+    assert_changes_and_reads_in_place(
+        &tc.topic("counter"),
+        &mysql_counts(&db, "counter").await?,
+        2,
+    )
+    .await?;
+    run.stop().await?;
+    Ok(())
+}
