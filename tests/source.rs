@@ -770,7 +770,46 @@ async fn a_table_without_a_primary_key_gets_a_null_kafka_key_and_no_tombstones()
         msgs.iter().all(|m| m.key().is_none()),
         "a null key, never a 5-byte empty record (Confluent's deserializers refuse those)"
     );
+    // Confluent's own consumer and Avro deserializer read every record of it.
+    let read = confluent_read(&tc.topic("log"), 3).await?;
+    let ops: Vec<&str> = read
+        .iter()
+        .map(|r| r["value"]["op"].as_str().unwrap_or_default())
+        .collect();
+    assert_eq!(ops, ["r", "r", "d"], "{read:?}");
+    assert!(read.iter().all(|r| r["key"].is_null()), "{read:?}");
+    assert_eq!(read[2]["value"]["before"]["msg"], "a", "{read:?}");
+    assert_eq!(read[2]["value"]["before"]["n"], 1, "{read:?}");
     run.stop().await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn confluents_python_avro_deserializer_reads_keys_and_values_of_a_keyed_table() -> Result<()>
+{
+    let _shared = STACK_LOCK.read().await;
+    let db = seed_database().await?;
+    let tc = TestConfig::new(&db, &["users"]);
+    let run = start(tc.config(true)?, Components::Source);
+    wait_events(&tc.topic("users"), 4, T).await?;
+    sql(format!(
+        "UPDATE `{db}`.users SET email = 'neha.parate@hotmail.com' WHERE id = 1"
+    ))
+    .await?;
+    wait_events(&tc.topic("users"), 5, T).await?;
+    run.stop().await?;
+    let read = confluent_read(&tc.topic("users"), 5).await?;
+    assert_eq!(read[0]["key"]["id"], 1, "{read:?}");
+    assert_eq!(read[4]["key"]["id"], 1, "{read:?}");
+    assert_eq!(read[4]["value"]["op"], "u", "{read:?}");
+    assert_eq!(
+        read[4]["value"]["after"]["email"], "neha.parate@hotmail.com",
+        "{read:?}"
+    );
+    assert_eq!(
+        read[4]["value"]["before"]["email"], "neha.parate@gmail.com",
+        "{read:?}"
+    );
     Ok(())
 }
 

@@ -494,6 +494,48 @@ pub async fn stack(args: &[&str]) -> Result<()> {
     Ok(())
 }
 
+/// Reads `count` records of `topic` with Confluent's own Python client and Avro deserializer
+/// (`dev/confluent_read.py`, installed by `dev/stack tools`): one JSON value per record,
+/// `{"offset", "key", "value"}`. Fails with the deserializer's own words if it refuses one.
+pub async fn confluent_read(topic: &str, count: usize) -> Result<Vec<serde_json::Value>> {
+    let e = endpoints();
+    let stack = std::env::var("ECST_STACK_DIR").unwrap_or_else(|_| ".stack".into());
+    let python = std::path::Path::new(&stack).join("py/bin/python");
+    if !python.exists() {
+        bail!(
+            "{} is missing: run `dev/stack tools` (dev/test does)",
+            python.display()
+        );
+    }
+    let out = Command::new(&python)
+        .args([
+            "dev/confluent_read.py",
+            "--topic",
+            topic,
+            "--count",
+            &count.to_string(),
+            "--bootstrap",
+            &e.kafka,
+            "--registry",
+            &e.registry,
+            "--timeout-s",
+            "60",
+        ])
+        .output()
+        .await?;
+    if !out.status.success() {
+        bail!(
+            "Confluent's deserializer: {}{}",
+            String::from_utf8_lossy(&out.stderr),
+            String::from_utf8_lossy(&out.stdout)
+        );
+    }
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| Ok(serde_json::from_str(l)?))
+        .collect()
+}
+
 /// Counts messages of a topic that decode to events (not tombstones).
 pub async fn events_of(
     topic: &str,
