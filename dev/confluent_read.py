@@ -39,6 +39,17 @@ def plain(v):
     return str(v)
 
 
+def transport_error(e: BaseException) -> bool:
+    """A registry that did not answer (a timeout, a refused or broken connection), as opposed
+    to a record the deserializer refuses."""
+    while e is not None:
+        kind = type(e)
+        if kind.__module__.split(".")[0].startswith("httpx") or isinstance(e, (TimeoutError, ConnectionError)):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--topic", required=True)
@@ -50,7 +61,9 @@ def main() -> int:
     if not args.registry:
         print("no --registry and no ECST_SCHEMA_REGISTRY_URL", file=sys.stderr)
         return 2
-    registry = SchemaRegistryClient({"url": args.registry})
+    # A request the registry never answers must not hang the reader (seen once with Apicurio
+    # under load): each request times out, and a timed-out lookup is asked again below.
+    registry = SchemaRegistryClient({"url": args.registry, "timeout": 10})
     deserialize = AvroDeserializer(registry)
     consumer = Consumer(
         {
@@ -82,12 +95,18 @@ def main() -> int:
                 (MessageField.KEY, msg.key(), "key"),
                 (MessageField.VALUE, msg.value(), "value"),
             ):
-                try:
-                    ctx = SerializationContext(msg.topic(), field)
-                    out[name] = None if raw is None else plain(deserialize(raw, ctx))
-                except Exception as e:  # the deserializer's refusal is the finding
-                    print(f"offset {msg.offset()}: the {name} is refused: {e}", file=sys.stderr)
-                    return 1
+                ctx = SerializationContext(msg.topic(), field)
+                for attempt in range(1, 6):
+                    try:
+                        out[name] = None if raw is None else plain(deserialize(raw, ctx))
+                        break
+                    except Exception as e:
+                        if transport_error(e) and attempt < 5:
+                            print(f"offset {msg.offset()}: registry: {e!r}; asking again", file=sys.stderr)
+                            continue
+                        # The deserializer's refusal is the finding.
+                        print(f"offset {msg.offset()}: the {name} is refused: {e!r}", file=sys.stderr)
+                        return 1
             print(json.dumps(out, sort_keys=True), flush=True)
             seen += 1
     finally:

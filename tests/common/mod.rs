@@ -507,7 +507,8 @@ pub async fn confluent_read(topic: &str, count: usize) -> Result<Vec<serde_json:
             python.display()
         );
     }
-    let out = Command::new(&python)
+    let run = Command::new(&python)
+        .kill_on_drop(true)
         .args([
             "dev/confluent_read.py",
             "--topic",
@@ -521,8 +522,12 @@ pub async fn confluent_read(topic: &str, count: usize) -> Result<Vec<serde_json:
             "--timeout-s",
             "60",
         ])
-        .output()
-        .await?;
+        .output();
+    // Its own bounds (60 s for the records, 10 s a registry request, 5 tries) end it first;
+    // this one is for a reader that hangs anyway.
+    let out = tokio::time::timeout(Duration::from_secs(180), run)
+        .await
+        .context("Confluent's reader did not finish within 180 s")??;
     if !out.status.success() {
         bail!(
             "Confluent's deserializer: {}{}",
