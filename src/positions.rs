@@ -337,6 +337,26 @@ fn describe(o: &SourceOffset) -> String {
     )
 }
 
+/// The online snapshots still running (the first is being read), and the signals read.
+fn online_line(o: &crate::offsets::OnlineState) -> String {
+    let running = if o.tables.is_empty() {
+        "no online snapshot running".to_string()
+    } else {
+        o.tables
+            .iter()
+            .map(|t| match &t.last_key {
+                Some(k) => format!("{} ({} rows, after key {k:?})", t.table, t.rows_done),
+                None => format!("{} (not started)", t.table),
+            })
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    match o.signals_next {
+        Some(n) => format!("{running}; signals read up to offset {n}"),
+        None => running,
+    }
+}
+
 /// Appends `o` to the offsets topic as the source's last position (the source reads the last
 /// record at its start).
 async fn write_source_offset(cfg: &Config, o: &SourceOffset) -> Result<(), PositionsError> {
@@ -404,6 +424,7 @@ pub async fn show(cfg: &Config) -> Result<String, PositionsError> {
                     }
                 ));
                 out.push_str(&format!("  tables          {}\n", o.tables.join(", ")));
+                out.push_str(&format!("  online          {}\n", online_line(&o.online)));
             }
         }
     }
@@ -444,4 +465,38 @@ pub async fn show(cfg: &Config) -> Result<String, PositionsError> {
         }
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::events::Value;
+    use crate::offsets::{OnlineState, OnlineTable};
+
+    #[test]
+    fn the_online_line_names_each_running_table_with_its_progress_and_the_signals_read() {
+        assert_eq!(
+            online_line(&OnlineState::default()),
+            "no online snapshot running"
+        );
+        let o = OnlineState {
+            tables: vec![
+                OnlineTable {
+                    table: "test.big".into(),
+                    last_key: Some(vec![Value::Long(1200)]),
+                    rows_done: 1200,
+                },
+                OnlineTable {
+                    table: "test.users".into(),
+                    last_key: None,
+                    rows_done: 0,
+                },
+            ],
+            signals_next: Some(3),
+        };
+        assert_eq!(
+            online_line(&o),
+            "test.big (1200 rows, after key [Long(1200)]), test.users (not started); signals read up to offset 3"
+        );
+    }
 }

@@ -20,6 +20,9 @@
 //!   reports it, a rotate replaces it. Computing it by summing event sizes would be wrong: the
 //!   server does not send every event of the file (ANNOTATE_ROWS is skipped unless asked for).
 //!
+//! MariaDB's compressed events (`log_bin_compress = ON`) are uncompressed into the plain event
+//! they stand for (`source::compressed`) and handled as such, header position included.
+//!
 //! Compressed transactions (MySQL 8.0.20+ `binlog_transaction_compression`): one
 //! TRANSACTION_PAYLOAD event holds a whole transaction's events, zstd-compressed, without
 //! checksums and without positions of their own. The payload is decompressed as a stream (one
@@ -282,6 +285,18 @@ impl Decoder {
         if header.event_type_raw() == TRANSACTION_PAYLOAD_EVENT {
             return self.on_payload(event, catalog, emit).await;
         }
+        if super::compressed::is_compressed(header.event_type_raw()) {
+            // MariaDB `log_bin_compress = ON`: handled as the plain event it compresses.
+            let plain =
+                super::compressed::uncompress(event).map_err(|detail| SourceError::Compressed {
+                    position: BinlogPosition {
+                        file: self.file.clone(),
+                        pos: u64::from(header.log_pos()),
+                    },
+                    detail,
+                })?;
+            return self.handle(&plain, header.log_pos(), catalog, emit).await;
+        }
         self.handle(event, header.log_pos(), catalog, emit).await
     }
 
@@ -447,36 +462,18 @@ impl Decoder {
                     position: BinlogPosition { file: self.file.clone(), pos: u64::from(log_pos) },
                 });
             }
-            MARIADB_QUERY_COMPRESSED_EVENT => {
-                // BEGIN and COMMIT are never long enough to be compressed: outside a transaction
-                // this is DDL, a boundary like an uncompressed one; inside, statement DML.
-                if self.in_tx {
-                    return Err(SourceError::Unsupported {
-                        what: "a compressed statement inside a transaction (log_bin_compress = ON with statement-format DML)".into(),
-                        fix: "SET GLOBAL log_bin_compress = OFF and binlog_format = ROW".into(),
-                        position: BinlogPosition { file: self.file.clone(), pos: u64::from(log_pos) },
-                    });
-                }
-                self.tables_by_id.clear();
-                self.end_transaction(log_pos, emit).await?;
-            }
-            MARIADB_ROWS_COMPRESSED_FIRST..=MARIADB_ROWS_COMPRESSED_LAST => {
-                // The table id leads the post-header, uncompressed: only captured tables stop.
-                let id = event.data().get(..6).map(|b| {
-                    b.iter()
-                        .rev()
-                        .fold(0u64, |acc, x| (acc << 8) | u64::from(*x))
+            MARIADB_QUERY_COMPRESSED_EVENT
+            | MARIADB_ROWS_COMPRESSED_FIRST..=MARIADB_ROWS_COMPRESSED_LAST => {
+                // `on_event` turns them into plain events; here only from inside a MySQL
+                // compressed transaction, which MariaDB never writes.
+                return Err(SourceError::Compressed {
+                    position: BinlogPosition {
+                        file: self.file.clone(),
+                        pos: u64::from(log_pos),
+                    },
+                    detail: "a MariaDB compressed event inside a MySQL compressed transaction"
+                        .into(),
                 });
-                let captured = id
-                    .and_then(|id| self.tables_by_id.get(&id))
-                    .is_some_and(|(_, t)| t.is_some());
-                if captured || id.is_none() {
-                    return Err(SourceError::Unsupported {
-                        what: "MariaDB compressed row events (log_bin_compress = ON)".into(),
-                        fix: "SET GLOBAL log_bin_compress = OFF, then re-snapshot (snapshot_mode = \"always\" once)".into(),
-                        position: BinlogPosition { file: self.file.clone(), pos: u64::from(log_pos) },
-                    });
-                }
             }
             _ => {}
         }

@@ -136,6 +136,16 @@ pub enum SourceError {
         /// What failed.
         detail: String,
     },
+    /// A MariaDB compressed event (`log_bin_compress`) that cannot be read.
+    #[error(
+        "the MariaDB compressed binlog event at {position} cannot be read: {detail}. Fix: SET GLOBAL log_bin_compress = OFF for the events to come, then re-snapshot (snapshot_mode = \"always\" once) to step past this one"
+    )]
+    Compressed {
+        /// Where (the event's end).
+        position: BinlogPosition,
+        /// What is wrong with it.
+        detail: String,
+    },
     /// A configured table does not exist.
     #[error("table `{table}` does not exist or is not readable")]
     TableNotFound {
@@ -314,6 +324,7 @@ impl Classify for SourceError {
             | E::StatementDml { .. }
             | E::Unsupported { .. }
             | E::Payload { .. }
+            | E::Compressed { .. }
             | E::TableNotFound { .. }
             | E::NotCaptured { .. }
             | E::OnlineUnsupported { .. }

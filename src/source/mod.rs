@@ -34,6 +34,7 @@
 
 pub mod binlog;
 pub mod charset;
+mod compressed;
 pub mod decode;
 pub mod decoder;
 mod error;

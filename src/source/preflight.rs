@@ -66,6 +66,28 @@ pub struct ServerIdentity {
     pub gtid_binlog_pos: Option<String>,
 }
 
+/// The server's own spelling of `db.table` when it differs from the configured one in case
+/// only (`None` when it is the same, or when no such table exists).
+fn spelled_otherwise(db: &str, table: &str, stored: &[(String, String)]) -> Option<String> {
+    if stored.iter().any(|(d, t)| d == db && t == table) {
+        return None;
+    }
+    stored.first().map(|(d, t)| format!("{d}.{t}"))
+}
+
+/// Why a configured name that differs from the server's in case only is refused, and the fix.
+fn name_case_fix(configured: &str, theirs: &str, lctn: u32) -> String {
+    if lctn == 0 {
+        format!(
+            "no table `{configured}`: the server has `{theirs}` and compares names case-sensitively (lower_case_table_names = 0); fix: write `{theirs}` in source.tables"
+        )
+    } else {
+        format!(
+            "the server stores it as `{theirs}` (lower_case_table_names = {lctn}) and its binlog names it so: with `{configured}` the snapshot would read it but no change would be captured; fix: write `{theirs}` in source.tables"
+        )
+    }
+}
+
 /// Reads the server's identity (on the preflight's connection: no round trip of its own).
 async fn server_identity(conn: &mut mysql_async::Conn) -> Result<ServerIdentity, SourceError> {
     let server_id: Option<u32> = conn.query_first("SELECT @@server_id").await?;
@@ -310,6 +332,10 @@ pub async fn check_mysql(
             ),
         )),
     }
+    let lctn: u32 = conn
+        .query_first("SELECT @@lower_case_table_names")
+        .await?
+        .unwrap_or(0);
     for t in tables {
         let (db, table) = t.split_once('.').unwrap_or(("", t));
         let sql = format!(
@@ -317,19 +343,27 @@ pub async fn check_mysql(
             db.replace('`', "``"),
             table.replace('`', "``")
         );
-        match conn.query_drop(sql).await {
-            Ok(()) => out.push(Check::pass(
-                &format!("mysql table {t}"),
-                "exists and is readable",
-            )),
-            Err(e) => out.push(Check::fail(
-                &format!("mysql table {t}"),
+        let read = conn.query_drop(sql).await;
+        // The name the server stores, which is the one its binlog carries.
+        let stored: Vec<(String, String)> = conn
+            .exec(
+                "SELECT TABLE_SCHEMA, TABLE_NAME FROM information_schema.TABLES \
+                 WHERE LOWER(TABLE_SCHEMA) = LOWER(?) AND LOWER(TABLE_NAME) = LOWER(?)",
+                (db, table),
+            )
+            .await?;
+        let name = format!("mysql table {t}");
+        out.push(match (read, spelled_otherwise(db, table, &stored)) {
+            (_, Some(theirs)) => Check::fail(&name, name_case_fix(t, &theirs, lctn)),
+            (Ok(()), None) => Check::pass(&name, "exists and is readable"),
+            (Err(e), None) => Check::fail(
+                &name,
                 format!(
                     "cannot be read ({e}); fix: create it or GRANT SELECT ON {db}.* TO '{}'",
                     cfg.user
                 ),
-            )),
-        }
+            ),
+        });
     }
     Ok(Preflight {
         checks: out,
@@ -340,6 +374,27 @@ pub async fn check_mysql(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_configured_name_spelled_otherwise_than_the_server_stores_it_is_refused_with_its_spelling()
+    {
+        let stored = vec![("shop".to_string(), "users".to_string())];
+        assert_eq!(spelled_otherwise("shop", "users", &stored), None);
+        assert_eq!(
+            spelled_otherwise("shop", "Users", &stored).as_deref(),
+            Some("shop.users")
+        );
+        assert_eq!(spelled_otherwise("shop", "nope", &[]), None);
+        let under_1 = name_case_fix("shop.Users", "shop.users", 1);
+        assert!(
+            under_1.contains("lower_case_table_names = 1")
+                && under_1.contains("no change would be captured")
+                && under_1.contains("write `shop.users`"),
+            "{under_1}"
+        );
+        let under_0 = name_case_fix("shop.users", "shop.Users", 0);
+        assert!(under_0.contains("case-sensitively"), "{under_0}");
+    }
 
     #[test]
     fn a_position_written_by_another_server_is_foreign_and_an_unknown_writer_is_not() {
