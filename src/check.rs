@@ -59,6 +59,71 @@ fn online_check(mariadb: bool, running: Option<&[crate::offsets::OnlineTable]>) 
     pass("online snapshots", detail)
 }
 
+/// One line per captured table without a primary key, or with `source.message_key_columns`:
+/// what keys its Kafka records.
+async fn message_key_checks(
+    mysql: &crate::config::MysqlConfig,
+    src: &crate::config::SourceConfig,
+) -> Vec<Check> {
+    let mut out = Vec::new();
+    let Ok(mut conn) = crate::source::connect(mysql).await else {
+        return out; // the connection line already says why
+    };
+    for t in &src.tables {
+        let (db, table) = t.split_once('.').unwrap_or(("", t));
+        let Ok(shape) =
+            crate::source::table_map::from_information_schema(&mut conn, db, table).await
+        else {
+            continue; // the table's own line says why
+        };
+        let columns: Vec<&str> = shape.columns.iter().map(|c| c.name.as_str()).collect();
+        let configured = src.message_key_columns.get(t).map(Vec::as_slice);
+        if let Some(c) = message_key_line(t, !shape.key.is_empty(), &columns, configured) {
+            out.push(c);
+        }
+    }
+    let _ = conn.disconnect().await;
+    out
+}
+
+/// What keys `table`'s records (see [`message_key_checks`]); `None` for a table keyed by its
+/// primary key with nothing configured.
+fn message_key_line(
+    table: &str,
+    has_primary_key: bool,
+    columns: &[&str],
+    configured: Option<&[String]>,
+) -> Option<Check> {
+    let name = format!("message key of {table}");
+    match (has_primary_key, configured) {
+        (true, None) => None,
+        (true, Some(_)) => Some(fail(
+            &name,
+            "the table has a primary key, which is its message key; fix: remove it from source.message_key_columns",
+        )),
+        (false, None) => Some(pass(
+            &name,
+            "no primary key: a null Kafka key and no tombstones (as Debezium); read before the stream when added (no online snapshot); source.message_key_columns can key its records",
+        )),
+        (false, Some(cols)) => match cols.iter().find(|c| !columns.contains(&c.as_str())) {
+            Some(missing) => Some(fail(
+                &name,
+                format!(
+                    "source.message_key_columns names `{missing}`, which it has not (its columns: {}); fix: name its columns",
+                    columns.join(", ")
+                ),
+            )),
+            None => Some(pass(
+                &name,
+                format!(
+                    "no primary key: keyed by ({}) (source.message_key_columns), with tombstones after deletes",
+                    cols.join(", ")
+                ),
+            )),
+        },
+    }
+}
+
 fn fail(name: &str, detail: impl Into<String>) -> Check {
     Check {
         name: name.into(),
@@ -275,6 +340,7 @@ pub async fn run_checks(cfg: &Config) -> Vec<Check> {
                     mariadb,
                     stored.as_ref().map(|o| &o.online.tables[..]),
                 ));
+                out.extend(message_key_checks(mysql, src).await);
                 out.push(lineage_check(stored.as_ref(), &identity, src.snapshot_mode));
             }
             Err(e) => out.push(fail(
@@ -411,6 +477,31 @@ mod tests {
         assert!(resume_check_for_mode(purged(), SnapshotMode::Always).ok);
         let other = fail("mysql log_bin", "off");
         assert!(!resume_check_for_mode(other, SnapshotMode::WhenNeeded).ok);
+    }
+
+    #[test]
+    fn the_message_key_line_says_what_keys_a_keyless_table_and_refuses_what_cannot_be() {
+        let cols = ["msg", "n"];
+        assert!(message_key_line("d.t", true, &cols, None).is_none());
+        let null = message_key_line("d.t", false, &cols, None).expect("a line");
+        assert!(
+            null.ok && null.detail.contains("null Kafka key"),
+            "{}",
+            null.detail
+        );
+        let keyed =
+            message_key_line("d.t", false, &cols, Some(&["msg".to_string()])).expect("a line");
+        assert!(
+            keyed.ok && keyed.detail.contains("keyed by (msg)"),
+            "{}",
+            keyed.detail
+        );
+        let typo =
+            message_key_line("d.t", false, &cols, Some(&["mgs".to_string()])).expect("a line");
+        assert!(!typo.ok && typo.detail.contains("`mgs`"), "{}", typo.detail);
+        let keyed_table =
+            message_key_line("d.t", true, &cols, Some(&["msg".to_string()])).expect("a line");
+        assert!(!keyed_table.ok && keyed_table.detail.contains("has a primary key"));
     }
 
     #[test]

@@ -200,6 +200,13 @@ pub struct SourceConfig {
     /// Write a tombstone (null value) after each delete. Default true.
     #[serde(default = "default_true")]
     pub tombstones_on_delete: bool,
+    /// Kafka message keys of tables without a primary key, as Debezium's `message.key.columns`:
+    /// `"db.table" = ["col", …]`. Such a table's records are keyed by those columns (with
+    /// tombstones after deletes) instead of a null key. Not for a table with a primary key (its
+    /// key is the primary key). The columns need not be unique; changes of one key value stay in
+    /// order in one partition.
+    #[serde(default)]
+    pub message_key_columns: std::collections::BTreeMap<String, Vec<String>>,
     /// Kafka transaction commit interval (ms) while changes keep coming. Default 100. When the
     /// source is caught up it commits at once; while catching up a transaction stays open up
     /// to 9× the last commit's duration (at most 10 intervals).
@@ -764,6 +771,19 @@ impl Config {
                     );
                 }
             }
+            for (t, cols) in &s.message_key_columns {
+                let field = format!("source.message_key_columns.\"{t}\"");
+                if !s.tables.contains(t) {
+                    issue(&field, "names a table that is not in source.tables");
+                }
+                if cols.is_empty() {
+                    issue(&field, "must name at least one column");
+                }
+                let mut seen = std::collections::HashSet::new();
+                if let Some(dup) = cols.iter().find(|c| !seen.insert(c.as_str())) {
+                    issue(&field, &format!("names `{dup}` twice"));
+                }
+            }
             if s.snapshot_chunk_size == 0 {
                 issue("source.snapshot_chunk_size", "must be at least 1");
             }
@@ -1098,6 +1118,47 @@ mod tests {
             .to_string();
         assert!(err.contains("tabels"), "{err}");
         assert!(err.contains("did you mean `tables`?"), "{err}");
+    }
+
+    #[test]
+    fn message_key_columns_of_a_table_not_captured_or_with_no_column_are_refused_naming_the_table()
+    {
+        let ok = MINIMAL.replace(
+            "tables = [\"test.users\"]",
+            "tables = [\"test.users\", \"test.log\"]\nmessage_key_columns = { \"test.log\" = [\"msg\", \"n\"] }",
+        );
+        let cfg = Config::from_toml_str(&ok, Vec::new()).expect("parses");
+        assert_eq!(
+            cfg.source.map(|s| s.message_key_columns),
+            Some(
+                [(
+                    "test.log".to_string(),
+                    vec!["msg".to_string(), "n".to_string()]
+                )]
+                .into()
+            )
+        );
+        let bad = MINIMAL.replace(
+            "tables = [\"test.users\"]",
+            "tables = [\"test.users\"]\nmessage_key_columns = { \"test.log\" = [\"msg\", \"msg\"], \"test.users\" = [] }",
+        );
+        let ConfigError::Invalid(issues) =
+            Config::from_toml_str(&bad, Vec::new()).expect_err("must fail")
+        else {
+            panic!("expected Invalid")
+        };
+        let said: Vec<String> = issues
+            .iter()
+            .map(|i| format!("{}: {}", i.field, i.message))
+            .collect();
+        assert_eq!(
+            said,
+            vec![
+                "source.message_key_columns.\"test.log\": names a table that is not in source.tables",
+                "source.message_key_columns.\"test.log\": names `msg` twice",
+                "source.message_key_columns.\"test.users\": must name at least one column",
+            ]
+        );
     }
 
     #[test]

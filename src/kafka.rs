@@ -121,6 +121,19 @@ pub fn client_config(cfg: &KafkaConfig) -> ClientConfig {
     c
 }
 
+/// A consumer's config that reads committed records from the start and commits nothing: the
+/// offsets reader, the signals reader and reconcile (`group`: its group id, never joined for
+/// partitions; it only names the client).
+pub fn committed_reader_config(cfg: &KafkaConfig, group: String) -> ClientConfig {
+    let mut c = client_config(cfg);
+    c.set("group.id", group)
+        .set("enable.auto.commit", "false")
+        .set("enable.auto.offset.store", "false")
+        .set("isolation.level", "read_committed")
+        .set("auto.offset.reset", "earliest");
+    c
+}
+
 /// A topic ecst creates when missing.
 #[derive(Debug, Clone)]
 pub struct TopicSpec {

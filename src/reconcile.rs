@@ -44,7 +44,7 @@ use rdkafka::{Message, Offset, TopicPartitionList};
 use crate::config::{Config, DeletePolicy, MappingConfig, MappingKind, TruncatePolicy};
 use crate::events::Op;
 use crate::events::registry::Registry;
-use crate::kafka::client_config;
+use crate::kafka::committed_reader_config;
 use crate::sink::SinkError;
 use crate::sink::decode::{DecodedEvent, decode_message};
 use crate::sink::mapping::{DELETED_FIELD, Mapping, VERSION_FIELD};
@@ -340,12 +340,8 @@ async fn latest_per_key(
         topic: topic.clone(),
         detail,
     };
-    let mut cc = client_config(&cfg.kafka);
-    cc.set("group.id", format!("{}-reconcile", cfg.name))
-        .set("enable.auto.commit", "false")
-        .set("enable.partition.eof", "true")
-        .set("isolation.level", "read_committed")
-        .set("auto.offset.reset", "earliest");
+    let mut cc = committed_reader_config(&cfg.kafka, format!("{}-reconcile", cfg.name));
+    cc.set("enable.partition.eof", "true");
     // The blocking reader hands messages over a bounded channel: memory holds the folded state,
     // not the topic.
     let (tx, mut rx) = tokio::sync::mpsc::channel::<rdkafka::message::OwnedMessage>(1024);

@@ -1030,3 +1030,134 @@ async fn a_table_named_in_another_case_than_the_server_stores_it_is_refused_at_s
     run.stop().await?;
     Ok(())
 }
+
+#[tokio::test]
+async fn a_keyless_table_with_message_key_columns_is_keyed_by_them_with_tombstones_and_a_typo_stops_the_source()
+-> Result<()> {
+    let _shared = STACK_LOCK.read().await;
+    let db = unique("msgkey");
+    sql(format!("CREATE DATABASE `{db}`")).await?;
+    sql(format!("CREATE TABLE `{db}`.log (msg VARCHAR(20), n INT)")).await?;
+    sql(format!("INSERT INTO `{db}`.log VALUES ('a', 1), ('b', 2)")).await?;
+    let mut tc = TestConfig::new(&db, &["log"]);
+    // A column the table has not: the source stops naming it before publishing anything.
+    tc.extra_source = format!("message_key_columns = {{ \"{db}.log\" = [\"mgs\"] }}");
+    let err = start(tc.config(true)?, Components::Source)
+        .join_error()
+        .await
+        .unwrap_or_default();
+    assert!(
+        err.contains("message_key_columns") && err.contains("`mgs`"),
+        "{err}"
+    );
+    tc.extra_source = format!("message_key_columns = {{ \"{db}.log\" = [\"msg\"] }}");
+    let cfg = write_config(&tc, true, None)?;
+    let check = tokio::process::Command::new(ecst_bin())
+        .args(["--config", &cfg.to_string_lossy(), "check"])
+        .output()
+        .await?;
+    let text = String::from_utf8_lossy(&check.stdout).to_string();
+    assert!(
+        text.lines().any(|l| l.starts_with("PASS")
+            && l.contains(&format!("message key of {db}.log"))
+            && l.contains("keyed by (msg)")),
+        "{text}"
+    );
+    let run = start(tc.config(true)?, Components::Source);
+    wait_events(&tc.topic("log"), 2, T).await?;
+    sql(format!("DELETE FROM `{db}`.log WHERE n = 1")).await?;
+    wait_events(&tc.topic("log"), 3, T).await?;
+    let msgs = read_topic(&tc.topic("log"), 10, Duration::from_secs(3)).await?;
+    assert_eq!(msgs.len(), 4, "two reads, a delete and its tombstone");
+    assert!(msgs.iter().all(|m| m.key().is_some()));
+    assert!(msgs[3].payload().is_none(), "the tombstone");
+    // Confluent's own deserializer reads the keys.
+    let read = confluent_read(&tc.topic("log"), 4).await?;
+    let keys: Vec<&str> = read
+        .iter()
+        .map(|r| r["key"]["msg"].as_str().unwrap_or_default())
+        .collect();
+    assert_eq!(keys, ["a", "b", "a", "a"], "{read:?}");
+    assert!(read[3]["value"].is_null(), "{read:?}");
+    run.stop().await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_stored_position_behind_a_thousand_records_of_another_source_is_still_found_and_the_topic_is_compacted_small()
+-> Result<()> {
+    let _shared = STACK_LOCK.read().await;
+    let db = seed_database().await?;
+    let tc = TestConfig::new(&db, &["users"]);
+    let cfg = tc.config(true)?;
+    let run = start(cfg.clone(), Components::Source);
+    wait_events(&tc.topic("users"), 4, T).await?;
+    run.stop().await?;
+    // Another source sharing the offsets topic (source.offsets_topic) fills its tail.
+    let topic = cfg.offsets_topic();
+    let bootstrap = endpoints().kafka;
+    let t = topic.clone();
+    tokio::task::spawn_blocking(move || -> Result<()> {
+        use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
+        let p: ThreadedProducer<DefaultProducerContext> = rdkafka::ClientConfig::new()
+            .set("bootstrap.servers", &bootstrap)
+            .create()?;
+        for i in 0..1500 {
+            let payload = format!("{{\"another\":{i}}}");
+            p.send(
+                BaseRecord::to(&t)
+                    .key("another-source".as_bytes())
+                    .payload(payload.as_bytes()),
+            )
+            .map_err(|(e, _)| e)?;
+        }
+        p.flush(Duration::from_secs(10))?;
+        Ok(())
+    })
+    .await??;
+    // The restart finds its own position behind them: it resumes, no second snapshot.
+    let run = start(cfg, Components::Source);
+    sql(format!(
+        "UPDATE `{db}`.users SET email = 'behind.the.tail@x' WHERE id = 1"
+    ))
+    .await?;
+    let evs = wait_events(&tc.topic("users"), 5, T).await?;
+    run.stop().await?;
+    let more = events_of(&tc.topic("users"), 6, Duration::from_secs(3)).await?;
+    assert_eq!(more.len(), 5, "resumed, not snapshotted again: {more:?}");
+    assert_eq!(evs[4].op, Op::Update);
+    // Small segments that roll and get compacted, so restarts stay quick.
+    let e = endpoints();
+    let configs = tokio::task::spawn_blocking(move || -> Result<Vec<(String, String)>> {
+        use rdkafka::admin::{AdminClient, AdminOptions, ResourceSpecifier};
+        use rdkafka::client::DefaultClientContext;
+        let admin: AdminClient<DefaultClientContext> = rdkafka::ClientConfig::new()
+            .set("bootstrap.servers", &e.kafka)
+            .create()?;
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        let res = rt.block_on(
+            admin.describe_configs(&[ResourceSpecifier::Topic(&topic)], &AdminOptions::new()),
+        )?;
+        let mut out = Vec::new();
+        for r in res {
+            for entry in r?.entries {
+                out.push((entry.name, entry.value.unwrap_or_default()));
+            }
+        }
+        Ok(out)
+    })
+    .await??;
+    let get = |k: &str| {
+        configs
+            .iter()
+            .find(|(n, _)| n == k)
+            .map(|(_, v)| v.as_str())
+    };
+    assert_eq!(get("cleanup.policy"), Some("compact"));
+    assert_eq!(get("segment.bytes"), Some("16777216"));
+    assert_eq!(get("segment.ms"), Some("600000"));
+    assert_eq!(get("min.cleanable.dirty.ratio"), Some("0.1"));
+    Ok(())
+}

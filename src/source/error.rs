@@ -146,6 +146,14 @@ pub enum SourceError {
         /// What is wrong with it.
         detail: String,
     },
+    /// `source.message_key_columns` does not fit the table.
+    #[error("source.message_key_columns of `{table}`: {detail}")]
+    MessageKey {
+        /// The table.
+        table: String,
+        /// What does not fit, and the fix.
+        detail: String,
+    },
     /// A configured table does not exist.
     #[error("table `{table}` does not exist or is not readable")]
     TableNotFound {
@@ -325,6 +333,7 @@ impl Classify for SourceError {
             | E::Unsupported { .. }
             | E::Payload { .. }
             | E::Compressed { .. }
+            | E::MessageKey { .. }
             | E::TableNotFound { .. }
             | E::NotCaptured { .. }
             | E::OnlineUnsupported { .. }

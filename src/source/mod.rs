@@ -62,7 +62,9 @@ use rdkafka::{Message, Offset, TopicPartitionList};
 use crate::config::{Config, MysqlConfig, SnapshotMode, SourceConfig, TlsMode};
 use crate::error::{Classify, ErrorClass};
 use crate::events::registry::Registry;
-use crate::kafka::{KafkaClientError, MAX_MESSAGE_BYTES, TopicSpec, client_config, ensure_topics};
+use crate::kafka::{
+    KafkaClientError, MAX_MESSAGE_BYTES, TopicSpec, committed_reader_config, ensure_topics,
+};
 use crate::metrics::{self as m, Readiness};
 use crate::offsets::{
     self, BinlogPosition, OnlineState, OnlineTable, SnapshotSegment, SourceOffset,
@@ -203,11 +205,30 @@ pub async fn connect(cfg: &MysqlConfig) -> Result<mysql_async::Conn, SourceError
     }
 }
 
+/// The offsets topic's settings: compacted, in small segments that roll every 10 minutes and
+/// are cleaned as soon as a tenth of them is superseded, so the topic holds little more than
+/// the last position of each source. (Kafka never compacts the active segment: with the
+/// defaults, 1 GiB or 7 days, a source committing every 100 ms left hundreds of MB behind.)
+fn offsets_topic_config() -> Vec<(&'static str, String)> {
+    vec![
+        ("cleanup.policy", "compact".to_string()),
+        ("segment.bytes", (16u64 << 20).to_string()),
+        ("segment.ms", "600000".to_string()),
+        ("min.cleanable.dirty.ratio", "0.1".to_string()),
+    ]
+}
+
+/// Records read back from the end of the offsets topic before reading it from its start: the
+/// last position of a source is almost always among them (each commit writes one, and
+/// compaction removes the older ones), so a restart does not read the whole topic.
+const OFFSETS_TAIL: i64 = 1000;
+
 /// How long reading the offsets topic may go without any progress before it is an error
 /// (a broker that answers nothing); a large topic that keeps delivering takes as long as it takes.
 const OFFSETS_STALL: Duration = Duration::from_secs(60);
 
-/// Reads the last committed offset of `name` from the offsets topic (read_committed).
+/// Reads the last committed offset of `name` from the offsets topic (read_committed): from the
+/// last [`OFFSETS_TAIL`] records, else (another source's records fill the tail) from the start.
 ///
 /// It reads up to the end of the partition as the broker reports it (`enable.partition.eof`),
 /// which counts the records a `read_committed` consumer never delivers (aborted transactions,
@@ -215,12 +236,8 @@ const OFFSETS_STALL: Duration = Duration::from_secs(60);
 /// a large topic could exceed. Our own `init_transactions` has already aborted anything still
 /// open, so the end of the partition is final.
 pub async fn load_offset(cfg: &Config, topic: &str) -> Result<Option<SourceOffset>, SourceError> {
-    let mut cc = client_config(&cfg.kafka);
-    cc.set("group.id", format!("{}-offsets-reader", cfg.name))
-        .set("enable.auto.commit", "false")
-        .set("enable.partition.eof", "true")
-        .set("isolation.level", "read_committed")
-        .set("auto.offset.reset", "earliest");
+    let mut cc = committed_reader_config(&cfg.kafka, format!("{}-offsets-reader", cfg.name));
+    cc.set("enable.partition.eof", "true");
     let name = cfg.name.clone();
     let topic = topic.to_string();
     let t = topic.clone();
@@ -232,35 +249,44 @@ pub async fn load_offset(cfg: &Config, topic: &str) -> Result<Option<SourceOffse
         if high <= low {
             return Ok(None);
         }
-        let mut tpl = TopicPartitionList::new();
-        tpl.add_partition_offset(&t, 0, Offset::Beginning)
-            .map_err(|e| e.to_string())?;
-        consumer.assign(&tpl).map_err(|e| e.to_string())?;
-        let mut last = None;
-        let mut progress_at = Instant::now();
+        // The tail first; the whole partition only when the tail holds nothing of ours.
+        let tail = (high - OFFSETS_TAIL).max(low);
+        let mut from = tail;
         loop {
-            match consumer.poll(Duration::from_millis(200)) {
-                Some(Ok(msg)) => {
-                    progress_at = Instant::now();
-                    if msg.key() == Some(name.as_bytes())
-                        && let Some(payload) = msg.payload()
-                    {
-                        last = Some(SourceOffset::from_bytes(payload).map_err(|e| e.to_string())?);
+            let mut tpl = TopicPartitionList::new();
+            tpl.add_partition_offset(&t, 0, Offset::Offset(from))
+                .map_err(|e| e.to_string())?;
+            consumer.assign(&tpl).map_err(|e| e.to_string())?;
+            let mut last = None;
+            let mut progress_at = Instant::now();
+            loop {
+                match consumer.poll(Duration::from_millis(200)) {
+                    Some(Ok(msg)) => {
+                        progress_at = Instant::now();
+                        if msg.key() == Some(name.as_bytes())
+                            && let Some(payload) = msg.payload()
+                        {
+                            last =
+                                Some(SourceOffset::from_bytes(payload).map_err(|e| e.to_string())?);
+                        }
                     }
+                    // The end of the partition as of this fetch: everything committed is read.
+                    Some(Err(KafkaError::PartitionEOF(_))) => break,
+                    Some(Err(e)) => return Err(e.to_string()),
+                    None if progress_at.elapsed() > OFFSETS_STALL => {
+                        return Err(format!(
+                            "no progress reading the offsets topic for {} s",
+                            OFFSETS_STALL.as_secs()
+                        ));
+                    }
+                    None => {}
                 }
-                // The end of the partition as of this fetch: everything committed is read.
-                Some(Err(KafkaError::PartitionEOF(_))) => break,
-                Some(Err(e)) => return Err(e.to_string()),
-                None if progress_at.elapsed() > OFFSETS_STALL => {
-                    return Err(format!(
-                        "no progress reading the offsets topic for {} s",
-                        OFFSETS_STALL.as_secs()
-                    ));
-                }
-                None => {}
             }
+            if last.is_some() || from == low {
+                return Ok(last);
+            }
+            from = low;
         }
-        Ok(last)
     })
     .await
     .map_err(|e| SourceError::Task(e.to_string()))?;
@@ -421,7 +447,7 @@ async fn session(
         TopicSpec {
             name: offsets_topic.clone(),
             partitions: 1,
-            config: vec![("cleanup.policy", "compact".to_string())],
+            config: offsets_topic_config(),
         },
         signal::topic_spec(cfg),
     ];
@@ -450,6 +476,7 @@ async fn session(
             counts: HashMap::new(),
             last_change_ts_ms: 0,
             progress: progress.clone(),
+            message_keyed: HashMap::new(),
         });
         // The producer's init_transactions aborted any transaction a previous incarnation left
         // open, so the committed offset read now is final.

@@ -117,6 +117,10 @@ pub(super) struct Publisher {
     pub(super) last_change_ts_ms: i64,
     /// Each committed position, for the binlog retention poller.
     pub(super) progress: Arc<watch::Sender<Option<Committed>>>,
+    /// The shape of a keyless table keyed by `source.message_key_columns`, per shape read
+    /// (see [`Publisher::with_message_key`]); the shape read is held too, so that its address
+    /// (the map's key) is never reused by another shape.
+    pub(super) message_keyed: HashMap<usize, (Arc<TableSchema>, Arc<TableSchema>)>,
 }
 
 impl Publisher {
@@ -227,7 +231,62 @@ impl Publisher {
         }
     }
 
-    pub(super) async fn publish(&mut self, ev: ChangeEvent) -> Result<(), SourceError> {
+    /// `schema` keyed by its `source.message_key_columns`, if it has some (the same `Arc` for
+    /// every event of one shape, so schemas are registered once per shape). Only the Kafka key
+    /// changes: reading and paging the table keep its own (empty) primary key.
+    fn with_message_key(
+        &mut self,
+        schema: &Arc<TableSchema>,
+    ) -> Result<Option<Arc<TableSchema>>, SourceError> {
+        let Some(cols) = self
+            .cfg
+            .source
+            .as_ref()
+            .and_then(|s| s.message_key_columns.get(&schema.qualified_name()))
+        else {
+            return Ok(None);
+        };
+        let ptr = Arc::as_ptr(schema) as usize;
+        if let Some((_, keyed)) = self.message_keyed.get(&ptr) {
+            return Ok(Some(keyed.clone()));
+        }
+        let refuse = |detail: String| SourceError::MessageKey {
+            table: schema.qualified_name(),
+            detail,
+        };
+        if !schema.key.is_empty() {
+            return Err(refuse(
+                "the table has a primary key, which is its message key: remove it from source.message_key_columns".into(),
+            ));
+        }
+        let mut key = Vec::with_capacity(cols.len());
+        for c in cols {
+            let i = schema
+                .columns
+                .iter()
+                .position(|col| &col.name == c)
+                .ok_or_else(|| {
+                    let names: Vec<&str> = schema.columns.iter().map(|c| c.name.as_str()).collect();
+                    refuse(format!(
+                        "it has no column `{c}` (its columns: {}): fix source.message_key_columns",
+                        names.join(", ")
+                    ))
+                })?;
+            key.push(i);
+        }
+        let keyed = Arc::new(TableSchema {
+            key,
+            ..schema.as_ref().clone()
+        });
+        self.message_keyed
+            .insert(ptr, (schema.clone(), keyed.clone()));
+        Ok(Some(keyed))
+    }
+
+    pub(super) async fn publish(&mut self, mut ev: ChangeEvent) -> Result<(), SourceError> {
+        if let Some(keyed) = self.with_message_key(&ev.schema)? {
+            ev.schema = keyed;
+        }
         self.begin()?;
         let st = self.state_for(&ev.schema).await?;
         let now_ms = crate::events::now_ms();

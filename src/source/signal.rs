@@ -29,7 +29,7 @@ use tokio::sync::mpsc;
 
 use super::SourceError;
 use crate::config::Config;
-use crate::kafka::{TopicSpec, client_config, ensure_topics};
+use crate::kafka::{TopicSpec, client_config, committed_reader_config, ensure_topics};
 use crate::shutdown::ShutdownRx;
 
 /// The only signal so far: snapshot these tables online.
@@ -157,12 +157,7 @@ pub fn listen(
     let (tx, rx) = mpsc::channel(16);
     let topic = signals_topic(cfg);
     let name = cfg.name.clone();
-    let mut cc = client_config(&cfg.kafka);
-    cc.set("group.id", format!("{}-signals-reader", cfg.name))
-        .set("enable.auto.commit", "false")
-        .set("enable.auto.offset.store", "false")
-        .set("isolation.level", "read_committed")
-        .set("auto.offset.reset", "earliest");
+    let cc = committed_reader_config(&cfg.kafka, format!("{}-signals-reader", cfg.name));
     std::thread::spawn(move || {
         let fail = |detail: String| SourceError::Signals {
             topic: topic.clone(),
