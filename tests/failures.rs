@@ -116,12 +116,7 @@ async fn a_gtid_lookup_cut_after_the_snapshot_is_retried_and_the_positions_keep_
     let cfg = write_config(&tc, true, None)?;
     // The lookup of the snapshot position's GTID state pauses with its connection open; the
     // connection is cut and the lookup let go, so its query meets a closed connection.
-    let (mut env, reached) = failpoint("stream.gtid_lookup", 0);
-    let release = std::env::temp_dir().join(unique("release"));
-    env.push((
-        "ECST_FAILPOINT_RELEASE".into(),
-        release.to_string_lossy().into_owned(),
-    ));
+    let (env, reached, release) = failpoint_released_by_file("stream.gtid_lookup", 0);
     let run = spawn_captured(&cfg, "source", &env, "info")?;
     wait_for_failpoint(&reached, T).await?;
     kill_ecst_connections().await?;

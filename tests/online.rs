@@ -314,3 +314,45 @@ async fn ecst_snapshot_reads_a_captured_table_again_online_while_it_changes() ->
     run.stop().await?;
     Ok(())
 }
+
+#[tokio::test]
+async fn a_table_dropped_during_its_online_snapshot_ends_that_snapshot_and_the_other_tables_stream_on()
+-> Result<()> {
+    let _shared = STACK_LOCK.read().await;
+    let db = crate::ops::counter_table().await?;
+    add_big_table(&db).await?;
+    let mut tc = TestConfig::new(&db, &["counter"]);
+    tc.extra_source = "snapshot_chunk_size = 50".into();
+    let cfg = write_config(&tc, true, None)?;
+    let run = spawn_captured(&cfg, "source", &[], "info")?;
+    wait_events(&tc.topic("counter"), 100, T).await?;
+    drop(run);
+    tc.tables.push(format!("{db}.big"));
+    let cfg = write_config(&tc, true, None)?;
+    // Paused after 100 rows of `big`, then released once the table is dropped.
+    let (env, reached, release) = failpoint_released_by_file("online.rows", 100);
+    let mut run = spawn_captured(&cfg, "source", &env, "info")?;
+    wait_for_failpoint(&reached, T).await?;
+    sql(format!("DROP TABLE `{db}`.big")).await?;
+    std::fs::write(&release, b"")?;
+    run.wait_for_output("its snapshot ends unfinished", T)
+        .await?;
+    // The other table streams on, and the stored state has no snapshot left to run.
+    sql(format!("UPDATE `{db}`.counter SET n = n + 1 WHERE id = 7")).await?;
+    let evs = wait_events(&tc.topic("counter"), 101, T).await?;
+    assert_eq!(evs[100].op, Op::Update);
+    let stored = wait_for("the end of the snapshot stored", T, || async {
+        let o =
+            ecst::source::load_offset(&tc.config(true)?, &format!("{}.offsets", tc.name)).await?;
+        Ok(o.filter(|o| o.online.tables.is_empty()))
+    })
+    .await?;
+    assert!(stored.tables.contains(&format!("{db}.big")));
+    assert!(
+        run.child.try_wait()?.is_none(),
+        "the source runs on:\n{}",
+        run.output()
+    );
+    run.child.kill().await?;
+    Ok(())
+}

@@ -140,7 +140,15 @@ impl Online {
         supported: bool,
     ) -> Self {
         if let Some(t) = state.tables.first() {
-            tracing::info!(table = %t.table, after_key = ?t.last_key, queued = state.tables.len(), "online snapshot running while the stream goes on");
+            if supported {
+                tracing::info!(table = %t.table, after_key = ?t.last_key, queued = state.tables.len(), "online snapshot running while the stream goes on");
+            } else {
+                let tables: Vec<&str> = state.tables.iter().map(|t| t.table.as_str()).collect();
+                tracing::error!(
+                    ?tables,
+                    "online snapshots stored by an earlier run cannot go on here (this server gives no binlog position for a consistent read): re-snapshot these tables with `ecst offsets reset --source resnapshot-table:DB.TABLE` while the source is stopped"
+                );
+            }
         }
         let running = !state.tables.is_empty();
         metrics::gauge!(m::SNAPSHOT_RUNNING).set(if running { 1.0 } else { 0.0 });
@@ -163,11 +171,13 @@ impl Online {
     /// a resumed snapshot spanned (inside it, a row's changes are filtered by the position it
     /// was read at, which a chunk read there could precede).
     pub fn wants_read(&self, decoder: &Decoder) -> bool {
-        self.supported
-            && !decoder.in_window()
-            && decoder.resume_point().is_some()
+        // (Checked before every event: the cheap fields first, so a source with no online
+        // snapshot running asks the decoder nothing.)
+        !self.state.tables.is_empty()
+            && self.supported
             && self.pending.is_none()
-            && !self.state.tables.is_empty()
+            && decoder.resume_point().is_some()
+            && !decoder.in_window()
     }
 
     /// Resolves when the next chunk may be read (at once, or after a read behind the stream).
@@ -212,6 +222,13 @@ impl Online {
         .await;
         let (at, schema, rows, again) = match read {
             Ok(r) => r,
+            // Dropped (or renamed) while it was being read: the stream logs and counts that
+            // (`table_lifecycle`); its snapshot ends here, and every other table streams on.
+            Err(SourceError::TableNotFound { .. }) => {
+                let _ = conn.query_drop("ROLLBACK").await;
+                tracing::error!(table = %table, rows_done = self.state.tables.first().map_or(0, |t| t.rows_done), "the table of the running online snapshot is gone (dropped or renamed): its snapshot ends unfinished");
+                return self.finish_first(decoder, tx).await;
+            }
             Err(e) => {
                 // The connection's state is unknown: a new one next time.
                 self.conn = None;
@@ -236,16 +253,7 @@ impl Online {
                 why: why.into(),
             };
             tracing::error!(table = %table, error = %err, "online snapshot refused");
-            self.state.tables.remove(0);
-            if self.state.tables.is_empty() {
-                metrics::gauge!(m::SNAPSHOT_RUNNING).set(0.0);
-            }
-            return tx
-                .send(SourceMsg::OnlineProgress {
-                    state: self.state.clone(),
-                    at: decoder.resume_point(),
-                })
-                .await;
+            return self.finish_first(decoder, tx).await;
         }
         if again.columns.len() != schema.columns.len()
             || again
@@ -268,6 +276,22 @@ impl Online {
             bytes,
         });
         self.place(decoder, tx).await
+    }
+
+    /// Ends the first table's snapshot without reading more of it, and stores that.
+    async fn finish_first(&mut self, decoder: &Decoder, tx: &Outbox) -> Result<(), SourceError> {
+        if !self.state.tables.is_empty() {
+            self.state.tables.remove(0);
+        }
+        self.limit = FIRST_CHUNK_ROWS.min(self.bounds.rows.max(1));
+        if self.state.tables.is_empty() {
+            metrics::gauge!(m::SNAPSHOT_RUNNING).set(0.0);
+        }
+        tx.send(SourceMsg::OnlineProgress {
+            state: self.state.clone(),
+            at: decoder.resume_point(),
+        })
+        .await
     }
 
     /// After each event: hands the waiting chunk over if the stream now stands at its position,

@@ -760,6 +760,24 @@ pub fn failpoint(name: &str, at: u64) -> (Vec<(String, String)>, std::path::Path
     )
 }
 
+/// As [`failpoint`], and the pause ends when the third path (the release file) is written.
+pub fn failpoint_released_by_file(
+    name: &str,
+    at: u64,
+) -> (
+    Vec<(String, String)>,
+    std::path::PathBuf,
+    std::path::PathBuf,
+) {
+    let (mut env, reached) = failpoint(name, at);
+    let release = std::env::temp_dir().join(unique("release"));
+    env.push((
+        "ECST_FAILPOINT_RELEASE".into(),
+        release.to_string_lossy().into_owned(),
+    ));
+    (env, reached, release)
+}
+
 /// Waits until a pause point reached by ecst created `file`.
 pub async fn wait_for_failpoint(file: &std::path::Path, timeout: Duration) -> Result<()> {
     if !cfg!(feature = "failpoints") {
