@@ -154,19 +154,27 @@ async fn written(committed: &AtomicU64, more: u64) -> Result<()> {
     .await
 }
 
-#[tokio::test]
-async fn a_table_added_to_a_running_deployment_is_snapshotted_online_while_both_tables_change_and_kill_9_mid_snapshot_loses_and_doubles_nothing()
--> Result<()> {
-    let _shared = STACK_LOCK.read().await;
+/// A source of `counter` that has streamed (its position stored, then killed), and `big`
+/// beside it, not captured yet: the configuration to restart with adds it. Chunks of 50 rows,
+/// so its 3000 rows are read in many chunks between which the stream goes on.
+async fn counter_streamed_and_big_to_add() -> Result<(String, TestConfig)> {
     let db = crate::ops::counter_table().await?;
     add_big_table(&db).await?;
     let mut tc = TestConfig::new(&db, &["counter"]);
-    // Small chunks: 3000 rows are read in many chunks, between which the stream goes on.
     tc.extra_source = "snapshot_chunk_size = 50".into();
     let cfg = write_config(&tc, true, None)?;
     let run = spawn_captured(&cfg, "source", &[], "info")?;
     wait_events(&tc.topic("counter"), 100, T).await?;
     drop(run);
+    tc.tables.push(format!("{db}.big"));
+    Ok((db, tc))
+}
+
+#[tokio::test]
+async fn a_table_added_to_a_running_deployment_is_snapshotted_online_while_both_tables_change_and_kill_9_mid_snapshot_loses_and_doubles_nothing()
+-> Result<()> {
+    let _shared = STACK_LOCK.read().await;
+    let (db, tc) = counter_streamed_and_big_to_add().await?;
     // Both tables change from now on, while ecst restarts with `big` added.
     let stop = Arc::new(AtomicBool::new(false));
     let committed = Arc::new(AtomicU64::new(0));
@@ -177,7 +185,6 @@ async fn a_table_added_to_a_running_deployment_is_snapshotted_online_while_both_
         committed.clone(),
     ));
     written(&committed, 20).await?;
-    tc.tables.push(format!("{db}.big"));
     let cfg = write_config(&tc, true, None)?;
     let (pause, reached) = failpoint("online.rows", 1000);
     let mut run = spawn_captured(&cfg, "source", &pause, "info")?;
@@ -319,15 +326,7 @@ async fn ecst_snapshot_reads_a_captured_table_again_online_while_it_changes() ->
 async fn a_table_dropped_during_its_online_snapshot_ends_that_snapshot_and_the_other_tables_stream_on()
 -> Result<()> {
     let _shared = STACK_LOCK.read().await;
-    let db = crate::ops::counter_table().await?;
-    add_big_table(&db).await?;
-    let mut tc = TestConfig::new(&db, &["counter"]);
-    tc.extra_source = "snapshot_chunk_size = 50".into();
-    let cfg = write_config(&tc, true, None)?;
-    let run = spawn_captured(&cfg, "source", &[], "info")?;
-    wait_events(&tc.topic("counter"), 100, T).await?;
-    drop(run);
-    tc.tables.push(format!("{db}.big"));
+    let (db, tc) = counter_streamed_and_big_to_add().await?;
     let cfg = write_config(&tc, true, None)?;
     // Paused after 100 rows of `big`, then released once the table is dropped.
     let (env, reached, release) = failpoint_released_by_file("online.rows", 100);
