@@ -120,7 +120,7 @@ pub(super) struct Publisher {
     /// The shape of a keyless table keyed by `source.message_key_columns`, per shape read
     /// (see [`Publisher::with_message_key`]); the shape read is held too, so that its address
     /// (the map's key) is never reused by another shape.
-    pub(super) message_keyed: HashMap<usize, (Arc<TableSchema>, Arc<TableSchema>)>,
+    pub(super) message_keyed: HashMap<usize, (Arc<TableSchema>, Option<Arc<TableSchema>>)>,
 }
 
 impl Publisher {
@@ -238,18 +238,23 @@ impl Publisher {
         &mut self,
         schema: &Arc<TableSchema>,
     ) -> Result<Option<Arc<TableSchema>>, SourceError> {
-        let Some(cols) = self
+        // Per event: nothing configured costs one check, a shape already seen one lookup.
+        let Some(src) = self
             .cfg
             .source
             .as_ref()
-            .and_then(|s| s.message_key_columns.get(&schema.qualified_name()))
+            .filter(|s| !s.message_key_columns.is_empty())
         else {
             return Ok(None);
         };
         let ptr = Arc::as_ptr(schema) as usize;
         if let Some((_, keyed)) = self.message_keyed.get(&ptr) {
-            return Ok(Some(keyed.clone()));
+            return Ok(keyed.clone());
         }
+        let Some(cols) = src.message_key_columns.get(&schema.qualified_name()) else {
+            self.message_keyed.insert(ptr, (schema.clone(), None));
+            return Ok(None);
+        };
         let refuse = |detail: String| SourceError::MessageKey {
             table: schema.qualified_name(),
             detail,
@@ -279,7 +284,7 @@ impl Publisher {
             ..schema.as_ref().clone()
         });
         self.message_keyed
-            .insert(ptr, (schema.clone(), keyed.clone()));
+            .insert(ptr, (schema.clone(), Some(keyed.clone())));
         Ok(Some(keyed))
     }
 
