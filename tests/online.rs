@@ -145,13 +145,45 @@ async fn assert_changes_and_reads_in_place(
     Ok(evs)
 }
 
-/// Waits until the writer has committed `more` transactions after now.
-async fn written(committed: &AtomicU64, more: u64) -> Result<()> {
-    let target = committed.load(Ordering::Relaxed) + more;
-    wait_for("the writer's transactions", T, || async {
-        Ok((committed.load(Ordering::Relaxed) >= target).then_some(()))
-    })
-    .await
+/// [`write_until`] running in the background.
+struct Writer {
+    stop: Arc<AtomicBool>,
+    committed: Arc<AtomicU64>,
+    task: tokio::task::JoinHandle<Result<()>>,
+}
+
+impl Writer {
+    /// Starts writing to `db.counter` (and `db.big` if `big`).
+    fn start(db: &str, big: bool) -> Writer {
+        let stop = Arc::new(AtomicBool::new(false));
+        let committed = Arc::new(AtomicU64::new(0));
+        let task = tokio::spawn(write_until(
+            db.to_string(),
+            big,
+            stop.clone(),
+            committed.clone(),
+        ));
+        Writer {
+            stop,
+            committed,
+            task,
+        }
+    }
+
+    /// Waits until it has committed `more` transactions after now.
+    async fn written(&self, more: u64) -> Result<()> {
+        let target = self.committed.load(Ordering::Relaxed) + more;
+        wait_for("the writer's transactions", T, || async {
+            Ok((self.committed.load(Ordering::Relaxed) >= target).then_some(()))
+        })
+        .await
+    }
+
+    /// Stops it and returns its outcome.
+    async fn stop(self) -> Result<()> {
+        self.stop.store(true, Ordering::Relaxed);
+        self.task.await?
+    }
 }
 
 /// A source of `counter` that has streamed (its position stored, then killed), and `big`
@@ -176,15 +208,8 @@ async fn a_table_added_to_a_running_deployment_is_snapshotted_online_while_both_
     let _shared = STACK_LOCK.read().await;
     let (db, tc) = counter_streamed_and_big_to_add().await?;
     // Both tables change from now on, while ecst restarts with `big` added.
-    let stop = Arc::new(AtomicBool::new(false));
-    let committed = Arc::new(AtomicU64::new(0));
-    let writer = tokio::spawn(write_until(
-        db.clone(),
-        true,
-        stop.clone(),
-        committed.clone(),
-    ));
-    written(&committed, 20).await?;
+    let writer = Writer::start(&db, true);
+    writer.written(20).await?;
     let cfg = write_config(&tc, true, None)?;
     let (pause, reached) = failpoint("online.rows", 1000);
     let mut run = spawn_captured(&cfg, "source", &pause, "info")?;
@@ -209,13 +234,12 @@ async fn a_table_added_to_a_running_deployment_is_snapshotted_online_while_both_
     .await?;
     // Mid-snapshot, a chunk handed over and maybe committed: kill -9.
     run.child.kill().await?;
-    written(&committed, 20).await?;
+    writer.written(20).await?;
     let mut run = spawn_captured(&cfg, "source", &[], "info")?;
     run.wait_for_output("online snapshot of table finished", T)
         .await?;
-    written(&committed, 20).await?;
-    stop.store(true, Ordering::Relaxed);
-    writer.await??;
+    writer.written(20).await?;
+    writer.stop().await?;
     let counter = assert_changes_and_reads_in_place(
         &tc.topic("counter"),
         &mysql_counts(&db, "counter").await?,
@@ -267,15 +291,8 @@ async fn ecst_snapshot_reads_a_captured_table_again_online_while_it_changes() ->
     let cfg = tc.config(true)?;
     let run = start(cfg.clone(), Components::Source);
     wait_events(&tc.topic("counter"), 100, T).await?;
-    let stop = Arc::new(AtomicBool::new(false));
-    let committed = Arc::new(AtomicU64::new(0));
-    let writer = tokio::spawn(write_until(
-        db.clone(),
-        false,
-        stop.clone(),
-        committed.clone(),
-    ));
-    written(&committed, 20).await?;
+    let writer = Writer::start(&db, false);
+    writer.written(20).await?;
     // A table not captured is refused, naming it; nothing is written.
     let refused = ecst::source::signal::request_snapshot(&cfg, &[format!("{db}.nope")])
         .await
@@ -294,9 +311,8 @@ async fn ecst_snapshot_reads_a_captured_table_again_online_while_it_changes() ->
         Ok((evs.iter().filter(|e| e.op == Op::Read).count() >= 200).then_some(()))
     })
     .await?;
-    written(&committed, 20).await?;
-    stop.store(true, Ordering::Relaxed);
-    writer.await??;
+    writer.written(20).await?;
+    writer.stop().await?;
     assert_changes_and_reads_in_place(
         &tc.topic("counter"),
         &mysql_counts(&db, "counter").await?,
