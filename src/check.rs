@@ -550,6 +550,7 @@ mod tests {
             tables: vec![],
             snapshot_segments: vec![],
             online: Default::default(),
+            within: None,
         };
         let same = lineage_check(Some(&stored(7)), &now, SnapshotMode::Initial);
         assert!(same.ok && same.detail.contains("epoch 5") && same.detail.contains("this server"));

@@ -218,6 +218,13 @@ pub struct SourceConfig {
     /// and half this is abandoned and re-sent.
     #[serde(default = "default_transaction_timeout_ms")]
     pub transaction_timeout_ms: u64,
+    /// Bytes of records one Kafka transaction may hold before a large source transaction is
+    /// split across Kafka transactions (at a resume point inside it, so exactly once holds).
+    /// Default 128 MiB; at least 1 MiB. A Kafka transaction open for a quarter of
+    /// `transaction_timeout_ms` is split too. A consumer then sees the first part of such a
+    /// source transaction before the rest, as it would from Debezium.
+    #[serde(default = "default_max_transaction_bytes")]
+    pub max_transaction_bytes: u64,
     /// Partitions of topics ecst creates. Default 1.
     #[serde(default = "default_topic_partitions")]
     pub topic_partitions: i32,
@@ -471,6 +478,10 @@ fn default_true() -> bool {
 fn default_commit_interval_ms() -> u64 {
     DEFAULT_COMMIT_INTERVAL_MS
 }
+fn default_max_transaction_bytes() -> u64 {
+    128 << 20
+}
+
 fn default_transaction_timeout_ms() -> u64 {
     300_000
 }
@@ -806,6 +817,12 @@ impl Config {
                 issue(
                     "source.transaction_timeout_ms",
                     "must be from 10000 to 900000 (the broker's default transaction.max.timeout.ms)",
+                );
+            }
+            if s.max_transaction_bytes < 1 << 20 {
+                issue(
+                    "source.max_transaction_bytes",
+                    "must be at least 1048576 (1 MiB)",
                 );
             }
             if s.snapshot_lock_wait_s == 0 {

@@ -148,7 +148,8 @@ impl<W: Write + Send> Emit for Printer<'_, W> {
             }
             SourceMsg::SnapshotProgress(_)
             | SourceMsg::SnapshotDone { .. }
-            | SourceMsg::OnlineProgress { .. } => {}
+            | SourceMsg::OnlineProgress { .. }
+            | SourceMsg::Split(_) => {}
         }
         Ok(())
     }

@@ -40,6 +40,9 @@ pub const COMPONENT_ERRORS_TOTAL: &str = "ecst_component_errors_total";
 pub const SOURCE_EVENTS_TOTAL: &str = "ecst_source_events_total";
 /// Counter: Kafka transactions committed by the source.
 pub const SOURCE_TRANSACTIONS_TOTAL: &str = "ecst_source_kafka_transactions_total";
+/// Counter: commits inside a source transaction too large for one Kafka transaction
+/// (`source.max_transaction_bytes`).
+pub const SOURCE_TRANSACTION_SPLITS_TOTAL: &str = "ecst_source_transaction_splits_total";
 /// Gauge: milliseconds between the last committed source transaction's MySQL commit and now.
 pub const SOURCE_MS_BEHIND: &str = "ecst_source_ms_behind_source";
 /// Gauge: binlog file sequence number of the last committed position.
@@ -171,6 +174,10 @@ pub fn install() -> Result<PrometheusHandle, String> {
     describe_counter!(
         SOURCE_TRANSACTIONS_TOTAL,
         "Kafka transactions committed by the source"
+    );
+    describe_counter!(
+        SOURCE_TRANSACTION_SPLITS_TOTAL,
+        "Commits inside a source transaction too large for one Kafka transaction"
     );
     describe_gauge!(
         SOURCE_MS_BEHIND,

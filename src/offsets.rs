@@ -160,6 +160,37 @@ pub struct SourceOffset {
     /// the snapshots stood together.
     #[serde(default, skip_serializing_if = "OnlineState::is_empty")]
     pub online: OnlineState,
+    /// A resume point *inside* the source transaction that starts at `position`: that
+    /// transaction was too large for one Kafka transaction and was split, and its first rows
+    /// are in Kafka (`source::decoder` skips them at a resume). `None`: `position` is a plain
+    /// boundary.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub within: Option<Within>,
+}
+
+/// How far into one source transaction a split stored it (see [`SourceOffset::within`]).
+///
+/// Rows are counted per table, in binlog order, and only those of captured tables: the count
+/// does not depend on how the server grouped rows into events (a promoted replica may group
+/// them otherwise), and a table added to the configuration since does not shift it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Within {
+    /// The transaction's GTID, when known: a resume checks that the transaction it finds at
+    /// `position` is this one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gtid: Option<String>,
+    /// Rows of each captured table (`db.table`) of the transaction already in Kafka.
+    pub rows: std::collections::BTreeMap<String, u64>,
+    /// The row index the next change of the transaction is placed at (its version), so that a
+    /// resumed transaction's versions go on increasing.
+    pub next_row: u32,
+}
+
+impl Within {
+    /// Rows of the transaction in Kafka, all tables together.
+    pub fn total(&self) -> u64 {
+        self.rows.values().sum()
+    }
 }
 
 /// The online (streaming-while-reading) snapshots of a source: what is left of each, and where
@@ -195,6 +226,16 @@ pub struct OnlineTable {
 }
 
 impl SourceOffset {
+    /// How far `self` is past `other` in the stream: by position, then (at one position) by
+    /// how much of the split transaction after it is published. `None`: they do not compare.
+    pub fn progress_cmp(&self, other: &SourceOffset) -> Option<Ordering> {
+        let inside = |o: &SourceOffset| o.within.as_ref().map_or(0, Within::total);
+        match self.position.partial_cmp(&other.position)? {
+            Ordering::Equal => Some(inside(self).cmp(&inside(other))),
+            o => Some(o),
+        }
+    }
+
     /// JSON bytes for the offsets topic.
     pub fn to_bytes(&self) -> Vec<u8> {
         // Serializing a struct of strings and integers cannot fail.
@@ -314,6 +355,11 @@ mod tests {
                 }],
                 signals_next: Some(2),
             },
+            within: Some(Within {
+                gtid: Some("0-1-6".into()),
+                rows: [("test.users".to_string(), 20_000)].into_iter().collect(),
+                next_row: 20_000,
+            }),
         };
         assert_eq!(SourceOffset::from_bytes(&o.to_bytes()), Ok(o.clone()));
         // Offsets written before segments existed still read.
@@ -326,5 +372,7 @@ mod tests {
             !String::from_utf8_lossy(&old.to_bytes()).contains("online"),
             "an offset without online snapshots is written as before"
         );
+        assert!(old.within.is_none());
+        assert!(!String::from_utf8_lossy(&old.to_bytes()).contains("within"));
     }
 }

@@ -195,6 +195,7 @@ pub async fn reset(
                 new.gtid_set = None;
                 new.snapshot_segments.clear();
                 new.snapshot_completed = true;
+                new.within = None;
                 "changes between the two positions are replayed (the copies skip what they have) or skipped (if it lies ahead)"
             }
             SourceTarget::Now => {
@@ -209,11 +210,13 @@ pub async fn reset(
                 new.gtid_set = executed;
                 new.snapshot_segments.clear();
                 new.snapshot_completed = true;
+                new.within = None;
                 "every change until now is skipped: the copies keep their current values until each row changes again"
             }
             SourceTarget::Resnapshot => {
                 new.snapshot_completed = false;
                 new.snapshot_segments.clear();
+                new.within = None;
                 new.tables.clear();
                 new.online.tables.clear();
                 "the next start snapshots every table in a new epoch"
@@ -388,6 +391,13 @@ pub async fn show(cfg: &Config) -> Result<String, PositionsError> {
             Some(o) => {
                 out.push_str(&format!("source `{}` (topic `{topic}`):\n", cfg.name));
                 out.push_str(&format!("  position        {}\n", o.position));
+                if let Some(w) = &o.within {
+                    out.push_str(&format!(
+                        "  inside          the transaction after it ({}), split across Kafka transactions: {} of its rows published\n",
+                        w.gtid.as_deref().unwrap_or("no GTID"),
+                        w.total()
+                    ));
+                }
                 out.push_str(&format!(
                     "  gtid            {}\n",
                     o.gtid.as_deref().unwrap_or("-")

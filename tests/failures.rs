@@ -45,6 +45,7 @@ async fn a_binlog_position_the_server_refuses_stops_the_source_with_the_servers_
             tables: tc.tables.clone(),
             snapshot_segments: Vec::new(),
             online: Default::default(),
+            within: None,
         },
     )
     .await?;
@@ -384,5 +385,53 @@ async fn a_change_larger_than_kafka_takes_stops_the_source_naming_its_topic_and_
     // Events over max_allowed_packet make the server's BINLOG_GTID_POS NULL for every later
     // position of their file: the tests after this one get a new file.
     sql("FLUSH BINARY LOGS").await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_stored_position_inside_a_split_transaction_that_the_binlog_does_not_hold_stops_the_source_naming_the_fix()
+-> Result<()> {
+    let _shared = STACK_LOCK.read().await;
+    let db = seed_database().await?;
+    let tc = TestConfig::new(&db, &["users"]);
+    let cfg = write_config(&tc, true, None)?;
+    let mut first = spawn(&cfg, "source")?;
+    wait_events(&tc.topic("users"), 4, T).await?;
+    first.kill().await?;
+    first.wait().await?;
+    let c = tc.config(true)?;
+    let mut stored = ecst::source::load_offset(&c, &c.offsets_topic())
+        .await?
+        .context("a stored position")?;
+    // As if a transaction after it had been split and its first row published; the
+    // transaction the binlog then holds there is another one.
+    stored.within = Some(ecst::offsets::Within {
+        gtid: Some("0-999-1".into()),
+        rows: [(format!("{db}.users"), 1)].into_iter().collect(),
+        next_row: 1,
+    });
+    store_offset(&tc, &stored).await?;
+    let mut run = spawn_captured(&cfg, "source", &[], "info")?;
+    sql(format!(
+        "UPDATE `{db}`.users SET email = 'split@example.com' WHERE id = 1"
+    ))
+    .await?;
+    let status = tokio::time::timeout(T, run.child.wait())
+        .await
+        .context("the source stops instead of guessing which rows are published")??;
+    let out = run.output();
+    assert!(!status.success(), "{out}");
+    assert!(
+        out.contains("split across Kafka transactions")
+            && out.contains("0-999-1")
+            && out.contains("re-snapshot"),
+        "the message names the stored transaction and the fix:\n{out}"
+    );
+    let evs = events_of(&tc.topic("users"), 5, Duration::from_secs(3)).await?;
+    assert_eq!(
+        evs.len(),
+        4,
+        "nothing of the other transaction is published"
+    );
     Ok(())
 }

@@ -752,3 +752,132 @@ async fn offsets_reset_is_refused_while_running_dry_runs_by_default_and_resnapsh
     assert!(ok && text.contains("-> 0"), "{text}");
     Ok(())
 }
+
+/// The Avro-encoded string key of a `CHAR(36)` key column, as the 36 bytes of the string:
+/// Confluent framing (5 bytes), the string's length (zigzag 72) and the string.
+fn char36_key(key: &[u8]) -> Option<[u8; 36]> {
+    match key {
+        [0, _, _, _, _, 72, rest @ ..] => rest.try_into().ok(),
+        _ => None,
+    }
+}
+
+/// Reads `topic` (read_committed, partition 0) from its start until `want` records are read or
+/// `timeout` passes, then a moment more; returns how many records it read and their distinct
+/// `CHAR(36)` keys (without keeping the records).
+async fn count_char36_keys(
+    topic: &str,
+    want: usize,
+    timeout: Duration,
+) -> Result<(usize, std::collections::HashSet<[u8; 36]>)> {
+    use rdkafka::Message;
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    let e = endpoints();
+    let topic = topic.to_string();
+    tokio::task::spawn_blocking(move || {
+        let c: BaseConsumer = rdkafka::ClientConfig::new()
+            .set("bootstrap.servers", &e.kafka)
+            .set("group.id", unique("counter"))
+            .set("enable.auto.commit", "false")
+            .set("isolation.level", "read_committed")
+            .create()?;
+        let mut tpl = rdkafka::TopicPartitionList::new();
+        tpl.add_partition_offset(&topic, 0, rdkafka::Offset::Beginning)?;
+        c.assign(&tpl)?;
+        let (mut n, mut keys) = (0usize, std::collections::HashSet::with_capacity(want));
+        let started = std::time::Instant::now();
+        let mut grace: Option<std::time::Instant> = None;
+        loop {
+            if let Some(m) = c.poll(Duration::from_millis(200)) {
+                let m = m?;
+                n += 1;
+                let key = m.key().and_then(char36_key).context("a CHAR(36) key")?;
+                keys.insert(key);
+            }
+            if n >= want && grace.is_none() {
+                grace = Some(std::time::Instant::now());
+            }
+            if grace.is_some_and(|g| g.elapsed() > Duration::from_secs(2))
+                || started.elapsed() > timeout
+            {
+                return Ok((n, keys));
+            }
+        }
+    })
+    .await?
+}
+
+#[tokio::test]
+async fn a_2_million_row_transaction_on_a_uuid_keyed_table_is_split_across_kafka_transactions_and_kill_9_inside_it_delivers_each_row_exactly_once()
+-> Result<()> {
+    let _shared = STACK_LOCK.read().await;
+    const ROWS: usize = 2_000_000;
+    let db = unique("giant");
+    sql(format!("CREATE DATABASE `{db}`")).await?;
+    sql(format!(
+        "CREATE TABLE `{db}`.big (id CHAR(36) PRIMARY KEY, n INT NOT NULL)"
+    ))
+    .await?;
+    // Digits, to make 2,000,000 rows in one INSERT on MariaDB and MySQL alike.
+    sql(format!("CREATE TABLE `{db}`.d (x INT)")).await?;
+    sql(format!(
+        "INSERT INTO `{db}`.d VALUES (0),(1),(2),(3),(4),(5),(6),(7),(8),(9)"
+    ))
+    .await?;
+    let mut tc = TestConfig::new(&db, &["big"]);
+    tc.extra_source = "max_transaction_bytes = 1048576".into();
+    let cfg = write_config(&tc, true, None)?;
+    // The reader pauses for good at the 3,000th rows event, a third into the transaction (about
+    // 10,000 events of 8 KiB), so the kill lands inside it on any machine.
+    let (env, reached) = failpoint("stream.rows_events", 3_000);
+    let mut child = spawn_captured(&cfg, "source", &env, "warn")?.child;
+    sql(format!(
+        "INSERT INTO `{db}`.big VALUES ('00000000-0000-0000-0000-000000000000', 0)"
+    ))
+    .await?;
+    wait_events(&tc.topic("big"), 1, T).await?;
+    sql(format!(
+        "INSERT INTO `{db}`.big SELECT UUID(), a.x + 10 * b.x + 100 * c.x + 1000 * e.x \
+         + 10000 * f.x + 100000 * g.x + 1000000 * h.x + 1 \
+         FROM `{db}`.d a, `{db}`.d b, `{db}`.d c, `{db}`.d e, `{db}`.d f, `{db}`.d g, \
+         (SELECT x FROM `{db}`.d WHERE x < 2) h"
+    ))
+    .await?;
+    wait_for_failpoint(&reached, Duration::from_secs(300)).await?;
+    // Part of the transaction is committed: the stored position is inside it.
+    let inside = wait_for("a commit inside the transaction", T, || async {
+        Ok(committed_offset(&tc)
+            .await?
+            .and_then(|o| o.within)
+            .filter(|w| w.total() > 0))
+    })
+    .await?;
+    assert!(
+        (inside.total() as usize) < ROWS,
+        "the kill lands inside the transaction: {inside:?}"
+    );
+    child.kill().await?; // SIGKILL
+    child.wait().await?;
+    let mut resumed = spawn_captured(&cfg, "source", &[], "info")?;
+    let (n, keys) = count_char36_keys(&tc.topic("big"), ROWS + 1, Duration::from_secs(600)).await?;
+    resumed.child.kill().await?;
+    assert!(
+        resumed
+            .output()
+            .contains("resuming inside a source transaction that was split"),
+        "the restart resumed inside the transaction:\n{}",
+        resumed.output()
+    );
+    assert_eq!(n, ROWS + 1, "every row once: no record lost or repeated");
+    assert_eq!(keys.len(), ROWS + 1, "every row's key once");
+    let mut conn = admin().await?;
+    let ids: Vec<String> = conn.query(format!("SELECT id FROM `{db}`.big")).await?;
+    conn.disconnect().await?;
+    assert_eq!(ids.len(), ROWS + 1);
+    let missing = ids
+        .iter()
+        .filter(|id| <[u8; 36]>::try_from(id.as_bytes()).map_or(true, |k| !keys.contains(&k)))
+        .count();
+    assert_eq!(missing, 0, "the keys in Kafka are the table's keys");
+    Ok(())
+}

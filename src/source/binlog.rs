@@ -67,6 +67,16 @@ impl Emit for Outbox {
     }
 }
 
+/// Where the stream starts.
+#[derive(Debug)]
+pub struct Start {
+    /// A transaction boundary.
+    pub at: BinlogPosition,
+    /// What of the transaction after `at` is published already (a split, see
+    /// `source::decoder`).
+    pub within: Option<crate::offsets::Within>,
+}
+
 /// Where the stream's GTIDs start.
 #[derive(Debug, Default)]
 pub struct Gtid {
@@ -92,7 +102,7 @@ pub struct Beside {
 pub async fn run_reader(
     cfg: MysqlConfig,
     tables: HashSet<String>,
-    start: BinlogPosition,
+    start: Start,
     epoch: u64,
     window: Option<Window>,
     gtid: Gtid,
@@ -105,6 +115,7 @@ pub async fn run_reader(
         mut signals,
     } = beside;
     let captured = tables.clone();
+    let Start { at: start, within } = start;
     let mut conn = connect(&cfg).await?;
     let checksum: Option<String> = conn.query_first("SELECT @@global.binlog_checksum").await?;
     let crc = checksum
@@ -131,10 +142,14 @@ pub async fn run_reader(
         Some(state) => tracing::info!(gtid = %state, "binlog stream started after a GTID position"),
         None => tracing::info!(position = %start, "binlog stream started"),
     }
+    if let Some(w) = &within {
+        tracing::info!(position = %start, gtid = w.gtid.as_deref().unwrap_or("-"), rows_published = w.total(), "resuming inside a source transaction that was split across Kafka transactions: its published rows are skipped");
+    }
 
     let watchdog = Duration::from_millis(cfg.heartbeat_ms.saturating_mul(2).max(1_000));
-    let mut decoder =
-        Decoder::new(Capture::Only(tables), &start, epoch, window).with_gtid_state(gtid.state);
+    let mut decoder = Decoder::new(Capture::Only(tables), &start, epoch, window)
+        .with_gtid_state(gtid.state)
+        .with_within(within);
     let mut server = Server(&cfg);
     let mut heard = std::time::Instant::now()
         .checked_sub(Duration::from_secs(2))

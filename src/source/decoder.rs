@@ -20,6 +20,19 @@
 //!   reports it, a rotate replaces it. Computing it by summing event sizes would be wrong: the
 //!   server does not send every event of the file (ANNOTATE_ROWS is skipped unless asked for).
 //!
+//! **Large transactions.** A transaction is not held in memory, but the producer keeps it in
+//! one Kafka transaction, which the broker aborts past `transaction_timeout_ms`. So, inside a
+//! transaction, after every [`SPLIT_POINT_BYTES`] of captured rows events, the decoder sends a
+//! [`SourceMsg::Split`]: the rows of each table of this transaction published so far. The
+//! producer commits there when its Kafka transaction has grown too large
+//! (`source::pump`), storing the last boundary *and* that count ([`Within`]). A resume from
+//! such a position starts at the boundary, which is the start of that same transaction, and
+//! drops each table's first rows up to the stored count ([`Decoder::with_within`]). Rows of
+//! one table come in the same order on every read of a binlog, and on a replica that logged
+//! the same transaction (however it grouped them into events), so the rows dropped are exactly
+//! the ones published; the transaction's GTID and the counts are checked, and a mismatch is a
+//! definite error, never a guess. Row indices (versions) continue from the stored one.
+//!
 //! MariaDB's compressed events (`log_bin_compress = ON`) are uncompressed into the plain event
 //! they stand for (`source::compressed`) and handled as such, header position included.
 //!
@@ -53,7 +66,7 @@ use super::{SourceError, SourceMsg};
 use crate::events::{ChangeEvent, Op, SourceInfo, TableSchema};
 use crate::gtid::GtidState;
 use crate::metrics as m;
-use crate::offsets::BinlogPosition;
+use crate::offsets::{BinlogPosition, Within};
 
 pub(crate) const ROTATE_EVENT: u8 = 4;
 const QUERY_EVENT: u8 = 2;
@@ -73,6 +86,10 @@ const MARIADB_GTID_EVENT: u8 = 162;
 const MARIADB_QUERY_COMPRESSED_EVENT: u8 = 165;
 const MARIADB_ROWS_COMPRESSED_FIRST: u8 = 166;
 const MARIADB_ROWS_COMPRESSED_LAST: u8 = 171;
+
+/// Bytes of captured rows events between two split points of one transaction (see the module
+/// note): a transaction smaller than this never sends one.
+pub const SPLIT_POINT_BYTES: u64 = 1 << 20;
 
 /// A binlog event header's length.
 const HEADER_LEN: usize = 19;
@@ -161,6 +178,22 @@ pub struct Decoder {
     /// The position of the heartbeat just heard between transactions: the server had nothing
     /// more to send, so everything up to there is read (cleared by the next other event).
     heard: Option<u64>,
+    /// Rows placed per captured table in the open transaction (what a split point stores).
+    tx_rows: Vec<TxTable>,
+    /// Bytes of captured rows events of the open transaction since its last split point.
+    since_split: u64,
+    /// Resuming inside a split transaction: what of it is in Kafka already (dropped again).
+    skip: Option<Within>,
+}
+
+/// One captured table's rows in the open transaction.
+struct TxTable {
+    table_id: u64,
+    schema: Arc<TableSchema>,
+    /// Rows of it placed so far in this transaction.
+    placed: u64,
+    /// Rows of it to drop at a resume inside this transaction (in Kafka already).
+    skip: u64,
 }
 
 impl Decoder {
@@ -193,7 +226,17 @@ impl Decoder {
             gtid_state: None,
             tables_by_id: HashMap::new(),
             heard: None,
+            tx_rows: Vec::new(),
+            since_split: 0,
+            skip: None,
         }
+    }
+
+    /// Resumes inside the transaction that starts at the start position, which a split left
+    /// partly published (`within`, see the module note): its published rows are dropped.
+    pub fn with_within(mut self, within: Option<Within>) -> Self {
+        self.skip = within;
+        self
     }
 
     /// Decodes tables whose TABLE_MAP has no column names with positional names instead of
@@ -220,12 +263,11 @@ impl Decoder {
     /// for its position. `None` otherwise (`source::online` hands a chunk over only at such a
     /// point).
     pub fn resume_point(&self) -> Option<BinlogPosition> {
-        (!self.emitted && self.deferred.is_none() && !self.file.is_empty()).then(|| {
-            BinlogPosition {
+        (!self.emitted && self.deferred.is_none() && self.skip.is_none() && !self.file.is_empty())
+            .then(|| BinlogPosition {
                 file: self.file.clone(),
                 pos: self.boundary,
-            }
-        })
+            })
     }
 
     /// Whether the stream still replays the stretch a resumed snapshot spanned (its rows are
@@ -486,6 +528,8 @@ impl Decoder {
         self.emitted = false;
         self.place = TxPlace::open(log_pos, self.boundary);
         self.gtid_placed = true;
+        self.tx_rows.clear();
+        self.since_split = 0;
     }
 
     async fn on_query<C: Catalog + Send, E: Emit + Send>(
@@ -514,6 +558,8 @@ impl Decoder {
             if !self.in_tx && !self.gtid_placed {
                 self.place = TxPlace::open(log_pos, self.boundary);
                 self.emitted = false;
+                self.tx_rows.clear();
+                self.since_split = 0;
             }
             self.in_tx = true;
             self.tx_ts_ms = i64::from(header.timestamp()) * 1000;
@@ -705,8 +751,24 @@ impl Decoder {
             tracing::info!(position = %at, "stream passed the resumed snapshot's stretch");
             self.window = None;
         }
+        let n = decoded.len() as u64;
+        let slot = self.tx_table(rows.table_id(), &table.schema)?;
+        // A resume inside a split transaction: this table's first rows are in Kafka already.
+        let drop_n = self.tx_rows[slot]
+            .skip
+            .saturating_sub(self.tx_rows[slot].placed)
+            .min(n);
+        self.tx_rows[slot].placed += n;
         let mut batch = Vec::with_capacity(decoded.len());
-        for (b, a) in decoded {
+        for (i, (b, a)) in decoded.into_iter().enumerate() {
+            if (i as u64) < drop_n {
+                self.place.place_row();
+                continue;
+            }
+            if let Some(w) = &self.skip {
+                // Versions go on from the last one published.
+                self.place.next_row = self.place.next_row.max(w.next_row);
+            }
             let (pos, row) = self.place.place_row();
             let ev = ChangeEvent {
                 schema: table.schema.clone(),
@@ -738,7 +800,102 @@ impl Decoder {
         emit.emit(SourceMsg::Changes(batch)).await?;
         self.emitted = true;
         self.rows_events += 1;
+        self.since_split += u64::from(header.event_size());
+        if self.in_tx && self.deferred.is_none() && self.since_split >= SPLIT_POINT_BYTES {
+            self.since_split = 0;
+            emit.emit(SourceMsg::Split(self.within())).await?;
+        }
         crate::failpoint::pause_if_armed("stream.rows_events", self.rows_events).await;
+        Ok(())
+    }
+
+    /// The open transaction's slot in `tx_rows` for table `table_id`; at a resume inside a
+    /// split transaction, the first rows event of it checks that it is the stored one.
+    fn tx_table(&mut self, table_id: u64, schema: &Arc<TableSchema>) -> Result<usize, SourceError> {
+        if let Some(i) = self.tx_rows.iter().position(|t| t.table_id == table_id) {
+            return Ok(i);
+        }
+        let mut skip = 0;
+        if let Some(w) = &self.skip {
+            if let (Some(want), Some(got)) = (&w.gtid, &self.gtid)
+                && want != got
+            {
+                return Err(self.split_mismatch(w, format!("transaction {got}")));
+            }
+            skip = w.rows.get(&schema.qualified_name()).copied().unwrap_or(0);
+        }
+        self.tx_rows.push(TxTable {
+            table_id,
+            schema: schema.clone(),
+            placed: 0,
+            skip,
+        });
+        Ok(self.tx_rows.len() - 1)
+    }
+
+    /// What of the open transaction is published: each table's rows, and the next row index.
+    fn within(&self) -> Within {
+        let mut w = Within {
+            gtid: self.gtid.clone(),
+            rows: self
+                .skip
+                .as_ref()
+                .map(|w| w.rows.clone())
+                .unwrap_or_default(),
+            next_row: self
+                .place
+                .next_row
+                .max(self.skip.as_ref().map_or(0, |w| w.next_row)),
+        };
+        for t in &self.tx_rows {
+            let n = w.rows.entry(t.schema.qualified_name()).or_default();
+            *n = (*n).max(t.placed);
+        }
+        w
+    }
+
+    fn split_mismatch(&self, w: &Within, found: String) -> SourceError {
+        SourceError::SplitMismatch {
+            position: BinlogPosition {
+                file: self.file.clone(),
+                pos: self.boundary,
+            },
+            expected: format!(
+                "{} ({} rows published)",
+                w.gtid.as_deref().unwrap_or("(no GTID)"),
+                w.total()
+            ),
+            found,
+        }
+    }
+
+    /// At the end of the transaction a resume started inside: every table of it still captured
+    /// had at least the rows published before (else the binlog holds another transaction).
+    fn check_split_end(&mut self) -> Result<(), SourceError> {
+        let Some(w) = self.skip.take() else {
+            return Ok(());
+        };
+        if let (Some(want), Some(got)) = (&w.gtid, &self.gtid)
+            && want != got
+        {
+            return Err(self.split_mismatch(&w, format!("transaction {got}")));
+        }
+        for (table, &want) in &w.rows {
+            if !self.capture.contains(table) {
+                continue;
+            }
+            let placed = self
+                .tx_rows
+                .iter()
+                .find(|t| &t.schema.qualified_name() == table)
+                .map_or(0, |t| t.placed);
+            if placed < want {
+                return Err(self.split_mismatch(
+                    &w,
+                    format!("a transaction with only {placed} rows of `{table}` (not {want})"),
+                ));
+            }
+        }
         Ok(())
     }
 
@@ -749,9 +906,12 @@ impl Decoder {
         log_pos: u32,
         emit: &mut E,
     ) -> Result<(), SourceError> {
+        self.check_split_end()?;
         let gtid = self.gtid.take();
         self.gtid_placed = false;
         self.emitted = false;
+        self.tx_rows.clear();
+        self.since_split = 0;
         if log_pos == 0 {
             self.deferred = Some((gtid, self.tx_ts_ms));
             // The next transaction starts after this one, even before its boundary is known.

@@ -128,6 +128,19 @@ pub enum SourceError {
         /// Where.
         position: BinlogPosition,
     },
+    /// The stored position lies inside a transaction that was split across Kafka transactions,
+    /// and the transaction found there is not that one.
+    #[error(
+        "the stored position is inside the source transaction {expected} that starts at {position} (it was split across Kafka transactions), but the binlog there holds {found}: its remaining rows cannot be told apart from the ones already published. Fix: re-snapshot (`ecst offsets reset --source resnapshot --yes` while the source is stopped, or snapshot_mode = \"always\" once)"
+    )]
+    SplitMismatch {
+        /// Where the split transaction starts.
+        position: BinlogPosition,
+        /// The transaction stored (its GTID and rows).
+        expected: String,
+        /// What was found instead.
+        found: String,
+    },
     /// A compressed transaction (TRANSACTION_PAYLOAD) that cannot be read.
     #[error("the compressed transaction at {position} cannot be read: {detail}")]
     Payload {
@@ -331,6 +344,7 @@ impl Classify for SourceError {
             | E::PartialJson { .. }
             | E::StatementDml { .. }
             | E::Unsupported { .. }
+            | E::SplitMismatch { .. }
             | E::Payload { .. }
             | E::Compressed { .. }
             | E::MessageKey { .. }

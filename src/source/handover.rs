@@ -8,7 +8,7 @@ use tokio::sync::mpsc;
 
 use super::SourceError;
 use crate::events::ChangeEvent;
-use crate::offsets::{BinlogPosition, OnlineState, SnapshotSegment};
+use crate::offsets::{BinlogPosition, OnlineState, SnapshotSegment, Within};
 
 /// Messages the hand-over holds at most (commits and batches alike); rows are bounded
 /// separately by [`Outbox`]'s permits.
@@ -92,6 +92,9 @@ pub enum SourceMsg {
         /// Its commit time (ms), 0 if unknown.
         ts_ms: i64,
     },
+    /// A point inside a large source transaction where it may be split across Kafka
+    /// transactions: everything sent before it is covered by the last boundary and this.
+    Split(Within),
     /// A snapshot chunk boundary: everything sent before it is covered by these segments.
     SnapshotProgress(Vec<SnapshotSegment>),
     /// Online snapshots moved on (a chunk published, a table queued by a signal): stored with

@@ -316,7 +316,7 @@ fn reconcile_reload(
             );
             Some(k)
         }
-        Some(l) if l.position < k.position => {
+        Some(l) if l.progress_cmp(&k) == Some(std::cmp::Ordering::Less) => {
             tracing::warn!(
                 committed = %k.position,
                 stored = %l.position,
@@ -324,7 +324,7 @@ fn reconcile_reload(
             );
             Some(k)
         }
-        Some(l) if l.position > k.position => {
+        Some(l) if l.progress_cmp(&k) == Some(std::cmp::Ordering::Greater) => {
             tracing::info!(
                 committed = %k.position,
                 stored = %l.position,
@@ -474,6 +474,8 @@ async fn session(
             val_buf: Vec::new(),
             datum: Vec::new(),
             events_since_commit: 0,
+            bytes_since_commit: 0,
+            opened_at: Instant::now(),
             last_commit_took: Duration::ZERO,
             counts: HashMap::new(),
             last_change_ts_ms: 0,
@@ -749,6 +751,12 @@ async fn session(
         .as_ref()
         .and_then(|o| Window::new(&o.snapshot_segments, &o.tables));
     let gtid_connect = gtid_failover.clone();
+    // A stored position inside a split transaction (only when resuming from it).
+    let within = if need_snapshot {
+        None
+    } else {
+        committed.as_ref().and_then(|o| o.within.clone())
+    };
     let beside = binlog::Beside {
         online: online::Online::new(mysql.clone(), epoch, chunk, online.clone(), mariadb),
         signals: Some(signal::listen(
@@ -786,7 +794,7 @@ async fn session(
         binlog::run_reader(
             reader_cfg,
             tables.into_iter().collect::<HashSet<_>>(),
-            start,
+            binlog::Start { at: start, within },
             epoch,
             window,
             binlog::Gtid {
@@ -876,6 +884,7 @@ mod tests {
             server_uuid: None,
             snapshot_segments: Vec::new(),
             online: OnlineState::default(),
+            within: None,
         }
     }
 
@@ -886,6 +895,34 @@ mod tests {
             Some(at(900))
         );
         assert_eq!(reconcile_reload(Some(at(900)), None), Some(at(900)));
+    }
+
+    #[test]
+    fn inside_a_split_transaction_a_reload_with_fewer_rows_published_loses_to_the_committed_one() {
+        let inside = |rows: u64| SourceOffset {
+            within: Some(crate::offsets::Within {
+                gtid: None,
+                rows: [("db.t".to_string(), rows)].into_iter().collect(),
+                next_row: rows as u32,
+            }),
+            ..at(400)
+        };
+        assert_eq!(
+            reconcile_reload(Some(inside(200)), Some(inside(100))),
+            Some(inside(200))
+        );
+        assert_eq!(
+            reconcile_reload(Some(inside(100)), Some(at(400))),
+            Some(inside(100))
+        );
+        assert_eq!(
+            reconcile_reload(Some(inside(100)), Some(inside(300))),
+            Some(inside(300))
+        );
+        assert_eq!(
+            reconcile_reload(Some(inside(100)), Some(at(500))),
+            Some(at(500))
+        );
     }
 
     #[test]

@@ -109,6 +109,10 @@ pub(super) struct Publisher {
     pub(super) val_buf: Vec<u8>,
     pub(super) datum: Vec<u8>,
     pub(super) events_since_commit: u64,
+    /// Bytes of records (keys and values) produced in the open transaction.
+    pub(super) bytes_since_commit: u64,
+    /// When the open transaction began.
+    pub(super) opened_at: Instant,
     /// How long the last commit took (it sizes the next transaction, see [`pump`]).
     pub(super) last_commit_took: Duration,
     /// Events per table since the last commit (metrics are emitted per commit, not per row).
@@ -181,6 +185,8 @@ impl Publisher {
                 .begin_transaction()
                 .map_err(|e| self.explain(e))?;
             self.open = true;
+            self.opened_at = Instant::now();
+            self.bytes_since_commit = 0;
         }
         Ok(())
     }
@@ -391,6 +397,7 @@ impl Publisher {
         if tombstone_after && tombstones && !keyless {
             self.produce(&st.topic, record_key, None, headers).await?;
         }
+        self.bytes_since_commit += (record_key.map_or(0, <[u8]>::len) + val.len()) as u64;
         self.key_buf = key;
         self.val_buf = val;
         self.events_since_commit += 1;
@@ -455,6 +462,7 @@ impl Publisher {
         metrics::histogram!(m::SOURCE_COMMIT_SECONDS).record(self.last_commit_took.as_secs_f64());
         self.open = false;
         self.events_since_commit = 0;
+        self.bytes_since_commit = 0;
         metrics::counter!(m::SOURCE_TRANSACTIONS_TOTAL).increment(1);
         for (table, n) in self.counts.drain() {
             metrics::counter!(m::SOURCE_EVENTS_TOTAL, m::TABLE_LABEL => table).increment(n);
@@ -479,6 +487,18 @@ impl Publisher {
             .as_ref()
             .map_or(300_000, |s| s.transaction_timeout_ms);
         COMMIT_DEADLINE.min(Duration::from_millis(timeout / 2))
+    }
+
+    /// Whether the open transaction is past the bounds a split point applies
+    /// (`source.max_transaction_bytes`, or open for a quarter of the transaction timeout).
+    pub(super) fn too_large(&self) -> bool {
+        let Some(src) = self.cfg.source.as_ref() else {
+            return false;
+        };
+        self.open
+            && (self.bytes_since_commit >= src.max_transaction_bytes
+                || self.opened_at.elapsed()
+                    >= Duration::from_millis(src.transaction_timeout_ms / 4))
     }
 
     pub(super) async fn abort(&mut self) {

@@ -4,7 +4,10 @@
 //!
 //! When it commits: at a transaction boundary of the source, at once when caught up, else
 //! after `commit_interval_ms` or longer if commits are slow (group commit); a snapshot's chunk
-//! boundaries and its end likewise.
+//! boundaries and its end likewise. Inside a source transaction too large for one Kafka
+//! transaction (`source.max_transaction_bytes`, or open for a quarter of the transaction
+//! timeout), at the reader's next split point: the offset stored then is the last boundary
+//! with how much of the transaction is in Kafka (`offsets::Within`, `source::decoder`).
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -154,8 +157,33 @@ pub(super) async fn pump(
                             .map(|w| w.segments().to_vec())
                             .unwrap_or_default(),
                         online: online.clone(),
+                        within: None,
                     });
                     boundary = pending.clone();
+                }
+            }
+            Some(SourceMsg::Split(within)) => {
+                // Committed only when the open transaction has grown too large; the offset is
+                // the last boundary and what of the next transaction is published.
+                if snapshot_done
+                    && publisher.too_large()
+                    && let Some(b) = boundary.as_ref()
+                {
+                    if committed.as_ref().is_none_or(|c| c.within.is_none()) {
+                        tracing::info!(position = %b.position, gtid = within.gtid.as_deref().unwrap_or("-"), bytes = publisher.bytes_since_commit, "a source transaction too large for one Kafka transaction is split (source.max_transaction_bytes): consumers see its first part before the rest");
+                    }
+                    let o = SourceOffset {
+                        within: Some(within),
+                        ..b.clone()
+                    };
+                    if !commit_unless_shutdown(publisher, &o, shutdown).await? {
+                        return Ok(());
+                    }
+                    metrics::counter!(m::SOURCE_TRANSACTION_SPLITS_TOTAL).increment(1);
+                    *committed = Some(o);
+                    committed_here = true;
+                    pending = None;
+                    last_commit = Instant::now();
                 }
             }
             Some(SourceMsg::OnlineProgress { state, at }) => {
@@ -188,6 +216,7 @@ pub(super) async fn pump(
                         tables: tables.clone(),
                         snapshot_segments: segments,
                         online: online.clone(),
+                        within: None,
                     });
                 }
             }
@@ -212,6 +241,7 @@ pub(super) async fn pump(
                         .map(|w| w.segments().to_vec())
                         .unwrap_or_default(),
                     online: online.clone(),
+                    within: None,
                 });
                 boundary = pending.clone();
                 // The end of a snapshot is committed at once.
