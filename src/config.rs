@@ -233,6 +233,10 @@ pub struct SourceConfig {
     /// Events buffered between reader and producer. Default 8192.
     #[serde(default = "default_channel_capacity")]
     pub channel_capacity: usize,
+    /// Bytes of row values (as decoded, approximately) buffered between reader and producer.
+    /// Default 67108864 (64 MiB); at least 1 MiB. A batch larger than this goes alone.
+    #[serde(default = "default_channel_max_bytes")]
+    pub channel_max_bytes: usize,
     /// MySQL only: seconds a snapshot waits for `FLUSH TABLES WITH READ LOCK` before it gives
     /// up (and retries later) rather than stall every writer queued behind it. Default 10.
     #[serde(default = "default_snapshot_lock_wait_s")]
@@ -488,6 +492,10 @@ fn default_transaction_timeout_ms() -> u64 {
 fn default_topic_partitions() -> i32 {
     DEFAULT_TOPIC_PARTITIONS
 }
+fn default_channel_max_bytes() -> usize {
+    64 << 20
+}
+
 fn default_channel_capacity() -> usize {
     DEFAULT_CHANNEL_CAPACITY
 }
@@ -809,6 +817,12 @@ impl Config {
             }
             if s.channel_capacity == 0 {
                 issue("source.channel_capacity", "must be at least 1");
+            }
+            if s.channel_max_bytes < 1 << 20 {
+                issue(
+                    "source.channel_max_bytes",
+                    "must be at least 1048576 (1 MiB)",
+                );
             }
             if s.commit_interval_ms == 0 {
                 issue("source.commit_interval_ms", "must be at least 1");

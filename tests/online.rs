@@ -371,3 +371,48 @@ async fn a_table_dropped_during_its_online_snapshot_ends_that_snapshot_and_the_o
     run.child.kill().await?;
     Ok(())
 }
+
+#[tokio::test]
+async fn a_table_keyed_by_text_in_the_first_snapshot_is_read_online_in_checkpointed_chunks_and_kill_9_mid_table_loses_and_doubles_nothing()
+-> Result<()> {
+    let _shared = STACK_LOCK.read().await;
+    let db = crate::ops::counter_table().await?;
+    add_big_table(&db).await?;
+    let mut tc = TestConfig::new(&db, &["counter", "big"]);
+    tc.extra_source = "snapshot_chunk_size = 50".into();
+    let cfg = write_config(&tc, true, None)?;
+    let (pause, reached) = failpoint("online.rows", 1000);
+    let mut run = spawn_captured(&cfg, "source", &pause, "info")?;
+    run.wait_for_output("tables keyed by text are snapshotted online", T)
+        .await?;
+    // `counter` is read before the stream, as ever; both tables change from then on.
+    wait_events(&tc.topic("counter"), 100, T).await?;
+    let writer = Writer::start(&db, true);
+    wait_for_failpoint(&reached, T).await?;
+    // The progress inside `big` is stored chunk by chunk (the initial snapshot could store it
+    // only at the table's end): a kill now loses only what is not committed.
+    let big = format!("{db}.big");
+    wait_for("a checkpoint inside big", T, || async {
+        let c = tc.config(true)?;
+        Ok(ecst::source::load_offset(&c, &c.offsets_topic())
+            .await?
+            .filter(|o| o.snapshot_completed)
+            .and_then(|o| o.online.tables.first().cloned())
+            .filter(|t| t.table == big && t.last_key.is_some() && t.rows_done < BIG_ROWS))
+    })
+    .await?;
+    writer.written(20).await?;
+    run.child.kill().await?;
+    writer.written(20).await?;
+    let mut run = spawn_captured(&cfg, "source", &[], "info")?;
+    run.wait_for_output("online snapshot of table finished", T)
+        .await?;
+    writer.written(20).await?;
+    writer.stop().await?;
+    for table in ["counter", "big"] {
+        assert_changes_and_reads_in_place(&tc.topic(table), &mysql_counts(&db, table).await?, 1)
+            .await?;
+    }
+    run.child.kill().await?;
+    Ok(())
+}

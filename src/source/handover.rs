@@ -1,13 +1,13 @@
 //! The hand-over from the reader (snapshot or binlog) to the producer loop: a bounded channel
-//! of [`SourceMsg`]s whose rows are also bounded by permits, so memory stays bounded whatever
-//! one message holds.
+//! of [`SourceMsg`]s whose rows, and the bytes of their values, are also bounded by permits, so
+//! memory stays bounded whatever one message holds: 8,192 rows of 1 MB would be 8 GB.
 
 use std::sync::Arc;
 
 use tokio::sync::mpsc;
 
 use super::SourceError;
-use crate::events::ChangeEvent;
+use crate::events::{ChangeEvent, Value};
 use crate::offsets::{BinlogPosition, OnlineState, SnapshotSegment, Within};
 
 /// Messages the hand-over holds at most (commits and batches alike); rows are bounded
@@ -16,35 +16,68 @@ const CHANNEL_MESSAGES: usize = 1024;
 
 /// The reader's end of the hand-over to the producer loop. A message carries a whole rows
 /// event or snapshot chunk, so a message count alone would not bound memory: sending a batch
-/// first takes one permit per row (`source.channel_capacity` in all), and the producer loop
-/// returns them once the rows are handed to Kafka.
+/// first takes one row permit per row (`source.channel_capacity` in all) and one byte permit
+/// per KiB of its values ([`batch_kib`]; `source.channel_max_bytes` in all), and the producer
+/// loop returns them once the rows are handed to Kafka. A batch larger than a whole budget
+/// takes all of it, so it goes alone.
 #[derive(Clone)]
 pub struct Outbox {
     tx: mpsc::Sender<SourceMsg>,
+    budget: Budget,
+}
+
+/// The two permit pools, shared by both ends.
+#[derive(Clone)]
+struct Budget {
     rows: Arc<tokio::sync::Semaphore>,
-    capacity: u32,
+    rows_cap: u32,
+    kib: Arc<tokio::sync::Semaphore>,
+    kib_cap: u32,
+}
+
+impl Budget {
+    fn permits(&self, evs: &[ChangeEvent]) -> (u32, u32) {
+        (
+            clamp_permits(evs.len() as u64, self.rows_cap),
+            clamp_permits(batch_kib(evs), self.kib_cap),
+        )
+    }
 }
 
 impl Outbox {
-    /// A hand-over bounded to `capacity` buffered rows, and the producer loop's end.
-    pub(super) fn new(capacity: usize) -> (Outbox, Inbox) {
+    /// A hand-over bounded to `rows` buffered rows and `bytes` of their values, and the
+    /// producer loop's end.
+    pub(super) fn new(rows: usize, bytes: usize) -> (Outbox, Inbox) {
         let (tx, rx) = mpsc::channel(CHANNEL_MESSAGES);
-        let capacity = u32::try_from(capacity.max(1)).unwrap_or(u32::MAX);
-        let rows = Arc::new(tokio::sync::Semaphore::new(capacity as usize));
+        let rows_cap = u32::try_from(rows.max(1)).unwrap_or(u32::MAX);
+        let kib_cap = u32::try_from((bytes / 1024).max(1)).unwrap_or(u32::MAX);
+        let budget = Budget {
+            rows: Arc::new(tokio::sync::Semaphore::new(rows_cap as usize)),
+            rows_cap,
+            kib: Arc::new(tokio::sync::Semaphore::new(kib_cap as usize)),
+            kib_cap,
+        };
         let inbox = Inbox {
             rx,
-            rows: rows.clone(),
-            capacity,
+            budget: budget.clone(),
         };
-        (Outbox { tx, rows, capacity }, inbox)
+        (Outbox { tx, budget }, inbox)
     }
 
-    /// Sends `msg`, waiting while the producer loop holds `channel_capacity` rows.
+    /// Sends `msg`, waiting while the producer loop holds `channel_capacity` rows or
+    /// `channel_max_bytes` of values.
     pub async fn send(&self, msg: SourceMsg) -> Result<(), SourceError> {
         if let SourceMsg::Changes(evs) = &msg {
-            let n = permits_for(evs.len(), self.capacity);
-            self.rows
-                .acquire_many(n)
+            let (rows, kib) = self.budget.permits(evs);
+            self.budget
+                .rows
+                .acquire_many(rows)
+                .await
+                .map_err(|_| SourceError::ChannelClosed)?
+                .forget();
+            self.budget
+                .kib
+                .acquire_many(kib)
                 .await
                 .map_err(|_| SourceError::ChannelClosed)?
                 .forget();
@@ -59,21 +92,47 @@ impl Outbox {
 /// The producer loop's end of the hand-over.
 pub(super) struct Inbox {
     pub(super) rx: mpsc::Receiver<SourceMsg>,
-    pub(super) rows: Arc<tokio::sync::Semaphore>,
-    pub(super) capacity: u32,
+    budget: Budget,
 }
 
 impl Inbox {
-    /// Returns the permits of a batch of `rows` rows once they are handed to Kafka.
-    pub(super) fn release(&self, rows: usize) {
-        self.rows
-            .add_permits(permits_for(rows, self.capacity) as usize);
+    /// Returns the permits of a batch once its rows are handed to Kafka (what
+    /// [`Inbox::permits`] said the batch took).
+    pub(super) fn release(&self, permits: (u32, u32)) {
+        self.budget.rows.add_permits(permits.0 as usize);
+        self.budget.kib.add_permits(permits.1 as usize);
+    }
+
+    /// The permits `evs` took when it was sent (taken before the batch is consumed).
+    pub(super) fn permits(&self, evs: &[ChangeEvent]) -> (u32, u32) {
+        self.budget.permits(evs)
     }
 }
 
-/// Permits a batch takes: one per row, at most the whole capacity (a larger batch goes alone).
-fn permits_for(rows: usize, capacity: u32) -> u32 {
-    u32::try_from(rows).unwrap_or(u32::MAX).clamp(1, capacity)
+/// Permits a batch of `n` units takes: at most the whole capacity (a larger batch goes alone).
+fn clamp_permits(n: u64, capacity: u32) -> u32 {
+    u32::try_from(n).unwrap_or(u32::MAX).clamp(1, capacity)
+}
+
+/// The approximate memory of one decoded row's values.
+pub(super) fn row_bytes(row: &[Value]) -> usize {
+    row.iter()
+        .map(|v| match v {
+            Value::String(s) | Value::Decimal(s) => s.len() + 24,
+            Value::Bytes(b) => b.len() + 24,
+            _ => 16,
+        })
+        .sum::<usize>()
+        + 24
+}
+
+/// KiB of values a batch holds (its before and after images, rounded up).
+pub(super) fn batch_kib(evs: &[ChangeEvent]) -> u64 {
+    let bytes: usize = evs
+        .iter()
+        .map(|e| e.before.as_deref().map_or(0, row_bytes) + e.after.as_deref().map_or(0, row_bytes))
+        .sum();
+    (bytes as u64).div_ceil(1024)
 }
 
 /// What the reader hands to the producer loop.
@@ -114,4 +173,85 @@ pub enum SourceMsg {
         /// The GTID state at the first segment's position, if known.
         gtid_set: Option<String>,
     },
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::events::{Op, SourceInfo, TableSchema};
+
+    /// A batch of one row holding `kib` KiB of text.
+    fn batch(kib: usize) -> SourceMsg {
+        let schema = Arc::new(TableSchema {
+            db: "d".into(),
+            table: "t".into(),
+            columns: Vec::new(),
+            key: Vec::new(),
+        });
+        SourceMsg::Changes(vec![ChangeEvent {
+            schema,
+            op: Op::Create,
+            before: None,
+            after: Some(vec![Value::String("x".repeat(kib * 1024))]),
+            source: SourceInfo {
+                ts_ms: 0,
+                snapshot: "false",
+                server_id: 1,
+                gtid: None,
+                file: "f.000001".into(),
+                pos: 4,
+                row: 0,
+                epoch: 1,
+                read_ts_ms: 0,
+            },
+        }])
+    }
+
+    #[tokio::test]
+    async fn the_hand_over_holds_rows_up_to_its_byte_budget_and_a_larger_batch_goes_alone() {
+        let (tx, mut rx) = Outbox::new(10_000, 1 << 20);
+        let wait = std::time::Duration::from_millis(200);
+        // Two rows of 400 KiB fit in 1 MiB; a third waits although the row budget is far off.
+        for _ in 0..2 {
+            tokio::time::timeout(wait, tx.send(batch(400)))
+                .await
+                .expect("fits")
+                .expect("sent");
+        }
+        let third = tokio::spawn({
+            let tx = tx.clone();
+            async move { tx.send(batch(400)).await }
+        });
+        tokio::time::sleep(wait).await;
+        assert!(!third.is_finished(), "800 KiB held: 400 more must wait");
+        // Once the producer loop has handed the first batch to Kafka, it goes.
+        let Some(SourceMsg::Changes(evs)) = rx.rx.recv().await else {
+            panic!("a batch")
+        };
+        rx.release(rx.permits(&evs));
+        tokio::time::timeout(wait, third)
+            .await
+            .expect("sent after the release")
+            .expect("joined")
+            .expect("sent");
+        // A batch larger than the whole budget takes all of it: it waits until the rest is
+        // released, then goes alone.
+        let big = tokio::spawn({
+            let tx = tx.clone();
+            async move { tx.send(batch(3 * 1024)).await }
+        });
+        tokio::time::sleep(wait).await;
+        assert!(!big.is_finished());
+        for _ in 0..2 {
+            let Some(SourceMsg::Changes(evs)) = rx.rx.recv().await else {
+                panic!("a batch")
+            };
+            rx.release(rx.permits(&evs));
+        }
+        tokio::time::timeout(wait, big)
+            .await
+            .expect("sent once alone")
+            .expect("joined")
+            .expect("sent");
+    }
 }

@@ -21,7 +21,8 @@
 //! `snapshot_mode = "initial"`, a schema the registry refuses, being fenced) stop the source with
 //! one clear message.
 //!
-//! **Backpressure.** The channel is bounded (`source.channel_capacity`) and the producer waits
+//! **Backpressure.** The channel is bounded (`source.channel_capacity` rows and
+//! `source.channel_max_bytes` of their values) and the producer waits
 //! when librdkafka's queue is full, so a Kafka or registry outage pauses the reader with bounded
 //! memory.
 //!
@@ -142,6 +143,26 @@ async fn all_keyed(cfg: &MysqlConfig, tables: &[String]) -> Result<bool, SourceE
     }
     conn.disconnect().await?;
     Ok(keyed)
+}
+
+/// Those of `tables` with a primary key that does not order the same in Rust as in MySQL
+/// ([`window::key_orderable`]): the initial snapshot could checkpoint them only at their end,
+/// so on MariaDB the online snapshot reads them instead.
+async fn paged_by_the_server(
+    cfg: &MysqlConfig,
+    tables: &[String],
+) -> Result<Vec<String>, SourceError> {
+    let mut conn = connect(cfg).await?;
+    let mut out = Vec::new();
+    for t in tables {
+        let (db, table) = t.split_once('.').unwrap_or(("", t));
+        let schema = table_map::from_information_schema(&mut conn, db, table).await?;
+        if !schema.key.is_empty() && !window::key_orderable(&schema) {
+            out.push(t.clone());
+        }
+    }
+    conn.disconnect().await?;
+    Ok(out)
 }
 
 /// Whether two table lists name the same tables (in any order).
@@ -733,8 +754,49 @@ async fn session(
     if start.is_none() {
         online.tables.clear();
     }
+    // On MariaDB, a table whose key has a text column is read by the online snapshot once the
+    // others are read: it pages by the server's own comparison and stores its progress with
+    // every chunk, where the initial snapshot could store it only at the table's end (a whole
+    // table in one Kafka transaction, read again from its start after a kill). The stored
+    // table order puts them last, so the initial snapshot's progress indexes the others alone;
+    // a resumed snapshot keeps the split it stored.
+    if start.is_none() && mariadb && !snapshot_added {
+        let later: Vec<String> = if resume.is_empty() {
+            let later = paged_by_the_server(mysql, &tables).await?;
+            tables = tables
+                .iter()
+                .filter(|t| !later.contains(t))
+                .chain(later.iter())
+                .cloned()
+                .collect();
+            later
+        } else {
+            committed
+                .iter()
+                .flat_map(|o| o.online.tables.iter().map(|t| t.table.clone()))
+                .filter(|t| tables.contains(t))
+                .collect()
+        };
+        if !later.is_empty() {
+            tracing::info!(tables = ?later, "tables keyed by text are snapshotted online, in chunks checkpointed one by one, once the others are read");
+        }
+        online.tables = later
+            .into_iter()
+            .map(|table| OnlineTable {
+                table,
+                last_key: None,
+                rows_done: 0,
+            })
+            .collect();
+    }
+    // What the initial snapshot reads: every table but those read online.
+    let snapshot_tables: Vec<String> = tables
+        .iter()
+        .filter(|t| !online.tables.iter().any(|o| &o.table == *t))
+        .cloned()
+        .collect();
 
-    let (tx, mut rx) = Outbox::new(src.channel_capacity);
+    let (tx, mut rx) = Outbox::new(src.channel_capacity, src.channel_max_bytes);
     let reader_cfg = mysql.clone();
     let session_tables = tables.clone();
     let chunk = snapshot::ChunkBounds {
@@ -776,9 +838,16 @@ async fn session(
                 (p, stored_window, state)
             }
             None => {
-                let (segments, mysql_set) =
-                    snapshot::run_snapshot(&reader_cfg, &tables, chunk, locks, epoch, &tx, resume)
-                        .await?;
+                let (segments, mysql_set) = snapshot::run_snapshot(
+                    &reader_cfg,
+                    &snapshot_tables,
+                    chunk,
+                    locks,
+                    epoch,
+                    &tx,
+                    resume,
+                )
+                .await?;
                 let start = segments
                     .first()
                     .map(|s| s.at.clone())

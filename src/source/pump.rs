@@ -123,11 +123,11 @@ pub(super) async fn pump(
         match msg {
             Some(SourceMsg::Changes(evs)) => {
                 at_boundary = false;
-                let n = evs.len();
+                let permits = rx.permits(&evs);
                 for ev in evs {
                     publisher.publish(ev).await?;
                 }
-                rx.release(n);
+                rx.release(permits);
             }
             Some(SourceMsg::Commit {
                 position,

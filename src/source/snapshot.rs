@@ -18,7 +18,9 @@
 //! with its [`SnapshotSegment`]s, which the producer stores in the same Kafka transaction as the
 //! chunk's events. A restart resumes after the last stored boundary, in a new consistent read;
 //! `source::window` explains how the stream then stays exact. Tables whose key does not order
-//! the same in Rust and MySQL are checkpointed only at their end (see [`window::orderable`]).
+//! the same in Rust and MySQL are checkpointed only at their end (see [`window::orderable`]);
+//! on MariaDB the session hands them to the online snapshot instead (`source::online`), which
+//! pages by the server's comparison and stores its progress with every chunk.
 
 use std::time::Instant;
 
@@ -342,17 +344,7 @@ pub fn next_limit(limit: u32, n: usize, bytes: usize, bounds: ChunkBounds) -> u3
         .clamp(1, bounds.rows.max(1))
 }
 
-/// The approximate memory of one decoded row.
-pub(super) fn row_bytes(row: &[Value]) -> usize {
-    row.iter()
-        .map(|v| match v {
-            Value::String(s) | Value::Decimal(s) => s.len() + 24,
-            Value::Bytes(b) => b.len() + 24,
-            _ => 16,
-        })
-        .sum::<usize>()
-        + 24
-}
+pub(super) use super::handover::row_bytes;
 
 /// Hands snapshot rows to the producer loop: one change event per row, the table's last row
 /// held back (it is marked `snapshot = last` when the table is the last one), and a progress

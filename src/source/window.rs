@@ -19,7 +19,8 @@
 //! only when its key orders the same in Rust as in MySQL: integers, exact decimals, temporal
 //! types and binary strings. A key with a text column (collations) is only checkpointed at the
 //! end of the table, so an interruption re-reads that table from its start (in one Kafka
-//! transaction, hence still without duplicates).
+//! transaction, hence still without duplicates). On MariaDB such tables are not in the initial
+//! snapshot at all: the online snapshot reads them after it (`source::online`).
 
 use std::cmp::Ordering;
 use std::collections::HashMap;
@@ -40,6 +41,22 @@ pub fn orderable(key: &[Value]) -> bool {
             | Value::Bytes(_) => true,
             Value::Decimal(d) => parse_decimal(d).is_some(),
             Value::Null | Value::Float(_) | Value::Double(_) | Value::String(_) => false,
+        })
+}
+
+/// Whether every key column of `schema` holds values that are [`orderable`]: what decides,
+/// before any row is read, whether the initial snapshot can checkpoint the table mid-way
+/// (a text, ENUM, SET, JSON or floating-point key column cannot).
+pub fn key_orderable(schema: &crate::events::TableSchema) -> bool {
+    use crate::events::ColumnKind as K;
+    !schema.key.is_empty()
+        && schema.key.iter().all(|&i| {
+            schema.columns.get(i).is_some_and(|c| {
+                !matches!(
+                    c.kind,
+                    K::Float | K::Double | K::String(_) | K::Enum(_) | K::Set(_) | K::Json
+                )
+            })
         })
 }
 

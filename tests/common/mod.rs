@@ -629,8 +629,6 @@ pub fn sigterm(child: &Child) -> Result<()> {
     Ok(())
 }
 
-/// `ecst <cmd>` as a child with extra environment, its stdout and stderr collected (and echoed
-/// to the test's stderr, so a failing test still shows them).
 /// Peak resident memory of a process (`VmHWM`), in MB.
 pub fn peak_rss_mb(pid: u32) -> Option<f64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
@@ -677,6 +675,8 @@ pub struct Captured {
     output: Arc<std::sync::Mutex<String>>,
 }
 
+/// `ecst <cmd>` as a child with extra environment, its stdout and stderr collected (and echoed
+/// to the test's stderr, so a failing test still shows them).
 pub fn spawn_captured(
     cfg: &std::path::Path,
     cmd: &str,
