@@ -538,6 +538,7 @@ mod tests {
             server_id: 7,
             server_uuid: None,
             gtid_binlog_pos: None,
+            gtid_executed: None,
         };
         let stored = |server_id| crate::offsets::SourceOffset {
             position: "mariadb-bin.000003:400".parse().expect("position"),

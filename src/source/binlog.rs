@@ -82,8 +82,8 @@ pub struct Start {
 pub struct Gtid {
     /// What `start` covers, when known: every boundary then carries the state it covers.
     pub state: Option<GtidState>,
-    /// A MariaDB GTID position to start after, instead of `start`'s file and offset (a
-    /// failover: the stored position was another server's).
+    /// A GTID state to start after, instead of `start`'s file and offset (a failover: the
+    /// stored position was another server's): a MariaDB GTID position or a MySQL GTID set.
     pub connect: Option<String>,
 }
 
@@ -123,20 +123,41 @@ pub async fn run_reader(
         .is_some_and(|c| c.eq_ignore_ascii_case("CRC32"));
     let heartbeat_ns = cfg.heartbeat_ms.saturating_mul(1_000_000);
     conn.query_drop("SET @mariadb_slave_capability = 4").await?;
+    // MySQL: the GTID set to start after, as the dump request takes it.
+    let mut mysql_sids = Vec::new();
     if let Some(state) = &gtid.connect {
-        // MariaDB finds the place after these GTIDs itself (strict: a server that lacks one
-        // refuses with 1236 instead of starting elsewhere).
-        conn.exec_drop("SET @slave_connect_state = ?", (state,))
-            .await?;
-        conn.query_drop("SET @slave_gtid_strict_mode = 1").await?;
-        conn.query_drop("SET @slave_gtid_ignore_duplicates = 0")
-            .await?;
+        if state.contains(':') {
+            // MySQL sends every transaction not in the set (COM_BINLOG_DUMP_GTID); the set's
+            // text is what `@@gtid_executed` prints, one `uuid[:tag]:intervals` per source.
+            for group in state.split(',').map(str::trim).filter(|g| !g.is_empty()) {
+                mysql_sids.push(
+                    group
+                        .parse::<mysql_common::packets::Sid<'static>>()
+                        .map_err(|e| SourceError::Unsupported {
+                            what: format!("a stored GTID set the dump request cannot carry ({e})"),
+                            fix: "re-snapshot (snapshot_mode = \"always\" once)".into(),
+                            position: start.clone(),
+                        })?,
+                );
+            }
+        } else {
+            // MariaDB finds the place after these GTIDs itself (strict: a server that lacks
+            // one refuses with 1236 instead of starting elsewhere).
+            conn.exec_drop("SET @slave_connect_state = ?", (state,))
+                .await?;
+            conn.query_drop("SET @slave_gtid_strict_mode = 1").await?;
+            conn.query_drop("SET @slave_gtid_ignore_duplicates = 0")
+                .await?;
+        }
     }
     conn.query_drop(format!("SET @master_heartbeat_period = {heartbeat_ns}"))
         .await?;
-    let request = BinlogStreamRequest::new(cfg.server_id)
+    let mut request = BinlogStreamRequest::new(cfg.server_id)
         .with_filename(start.file.as_bytes())
         .with_pos(start.pos);
+    if !mysql_sids.is_empty() {
+        request = request.with_gtid().with_gtid_set(mysql_sids);
+    }
     let mut stream = conn.get_binlog_stream(request).await?;
     match &gtid.connect {
         Some(state) => tracing::info!(gtid = %state, "binlog stream started after a GTID position"),

@@ -648,8 +648,8 @@ async fn session(
         )
     });
     // A failover to a server that has every transaction the stored position covers (a
-    // promoted replica): the position is found again by its GTID state (MariaDB; MySQL's GTID
-    // dump is not built yet), in a new epoch, with no snapshot.
+    // promoted replica): the position is found again by its GTID state (MariaDB's
+    // `@slave_connect_state`, MySQL's GTID dump), in a new epoch, with no snapshot.
     let gtid_failover: Option<String> = match (&foreign, committed.as_ref()) {
         (Some(_), Some(o)) => preflight::resumable_by_gtid(o.gtid_set.as_deref(), &identity),
         _ => None,

@@ -56,7 +56,7 @@ fn setting(name: &str, actual: Option<&str>, expected: &str, fix: &str) -> Check
 }
 
 /// Who the server is: what a stored position is checked against before a resume.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ServerIdentity {
     /// `@@server_id`.
     pub server_id: u32,
@@ -64,6 +64,9 @@ pub struct ServerIdentity {
     pub server_uuid: Option<String>,
     /// `@@gtid_binlog_pos` (MariaDB): the last GTID of each domain in the binlog.
     pub gtid_binlog_pos: Option<String>,
+    /// `@@global.gtid_executed` and `@@global.gtid_purged` (MySQL): every transaction this
+    /// server has, and those of them its binlog no longer holds.
+    pub gtid_executed: Option<(String, String)>,
 }
 
 /// The server's own spelling of `db.table` when it differs from the configured one in case
@@ -97,15 +100,19 @@ async fn server_identity(conn: &mut mysql_async::Conn) -> Result<ServerIdentity,
         Err(mysql_async::Error::Server(e)) if e.code == 1193 => None,
         Err(e) => return Err(e.into()),
     };
-    let gtid_binlog_pos: Option<String> = if server_uuid.is_none() {
-        conn.query_first("SELECT @@gtid_binlog_pos").await?
+    let (gtid_binlog_pos, gtid_executed) = if server_uuid.is_none() {
+        (conn.query_first("SELECT @@gtid_binlog_pos").await?, None)
     } else {
-        None
+        let sets: Option<(String, String)> = conn
+            .query_first("SELECT @@global.gtid_executed, @@global.gtid_purged")
+            .await?;
+        (None, sets)
     };
     Ok(ServerIdentity {
         server_id: server_id.unwrap_or(0),
         server_uuid,
         gtid_binlog_pos,
+        gtid_executed,
     })
 }
 
@@ -194,15 +201,27 @@ fn position_of_status_row(row: &mysql_async::Row) -> Option<BinlogPosition> {
 }
 
 /// The stored GTID state, if this server can resume after it although it did not write the
-/// stored position (a promoted replica): MariaDB, a non-empty state, and every domain of it at
-/// or behind the server's `@@gtid_binlog_pos`. The dump itself then checks strictly that each
-/// GTID is in the server's binlog (1236 otherwise).
+/// stored position (a promoted replica), with a non-empty state:
+/// * MariaDB: every domain of it at or behind the server's `@@gtid_binlog_pos`. The dump then
+///   checks strictly that each GTID is in the server's binlog (1236 otherwise).
+/// * MySQL: every transaction of it in the server's `gtid_executed`, and every one the server
+///   purged from its binlog among them (else the server lacks transactions after the stored
+///   position). The dump (`COM_BINLOG_DUMP_GTID`) then sends every transaction not in it.
 pub fn resumable_by_gtid(stored: Option<&str>, now: &ServerIdentity) -> Option<String> {
     use crate::gtid::GtidState;
     let set = stored.filter(|s| !s.is_empty())?;
     let ours = GtidState::parse(set).ok()?;
-    let theirs = GtidState::parse_mariadb(now.gtid_binlog_pos.as_deref()?).ok()?;
-    (matches!(ours, GtidState::MariaDb(_)) && ours.contained_in(&theirs)).then(|| set.to_string())
+    let resumable = match &ours {
+        GtidState::MariaDb(_) => {
+            ours.contained_in(&GtidState::parse_mariadb(now.gtid_binlog_pos.as_deref()?).ok()?)
+        }
+        GtidState::MySql(_) => {
+            let (executed, purged) = now.gtid_executed.as_ref()?;
+            ours.contained_in(&GtidState::parse_mysql(executed).ok()?)
+                && GtidState::parse_mysql(purged).ok()?.contained_in(&ours)
+        }
+    };
+    resumable.then(|| set.to_string())
 }
 
 /// What preflight found: one line per check, and who the server is.
@@ -402,6 +421,7 @@ mod tests {
             server_id: 3,
             server_uuid: None,
             gtid_binlog_pos: None,
+            gtid_executed: None,
         };
         assert!(foreign_position(Some(1), None, &now).is_some_and(|w| w.contains("server_id 1")));
         assert_eq!(foreign_position(Some(3), None, &now), None);
@@ -414,8 +434,42 @@ mod tests {
             server_id: 1,
             server_uuid: Some("b".into()),
             gtid_binlog_pos: None,
+            gtid_executed: None,
         };
         assert!(foreign_position(Some(1), Some("a"), &mysql).is_some_and(|w| w.contains("uuid")));
+    }
+
+    #[test]
+    fn a_mysql_server_resumes_a_gtid_set_it_holds_whose_later_transactions_it_has_not_purged() {
+        const A: &str = "3e11fa47-71ca-11e1-9e33-c80aa9429562";
+        let server = |executed: &str, purged: &str| ServerIdentity {
+            server_id: 2,
+            server_uuid: Some("b".into()),
+            gtid_executed: Some((executed.into(), purged.into())),
+            ..ServerIdentity::default()
+        };
+        let stored = format!("{A}:1-57");
+        let resumed = |s: &ServerIdentity| resumable_by_gtid(Some(&stored), s);
+        assert_eq!(
+            resumed(&server(&format!("{A}:1-90"), &format!("{A}:1-40"))),
+            Some(stored.clone()),
+            "a replica that has all of it and still holds 58 on"
+        );
+        assert_eq!(
+            resumed(&server(&format!("{A}:1-50"), "")),
+            None,
+            "a replica that lags behind it"
+        );
+        assert_eq!(
+            resumed(&server(&format!("{A}:1-90"), &format!("{A}:1-60"))),
+            None,
+            "a server that purged transactions after it"
+        );
+        assert_eq!(
+            resumed(&ServerIdentity::default()),
+            None,
+            "a MariaDB server"
+        );
     }
 
     #[test]
