@@ -559,6 +559,69 @@ async fn a_second_source_with_the_same_name_fences_the_first() -> Result<()> {
 }
 
 #[tokio::test]
+async fn a_source_fenced_while_it_commits_stops_and_the_newer_instance_streams_on_without_duplicates()
+-> Result<()> {
+    let _shared = STACK_LOCK.read().await;
+    let db = seed_database().await?;
+    let tc = TestConfig::new(&db, &["users"]);
+    let cfg = write_config(&tc, true, None)?;
+    let topic = tc.topic("users");
+    // The first instance pauses inside the commit of its first streamed change, its records
+    // and position produced; the second starts meanwhile and fences it.
+    let (pause, reached, release) = failpoint_released_by_file("source.commit", 1);
+    let mut first = spawn_captured(&cfg, "source", &pause, "info")?;
+    wait_events(&topic, 4, T).await?;
+    sql(format!(
+        "UPDATE `{db}`.users SET email = 'one@x' WHERE id = 3"
+    ))
+    .await?;
+    wait_for_failpoint(&reached, T).await?;
+    let mut tc2 = tc.clone();
+    tc2.server_id = unique_server_id();
+    let cfg2 = write_config(&tc2, true, None)?;
+    let mut second = spawn_captured(&cfg2, "source", &[], "info")?;
+    second.wait_for_output("binlog stream started", T).await?;
+    std::fs::write(&release, "go")?;
+    // The first meets the fence in its commit, whatever error the broker gives it there, and
+    // stops: it must not take the transactional id back from the newer instance.
+    let status = tokio::time::timeout(T, first.child.wait())
+        .await
+        .context("the fenced instance stops")??;
+    assert!(!status.success(), "{}", first.output());
+    assert!(
+        first.output().to_lowercase().contains("fenced"),
+        "it says it was fenced:\n{}",
+        first.output()
+    );
+    sql(format!(
+        "UPDATE `{db}`.users SET email = 'two@x' WHERE id = 3"
+    ))
+    .await?;
+    wait_for("the newer instance to stream on", T, || async {
+        let evs = events_of(&topic, 100, Duration::from_secs(2)).await?;
+        Ok(evs
+            .iter()
+            .any(|e| email(e, "after").as_deref() == Some("two@x"))
+            .then_some(evs))
+    })
+    .await?;
+    let evs = events_of(&topic, 100, Duration::from_secs(2)).await?;
+    let user3: Vec<String> = evs
+        .iter()
+        .filter(|e| e.key.get_i32("id") == Ok(3) && e.op == Op::Update)
+        .filter_map(|e| email(e, "after"))
+        .collect();
+    assert_eq!(user3, vec!["one@x".to_string(), "two@x".to_string()]);
+    assert!(
+        second.child.try_wait()?.is_none(),
+        "the newer instance runs on:\n{}",
+        second.output()
+    );
+    second.child.kill().await?;
+    Ok(())
+}
+
+#[tokio::test]
 async fn a_purged_position_resnapshots_with_when_needed_and_fails_clearly_with_initial()
 -> Result<()> {
     let _exclusive = STACK_LOCK.write().await;

@@ -407,7 +407,43 @@ pub async fn run(
         )
         .await;
         readiness.source_ready.store(false, Ordering::Relaxed);
-        if matches!(&res, Err(SourceError::Kafka(_))) {
+        // A transaction the broker refused (not a fatal producer state, not a timeout) is
+        // aborted with the same producer: a new one's init_transactions would fence a newer
+        // instance of this source that fenced this one while it committed (the broker may
+        // report that commit as an unknown error). If this producer was fenced, the abort says
+        // so, and the source stops.
+        let refused_txn = matches!(
+            &res,
+            Err(SourceError::Kafka(KafkaClientError::Broker(KafkaError::Transaction(t)))) if !t.is_fatal()
+        );
+        let mut res = res;
+        if refused_txn && let Some(p) = publisher.as_mut() {
+            match p.try_abort().await {
+                // A commit reported as failed may have landed: the stored position is read
+                // again, as when the producer is replaced.
+                Ok(()) => match load_offset(&cfg, &cfg.offsets_topic()).await {
+                    Ok(loaded) => {
+                        committed = reconcile_reload(committed.take(), loaded);
+                        tracing::info!(
+                            "the refused kafka transaction is aborted; the same producer goes on"
+                        );
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "the stored position could not be read again: the producer is replaced");
+                        if let Some(p) = publisher.take() {
+                            let _ = tokio::task::spawn_blocking(move || drop(p)).await;
+                        }
+                    }
+                },
+                Err(fenced) if fenced.class() == ErrorClass::Definite => res = Err(fenced),
+                Err(e) => {
+                    tracing::warn!(error = %e, "the refused kafka transaction could not be aborted: the producer is replaced");
+                    if let Some(p) = publisher.take() {
+                        let _ = tokio::task::spawn_blocking(move || drop(p)).await;
+                    }
+                }
+            }
+        } else if matches!(&res, Err(SourceError::Kafka(_))) {
             // A fenced, broken or unreachable producer is replaced; its successor's
             // init_transactions aborts what it left open (an abort here would wait on the same
             // broken link). Dropping it purges its queue, off the async workers.
@@ -497,6 +533,8 @@ async fn session(
             events_since_commit: 0,
             bytes_since_commit: 0,
             opened_at: Instant::now(),
+            streamed_since_commit: 0,
+            streamed_commits: 0,
             last_commit_took: Duration::ZERO,
             counts: HashMap::new(),
             last_change_ts_ms: 0,

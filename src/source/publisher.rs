@@ -113,6 +113,10 @@ pub(super) struct Publisher {
     pub(super) bytes_since_commit: u64,
     /// When the open transaction began.
     pub(super) opened_at: Instant,
+    /// Streamed (not snapshot) changes in the open transaction, and the transactions this
+    /// producer committed with any (the `source.commit` test pause point counts them).
+    pub(super) streamed_since_commit: u64,
+    pub(super) streamed_commits: u64,
     /// How long the last commit took (it sizes the next transaction, see [`pump`]).
     pub(super) last_commit_took: Duration,
     /// Events per table since the last commit (metrics are emitted per commit, not per row).
@@ -295,6 +299,9 @@ impl Publisher {
     }
 
     pub(super) async fn publish(&mut self, mut ev: ChangeEvent) -> Result<(), SourceError> {
+        if ev.source.snapshot == "false" {
+            self.streamed_since_commit += 1;
+        }
         if let Some(keyed) = self.with_message_key(&ev.schema)? {
             ev.schema = keyed;
         }
@@ -416,6 +423,9 @@ impl Publisher {
             OwnedHeaders::new(),
         )
         .await?;
+        if self.streamed_since_commit > 0 {
+            crate::failpoint::pause_if_armed("source.commit", self.streamed_commits + 1).await;
+        }
         let started = Instant::now();
         let limit = self.commit_deadline();
         let deadline = started + limit;
@@ -461,6 +471,10 @@ impl Publisher {
         self.last_commit_took = started.elapsed();
         metrics::histogram!(m::SOURCE_COMMIT_SECONDS).record(self.last_commit_took.as_secs_f64());
         self.open = false;
+        if self.streamed_since_commit > 0 {
+            self.streamed_commits += 1;
+        }
+        self.streamed_since_commit = 0;
         self.events_since_commit = 0;
         self.bytes_since_commit = 0;
         metrics::counter!(m::SOURCE_TRANSACTIONS_TOTAL).increment(1);
@@ -501,6 +515,22 @@ impl Publisher {
                     >= Duration::from_millis(src.transaction_timeout_ms / 4))
     }
 
+    /// Aborts the open transaction with this producer and says how it went: after a failed
+    /// commit, an abort that fails on a fence is the fence (see `source::run`).
+    pub(super) async fn try_abort(&mut self) -> Result<(), SourceError> {
+        if !self.open {
+            return Ok(());
+        }
+        let p = self.producer.clone();
+        let aborted =
+            tokio::task::spawn_blocking(move || p.abort_transaction(Duration::from_secs(30)))
+                .await
+                .map_err(|e| SourceError::Task(e.to_string()))?;
+        self.open = false;
+        self.streamed_since_commit = 0;
+        aborted.map_err(|e| self.explain(e))
+    }
+
     pub(super) async fn abort(&mut self) {
         if !self.open {
             return;
@@ -514,6 +544,7 @@ impl Publisher {
             Err(e) => tracing::warn!(error = %e, "abort task failed"),
         }
         self.open = false;
+        self.streamed_since_commit = 0;
     }
 }
 
