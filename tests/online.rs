@@ -186,6 +186,23 @@ impl Writer {
     }
 }
 
+/// Kills `run` (-9) mid-snapshot, restarts the source while `writer` goes on, waits until the
+/// online snapshot finished, then stops the writer after 20 more transactions.
+async fn kill_and_restart_until_online_finished(
+    mut run: Captured,
+    cfg: &std::path::Path,
+    writer: Writer,
+) -> Result<Captured> {
+    run.child.kill().await?;
+    writer.written(20).await?;
+    let run = spawn_captured(cfg, "source", &[], "info")?;
+    run.wait_for_output("online snapshot of table finished", T)
+        .await?;
+    writer.written(20).await?;
+    writer.stop().await?;
+    Ok(run)
+}
+
 /// A source of `counter` that has streamed (its position stored, then killed), and `big`
 /// beside it, not captured yet: the configuration to restart with adds it. Chunks of 50 rows,
 /// so its 3000 rows are read in many chunks between which the stream goes on.
@@ -212,7 +229,7 @@ async fn a_table_added_to_a_running_deployment_is_snapshotted_online_while_both_
     writer.written(20).await?;
     let cfg = write_config(&tc, true, None)?;
     let (pause, reached) = failpoint("online.rows", 1000);
-    let mut run = spawn_captured(&cfg, "source", &pause, "info")?;
+    let run = spawn_captured(&cfg, "source", &pause, "info")?;
     run.wait_for_output("snapshotting them online", T).await?;
     wait_for_failpoint(&reached, T).await?;
     // `ecst check` shows the snapshot running, from the stored position.
@@ -233,13 +250,7 @@ async fn a_table_added_to_a_running_deployment_is_snapshotted_online_while_both_
     })
     .await?;
     // Mid-snapshot, a chunk handed over and maybe committed: kill -9.
-    run.child.kill().await?;
-    writer.written(20).await?;
-    let mut run = spawn_captured(&cfg, "source", &[], "info")?;
-    run.wait_for_output("online snapshot of table finished", T)
-        .await?;
-    writer.written(20).await?;
-    writer.stop().await?;
+    let mut run = kill_and_restart_until_online_finished(run, &cfg, writer).await?;
     let counter = assert_changes_and_reads_in_place(
         &tc.topic("counter"),
         &mysql_counts(&db, "counter").await?,
@@ -382,7 +393,7 @@ async fn a_table_keyed_by_text_in_the_first_snapshot_is_read_online_in_checkpoin
     tc.extra_source = "snapshot_chunk_size = 50".into();
     let cfg = write_config(&tc, true, None)?;
     let (pause, reached) = failpoint("online.rows", 1000);
-    let mut run = spawn_captured(&cfg, "source", &pause, "info")?;
+    let run = spawn_captured(&cfg, "source", &pause, "info")?;
     run.wait_for_output("tables keyed by text are snapshotted online", T)
         .await?;
     // `counter` is read before the stream, as ever; both tables change from then on.
@@ -402,13 +413,7 @@ async fn a_table_keyed_by_text_in_the_first_snapshot_is_read_online_in_checkpoin
     })
     .await?;
     writer.written(20).await?;
-    run.child.kill().await?;
-    writer.written(20).await?;
-    let mut run = spawn_captured(&cfg, "source", &[], "info")?;
-    run.wait_for_output("online snapshot of table finished", T)
-        .await?;
-    writer.written(20).await?;
-    writer.stop().await?;
+    let mut run = kill_and_restart_until_online_finished(run, &cfg, writer).await?;
     for table in ["counter", "big"] {
         assert_changes_and_reads_in_place(&tc.topic(table), &mysql_counts(&db, table).await?, 1)
             .await?;

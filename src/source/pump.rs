@@ -42,6 +42,32 @@ pub(super) struct Lineage {
 /// How long a session must stream without an error before a retry run counts as over.
 const RECOVERED_AFTER: Duration = Duration::from_secs(10);
 
+/// The offset of a boundary once the snapshot is complete: `position` with its GTID and GTID
+/// state, this session's lineage and tables, the resumed snapshot's segments while the stream
+/// still replays their stretch, and the online snapshots' state.
+fn completed_offset(
+    lineage: &Lineage,
+    tables: &[String],
+    window: Option<&Window>,
+    online: &OnlineState,
+    position: crate::offsets::BinlogPosition,
+    (gtid, gtid_set): (Option<String>, Option<String>),
+) -> SourceOffset {
+    SourceOffset {
+        position,
+        gtid,
+        gtid_set,
+        epoch: lineage.epoch,
+        server_id: lineage.server_id,
+        server_uuid: lineage.server_uuid.clone(),
+        snapshot_completed: true,
+        tables: tables.to_vec(),
+        snapshot_segments: window.map(|w| w.segments().to_vec()).unwrap_or_default(),
+        online: online.clone(),
+        within: None,
+    }
+}
+
 /// Commits `o`, unless a shutdown comes first (`Ok(false)`). A commit waits for the brokers up
 /// to the commit deadline, longer than a shutdown may take: when the sink has already stopped
 /// on an error (brokers refusing a rotated password), that wait would outlast the shutdown
@@ -143,22 +169,14 @@ pub(super) async fn pump(
                     if window.as_ref().is_some_and(|w| w.passed(&position)) {
                         window = None;
                     }
-                    pending = Some(SourceOffset {
+                    pending = Some(completed_offset(
+                        lineage,
+                        &tables,
+                        window.as_ref(),
+                        &online,
                         position,
-                        gtid,
-                        gtid_set,
-                        epoch: lineage.epoch,
-                        server_id: lineage.server_id,
-                        server_uuid: lineage.server_uuid.clone(),
-                        snapshot_completed: true,
-                        tables: tables.clone(),
-                        snapshot_segments: window
-                            .as_ref()
-                            .map(|w| w.segments().to_vec())
-                            .unwrap_or_default(),
-                        online: online.clone(),
-                        within: None,
-                    });
+                        (gtid, gtid_set),
+                    ));
                     boundary = pending.clone();
                 }
             }
@@ -227,22 +245,14 @@ pub(super) async fn pump(
                 let Some(first) = segments.first() else {
                     return Err(SourceError::NoBinlogPosition);
                 };
-                pending = Some(SourceOffset {
-                    position: first.at.clone(),
-                    gtid: None,
-                    gtid_set,
-                    epoch: lineage.epoch,
-                    server_id: lineage.server_id,
-                    server_uuid: lineage.server_uuid.clone(),
-                    snapshot_completed: true,
-                    tables: tables.clone(),
-                    snapshot_segments: window
-                        .as_ref()
-                        .map(|w| w.segments().to_vec())
-                        .unwrap_or_default(),
-                    online: online.clone(),
-                    within: None,
-                });
+                pending = Some(completed_offset(
+                    lineage,
+                    &tables,
+                    window.as_ref(),
+                    &online,
+                    first.at.clone(),
+                    (None, gtid_set),
+                ));
                 boundary = pending.clone();
                 // The end of a snapshot is committed at once.
                 if let Some(o) = pending.take() {
