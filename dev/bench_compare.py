@@ -11,6 +11,9 @@ Kafka Connect standalone JVM started by `dev/anchor run`), measured from outside
    has seen N change events on the table's topic. rows/s = N / (done - process start).
 2. streaming: the process is stopped (SIGTERM), M row updates are written, the process starts
    again from its stored position; done when M more events are visible. rows/s likewise.
+   The binlog's own limit (issue 15): `mariadb-binlog` reads the same binlog stretch from the
+   server (a replica connection, every event, printed to /dev/null) after the phase; rows/s =
+   M / its seconds. The report gives ecst's streaming as a share of it.
 3. end-to-end (one document per row): a fresh K-row table, source + sink in one process; after
    the sink applied the table's snapshot, single-row updates at R/s for S s per step; a poller
    reads the target collection every P ms and records when each update's value first appears.
@@ -439,6 +442,31 @@ def steady_step(db: str, table: str, rows: int, rate: float, seconds: float, see
 # one run of one side
 
 
+def binlog_end() -> tuple[str, int]:
+    """The server's current binlog file and position."""
+    with workload.connect() as c, c.cursor() as cur:
+        cur.execute("SHOW MASTER STATUS")
+        row = cur.fetchone()
+    return str(row[0]), int(row[1])
+
+
+def binlog_read_limit(start: tuple[str, int], end: tuple[str, int], stack: Stack) -> dict:
+    """The binlog's own limit: `mariadb-binlog` reading the same stretch from the server, as
+    the source does (a replica connection, every event), printing to /dev/null."""
+    cmd = ["mariadb-binlog", "--read-from-remote-server", f"--host={stack.mysql_host}",
+           f"--port={stack.mysql_port}", f"--user={stack.mysql_user}",
+           f"--password={stack.mysql_password}", f"--start-position={start[1]}",
+           "--to-last-log", start[0]]
+    if start[0] == end[0]:
+        cmd = [c for c in cmd if c != "--to-last-log"] + [f"--stop-position={end[1]}"]
+    t0 = time.monotonic()
+    r = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, timeout=600)
+    took = time.monotonic() - t0
+    if r.returncode != 0:
+        return {"error": r.stderr.decode(errors="replace")[-300:]}
+    return {"seconds": round(took, 2)}
+
+
 def run_side(side: Side, i: int, stamp: int, args, stack: Stack, mongo: pymongo.MongoClient) -> dict:
     tag = f"{stamp}_{side.name}{i}"
     db = f"cmp_{tag}"
@@ -478,7 +506,9 @@ def run_side(side: Side, i: int, stamp: int, args, stack: Stack, mongo: pymongo.
             say(f"  snapshot: {res['snapshot']}")
             # 2. streaming catch-up
             if "streaming" in phases:
+                before = binlog_end()
                 s = workload.updates(db, args.updates, args.rows)
+                after = binlog_end()
                 say(f"  wrote {args.updates} row updates in {s:.1f} s while stopped")
                 t0 = time.monotonic()
                 p = launch()
@@ -497,7 +527,11 @@ def run_side(side: Side, i: int, stamp: int, args, stack: Stack, mongo: pymongo.
                     "first_event_s": round(first - t0, 2), "cpu_s": round(cpu, 2), "rss_mb": round(rss, 1),
                     "exit": p.returncode,
                 }
-                say(f"  streaming: {res['streaming']}")
+                limit = binlog_read_limit(before, after, stack)
+                if "seconds" in limit:
+                    limit["rows_per_s"] = round(args.updates / max(limit["seconds"], 1e-3))
+                res["binlog_limit"] = limit
+                say(f"  streaming: {res['streaming']}; the binlog read alone: {limit}")
         except Failed as e:
             res["error"] = str(e)
             say(f"  FAILED: {e}")
@@ -646,6 +680,8 @@ def report(results, args, meta) -> str:
         ("  streaming: seconds to the first event (start-up)", ("streaming", "first_event_s"), 2, False),
         ("  streaming: CPU s of the process", ("streaming", "cpu_s"), 2, False),
         ("  streaming: peak RSS MB", ("streaming", "rss_mb"), 0, False),
+        ("  the binlog's limit: mariadb-binlog reading the same stretch, rows/s",
+         ("binlog_limit", "rows_per_s"), 0, True),
         (f"end-to-end commit → document at {args.latency_rate:g}/s, p50 ms", ("e2e", "latency_p50_ms"), 0, False),
         (f"end-to-end commit → document at {args.latency_rate:g}/s, p99 ms", ("e2e", "latency_p99_ms"), 0, False),
         (f"highest sustained rate of the steps {','.join(f'{r:g}' for r in args.rates)} /s",
@@ -679,6 +715,10 @@ def report(results, args, meta) -> str:
             if e == top or a == top:
                 ratio = "–"
         out.append(f"| {label} | {fe} | {fa} | {ratio} |")
+    es, _ = med(results, "ecst", "streaming", "rows_per_s")
+    el, _ = med(results, "ecst", "binlog_limit", "rows_per_s")
+    if es is not None and el:
+        out.append(f"| ecst streaming as a share of the binlog's limit | {es / el:.2f} | – | – |")
     e50, _ = med(results, "ecst", "embedded", "latency_p50_ms")
     e99, _ = med(results, "ecst", "embedded", "latency_p99_ms")
     if e50 is not None:
