@@ -13,7 +13,9 @@ Kafka Connect standalone JVM started by `dev/anchor run`), measured from outside
    again from its stored position; done when M more events are visible. rows/s likewise.
    The binlog's own limit (issue 15): `mariadb-binlog` reads the same binlog stretch from the
    server (a replica connection, every event, printed to /dev/null) after the phase; rows/s =
-   M / its seconds. The report gives ecst's streaming as a share of it.
+   M / its seconds. Kafka's own limit: its ProducerPerformance tool producing M records of
+   ecst's mean record size with ecst's producer settings (see `kafka_limit`). The report gives
+   ecst's streaming as a share of each.
 3. end-to-end (one document per row): a fresh K-row table, source + sink in one process; after
    the sink applied the table's snapshot, single-row updates at R/s for S s per step; a poller
    reads the target collection every P ms and records when each update's value first appears.
@@ -29,6 +31,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import re
 import signal
 import statistics
@@ -276,6 +279,7 @@ class TopicCounter:
             "fetch.wait.max.ms": 50,
         })
         self.count = 0
+        self.bytes = 0
         self.assigned = False
 
     def _assign(self) -> bool:
@@ -304,6 +308,7 @@ class TopicCounter:
             for m in msgs:
                 if m.error() is None and m.value() is not None:
                     n += 1
+                    self.bytes += len(m.value()) + len(m.key() or b"")
             if n and first is None:
                 first = time.monotonic()
             self.count += n
@@ -467,6 +472,31 @@ def binlog_read_limit(start: tuple[str, int], end: tuple[str, int], stack: Stack
     return {"seconds": round(took, 2)}
 
 
+def kafka_limit(records: int, record_size: int, stack: Stack, tag: str) -> dict:
+    """Kafka's own limit: its ProducerPerformance tool (the stack's Kafka jars) producing as many
+    records of ecst's mean size, with ecst's producer settings: lz4, acks=all, idempotence,
+    librdkafka's 1 MB batches (the Java client's default is 16 KiB), and a transaction a second
+    (what ecst's group commit reaches while catching up: ten 100 ms intervals). Its payload is
+    new random uppercase letters for each record (the tool's default), which lz4 compresses
+    less than ecst's records, so the tool moves more bytes per record."""
+    java = shutil.which("java")
+    lib = Path(os.environ.get("ECST_STACK_DIR", ".stack")) / "kafka" / "lib"
+    if java is None or not lib.is_dir():
+        return {"error": f"no java ({java}) or no Kafka jars in {lib}"}
+    cmd = [java, "-cp", f"{lib}/*", "org.apache.kafka.tools.ProducerPerformance",
+           "--topic", f"bench-limit-{tag}", "--num-records", str(records),
+           "--record-size", str(record_size), "--throughput", "-1",
+           "--transactional-id", f"bench-limit-{tag}", "--transaction-duration-ms", "1000",
+           "--producer-props", f"bootstrap.servers={stack.kafka}", "compression.type=lz4",
+           "acks=all", "enable.idempotence=true", "linger.ms=5", "batch.size=1000000"]
+    r = subprocess.run(cmd, capture_output=True, timeout=900)
+    out = r.stdout.decode(errors="replace")
+    m = re.search(r"(\d+) records sent, ([\d.]+) records/sec", out.splitlines()[-1] if out else "")
+    if r.returncode != 0 or m is None:
+        return {"error": (r.stderr.decode(errors="replace") or out)[-300:]}
+    return {"rows_per_s": round(float(m.group(2))), "record_size": record_size}
+
+
 def run_side(side: Side, i: int, stamp: int, args, stack: Stack, mongo: pymongo.MongoClient) -> dict:
     tag = f"{stamp}_{side.name}{i}"
     db = f"cmp_{tag}"
@@ -507,6 +537,7 @@ def run_side(side: Side, i: int, stamp: int, args, stack: Stack, mongo: pymongo.
             # 2. streaming catch-up
             if "streaming" in phases:
                 before = binlog_end()
+                bytes_before, count_before = counter.bytes, counter.count
                 s = workload.updates(db, args.updates, args.rows)
                 after = binlog_end()
                 say(f"  wrote {args.updates} row updates in {s:.1f} s while stopped")
@@ -532,6 +563,10 @@ def run_side(side: Side, i: int, stamp: int, args, stack: Stack, mongo: pymongo.
                     limit["rows_per_s"] = round(args.updates / max(limit["seconds"], 1e-3))
                 res["binlog_limit"] = limit
                 say(f"  streaming: {res['streaming']}; the binlog read alone: {limit}")
+                if isinstance(side, Ecst):
+                    size = round((counter.bytes - bytes_before) / max(counter.count - count_before, 1))
+                    res["kafka_limit"] = kafka_limit(args.updates, size, stack, tag)
+                    say(f"  Kafka's own producer, {size}-byte records: {res['kafka_limit']}")
         except Failed as e:
             res["error"] = str(e)
             say(f"  FAILED: {e}")
@@ -682,6 +717,8 @@ def report(results, args, meta) -> str:
         ("  streaming: peak RSS MB", ("streaming", "rss_mb"), 0, False),
         ("  the binlog's limit: mariadb-binlog reading the same stretch, rows/s",
          ("binlog_limit", "rows_per_s"), 0, True),
+        ("  Kafka's limit: ProducerPerformance, ecst's mean record size and settings, rows/s",
+         ("kafka_limit", "rows_per_s"), 0, True),
         (f"end-to-end commit → document at {args.latency_rate:g}/s, p50 ms", ("e2e", "latency_p50_ms"), 0, False),
         (f"end-to-end commit → document at {args.latency_rate:g}/s, p99 ms", ("e2e", "latency_p99_ms"), 0, False),
         (f"highest sustained rate of the steps {','.join(f'{r:g}' for r in args.rates)} /s",
@@ -719,6 +756,9 @@ def report(results, args, meta) -> str:
     el, _ = med(results, "ecst", "binlog_limit", "rows_per_s")
     if es is not None and el:
         out.append(f"| ecst streaming as a share of the binlog's limit | {es / el:.2f} | – | – |")
+    ek, _ = med(results, "ecst", "kafka_limit", "rows_per_s")
+    if es is not None and ek:
+        out.append(f"| ecst streaming as a share of Kafka's limit | {es / ek:.2f} | – | – |")
     e50, _ = med(results, "ecst", "embedded", "latency_p50_ms")
     e99, _ = med(results, "ecst", "embedded", "latency_p99_ms")
     if e50 is not None:

@@ -22,9 +22,13 @@ const CHANNEL_MESSAGES: usize = 1024;
 /// takes all of it, so it goes alone.
 #[derive(Clone)]
 pub struct Outbox {
-    tx: mpsc::Sender<SourceMsg>,
+    tx: mpsc::Sender<(SourceMsg, Permits)>,
     budget: Budget,
 }
+
+/// The row and KiB permits a message took (none but a batch takes any): they travel with it,
+/// so that the producer loop returns exactly them without sizing the batch again.
+pub(super) type Permits = (u32, u32);
 
 /// The two permit pools, shared by both ends.
 #[derive(Clone)]
@@ -36,7 +40,7 @@ struct Budget {
 }
 
 impl Budget {
-    fn permits(&self, evs: &[ChangeEvent]) -> (u32, u32) {
+    fn permits(&self, evs: &[ChangeEvent]) -> Permits {
         (
             clamp_permits(evs.len() as u64, self.rows_cap),
             clamp_permits(batch_kib(evs), self.kib_cap),
@@ -67,8 +71,10 @@ impl Outbox {
     /// Sends `msg`, waiting while the producer loop holds `channel_capacity` rows or
     /// `channel_max_bytes` of values.
     pub async fn send(&self, msg: SourceMsg) -> Result<(), SourceError> {
+        let mut taken = (0, 0);
         if let SourceMsg::Changes(evs) = &msg {
             let (rows, kib) = self.budget.permits(evs);
+            taken = (rows, kib);
             self.budget
                 .rows
                 .acquire_many(rows)
@@ -83,7 +89,7 @@ impl Outbox {
                 .forget();
         }
         self.tx
-            .send(msg)
+            .send((msg, taken))
             .await
             .map_err(|_| SourceError::ChannelClosed)
     }
@@ -91,21 +97,25 @@ impl Outbox {
 
 /// The producer loop's end of the hand-over.
 pub(super) struct Inbox {
-    pub(super) rx: mpsc::Receiver<SourceMsg>,
+    rx: mpsc::Receiver<(SourceMsg, Permits)>,
     budget: Budget,
 }
 
 impl Inbox {
-    /// Returns the permits of a batch once its rows are handed to Kafka (what
-    /// [`Inbox::permits`] said the batch took).
-    pub(super) fn release(&self, permits: (u32, u32)) {
-        self.budget.rows.add_permits(permits.0 as usize);
-        self.budget.kib.add_permits(permits.1 as usize);
+    /// The next message and the permits it took (`None`: every sender is gone).
+    pub(super) async fn recv(&mut self) -> Option<(SourceMsg, Permits)> {
+        self.rx.recv().await
     }
 
-    /// The permits `evs` took when it was sent (taken before the batch is consumed).
-    pub(super) fn permits(&self, evs: &[ChangeEvent]) -> (u32, u32) {
-        self.budget.permits(evs)
+    /// Whether nothing waits to be received.
+    pub(super) fn is_empty(&self) -> bool {
+        self.rx.is_empty()
+    }
+
+    /// Returns the permits of a batch once its rows are handed to Kafka.
+    pub(super) fn release(&self, permits: Permits) {
+        self.budget.rows.add_permits(permits.0 as usize);
+        self.budget.kib.add_permits(permits.1 as usize);
     }
 }
 
@@ -225,10 +235,10 @@ mod tests {
         tokio::time::sleep(wait).await;
         assert!(!third.is_finished(), "800 KiB held: 400 more must wait");
         // Once the producer loop has handed the first batch to Kafka, it goes.
-        let Some(SourceMsg::Changes(evs)) = rx.rx.recv().await else {
+        let Some((SourceMsg::Changes(_), permits)) = rx.recv().await else {
             panic!("a batch")
         };
-        rx.release(rx.permits(&evs));
+        rx.release(permits);
         tokio::time::timeout(wait, third)
             .await
             .expect("sent after the release")
@@ -243,10 +253,10 @@ mod tests {
         tokio::time::sleep(wait).await;
         assert!(!big.is_finished());
         for _ in 0..2 {
-            let Some(SourceMsg::Changes(evs)) = rx.rx.recv().await else {
+            let Some((SourceMsg::Changes(_), permits)) = rx.recv().await else {
                 panic!("a batch")
             };
-            rx.release(rx.permits(&evs));
+            rx.release(permits);
         }
         tokio::time::timeout(wait, big)
             .await

@@ -127,6 +127,8 @@ pub(super) async fn pump(
         .clone()
         .filter(|o| o.snapshot_completed && snapshot_done);
     readiness.source_ready.store(true, Ordering::Relaxed);
+    // The permits of the last message received (released once its rows are handed over).
+    let mut permits = (0, 0);
     loop {
         let msg = tokio::select! {
             biased;
@@ -141,15 +143,17 @@ pub(super) async fn pump(
             // PRIORITY 2: the commit timer.
             _ = tick.tick() => None,
             // PRIORITY 3: new input.
-            m = rx.rx.recv() => match m {
-                Some(m) => Some(m),
+            m = rx.recv() => match m {
+                Some((m, p)) => {
+                    permits = p;
+                    Some(m)
+                }
                 None => return Err(SourceError::ChannelClosed),
             },
         };
         match msg {
             Some(SourceMsg::Changes(evs)) => {
                 at_boundary = false;
-                let permits = rx.permits(&evs);
                 for ev in evs {
                     publisher.publish(ev).await?;
                 }
@@ -277,7 +281,7 @@ pub(super) async fn pump(
             // Caught up (nothing waiting): commit now, a lone change is not held back.
             // Behind: collect for at least the interval, longer if commits are slow, so
             // commits stay a small share of the time (group commit).
-            let open_for = if rx.rx.is_empty() {
+            let open_for = if rx.is_empty() {
                 Duration::ZERO
             } else {
                 busy_interval(interval, publisher.last_commit_took)
