@@ -467,8 +467,7 @@ async fn a_position_stored_by_another_server_whose_gtids_this_one_has_is_resumed
     run.stop().await?;
     // As a promoted replica sees it: the position was written by another server (MySQL: another
     // server_uuid), and this one has every transaction of its GTID state.
-    let cfg = tc.config(true)?;
-    let mut stored = ecst::source::load_offset(&cfg, &cfg.offsets_topic())
+    let mut stored = committed_offset(&tc)
         .await?
         .ok_or_else(|| anyhow::anyhow!("no stored position"))?;
     anyhow::ensure!(

@@ -399,10 +399,7 @@ async fn a_stored_position_inside_a_split_transaction_that_the_binlog_does_not_h
     wait_events(&tc.topic("users"), 4, T).await?;
     first.kill().await?;
     first.wait().await?;
-    let c = tc.config(true)?;
-    let mut stored = ecst::source::load_offset(&c, &c.offsets_topic())
-        .await?
-        .context("a stored position")?;
+    let mut stored = committed_offset(&tc).await?.context("a stored position")?;
     // As if a transaction after it had been split and its first row published; the
     // transaction the binlog then holds there is another one.
     stored.within = Some(ecst::offsets::Within {

@@ -368,9 +368,9 @@ async fn a_table_dropped_during_its_online_snapshot_ends_that_snapshot_and_the_o
     let evs = wait_events(&tc.topic("counter"), 101, T).await?;
     assert_eq!(evs[100].op, Op::Update);
     let stored = wait_for("the end of the snapshot stored", T, || async {
-        let o =
-            ecst::source::load_offset(&tc.config(true)?, &format!("{}.offsets", tc.name)).await?;
-        Ok(o.filter(|o| o.online.tables.is_empty()))
+        Ok(committed_offset(&tc)
+            .await?
+            .filter(|o| o.online.tables.is_empty()))
     })
     .await?;
     assert!(stored.tables.contains(&format!("{db}.big")));
@@ -404,8 +404,7 @@ async fn a_table_keyed_by_text_in_the_first_snapshot_is_read_online_in_checkpoin
     // only at the table's end): a kill now loses only what is not committed.
     let big = format!("{db}.big");
     wait_for("a checkpoint inside big", T, || async {
-        let c = tc.config(true)?;
-        Ok(ecst::source::load_offset(&c, &c.offsets_topic())
+        Ok(committed_offset(&tc)
             .await?
             .filter(|o| o.snapshot_completed)
             .and_then(|o| o.online.tables.first().cloned())

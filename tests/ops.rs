@@ -288,12 +288,6 @@ async fn sigterm_during_a_busy_stream_exits_0_and_a_restart_loses_and_repeats_no
     Ok(())
 }
 
-/// The last committed source offset of `tc`'s source.
-async fn committed_offset(tc: &TestConfig) -> Result<Option<ecst::offsets::SourceOffset>> {
-    let cfg = tc.config(true)?;
-    Ok(ecst::source::load_offset(&cfg, &cfg.offsets_topic()).await?)
-}
-
 fn key_id(e: &ecst::sink::decode::DecodedEvent) -> i32 {
     e.key.get_i32("id").unwrap_or(-1)
 }

@@ -130,19 +130,30 @@ async fn initial_gtid_state(
     }
 }
 
-/// Whether every one of `tables` has a primary key (an online snapshot pages by it).
-async fn all_keyed(cfg: &MysqlConfig, tables: &[String]) -> Result<bool, SourceError> {
+/// The shape of each of `tables`, from `information_schema`, on one connection.
+async fn shapes(
+    cfg: &MysqlConfig,
+    tables: &[String],
+) -> Result<Vec<(String, crate::events::TableSchema)>, SourceError> {
     let mut conn = connect(cfg).await?;
-    let mut keyed = true;
+    let mut out = Vec::with_capacity(tables.len());
     for t in tables {
         let (db, table) = t.split_once('.').unwrap_or(("", t));
-        keyed &= !table_map::from_information_schema(&mut conn, db, table)
-            .await?
-            .key
-            .is_empty();
+        out.push((
+            t.clone(),
+            table_map::from_information_schema(&mut conn, db, table).await?,
+        ));
     }
     conn.disconnect().await?;
-    Ok(keyed)
+    Ok(out)
+}
+
+/// Whether every one of `tables` has a primary key (an online snapshot pages by it).
+async fn all_keyed(cfg: &MysqlConfig, tables: &[String]) -> Result<bool, SourceError> {
+    Ok(shapes(cfg, tables)
+        .await?
+        .iter()
+        .all(|(_, s)| !s.key.is_empty()))
 }
 
 /// Those of `tables` with a primary key that does not order the same in Rust as in MySQL
@@ -152,17 +163,21 @@ async fn paged_by_the_server(
     cfg: &MysqlConfig,
     tables: &[String],
 ) -> Result<Vec<String>, SourceError> {
-    let mut conn = connect(cfg).await?;
-    let mut out = Vec::new();
-    for t in tables {
-        let (db, table) = t.split_once('.').unwrap_or(("", t));
-        let schema = table_map::from_information_schema(&mut conn, db, table).await?;
-        if !schema.key.is_empty() && !window::key_orderable(&schema) {
-            out.push(t.clone());
-        }
+    Ok(shapes(cfg, tables)
+        .await?
+        .into_iter()
+        .filter(|(_, s)| !s.key.is_empty() && !window::key_orderable(s))
+        .map(|(t, _)| t)
+        .collect())
+}
+
+/// A producer that is broken, or fenced, or whose transaction state is unknown, is dropped
+/// (purging its queue, off the async workers); the next session creates a new one, whose
+/// `init_transactions` aborts what this one left open.
+async fn replace_producer(publisher: &mut Option<Publisher>) {
+    if let Some(p) = publisher.take() {
+        let _ = tokio::task::spawn_blocking(move || drop(p)).await;
     }
-    conn.disconnect().await?;
-    Ok(out)
 }
 
 /// Whether two table lists name the same tables (in any order).
@@ -430,26 +445,20 @@ pub async fn run(
                     }
                     Err(e) => {
                         tracing::warn!(error = %e, "the stored position could not be read again: the producer is replaced");
-                        if let Some(p) = publisher.take() {
-                            let _ = tokio::task::spawn_blocking(move || drop(p)).await;
-                        }
+                        replace_producer(&mut publisher).await;
                     }
                 },
                 Err(fenced) if fenced.class() == ErrorClass::Definite => res = Err(fenced),
                 Err(e) => {
                     tracing::warn!(error = %e, "the refused kafka transaction could not be aborted: the producer is replaced");
-                    if let Some(p) = publisher.take() {
-                        let _ = tokio::task::spawn_blocking(move || drop(p)).await;
-                    }
+                    replace_producer(&mut publisher).await;
                 }
             }
         } else if matches!(&res, Err(SourceError::Kafka(_))) {
             // A fenced, broken or unreachable producer is replaced; its successor's
             // init_transactions aborts what it left open (an abort here would wait on the same
             // broken link). Dropping it purges its queue, off the async workers.
-            if let Some(p) = publisher.take() {
-                let _ = tokio::task::spawn_blocking(move || drop(p)).await;
-            }
+            replace_producer(&mut publisher).await;
         } else if let Some(p) = publisher.as_mut() {
             p.abort().await;
         }

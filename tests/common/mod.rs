@@ -840,3 +840,9 @@ pub async fn store_offset(tc: &TestConfig, offset: &ecst::offsets::SourceOffset)
     })
     .await?
 }
+
+/// The last committed source offset of `tc`'s source.
+pub async fn committed_offset(tc: &TestConfig) -> Result<Option<ecst::offsets::SourceOffset>> {
+    let cfg = tc.config(true)?;
+    Ok(ecst::source::load_offset(&cfg, &cfg.offsets_topic()).await?)
+}
