@@ -82,6 +82,9 @@ pub const END_TO_END_LATENCY: &str = "ecst_end_to_end_latency_seconds";
 /// Histogram (seconds): ecst read the change from the binlog → MongoDB acknowledged
 /// (millisecond precision; MariaDB stamps commits in whole seconds only).
 pub const PIPELINE_LATENCY: &str = "ecst_pipeline_latency_seconds";
+/// Histogram (seconds): ecst read the change from the binlog → the sink began writing its batch
+/// to MongoDB: ecst's own share of [`PIPELINE_LATENCY`] (the rest is MongoDB's write).
+pub const PIPELINE_BEFORE_WRITE: &str = "ecst_pipeline_before_write_seconds";
 /// Histogram (seconds): duration of one source Kafka transaction commit (flush + end marker).
 pub const SOURCE_COMMIT_SECONDS: &str = "ecst_source_commit_seconds";
 /// Histogram (seconds): duration of one sink batch write to MongoDB.
@@ -164,7 +167,8 @@ pub fn install() -> Result<PrometheusHandle, String> {
         .set_buckets_for_metric(
             metrics_exporter_prometheus::Matcher::Suffix("_seconds".into()),
             &[
-                0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+                0.001, 0.0025, 0.005, 0.01, 0.015, 0.02, 0.025, 0.035, 0.05, 0.1, 0.25, 0.5, 1.0,
+                2.5, 5.0, 10.0, 30.0,
             ],
         )
         .map_err(|e| e.to_string())?
@@ -250,6 +254,11 @@ pub fn install() -> Result<PrometheusHandle, String> {
         PIPELINE_LATENCY,
         Unit::Seconds,
         "ecst read the change from the binlog to MongoDB applied"
+    );
+    describe_histogram!(
+        PIPELINE_BEFORE_WRITE,
+        Unit::Seconds,
+        "ecst read the change from the binlog to the sink's MongoDB write began (ecst's own share)"
     );
     describe_gauge!(PROCESS_START_TS, "Unix time the process started");
     describe_gauge!(

@@ -49,7 +49,7 @@ async fn check_fails_the_binlog_format_line_with_statement_and_passes_the_others
 }
 
 #[tokio::test]
-async fn metrics_expose_the_named_series_and_the_latency_histogram_moves_when_changes_flow()
+async fn metrics_expose_the_named_series_and_the_latency_histograms_move_when_changes_flow()
 -> Result<()> {
     let _shared = STACK_LOCK.read().await;
     let db = seed_database().await?;
@@ -121,6 +121,27 @@ async fn metrics_expose_the_named_series_and_the_latency_histogram_moves_when_ch
         .and_then(|l| l.rsplit(' ').next()?.parse().ok())
         .unwrap_or(0.0);
     assert!(now - heard < 30.0, "last event {heard}, now {now}");
+    // ecst's own share of the pipeline (read → the sink's write began) is recorded for each
+    // change the pipeline histogram records, and never exceeds it.
+    let value = |name: &str| -> f64 {
+        body.lines()
+            .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))
+            .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+            .unwrap_or(-1.0)
+    };
+    assert_eq!(
+        value("ecst_pipeline_before_write_seconds_count"),
+        value("ecst_pipeline_latency_seconds_count"),
+        "the own share must be recorded once per change:\n{body}"
+    );
+    let (own, total) = (
+        value("ecst_pipeline_before_write_seconds_sum"),
+        value("ecst_pipeline_latency_seconds_sum"),
+    );
+    assert!(
+        (0.0..=total).contains(&own),
+        "own share {own} s must lie within the pipeline's {total} s"
+    );
     assert!(http_get(port, "/health").await?.starts_with("HTTP/1.1 200"));
     child.kill().await?;
     Ok(())

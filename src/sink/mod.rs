@@ -320,6 +320,9 @@ struct Written {
     applied_per_mapping: HashMap<usize, u64>,
     /// (source commit, ecst read) times of the batch's changes, for the latency histograms.
     times: Vec<(Option<i64>, Option<i64>)>,
+    /// When the batch's first MongoDB write began (ms since the epoch): the end of ecst's own
+    /// share of the pipeline latency.
+    write_started_ms: i64,
 }
 
 pub(crate) fn headers_of(msg: &OwnedMessage) -> Vec<(String, Vec<u8>)> {
@@ -525,6 +528,7 @@ impl Sink {
         // A mapping that stops on errors stops before anything of the batch is written.
         self.stop_on(batch, &dead)?;
         let started = Instant::now();
+        let write_started_ms = crate::events::now_ms();
         tracing::debug!(
             changes = entries.len(),
             dead = dead.len(),
@@ -573,6 +577,7 @@ impl Sink {
                 .iter()
                 .map(|(_, _, ev)| (ev.source_ts_ms, ev.read_ts_ms))
                 .collect(),
+            write_started_ms,
         })
     }
 
@@ -613,6 +618,8 @@ impl Sink {
             }
             if let Some(ts) = read_ts.filter(|t| *t > 0) {
                 metrics::histogram!(m::PIPELINE_LATENCY).record((now - ts).max(0) as f64 / 1000.0);
+                metrics::histogram!(m::PIPELINE_BEFORE_WRITE)
+                    .record((written.write_started_ms - ts).max(0) as f64 / 1000.0);
             }
         }
     }
