@@ -32,14 +32,17 @@ pub const DEFAULT_TOPIC_PARTITIONS: i32 = 1;
 pub const DEFAULT_CHANNEL_CAPACITY: usize = 8_192;
 /// Default sink consumer group.
 pub const DEFAULT_GROUP_ID: &str = "ecst-sink";
-/// Default sink batch size (messages). Large on purpose: a batch only fills beyond what arrived
-/// within `batch_timeout_ms` when the sink is behind, and then every message collapsed into the
+/// Default sink batch size (messages). Large on purpose: a batch only fills beyond what is
+/// already fetched when the sink is behind, and then every message collapsed into the
 /// newest change of its key is a write saved (10,000 updates of 1,000 users: at most 1,000 writes).
 pub const DEFAULT_BATCH_SIZE: usize = 10_000;
 /// Default bound of one sink batch in key + value bytes (the batch is held in memory).
 pub const DEFAULT_BATCH_MAX_BYTES: usize = 32 * 1024 * 1024;
-/// Default time a sink batch waits to fill, in ms.
-pub const DEFAULT_BATCH_TIMEOUT_MS: u64 = 20;
+/// Default time a sink batch waits to fill, in ms: none. A batch is what is already fetched; what
+/// arrives while it is written makes the next one, so batches grow with the load on their own,
+/// and a caught-up change waits for nothing (a 20 ms wait was most of ecst's own latency share,
+/// BENCHMARKS.md, 2026-12-07).
+pub const DEFAULT_BATCH_TIMEOUT_MS: u64 = 0;
 /// Default metrics/health listen address.
 pub const DEFAULT_METRICS_LISTEN: &str = "127.0.0.1:9187";
 /// Default registry request timeout, in ms.
@@ -406,7 +409,8 @@ pub struct SinkConfig {
     /// Default 33554432 (32 MiB).
     #[serde(default = "default_batch_max_bytes")]
     pub batch_max_bytes: usize,
-    /// Max wait to fill a batch (ms). Default 20.
+    /// Max wait to fill a batch after its first message (ms). Default 0: what is already
+    /// fetched, and what arrives while a batch is written makes the next one.
     #[serde(default = "default_batch_timeout_ms")]
     pub batch_timeout_ms: u64,
     /// Create missing indexes on match paths at start. Default true.
