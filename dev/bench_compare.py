@@ -14,8 +14,10 @@ Kafka Connect standalone JVM started by `dev/anchor run`), measured from outside
    The binlog's own limit (issue 15): `mariadb-binlog` reads the same binlog stretch from the
    server (a replica connection, every event, printed to /dev/null) after the phase; rows/s =
    M / its seconds. Kafka's own limit: its ProducerPerformance tool producing M records of
-   ecst's mean record size with ecst's producer settings (see `kafka_limit`). The report gives
-   ecst's streaming as a share of each.
+   ecst's mean record size with ecst's producer settings (see `kafka_limit`), and a bare
+   librdkafka producer replaying ecst's own records of the phase with those settings
+   (`examples/kafka_limit.rs`, see `kafka_replay_limit`). The report gives ecst's streaming as
+   a share of each.
 3. end-to-end (one document per row): a fresh K-row table, source + sink in one process; after
    the sink applied the table's snapshot, single-row updates at R/s for S s per step; a poller
    reads the target collection every P ms and records when each update's value first appears.
@@ -497,6 +499,25 @@ def kafka_limit(records: int, record_size: int, stack: Stack, tag: str) -> dict:
     return {"rows_per_s": round(float(m.group(2))), "record_size": record_size}
 
 
+def kafka_replay_limit(topic: str, skip: int, records: int, stack: Stack) -> dict:
+    """Kafka's limit for ecst's own records: `examples/kafka_limit.rs`, a bare librdkafka
+    producer (none of ecst's code) replaying the phase's records of `topic` (after the first
+    `skip`), keys, values and headers as they are, with ecst's producer settings and a
+    transaction a second. Unlike ProducerPerformance's random letters, its payload compresses
+    exactly as ecst's does."""
+    binary = os.environ.get("ECST_KAFKA_LIMIT_BIN", str(ROOT / "target/release/examples/kafka_limit"))
+    if not os.access(binary, os.X_OK):
+        return {"error": f"no {binary} (cargo build --release --example kafka_limit)"}
+    env = dict(os.environ, ECST_KAFKA_BOOTSTRAP=stack.kafka)
+    r = subprocess.run([binary, topic, str(skip), str(records)], capture_output=True, timeout=900, env=env)
+    out = r.stdout.decode(errors="replace")
+    m = re.search(r"replayed (\d+) records \((\d+) bytes\) in ([\d.]+) s = (\d+) records/s", out)
+    if r.returncode != 0 or m is None:
+        return {"error": (r.stderr.decode(errors="replace") or out)[-300:]}
+    return {"rows_per_s": int(m.group(4)), "records": int(m.group(1)),
+            "record_bytes": round(int(m.group(2)) / max(int(m.group(1)), 1))}
+
+
 def run_side(side: Side, i: int, stamp: int, args, stack: Stack, mongo: pymongo.MongoClient) -> dict:
     tag = f"{stamp}_{side.name}{i}"
     db = f"cmp_{tag}"
@@ -567,6 +588,8 @@ def run_side(side: Side, i: int, stamp: int, args, stack: Stack, mongo: pymongo.
                     size = round((counter.bytes - bytes_before) / max(counter.count - count_before, 1))
                     res["kafka_limit"] = kafka_limit(args.updates, size, stack, tag)
                     say(f"  Kafka's own producer, {size}-byte records: {res['kafka_limit']}")
+                    res["kafka_replay_limit"] = kafka_replay_limit(topic, args.rows, args.updates, stack)
+                    say(f"  a bare producer replaying ecst's records: {res['kafka_replay_limit']}")
         except Failed as e:
             res["error"] = str(e)
             say(f"  FAILED: {e}")
@@ -719,6 +742,8 @@ def report(results, args, meta) -> str:
          ("binlog_limit", "rows_per_s"), 0, True),
         ("  Kafka's limit: ProducerPerformance, ecst's mean record size and settings, rows/s",
          ("kafka_limit", "rows_per_s"), 0, True),
+        ("  Kafka's limit for ecst's own records: a bare librdkafka producer replaying them, rows/s",
+         ("kafka_replay_limit", "rows_per_s"), 0, True),
         (f"end-to-end commit → document at {args.latency_rate:g}/s, p50 ms", ("e2e", "latency_p50_ms"), 0, False),
         (f"end-to-end commit → document at {args.latency_rate:g}/s, p99 ms", ("e2e", "latency_p99_ms"), 0, False),
         (f"highest sustained rate of the steps {','.join(f'{r:g}' for r in args.rates)} /s",
@@ -759,6 +784,9 @@ def report(results, args, meta) -> str:
     ek, _ = med(results, "ecst", "kafka_limit", "rows_per_s")
     if es is not None and ek:
         out.append(f"| ecst streaming as a share of Kafka's limit | {es / ek:.2f} | – | – |")
+    er, _ = med(results, "ecst", "kafka_replay_limit", "rows_per_s")
+    if es is not None and er:
+        out.append(f"| ecst streaming as a share of Kafka's limit for its own records | {es / er:.2f} | – | – |")
     e50, _ = med(results, "ecst", "embedded", "latency_p50_ms")
     e99, _ = med(results, "ecst", "embedded", "latency_p99_ms")
     if e50 is not None:
