@@ -19,8 +19,8 @@ use mysql_async::prelude::Queryable;
 #[path = "support/mod.rs"]
 mod support;
 use support::{
-    admin, arg, buckets, counter_sum, cpu_seconds, delta_quantiles, env_or, machine, peak_rss_mb,
-    quantiles, start, wait_offset,
+    admin, arg, buckets, counter_sum, cpu_seconds, delta_quantiles, env_or, machine,
+    orders_sink_toml, peak_rss_mb, quantiles, stack_toml, start, wait_offset,
 };
 
 /// The same allocator as the `ecst` binary, so the figures are the binary's.
@@ -28,57 +28,20 @@ use support::{
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn config(name: &str, db: &str, table: &str, mongo_db: &str, sink: bool) -> Result<Config> {
-    let mut s = format!(
-        r#"
-        name = "{name}"
-        [mysql]
-        host = "{host}"
-        port = {port}
-        user = "{user}"
-        password = "{pw}"
-        server_id = {sid}
-        [source]
-        tables = ["{db}.{table}"]
-        snapshot_chunk_size = 20000
-        commit_interval_ms = {commit}
-        [kafka]
-        bootstrap_servers = "{kafka}"
-        [schema_registry]
-        url = "{registry}"
-        [metrics]
-        listen = ""
-        [mongo]
-        uri = "{mongo}"
-        database = "{mongo_db}"
-        "#,
-        host = env_or("ECST_MYSQL_HOST", "127.0.0.1"),
-        port = env_or("ECST_MYSQL_PORT", "13306"),
-        user = env_or("ECST_MYSQL_USER", "ecst"),
-        pw = env_or("ECST_MYSQL_PASSWORD", "ecst"),
-        sid = 900_000 + std::process::id() % 10_000,
-        kafka = env_or("ECST_KAFKA_BOOTSTRAP", "127.0.0.1:19092"),
-        registry = env_or(
-            "ECST_SCHEMA_REGISTRY_URL",
-            "http://127.0.0.1:18081/apis/ccompat/v7"
+    let mut s = stack_toml(
+        name,
+        &[format!("{db}.{table}")],
+        &format!(
+            "snapshot_chunk_size = 20000\ncommit_interval_ms = {}",
+            env_or("ECST_BENCH_COMMIT_INTERVAL_MS", "100")
         ),
-        mongo = env_or("ECST_MONGO_URI", "mongodb://127.0.0.1:27117/"),
-        commit = env_or("ECST_BENCH_COMMIT_INTERVAL_MS", "100"),
+        (
+            &env_or("ECST_MONGO_URI", "mongodb://127.0.0.1:27117/"),
+            mongo_db,
+        ),
     );
     if sink {
-        s.push_str(&format!(
-            r#"
-            [sink]
-            group_id = "{name}-sink"
-            [[sink.mappings]]
-            name = "user_in_orders"
-            topic = "{name}.{db}.{table}"
-            kind = "embedded"
-            collection = "purchase_order"
-            match_path = "user.id"
-            target_path = "user"
-            fields = ["id", "firstname", "lastname", "email"]
-            "#
-        ));
+        s.push_str(&orders_sink_toml(name, &format!("{name}.{db}.{table}"), ""));
     }
     Config::from_toml_str(&s, Vec::new()).map_err(|e| anyhow::anyhow!("{e}"))
 }

@@ -42,14 +42,14 @@ use mysql_async::prelude::Queryable;
 #[path = "support/mod.rs"]
 mod support;
 use support::{
-    admin, arg, buckets, counter_sum, delta_quantiles, env_or, machine, start, wait_offset,
+    USER_IN_ORDERS, admin, arg, buckets, counter_sum, delta_quantiles, env_or, machine,
+    orders_sink_toml, stack_toml, start, wait_offset,
 };
 
 /// The same allocator as the `ecst` binary, so the figures are the binary's.
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-const MAPPING: &str = "user_in_orders";
 const APPLIED: &str = "ecst_sink_applied_total";
 const PIPELINE: &str = "ecst_pipeline_latency_seconds";
 const OWN: &str = "ecst_pipeline_before_write_seconds";
@@ -65,49 +65,12 @@ struct Shape {
 }
 
 fn config(name: &str, db: &str, uri: &str, mongo_db: &str, sink_extra: &str) -> Result<Config> {
-    let s = format!(
-        r#"
-        name = "{name}"
-        [mysql]
-        host = "{host}"
-        port = {port}
-        user = "{user}"
-        password = "{pw}"
-        server_id = {sid}
-        [source]
-        tables = ["{db}.users"]
-        [kafka]
-        bootstrap_servers = "{kafka}"
-        [schema_registry]
-        url = "{registry}"
-        [metrics]
-        listen = ""
-        [mongo]
-        uri = "{uri}"
-        database = "{mongo_db}"
-        [sink]
-        group_id = "{name}-sink"
-        {sink_extra}
-        [[sink.mappings]]
-        name = "{MAPPING}"
-        topic = "{name}.{db}.users"
-        kind = "embedded"
-        collection = "purchase_order"
-        match_path = "user.id"
-        target_path = "user"
-        fields = ["id", "firstname", "lastname", "email"]
-        "#,
-        host = env_or("ECST_MYSQL_HOST", "127.0.0.1"),
-        port = env_or("ECST_MYSQL_PORT", "13306"),
-        user = env_or("ECST_MYSQL_USER", "ecst"),
-        pw = env_or("ECST_MYSQL_PASSWORD", "ecst"),
-        sid = 910_000 + std::process::id() % 10_000,
-        kafka = env_or("ECST_KAFKA_BOOTSTRAP", "127.0.0.1:19092"),
-        registry = env_or(
-            "ECST_SCHEMA_REGISTRY_URL",
-            "http://127.0.0.1:18081/apis/ccompat/v7"
-        ),
-    );
+    let mut s = stack_toml(name, &[format!("{db}.users")], "", (uri, mongo_db));
+    s.push_str(&orders_sink_toml(
+        name,
+        &format!("{name}.{db}.users"),
+        sink_extra,
+    ));
     Config::from_toml_str(&s, Vec::new()).map_err(|e| anyhow::anyhow!("{e}"))
 }
 
@@ -148,7 +111,7 @@ async fn bare_client(
     shape: &Shape,
     per_command: usize,
 ) -> Result<f64> {
-    let version_path = format!("_ecst.{MAPPING}");
+    let version_path = format!("_ecst.{USER_IN_ORDERS}");
     let total = shape.users * (shape.rounds + 1);
     let database = client.database(db);
     let started = Instant::now();
@@ -205,39 +168,44 @@ async fn applied_by(
     }
 }
 
-/// One MariaDB connection sending autocommit updates of the users' emails at `rate`/s for
-/// `secs`, every 10 ms what the schedule asks (several statements to a query). Returns the
-/// updates sent and the rate reached.
-async fn write_at(
-    c: &mut mysql_async::Conn,
-    db: &str,
+/// One MariaDB connection sending autocommit updates of the users' emails.
+struct Writer {
+    c: mysql_async::Conn,
+    db: String,
     users: u64,
-    rate: u64,
-    secs: u64,
-    seq: &mut u64,
-) -> Result<(u64, f64)> {
-    let t0 = Instant::now();
-    let mut tick = tokio::time::interval(Duration::from_millis(10));
-    let mut sent = 0u64;
-    while t0.elapsed() < Duration::from_secs(secs) {
-        tick.tick().await;
-        let due = (t0.elapsed().as_secs_f64() * rate as f64) as u64;
-        let n = due.saturating_sub(sent).min(1_000);
-        if n == 0 {
-            continue;
+    /// Updates sent so far. Each one's email is new, and unlike any of the history's: an
+    /// `UPDATE` that changes nothing writes no binlog event, and the bench would wait for it.
+    seq: u64,
+}
+
+impl Writer {
+    /// Updates at `rate`/s for `secs`: every 10 ms what the schedule asks (several statements
+    /// to a query). Returns the updates sent and the rate reached.
+    async fn write_at(&mut self, rate: u64, secs: u64) -> Result<(u64, f64)> {
+        let t0 = Instant::now();
+        let mut tick = tokio::time::interval(Duration::from_millis(10));
+        let mut sent = 0u64;
+        while t0.elapsed() < Duration::from_secs(secs) {
+            tick.tick().await;
+            let due = (t0.elapsed().as_secs_f64() * rate as f64) as u64;
+            let n = due.saturating_sub(sent).min(1_000);
+            if n == 0 {
+                continue;
+            }
+            let mut q = String::with_capacity(n as usize * 80);
+            for _ in 0..n {
+                self.seq += 1;
+                let (db, seq) = (&self.db, self.seq);
+                let uid = seq.wrapping_mul(7_919) % self.users + 1;
+                q.push_str(&format!(
+                    "UPDATE `{db}`.users SET email = 'w{seq}.u{uid}@hotmail.com' WHERE id = {uid};"
+                ));
+            }
+            self.c.query_drop(q).await?;
+            sent += n;
         }
-        let mut q = String::with_capacity(n as usize * 80);
-        for _ in 0..n {
-            *seq += 1;
-            let uid = (*seq).wrapping_mul(7_919) % users + 1;
-            q.push_str(&format!(
-                "UPDATE `{db}`.users SET email = 'u{uid}.{seq}@hotmail.com' WHERE id = {uid};"
-            ));
-        }
-        c.query_drop(q).await?;
-        sent += n;
+        Ok((sent, sent as f64 / t0.elapsed().as_secs_f64()))
     }
-    Ok((sent, sent as f64 / t0.elapsed().as_secs_f64()))
 }
 
 /// p50/p99 in ms of a histogram between two renderings.
@@ -248,55 +216,75 @@ fn p50_p99(before: &str, after: &str, metric: &str) -> String {
     }
 }
 
-/// Single-row updates at `rate` for `secs`, then drained: the latency quantiles of that stretch.
-async fn latency_at(
+/// One stretch of updates at a steady rate, drained.
+struct Stretch {
+    /// The metrics before the first update and after the last was applied.
+    before: String,
+    after: String,
+    /// Every update applied within 1 s of the writer stopping, and the writer reached 95 % of
+    /// the rate asked.
+    kept_up: bool,
+    reached: f64,
+}
+
+/// Updates at `rate` for `secs`, then waits until the sink has applied them all.
+async fn stretch(
     handle: &metrics_exporter_prometheus::PrometheusHandle,
-    c: &mut mysql_async::Conn,
-    db: &str,
-    users: u64,
+    w: &mut Writer,
     rate: u64,
     secs: u64,
-    seq: &mut u64,
-) -> Result<String> {
+) -> Result<Stretch> {
     let before = handle.render();
     let applied0 = counter_sum(&before, APPLIED);
-    let (sent, reached) = write_at(c, db, users, rate, secs, seq).await?;
-    if !applied_by(handle, applied0 + sent, Duration::from_secs(300)).await {
+    let (sent, reached) = w.write_at(rate, secs).await?;
+    let kept = applied_by(handle, applied0 + sent, Duration::from_secs(1)).await;
+    if !applied_by(handle, applied0 + sent, Duration::from_secs(600)).await {
         bail!(
-            "the sink did not apply {sent} updates at {rate}/s within 300 s of the writer stopping"
+            "the sink did not apply {sent} updates at {rate}/s within 600 s of the writer stopping"
         );
     }
-    let after = handle.render();
+    Ok(Stretch {
+        before,
+        after: handle.render(),
+        kept_up: kept && reached >= rate as f64 * 0.95,
+        reached,
+    })
+}
+
+/// Single-row updates at `rate` for `secs`: the latency quantiles of that stretch.
+async fn latency_at(
+    handle: &metrics_exporter_prometheus::PrometheusHandle,
+    w: &mut Writer,
+    rate: u64,
+    secs: u64,
+) -> Result<String> {
+    let s = stretch(handle, w, rate, secs).await?;
+    let (b, a) = (&s.before, &s.after);
     Ok(format!(
-        "| {rate}/s (reached {reached:.0}/s) | {} | {} | {} | {} |",
-        p50_p99(&before, &after, PIPELINE),
-        p50_p99(&before, &after, OWN),
-        p50_p99(&before, &after, COMMIT),
-        p50_p99(&before, &after, WRITE),
+        "| {rate}/s (reached {:.0}/s) | {} | {} | {} | {} |",
+        s.reached,
+        p50_p99(b, a, PIPELINE),
+        p50_p99(b, a, OWN),
+        p50_p99(b, a, COMMIT),
+        p50_p99(b, a, WRITE),
     ))
 }
 
-/// Whether the pipeline keeps up with `rate` for `secs`: every update applied within 1 s of the
-/// writer stopping. Drains before returning either way. Returns (kept up, rate reached).
+/// Whether the pipeline keeps up with `rate` for `secs` (see [`Stretch::kept_up`]), and the
+/// rate the writer reached.
 async fn keeps_up(
     handle: &metrics_exporter_prometheus::PrometheusHandle,
-    c: &mut mysql_async::Conn,
-    db: &str,
-    users: u64,
-    (rate, secs): (u64, u64),
-    seq: &mut u64,
+    w: &mut Writer,
+    rate: u64,
+    secs: u64,
 ) -> Result<(bool, f64)> {
-    let applied0 = counter_sum(&handle.render(), APPLIED);
-    let (sent, reached) = write_at(c, db, users, rate, secs, seq).await?;
-    let kept = applied_by(handle, applied0 + sent, Duration::from_secs(1)).await;
-    if !applied_by(handle, applied0 + sent, Duration::from_secs(600)).await {
-        bail!("the sink did not drain {sent} updates at {rate}/s within 600 s");
-    }
+    let s = stretch(handle, w, rate, secs).await?;
     eprintln!(
-        "  {rate}/s for {secs} s (writer reached {reached:.0}/s): {}",
-        if kept { "kept up" } else { "fell behind" }
+        "  {rate}/s for {secs} s (writer reached {:.0}/s): {}",
+        s.reached,
+        if s.kept_up { "kept up" } else { "fell behind" }
     );
-    Ok((kept && reached >= rate as f64 * 0.95, reached))
+    Ok((s.kept_up, s.reached))
 }
 
 async fn server(
@@ -435,18 +423,23 @@ async fn server(
     let both_cfg = config(&name, &db, uri, &ecst_db, &settings)?;
     let both = start(both_cfg, Components::Both);
     // Both caught up: the first update goes through (start-up, group join).
-    let mut seq = 0u64;
-    let mut warm = latency_at(handle, &mut c, &db, shape.users, 10, 2, &mut seq).await;
+    let mut w = Writer {
+        c,
+        db: db.clone(),
+        users: shape.users,
+        seq: 0,
+    };
+    let mut warm = latency_at(handle, &mut w, 10, 2).await;
     for _ in 0..3 {
         if warm.is_ok() {
             break;
         }
-        warm = latency_at(handle, &mut c, &db, shape.users, 10, 2, &mut seq).await;
+        warm = latency_at(handle, &mut w, 10, 2).await;
     }
     warm?;
     // Below the server's own limit, or the figure is the backlog's, not the pipeline's.
     let latency_rate = latency_rate.min((bare / 2.0) as u64).max(1);
-    let latency = latency_at(handle, &mut c, &db, shape.users, latency_rate, 30, &mut seq).await?;
+    let latency = latency_at(handle, &mut w, latency_rate, 30).await?;
     eprintln!("{server_name}, latency {latency}");
     let mut rows_out = Vec::new();
     let mut best = None;
@@ -455,7 +448,7 @@ async fn server(
     let mut rate = ((bare / 5.0) as u64).clamp(1, 100);
     let ladder = env_or("ECST_BENCH_SINK_SUSTAINED", "on") != "off";
     while ladder && rate <= 25_600 {
-        let (kept, _) = keeps_up(handle, &mut c, &db, shape.users, (rate, 20), &mut seq).await?;
+        let (kept, _) = keeps_up(handle, &mut w, rate, 20).await?;
         if !kept {
             failed = Some(rate);
             break;
@@ -467,10 +460,7 @@ async fn server(
     if let (Some(mut lo), Some(mut hi)) = (best, failed) {
         for _ in 0..2 {
             let mid = (lo + hi) / 2;
-            if keeps_up(handle, &mut c, &db, shape.users, (mid, 20), &mut seq)
-                .await?
-                .0
-            {
+            if keeps_up(handle, &mut w, mid, 20).await?.0 {
                 lo = mid;
             } else {
                 hi = mid;
@@ -482,8 +472,7 @@ async fn server(
         Some(mut r) => {
             // Held for the full length, stepping down by a quarter when it is not.
             loop {
-                let (kept, reached) =
-                    keeps_up(handle, &mut c, &db, shape.users, (r, seconds), &mut seq).await?;
+                let (kept, reached) = keeps_up(handle, &mut w, r, seconds).await?;
                 if kept || r <= 1 {
                     break Some((r, kept, reached));
                 }
@@ -493,9 +482,7 @@ async fn server(
         None => None,
     };
     let half = match sustained {
-        Some((r, true, _)) => {
-            Some(latency_at(handle, &mut c, &db, shape.users, r / 2, 30, &mut seq).await?)
-        }
+        Some((r, true, _)) => Some(latency_at(handle, &mut w, r / 2, 30).await?),
         _ => None,
     };
     both.stop().await?;
@@ -545,6 +532,14 @@ async fn main() -> Result<()> {
         &env_or("ECST_MONGO_URI", "mongodb://127.0.0.1:27117/"),
     );
     let _tls = rustls::crypto::ring::default_provider().install_default();
+    // ecst's logs on stderr, filtered by RUST_LOG (default: warnings).
+    let _logs = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .try_init();
     let handle = ecst::metrics::install().map_err(|e| anyhow::anyhow!(e))?;
     let mut out = Vec::new();
     for (i, uri) in uris.split(',').filter(|u| !u.is_empty()).enumerate() {

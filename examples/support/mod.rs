@@ -14,6 +14,79 @@ pub fn env_or(k: &str, d: &str) -> String {
     std::env::var(k).unwrap_or_else(|_| d.to_string())
 }
 
+/// A connector.toml on the stack's servers (addresses from `dev/stack env`): `name`, the
+/// source's `tables` with `source_extra` settings, the MongoDB `uri` and database, no metrics
+/// listener. The caller appends `[sink]` when it needs one.
+pub fn stack_toml(
+    name: &str,
+    tables: &[String],
+    source_extra: &str,
+    (uri, mongo_db): (&str, &str),
+) -> String {
+    let tables = tables
+        .iter()
+        .map(|t| format!("\"{t}\""))
+        .collect::<Vec<_>>()
+        .join(", ");
+    format!(
+        r#"
+        name = "{name}"
+        [mysql]
+        host = "{host}"
+        port = {port}
+        user = "{user}"
+        password = "{pw}"
+        server_id = {sid}
+        [source]
+        tables = [{tables}]
+        {source_extra}
+        [kafka]
+        bootstrap_servers = "{kafka}"
+        [schema_registry]
+        url = "{registry}"
+        [metrics]
+        listen = ""
+        [mongo]
+        uri = "{uri}"
+        database = "{mongo_db}"
+        "#,
+        host = env_or("ECST_MYSQL_HOST", "127.0.0.1"),
+        port = env_or("ECST_MYSQL_PORT", "13306"),
+        user = env_or("ECST_MYSQL_USER", "ecst"),
+        pw = env_or("ECST_MYSQL_PASSWORD", "ecst"),
+        sid = 900_000 + std::process::id() % 10_000,
+        kafka = env_or("ECST_KAFKA_BOOTSTRAP", "127.0.0.1:19092"),
+        registry = env_or(
+            "ECST_SCHEMA_REGISTRY_URL",
+            "http://127.0.0.1:18081/apis/ccompat/v7"
+        ),
+    )
+}
+
+/// The mapping's name in [`orders_sink_toml`]: its versions live at `_ecst.<this>`.
+pub const USER_IN_ORDERS: &str = "user_in_orders";
+
+/// The `[sink]` of the seed's purchase orders: `topic`'s rows are users, embedded at `user`
+/// (`id`, `firstname`, `lastname`, `email`) in every `purchase_order` whose `user.id` is the
+/// row's; `sink_extra` adds `[sink]` settings.
+pub fn orders_sink_toml(name: &str, topic: &str, sink_extra: &str) -> String {
+    format!(
+        r#"
+        [sink]
+        group_id = "{name}-sink"
+        {sink_extra}
+        [[sink.mappings]]
+        name = "{USER_IN_ORDERS}"
+        topic = "{topic}"
+        kind = "embedded"
+        collection = "purchase_order"
+        match_path = "user.id"
+        target_path = "user"
+        fields = ["id", "firstname", "lastname", "email"]
+        "#
+    )
+}
+
 pub fn arg(i: usize, d: u64) -> u64 {
     std::env::args()
         .nth(i)
