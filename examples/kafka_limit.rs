@@ -140,7 +140,6 @@ async fn main() -> Result<()> {
         if let Some(v) = value {
             record = record.payload(v);
         }
-        let mut record = record;
         loop {
             match producer.send(record) {
                 Ok(()) => break,

@@ -15,10 +15,10 @@
 //! **Order and batching.** A batch holds whatever is already fetched, plus what arrives within
 //! `batch_timeout_ms` (default 0: no wait), up to `batch_size` messages and `batch_max_bytes`:
 //! small when caught up (latency), large when behind, where collapsing per key saves writes.
-//! One key always lives in one partition, so arrival order is source order per key; within a batch only the newest
-//! change per (mapping, key) is kept (except the create half of a key change, which moves old
-//! copies). Statements for one collection run in order, up to 1,000 per round trip. While a
-//! batch is written the consumer keeps polling (so a slow write never exceeds
+//! One key always lives in one partition, so arrival order is source order per key; within a
+//! batch only the newest change per (mapping, key) is kept (except the create half of a key
+//! change, which moves old copies). Statements for one collection run in order, up to 1,000 per
+//! round trip. While a batch is written the consumer keeps polling (so a slow write never exceeds
 //! `max.poll.interval.ms`) and the next batch gathers, up to the same bounds; then fetching is
 //! paused. In memory: at most the batch being written and the next one.
 //!
