@@ -20,7 +20,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use mysql_common::binlog::consts::BinlogVersion;
-use mysql_common::binlog::events::FormatDescriptionEvent;
+use mysql_common::binlog::events::{Event, FormatDescriptionEvent};
 use serde_json::{Map, Value as Json, json};
 
 use crate::error::{Classify, ErrorClass};
@@ -31,6 +31,7 @@ use crate::source::SourceError;
 use crate::source::SourceMsg;
 use crate::source::charset::Collations;
 use crate::source::decoder::{Capture, Catalog, Decoder, Emit, read_framed};
+use crate::source::xa::PreparedScan;
 
 /// The binlog file magic.
 const MAGIC: [u8; 4] = [0xfe, b'b', b'i', b'n'];
@@ -93,10 +94,13 @@ pub struct Options {
 }
 
 /// Nothing is known offline: no defaults, the collation ids both servers share, and a truncated
-/// table unseen so far has no columns.
-struct Offline;
+/// table unseen so far has no columns. The binlog at hand is the files given, up to the one
+/// being read (the last of `files`).
+struct Offline<'p> {
+    files: &'p [PathBuf],
+}
 
-impl Catalog for Offline {
+impl Catalog for Offline<'_> {
     async fn add_defaults(&mut self, _schema: &mut TableSchema) -> Result<(), SourceError> {
         Ok(())
     }
@@ -112,6 +116,106 @@ impl Catalog for Offline {
             columns: Vec::new(),
             key: Vec::new(),
         })
+    }
+
+    /// Searched in the files given, from the one being read (up to `before`) backwards; where
+    /// the source reads from `from`, this reads the whole file, with the same result.
+    async fn prepared_xa(
+        &mut self,
+        xid: &str,
+        _from: Option<&BinlogPosition>,
+        before: &BinlogPosition,
+    ) -> Result<Option<Vec<Event>>, SourceError> {
+        let unreadable = |e: Box<InspectError>| SourceError::Unsupported {
+            what: format!("an earlier file, searched for XA transaction {xid}: {e}"),
+            fix: "give only binlog files".into(),
+            position: before.clone(),
+        };
+        for (i, path) in self.files.iter().enumerate().rev() {
+            let current = i + 1 == self.files.len();
+            let mut reader = FileReader::open(path).map_err(unreadable)?;
+            let mut scan = PreparedScan::new(xid);
+            while let Some((event, start)) = reader.next().map_err(unreadable)? {
+                let end = start + u64::from(event.header().event_size());
+                if current && end > before.pos {
+                    break;
+                }
+                let at = BinlogPosition {
+                    file: reader.name.clone(),
+                    pos: end,
+                };
+                scan.feed(&event, &at)?;
+            }
+            if let Some(found) = scan.finish() {
+                return Ok(Some(found));
+            }
+        }
+        Ok(None)
+    }
+}
+
+/// A binlog file's events, framed one at a time (see the module note).
+struct FileReader {
+    file: String,
+    /// The file's name, as the decoder names positions in it.
+    name: String,
+    input: BufReader<std::fs::File>,
+    fde: FormatDescriptionEvent<'static>,
+    offset: u64,
+}
+
+impl FileReader {
+    fn open(path: &Path) -> Result<Self, Box<InspectError>> {
+        let file = path.display().to_string();
+        let mut input =
+            BufReader::new(
+                std::fs::File::open(path).map_err(|source| InspectError::Io {
+                    file: file.clone(),
+                    source,
+                })?,
+            );
+        let mut magic = [0u8; 4];
+        input
+            .read_exact(&mut magic)
+            .map_err(|_| InspectError::NotABinlog { file: file.clone() })?;
+        if magic != MAGIC {
+            return Err(Box::new(InspectError::NotABinlog { file }));
+        }
+        let name = path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_else(|| file.clone());
+        Ok(FileReader {
+            file,
+            name,
+            input,
+            fde: FormatDescriptionEvent::new(BinlogVersion::Version4),
+            offset: 4,
+        })
+    }
+
+    /// The next event and the offset it starts at; `None` at the file's end.
+    fn next(&mut self) -> Result<Option<(Event, u64)>, Box<InspectError>> {
+        let bad = |offset, detail: String| InspectError::Event {
+            file: self.file.clone(),
+            offset,
+            detail,
+        };
+        let start = self.offset;
+        let event = match read_framed(&self.fde, &mut self.input) {
+            Ok(Some(e)) => e,
+            Ok(None) => return Ok(None),
+            Err(e) => return Err(Box::new(bad(start, e.to_string()))),
+        };
+        if event.header().event_type_raw() == FORMAT_DESCRIPTION_EVENT {
+            self.fde = event
+                .read_event::<FormatDescriptionEvent<'_>>()
+                .map_err(|e| bad(start, e.to_string()))?
+                .into_owned()
+                .with_footer(event.footer());
+        }
+        self.offset += u64::from(event.header().event_size());
+        Ok(Some((event, start)))
     }
 }
 
@@ -280,24 +384,25 @@ pub async fn inspect_file<W: Write + Send>(
     opts: Options,
     out: &mut W,
 ) -> Result<u64, InspectError> {
-    let file = path.display().to_string();
-    let io = |source| InspectError::Io {
-        file: file.clone(),
-        source,
+    inspect_last(&[path.to_path_buf()], opts, out).await
+}
+
+/// [`inspect_file`] of the last of `files`; the others are the binlog before it (an XA
+/// transaction committed in it may have been prepared there).
+async fn inspect_last<W: Write + Send>(
+    files: &[PathBuf],
+    opts: Options,
+    out: &mut W,
+) -> Result<u64, InspectError> {
+    let Some(path) = files.last() else {
+        return Ok(0);
     };
-    let mut input = BufReader::new(std::fs::File::open(path).map_err(io)?);
-    let mut magic = [0u8; 4];
-    input
-        .read_exact(&mut magic)
-        .map_err(|_| InspectError::NotABinlog { file: file.clone() })?;
-    if magic != MAGIC {
-        return Err(InspectError::NotABinlog { file });
-    }
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_else(|| file.clone());
-    let start = BinlogPosition { file: name, pos: 4 };
+    let mut reader = FileReader::open(path).map_err(|e| *e)?;
+    let file = reader.file.clone();
+    let start = BinlogPosition {
+        file: reader.name.clone(),
+        pos: 4,
+    };
     let mut decoder = Decoder::new(Capture::All, &start, 0, None);
     if opts.positional {
         decoder = decoder.with_positional_names();
@@ -308,34 +413,10 @@ pub async fn inspect_file<W: Write + Send>(
         avro: Vec::new(),
         printed: 0,
     };
-    let mut fde = FormatDescriptionEvent::new(BinlogVersion::Version4);
-    let mut offset: u64 = 4;
-    loop {
-        let event = match read_framed(&fde, &mut input) {
-            Ok(Some(e)) => e,
-            Ok(None) => break,
-            Err(e) => {
-                return Err(InspectError::Event {
-                    file,
-                    offset,
-                    detail: e.to_string(),
-                });
-            }
-        };
-        let size = event.header().event_size();
-        if event.header().event_type_raw() == FORMAT_DESCRIPTION_EVENT {
-            fde = event
-                .read_event::<FormatDescriptionEvent<'_>>()
-                .map_err(|e| InspectError::Event {
-                    file: file.clone(),
-                    offset,
-                    detail: e.to_string(),
-                })?
-                .into_owned()
-                .with_footer(event.footer());
-        }
+    let mut catalog = Offline { files };
+    while let Some((event, _)) = reader.next().map_err(|e| *e)? {
         decoder
-            .on_event(&event, true, &mut Offline, &mut printer)
+            .on_event(&event, true, &mut catalog, &mut printer)
             .await
             .map_err(|source| match source {
                 SourceError::Task(detail) => InspectError::Output(std::io::Error::other(detail)),
@@ -344,7 +425,6 @@ pub async fn inspect_file<W: Write + Send>(
                     source,
                 },
             })?;
-        offset += u64::from(size);
     }
     printer.out.flush().map_err(InspectError::Output)?;
     Ok(printer.printed)
@@ -357,8 +437,8 @@ pub async fn inspect<W: Write + Send>(
     out: &mut W,
 ) -> Result<u64, InspectError> {
     let mut n = 0;
-    for p in paths {
-        n += inspect_file(p, opts, out).await?;
+    for i in 0..paths.len() {
+        n += inspect_last(&paths[..=i], opts, out).await?;
     }
     Ok(n)
 }

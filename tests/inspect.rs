@@ -283,6 +283,83 @@ async fn a_file_with_only_previous_gtids_and_a_rotate_gives_one_boundary() {
     assert_eq!(commits(&lines), vec![("binlog.000008".into(), 4, None)]);
 }
 
+/// The lines printed for `names` read in turn (the binlog before each file is the ones before
+/// it), and the error that ended them, if any.
+async fn inspect_files(names: &[&str]) -> (Vec<Value>, Option<InspectError>) {
+    let paths: Vec<PathBuf> = names.iter().map(|n| fixture(n)).collect();
+    let mut out = Vec::new();
+    let result = ecst::inspect::inspect(&paths, STRICT, &mut out).await;
+    let lines = String::from_utf8(out)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    (lines, result.err())
+}
+
+#[tokio::test]
+async fn xa_transactions_are_published_at_their_commit_even_in_a_later_file_and_rolled_back_ones_never()
+ {
+    // Recorded on MariaDB 10.11: x1 prepared, a plain insert (id 10), x1 committed; x2 prepared
+    // and rolled back; x3 committed in one phase; x4 prepared, the binlog rotated, x4 committed
+    // in the next file, then a plain insert (id 11).
+    let (lines, err) = inspect_files(&["mariadb-xa.000001", "mariadb-xa.000002"]).await;
+    assert!(err.is_none(), "{err:?}");
+    let got: Vec<(String, i64, Option<&str>, &str, u64)> = changes(&lines)
+        .iter()
+        .map(|c| {
+            (
+                c["op"].as_str().unwrap().to_string(),
+                c["key"]["id"].as_i64().unwrap(),
+                c["after"]["v"].as_str(),
+                c["position"]["file"].as_str().unwrap(),
+                c["position"]["pos"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        got,
+        vec![
+            ("c".into(), 10, Some("plain"), "mariadb-xa.000001", 782),
+            // x1's row is placed at its XA COMMIT (GTID 0-1-152879), after the plain insert.
+            ("c".into(), 1, Some("prepared"), "mariadb-xa.000001", 1026),
+            ("c".into(), 3, Some("one phase"), "mariadb-xa.000001", 1663),
+            // x4, prepared in the first file, found there from its commit in the second.
+            ("u".into(), 1, Some("next file"), "mariadb-xa.000002", 433),
+            ("c".into(), 11, Some("after"), "mariadb-xa.000002", 571),
+        ]
+    );
+    let gtids: Vec<&str> = changes(&lines)
+        .iter()
+        .map(|c| c["gtid"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        gtids,
+        [
+            "0-1-152878",
+            "0-1-152879",
+            "0-1-152882",
+            "0-1-152884",
+            "0-1-152885"
+        ],
+        "each change carries the GTID of the group that committed it"
+    );
+    // Every group is a boundary, the prepared and rolled-back ones included (they publish
+    // nothing): nine groups and the rotate to the next file.
+    assert_eq!(commits(&lines).len(), 10, "{lines:?}");
+}
+
+#[tokio::test]
+async fn an_xa_commit_whose_prepare_is_in_no_file_given_is_a_definite_refusal_not_a_skip() {
+    let (lines, err) = inspect_files(&["mariadb-xa.000002"]).await;
+    assert!(changes(&lines).is_empty(), "{lines:?}");
+    let err = err.expect("refused").to_string();
+    assert!(
+        err.contains("XA COMMIT of X'7834',X'',1") && err.contains("re-snapshot"),
+        "{err}"
+    );
+}
+
 #[tokio::test]
 async fn every_fixture_is_covered_by_a_test() {
     // A new recording must get its own expectations above, not pass unseen.
@@ -298,6 +375,8 @@ async fn every_fixture_is_covered_by_a_test() {
         "minimal_row_metadata.000001",
         "binlog_transaction_with_GTID.000001",
         "binlog_transaction_previous_GTID_no_tag.000001",
+        "mariadb-xa.000001",
+        "mariadb-xa.000002",
     ];
     let mut present: Vec<String> = std::fs::read_dir(fixture(""))
         .unwrap()

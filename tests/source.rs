@@ -1224,3 +1224,75 @@ async fn a_stored_position_behind_a_thousand_records_of_another_source_is_still_
     assert_eq!(get("min.cleanable.dirty.ratio"), Some("0.1"));
     Ok(())
 }
+
+/// `XA START` … `XA END`, `XA PREPARE` of `stmt` as transaction `xid`, on a connection of its own
+/// that is then closed (MariaDB keeps the prepared transaction for any session to end).
+async fn xa_prepare(xid: &str, stmt: String) -> Result<()> {
+    in_one_session(&[
+        format!("XA START '{xid}'"),
+        stmt,
+        format!("XA END '{xid}'"),
+        format!("XA PREPARE '{xid}'"),
+    ])
+    .await
+}
+
+#[tokio::test]
+async fn xa_transactions_are_published_at_their_commit_across_a_restart_and_rolled_back_ones_never()
+-> Result<()> {
+    let _shared = STACK_LOCK.read().await;
+    let db = seed_database().await?;
+    let tc = TestConfig::new(&db, &["users"]);
+    let topic = tc.topic("users");
+    let run = start(tc.config(true)?, Components::Source);
+    wait_events(&topic, 4, T).await?;
+    let update =
+        |id: i32, email: &str| format!("UPDATE `{db}`.users SET email = '{email}' WHERE id = {id}");
+    // Prepared, not committed: nothing is published, while later transactions are.
+    xa_prepare("a", update(1, "xa-a@x")).await?;
+    sql(update(2, "plain@x")).await?;
+    let evs = wait_events(&topic, 5, T).await?;
+    assert_eq!(email(&evs[4], "after").as_deref(), Some("plain@x"));
+    // The source that read the prepare stops; the one that reads the commit never saw it.
+    run.stop().await?;
+    let run = start(tc.config(true)?, Components::Source);
+    sql("XA COMMIT 'a'").await?;
+    xa_prepare("b", update(3, "rolled-back@x")).await?;
+    sql("XA ROLLBACK 'b'").await?;
+    in_one_session(&[
+        "XA START 'c'".into(),
+        update(4, "one-phase@x"),
+        "XA END 'c'".into(),
+        "XA COMMIT 'c' ONE PHASE".into(),
+    ])
+    .await?;
+    xa_prepare("d", update(3, "xa-d@x")).await?;
+    sql("XA COMMIT 'd'").await?;
+    let evs = wait_events(&topic, 8, T).await?;
+    let extra = events_of(&topic, 9, Duration::from_secs(3)).await?;
+    assert_eq!(
+        extra.len(),
+        8,
+        "each committed change exactly once: {extra:?}"
+    );
+    let after: Vec<(i32, Option<String>)> = evs[4..]
+        .iter()
+        .map(|e| (e.key.get_i32("id").unwrap_or(-1), email(e, "after")))
+        .collect();
+    assert_eq!(
+        after,
+        [
+            (2, Some("plain@x".into())),
+            (1, Some("xa-a@x".into())),
+            (4, Some("one-phase@x".into())),
+            (3, Some("xa-d@x".into())),
+        ],
+        "published in commit order, the rolled-back one never"
+    );
+    assert!(
+        evs.windows(2).skip(3).all(|w| w[0].version < w[1].version),
+        "versions grow in commit order: a change prepared earlier is placed at its commit"
+    );
+    run.stop().await?;
+    Ok(())
+}

@@ -18,13 +18,16 @@ use std::time::Duration;
 use futures::StreamExt;
 use mysql_async::BinlogStreamRequest;
 use mysql_async::prelude::Queryable;
+use mysql_common::binlog::events::Event;
 
 use super::charset::Collations;
 use super::decoder::{Capture, Catalog, Decoder, Emit};
 use super::online::Online;
+use super::retention::binlog_files;
 use super::signal::Signal;
 use super::table_map::{from_information_schema, server_collations, with_defaults};
 use super::window::Window;
+use super::xa::PreparedScan;
 use super::{Outbox, SourceError, SourceMsg, connect};
 use crate::config::MysqlConfig;
 use crate::events::TableSchema;
@@ -59,7 +62,93 @@ impl Catalog for Server<'_> {
         side.disconnect().await?;
         Ok(s)
     }
+
+    async fn prepared_xa(
+        &mut self,
+        xid: &str,
+        from: Option<&BinlogPosition>,
+        before: &BinlogPosition,
+    ) -> Result<Option<Vec<Event>>, SourceError> {
+        if let Some(at) = from {
+            return scan_for_prepared(self.0, xid, at, before, true).await;
+        }
+        let mut side = connect(self.0).await?;
+        let files = binlog_files(&mut side).await?;
+        side.disconnect().await?;
+        let Some(last) = files.iter().position(|f| f.name == before.file) else {
+            return Ok(None);
+        };
+        for f in files[..=last].iter().rev() {
+            tracing::info!(xid, file = %f.name, "searching the binlog for the prepared part of a committed XA transaction");
+            let at = BinlogPosition {
+                file: f.name.clone(),
+                pos: 4,
+            };
+            if let Some(found) = scan_for_prepared(self.0, xid, &at, before, false).await? {
+                return Ok(Some(found));
+            }
+        }
+        Ok(None)
+    }
 }
+
+/// Reads `at.file` from `at.pos` on a dump connection of its own, through a [`PreparedScan`]
+/// for `xid`, up to the file's end or `before` (or, when `first`, the first complete group).
+/// The dump is non-blocking: it ends where the binlog ends instead of waiting for more.
+async fn scan_for_prepared(
+    cfg: &MysqlConfig,
+    xid: &str,
+    at: &BinlogPosition,
+    before: &BinlogPosition,
+    first: bool,
+) -> Result<Option<Vec<Event>>, SourceError> {
+    let mut conn = connect(cfg).await?;
+    conn.query_drop("SET @mariadb_slave_capability = 4").await?;
+    let request = BinlogStreamRequest::new(SIDE_DUMP_SERVER_ID)
+        .with_filename(at.file.as_bytes())
+        .with_pos(at.pos)
+        .with_non_blocking();
+    let mut stream = conn.get_binlog_stream(request).await?;
+    let mut scan = PreparedScan::new(xid);
+    let silent = Duration::from_millis(cfg.heartbeat_ms.saturating_mul(2).max(10_000));
+    loop {
+        let event = match tokio::time::timeout(silent, stream.next()).await {
+            Err(_) => {
+                return Err(SourceError::Stalled {
+                    silent_ms: silent.as_millis() as u64,
+                });
+            }
+            Ok(None) => break,
+            Ok(Some(event)) => event?,
+        };
+        let header = event.header();
+        let pos = u64::from(header.log_pos());
+        if header.event_type_raw() == super::decoder::ROTATE_EVENT {
+            // The dump's first rotate is a fake one (no position); a real one ends the file.
+            if pos == 0 {
+                continue;
+            }
+            break;
+        }
+        if at.file == before.file && pos > before.pos {
+            break;
+        }
+        let here = BinlogPosition {
+            file: at.file.clone(),
+            pos,
+        };
+        if scan.feed(&event, &here)? && first {
+            break;
+        }
+    }
+    // (A non-blocking dump that reached its end has closed its side already.)
+    let _ = tokio::time::timeout(Duration::from_secs(5), stream.close()).await;
+    Ok(scan.finish())
+}
+
+/// The server id of a side dump (`scan_for_prepared`): 0, which no replica may use, so it
+/// never replaces a replica's dump, nor the stream's own.
+const SIDE_DUMP_SERVER_ID: u32 = 0;
 
 impl Emit for Outbox {
     async fn emit(&mut self, msg: SourceMsg) -> Result<(), SourceError> {

@@ -33,6 +33,9 @@
 //! the ones published; the transaction's GTID and the counts are checked, and a mismatch is a
 //! definite error, never a guess. Row indices (versions) continue from the stored one.
 //!
+//! XA transactions are published at their `XA COMMIT` group, from their prepared group read
+//! again there, and never when rolled back (`source::xa`).
+//!
 //! MariaDB's compressed events (`log_bin_compress = ON`) are uncompressed into the plain event
 //! they stand for (`source::compressed`) and handled as such, header position included.
 //!
@@ -62,6 +65,7 @@ use super::charset::Collations;
 use super::decode::decode_rows;
 use super::table_map::{BinlogTable, from_table_map};
 use super::window::Window;
+use super::xa::{self, XA_PREPARE_LOG_EVENT, XaStatement};
 use super::{SourceError, SourceMsg};
 use crate::events::{ChangeEvent, Op, SourceInfo, TableSchema};
 use crate::gtid::GtidState;
@@ -78,7 +82,6 @@ const INCIDENT_EVENT: u8 = 26;
 const HEARTBEAT_EVENT: u8 = 27;
 const MYSQL_GTID_EVENT: u8 = 33;
 const MYSQL_ANONYMOUS_GTID_EVENT: u8 = 34;
-const XA_PREPARE_LOG_EVENT: u8 = 38;
 const PARTIAL_UPDATE_ROWS_EVENT: u8 = 39;
 const TRANSACTION_PAYLOAD_EVENT: u8 = 40;
 const MYSQL_GTID_TAGGED_EVENT: u8 = 42;
@@ -112,6 +115,15 @@ pub trait Catalog {
         db: &str,
         table: &str,
     ) -> impl Future<Output = Result<TableSchema, SourceError>> + Send;
+    /// The TABLE_MAP and rows events of XA transaction `xid`'s prepared group, in binlog order,
+    /// read again (`source::xa`): from `from` on when its place is known, else searched for
+    /// before `before`, file by file backwards. `None`: no binlog at hand holds it.
+    fn prepared_xa(
+        &mut self,
+        xid: &str,
+        from: Option<&BinlogPosition>,
+        before: &BinlogPosition,
+    ) -> impl Future<Output = Result<Option<Vec<Event>>, SourceError>> + Send;
 }
 
 /// Where the decoder's messages go (the hand-over to the producer loop, or the offline printer).
@@ -184,6 +196,26 @@ pub struct Decoder {
     since_split: u64,
     /// Resuming inside a split transaction: what of it is in Kafka already (dropped again).
     skip: Option<Within>,
+    /// Where this decoder started: an XA transaction committed later but prepared before here
+    /// is searched for before it (`source::xa`).
+    start: BinlogPosition,
+    /// The open transaction is an XA transaction's group (after `XA START`): its rows are held
+    /// back until its commit.
+    xa: Option<XaOpen>,
+    /// XA transactions prepared since `start` and not ended yet: where to read each again
+    /// (`None`: it changed no captured table).
+    xa_prepared: HashMap<String, Option<BinlogPosition>>,
+    /// The rows handled are an XA transaction's, read again at its commit: emitted, not held.
+    replaying: bool,
+}
+
+/// The open XA group.
+struct XaOpen {
+    xid: String,
+    /// At or before the group's first event: where it is read again.
+    from: BinlogPosition,
+    /// It has rows of captured tables.
+    captured: bool,
 }
 
 /// One captured table's rows in the open transaction.
@@ -229,6 +261,10 @@ impl Decoder {
             tx_rows: Vec::new(),
             since_split: 0,
             skip: None,
+            start: start.clone(),
+            xa: None,
+            xa_prepared: HashMap::new(),
+            replaying: false,
         }
     }
 
@@ -451,6 +487,18 @@ impl Decoder {
                 self.in_tx = parsed.as_ref().is_some_and(|(_, standalone)| !*standalone);
                 self.gtid = parsed.map(|(g, _)| g);
                 self.open_tx(log_pos, header.timestamp());
+                // MariaDB carries an XA transaction's xid in the GTID event of its prepared
+                // group (no `XA START` statement is logged).
+                if let Some(xid) = xa::mariadb_prepared_xid(event.data()) {
+                    self.xa = Some(XaOpen {
+                        xid,
+                        from: BinlogPosition {
+                            file: self.file.clone(),
+                            pos: self.boundary,
+                        },
+                        captured: false,
+                    });
+                }
             }
             MYSQL_GTID_EVENT | MYSQL_GTID_TAGGED_EVENT => {
                 let g = match event.read_data() {
@@ -483,15 +531,26 @@ impl Decoder {
                 self.end_transaction(log_pos, emit).await?;
             }
             XA_PREPARE_LOG_EVENT => {
-                if self.emitted {
+                // The end of an XA group: a prepare (its XA COMMIT or XA ROLLBACK comes later as
+                // a group of its own), or MySQL's one-phase commit. Either way a boundary.
+                if self.xa.is_none() && self.emitted {
+                    // A group not recognised as XA at its start had its rows published already.
                     return Err(SourceError::Unsupported {
-                        what: "an XA transaction on a captured table (XA PREPARE): its rows would be published before it commits, and an XA ROLLBACK could not undo them".into(),
-                        fix: "do not use XA transactions on captured tables; to step past this one, re-snapshot (snapshot_mode = \"always\" once)".into(),
+                        what: "an XA PREPARE whose group did not start as an XA transaction (no XA START, no XA flag in its GTID event): its rows were about to be published before it commits".into(),
+                        fix: "report the server version; to step past this one, re-snapshot (snapshot_mode = \"always\" once)".into(),
                         position: self.here(),
                     });
                 }
-                // The prepared part of an XA transaction on other tables: a boundary; its
-                // XA COMMIT or XA ROLLBACK comes later as a statement of its own.
+                if let Some(open) = self.xa.take() {
+                    let from = open.captured.then_some(open.from);
+                    if xa::one_phase(event) {
+                        if let Some(from) = from {
+                            self.replay_xa(&open.xid, Some(from), catalog, emit).await?;
+                        }
+                    } else {
+                        self.xa_prepared.insert(open.xid, from);
+                    }
+                }
                 self.in_tx = false;
                 self.end_transaction(log_pos, emit).await?;
             }
@@ -526,6 +585,7 @@ impl Decoder {
     fn open_tx(&mut self, log_pos: u32, timestamp: u32) {
         self.tx_ts_ms = i64::from(timestamp) * 1000;
         self.emitted = false;
+        self.xa = None;
         self.place = TxPlace::open(log_pos, self.boundary);
         self.gtid_placed = true;
         self.tx_rows.clear();
@@ -553,7 +613,8 @@ impl Decoder {
                 position: self.here(),
             });
         }
-        if query == "BEGIN" || query.starts_with("XA START") {
+        let xa_statement = xa::statement(&query);
+        if query == "BEGIN" || matches!(xa_statement, Some(XaStatement::Start(_))) {
             // A GTID event announced the transaction already (and placed it).
             if !self.in_tx && !self.gtid_placed {
                 self.place = TxPlace::open(log_pos, self.boundary);
@@ -563,7 +624,48 @@ impl Decoder {
             }
             self.in_tx = true;
             self.tx_ts_ms = i64::from(header.timestamp()) * 1000;
+            // The group starts at the last boundary at the latest (its GTID event's start).
+            self.xa = match xa_statement {
+                Some(XaStatement::Start(xid)) => Some(XaOpen {
+                    xid: xid.to_string(),
+                    from: BinlogPosition {
+                        file: self.file.clone(),
+                        pos: self.boundary,
+                    },
+                    captured: false,
+                }),
+                _ => None,
+            };
             return Ok(());
+        }
+        match xa_statement {
+            // The commit of a prepared XA transaction: its rows take effect, and are placed,
+            // here. (Inside an XA group, a one-phase commit of that group.)
+            Some(XaStatement::Commit(xid)) => {
+                match self.xa.take() {
+                    Some(open) => {
+                        if open.captured {
+                            self.replay_xa(&open.xid, Some(open.from), catalog, emit)
+                                .await?;
+                        }
+                    }
+                    None => {
+                        let known = self.xa_prepared.remove(xid);
+                        if !matches!(known, Some(None)) {
+                            self.replay_xa(xid, known.flatten(), catalog, emit).await?;
+                        }
+                    }
+                }
+                self.in_tx = false;
+                return self.end_transaction(log_pos, emit).await;
+            }
+            Some(XaStatement::Rollback(xid)) => {
+                self.xa_prepared.remove(xid);
+                self.xa = None;
+                self.in_tx = false;
+                return self.end_transaction(log_pos, emit).await;
+            }
+            _ => {}
         }
         // ROLLBACK, or ROLLBACK TO SAVEPOINT, after rows of a captured table.
         if query.starts_with("ROLLBACK") && self.in_tx && self.emitted {
@@ -575,10 +677,8 @@ impl Decoder {
                 position: self.here(),
             });
         }
-        // A one-phase XA commit and a ROLLBACK without captured rows end their transaction too.
-        let ends = query == "COMMIT"
-            || query == "ROLLBACK"
-            || (self.in_tx && query.starts_with("XA COMMIT"));
+        // A ROLLBACK without captured rows ends its transaction too.
+        let ends = query == "COMMIT" || query == "ROLLBACK";
         if ends || !self.in_tx {
             self.in_tx = false;
             if !ends {
@@ -699,6 +799,11 @@ impl Decoder {
         let Some((_, Some(table))) = self.tables_by_id.get(&rows.table_id()) else {
             return Ok(());
         };
+        if let Some(open) = self.xa.as_mut().filter(|_| !self.replaying) {
+            // Published at the XA transaction's commit, if it commits (`source::xa`).
+            open.captured = true;
+            return Ok(());
+        }
         let table = table.clone();
         let (op, before, after): (Op, Option<Vec<bool>>, Option<Vec<bool>>) = match &rows {
             RowsEventData::WriteRowsEventV1(_) | RowsEventData::WriteRowsEvent(_) => {
@@ -899,6 +1004,62 @@ impl Decoder {
         Ok(())
     }
 
+    /// Publishes XA transaction `xid`'s rows in the open transaction (its commit group): its
+    /// prepared group read again, from `from` when known (`source::xa`).
+    async fn replay_xa<C: Catalog + Send, E: Emit + Send>(
+        &mut self,
+        xid: &str,
+        from: Option<BinlogPosition>,
+        catalog: &mut C,
+        emit: &mut E,
+    ) -> Result<(), SourceError> {
+        let before = match &from {
+            Some(_) => self.here(),
+            None => self.start.clone(),
+        };
+        let Some(events) = catalog.prepared_xa(xid, from.as_ref(), &before).await? else {
+            return Err(SourceError::XaPrepareMissing {
+                xid: xid.to_string(),
+                before,
+                position: self.here(),
+            });
+        };
+        tracing::debug!(xid, events = events.len(), position = %self.here(), "XA transaction committed: its prepared rows are published here");
+        self.replaying = true;
+        let mut result = Ok(());
+        for event in &events {
+            let etype = event.header().event_type_raw();
+            let plain;
+            let event = if super::compressed::is_compressed(etype) {
+                plain = super::compressed::uncompress(event).map_err(|detail| {
+                    SourceError::Compressed {
+                        position: self.here(),
+                        detail,
+                    }
+                });
+                match &plain {
+                    Ok(p) => p,
+                    Err(_) => {
+                        result = plain.map(|_| ());
+                        break;
+                    }
+                }
+            } else {
+                event
+            };
+            result = if event.header().event_type_raw() == TABLE_MAP_EVENT {
+                self.on_table_map(event, catalog).await
+            } else {
+                self.on_rows(event, emit).await
+            };
+            if result.is_err() {
+                break;
+            }
+        }
+        self.replaying = false;
+        result
+    }
+
     /// A transaction ended on an event whose header says it ends at `log_pos`: its boundary is
     /// emitted now, or deferred when the header has no position (see the module note).
     async fn end_transaction<E: Emit + Send>(
@@ -907,6 +1068,7 @@ impl Decoder {
         emit: &mut E,
     ) -> Result<(), SourceError> {
         self.check_split_end()?;
+        self.xa = None;
         let gtid = self.gtid.take();
         self.gtid_placed = false;
         self.emitted = false;
@@ -962,6 +1124,30 @@ pub fn mysql_gtid(sid: &[u8; 16], tag: Option<String>, gno: u64) -> String {
         Some(t) => format!("{uuid}:{t}:{gno}"),
         None => format!("{uuid}:{gno}"),
     }
+}
+
+/// Calls `each` with every event inside a compressed transaction (MySQL's TRANSACTION_PAYLOAD),
+/// one in memory at a time; `at` is the payload's place (for messages).
+pub(crate) fn each_in_payload(
+    event: &Event,
+    at: &BinlogPosition,
+    mut each: impl FnMut(&Event) -> Result<(), SourceError>,
+) -> Result<(), SourceError> {
+    let bad = |detail: String| SourceError::Payload {
+        position: at.clone(),
+        detail,
+    };
+    let payload: TransactionPayloadEvent<'_> =
+        event.read_event().map_err(|e| bad(e.to_string()))?;
+    let mut reader = payload.decompressed().map_err(|e| bad(e.to_string()))?;
+    // Inner events carry no checksum (WL#3549).
+    let mut footer = event.footer();
+    footer.set_checksum_enabled(false);
+    let fde = event.fde().clone().with_footer(footer);
+    while let Some(inner) = read_framed(&fde, &mut reader).map_err(|e| bad(e.to_string()))? {
+        each(&inner)?;
+    }
+    Ok(())
 }
 
 /// Reads one whole event from `input` (`None` at a clean end). The event is framed first —

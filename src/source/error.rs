@@ -128,6 +128,18 @@ pub enum SourceError {
         /// Where.
         position: BinlogPosition,
     },
+    /// The commit of an XA transaction whose prepared part no binlog at hand holds.
+    #[error(
+        "the binlog at {position} holds the XA COMMIT of {xid}, but its XA PREPARE is in no binlog file at hand (it was prepared before {before}, in a file purged since or not given), so whether it changed captured tables cannot be known; fix: re-snapshot (snapshot_mode = \"always\" once) so the copies match the tables again"
+    )]
+    XaPrepareMissing {
+        /// The transaction's serialized xid.
+        xid: String,
+        /// Where the search ended.
+        before: BinlogPosition,
+        /// The commit.
+        position: BinlogPosition,
+    },
     /// The stored position lies inside a transaction that was split across Kafka transactions,
     /// and the transaction found there is not that one.
     #[error(
@@ -344,6 +356,7 @@ impl Classify for SourceError {
             | E::PartialJson { .. }
             | E::StatementDml { .. }
             | E::Unsupported { .. }
+            | E::XaPrepareMissing { .. }
             | E::SplitMismatch { .. }
             | E::Payload { .. }
             | E::Compressed { .. }

@@ -51,6 +51,7 @@ pub mod signal;
 pub mod snapshot;
 pub mod table_map;
 pub mod window;
+pub mod xa;
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;

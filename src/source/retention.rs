@@ -160,6 +160,20 @@ pub fn expire_seconds(vars: &[(String, String)]) -> f64 {
 }
 
 async fn poll(conn: &mut mysql_async::Conn) -> Result<(Vec<BinlogFile>, f64), SourceError> {
+    let files = binlog_files(conn).await?;
+    let vars: Vec<(String, String)> = conn
+        .query(
+            "SHOW GLOBAL VARIABLES WHERE Variable_name IN \
+             ('binlog_expire_logs_seconds', 'expire_logs_days', 'binlog_expire_logs_auto_purge')",
+        )
+        .await?;
+    Ok((files, expire_seconds(&vars)))
+}
+
+/// The server's binlog files, oldest first (`SHOW BINARY LOGS`, read by column name).
+pub(crate) async fn binlog_files(
+    conn: &mut mysql_async::Conn,
+) -> Result<Vec<BinlogFile>, SourceError> {
     let rows: Vec<mysql_async::Row> = conn.query("SHOW BINARY LOGS").await?;
     let mut files = Vec::with_capacity(rows.len());
     for row in rows {
@@ -174,13 +188,7 @@ async fn poll(conn: &mut mysql_async::Conn) -> Result<(Vec<BinlogFile>, f64), So
             files.push(BinlogFile { name, size });
         }
     }
-    let vars: Vec<(String, String)> = conn
-        .query(
-            "SHOW GLOBAL VARIABLES WHERE Variable_name IN \
-             ('binlog_expire_logs_seconds', 'expire_logs_days', 'binlog_expire_logs_auto_purge')",
-        )
-        .await?;
-    Ok((files, expire_seconds(&vars)))
+    Ok(files)
 }
 
 fn record(a: &Assessment, expire_s: f64) {
