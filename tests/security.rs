@@ -713,3 +713,88 @@ async fn a_mysql_password_rotated_while_streaming_is_read_again_from_its_file_an
     }
     Ok(())
 }
+
+/// A MySQL user of the test's own with the source's grants, identified by `identified` (the
+/// `IDENTIFIED …` clause); returns its name.
+async fn mysql_user_identified(prefix: &str, identified: &str) -> Result<String> {
+    let user = unique(prefix);
+    // (BINLOG MONITOR is MariaDB's; MySQL's REPLICATION CLIENT covers it.)
+    let monitor = if server_is_mariadb().await? {
+        "BINLOG MONITOR, "
+    } else {
+        ""
+    };
+    for host in ["127.0.0.1", "localhost", "%"] {
+        sql(format!("CREATE USER '{user}'@'{host}' {identified}")).await?;
+        sql(format!(
+            "GRANT REPLICATION SLAVE, REPLICATION CLIENT, {monitor}SELECT, RELOAD, LOCK TABLES, SHOW VIEW ON *.* TO '{user}'@'{host}'"
+        ))
+        .await?;
+    }
+    Ok(user)
+}
+
+/// `tc`'s TOML as MySQL user `user` with `password`.
+fn toml_as(tc: &TestConfig, user: &str, password: &str) -> String {
+    let e = endpoints();
+    tc.toml(true)
+        .replace(
+            &format!("user = \"{}\"", e.mysql_user),
+            &format!("user = \"{user}\""),
+        )
+        .replace(
+            &format!("password = \"{}\"", e.mysql_password),
+            &format!("password = \"{password}\""),
+        )
+}
+
+#[tokio::test]
+async fn a_user_of_the_servers_other_auth_plugin_streams_and_a_refused_password_names_the_user_and_the_plugin()
+-> Result<()> {
+    let _shared = STACK_LOCK.read().await;
+    // The plugin other than the classic one: MariaDB's ed25519 (the driver crashed on it), or
+    // MySQL 8's default caching_sha2_password (in the compat workflow).
+    let (plugin, identified) = if server_is_mariadb().await? {
+        let installed: Vec<String> = {
+            use mysql_async::prelude::Queryable;
+            admin()
+                .await?
+                .query("SELECT plugin_name FROM information_schema.plugins WHERE plugin_name = 'ed25519'")
+                .await?
+        };
+        if installed.is_empty() {
+            sql("INSTALL SONAME 'auth_ed25519'").await?;
+        }
+        (
+            "ed25519",
+            "IDENTIFIED VIA ed25519 USING PASSWORD('right-pw')",
+        )
+    } else {
+        (
+            "caching_sha2_password",
+            "IDENTIFIED WITH caching_sha2_password BY 'right-pw'",
+        )
+    };
+    let user = mysql_user_identified("plug", identified).await?;
+    let db = seed_database().await?;
+    let tc = TestConfig::new(&db, &["users"]);
+    let cfg = ecst::config::Config::from_toml_str(&toml_as(&tc, &user, "right-pw"), Vec::new())
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let run = start(cfg, Components::Source);
+    wait_events(&tc.topic("users"), 4, T).await?;
+    run.stop().await?;
+
+    let err = source_error(&toml_as(&tc, &user, "wrong-pw")).await?;
+    assert!(
+        err.contains(&user) && err.contains(plugin) && err.contains("1045"),
+        "a definite stop naming the user, its plugin and the server's error: {err}"
+    );
+    let classic = mysql_user_identified("native", "IDENTIFIED BY 'right-pw'").await?;
+    let err = source_error(&toml_as(&tc, &classic, "wrong-pw")).await?;
+    assert!(
+        err.contains(&classic)
+            && (err.contains("mysql_native_password") || err.contains("caching_sha2_password")),
+        "{err}"
+    );
+    Ok(())
+}

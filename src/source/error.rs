@@ -232,6 +232,20 @@ pub enum SourceError {
         /// Registry message.
         detail: String,
     },
+    /// MySQL refused the login of a user whose password is in the config (ERROR 1045 or 1698).
+    #[error(
+        "mysql refused the login of `{user}` (ERROR {code}: {detail}); {plugin}. Fix: check mysql.user and mysql.password against that account, and that its plugin is one ecst speaks (mysql_native_password, caching_sha2_password, ed25519, parsec, or mysql_clear_password over TLS)"
+    )]
+    AuthRefused {
+        /// The user.
+        user: String,
+        /// The server's error code.
+        code: u16,
+        /// The server's message.
+        detail: String,
+        /// What is known of the plugin (`source::auth`).
+        plugin: String,
+    },
     /// MySQL refused the password read from `mysql.password_file` (ERROR 1045).
     #[error(
         "mysql refused the password of `{user}` read from `{file}` (ERROR 1045: {detail}); if it is being rotated, ecst retries, reading the file again each time, until the file holds the password the server takes. Fix: write the current password to the file"
@@ -357,6 +371,7 @@ impl Classify for SourceError {
             | E::StatementDml { .. }
             | E::Unsupported { .. }
             | E::XaPrepareMissing { .. }
+            | E::AuthRefused { .. }
             | E::SplitMismatch { .. }
             | E::Payload { .. }
             | E::Compressed { .. }
@@ -383,6 +398,7 @@ impl Classify for SourceError {
             E::Mysql(_) => "mysql".into(),
             E::ConnectTimeout { .. } => "mysql_connect_timeout".into(),
             E::PasswordRefused { .. } => "mysql_1045".into(),
+            E::AuthRefused { code, .. } => format!("mysql_{code}"),
             E::Stalled { .. } => "binlog_stalled".into(),
             E::StreamEnded => "binlog_ended".into(),
             E::Checksum { .. } => "binlog_checksum".into(),

@@ -34,6 +34,7 @@
 //! `snapshot`, `online` and `binlog` (the readers); this file holds the session: start-up
 //! checks, loading the stored position and the reader task.
 
+mod auth;
 pub mod binlog;
 pub mod charset;
 mod compressed;
@@ -234,6 +235,14 @@ pub async fn connect(cfg: &MysqlConfig) -> Result<mysql_async::Conn, SourceError
                 user: cfg.user.clone(),
                 file: cfg.password_file.clone().unwrap_or_default(),
                 detail: e.message,
+            })
+        }
+        Ok(Err(mysql_async::Error::Server(e))) if matches!(e.code, 1045 | 1698) => {
+            Err(SourceError::AuthRefused {
+                user: cfg.user.clone(),
+                code: e.code,
+                detail: e.message,
+                plugin: auth::plugin_of(cfg).await.to_string(),
             })
         }
         Ok(conn) => Ok(conn?),
