@@ -64,6 +64,9 @@ pub const SNAPSHOT_RUNNING: &str = "ecst_snapshot_running";
 pub const SNAPSHOT_CHUNKS_REREAD_TOTAL: &str = "ecst_snapshot_chunks_reread_total";
 /// Counter: reconnects/restarts of the source after transient errors.
 pub const SOURCE_RESTARTS_TOTAL: &str = "ecst_source_restarts_total";
+/// Counter: HTTP requests sent to the schema registry, by `op` (`register`, `subjects`,
+/// `compatibility`, `latest`, `schema`); answers served from the cache are not counted.
+pub const REGISTRY_REQUESTS_TOTAL: &str = "ecst_registry_requests_total";
 /// Counter, labels `mapping`: change events applied to MongoDB.
 pub const SINK_APPLIED_TOTAL: &str = "ecst_sink_applied_total";
 /// Counter, labels `mapping`: events skipped because the stored copy was newer (version guard).
@@ -209,6 +212,10 @@ pub fn install() -> Result<PrometheusHandle, String> {
     describe_counter!(
         SOURCE_RESTARTS_TOTAL,
         "Source restarts after transient errors"
+    );
+    describe_counter!(
+        REGISTRY_REQUESTS_TOTAL,
+        "HTTP requests sent to the schema registry (cached answers not counted)"
     );
     describe_counter!(SINK_APPLIED_TOTAL, "Change events applied to MongoDB");
     describe_counter!(

@@ -108,6 +108,7 @@ async fn metrics_expose_the_named_series_and_the_latency_histograms_move_when_ch
         "ecst_pipeline_latency_seconds_bucket",
         "process_start_time_seconds",
         "ecst_source_last_event_timestamp_seconds",
+        "ecst_registry_requests_total{op=\"register\"}",
     ] {
         assert!(body.contains(name), "{name} missing from /metrics");
     }

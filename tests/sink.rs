@@ -1723,3 +1723,70 @@ async fn a_mapping_set_to_stop_on_errors_stops_at_a_poison_message_and_after_the
     source.stop().await?;
     Ok(())
 }
+
+/// The value of `name` (summed over its labels) in a /metrics body.
+fn metric_sum(body: &str, name: &str) -> f64 {
+    body.lines()
+        .filter(|l| {
+            l.strip_prefix(name)
+                .is_some_and(|rest| rest.starts_with(' ') || rest.starts_with('{'))
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+#[tokio::test]
+async fn a_message_counts_once_per_mapping_of_its_topic_toward_the_batch_bounds() -> Result<()> {
+    let _shared = STACK_LOCK.read().await;
+    // 200 users on one topic, 10 mappings of it, batches of at most 20 statements: 2,000
+    // statements take at least 100 batches. Counted once per message, a batch held up to 20
+    // messages, 200 statements (with 100 mappings and the default bounds: 635 MB of RSS).
+    let db = unique("fan");
+    sql(format!("CREATE DATABASE `{db}`")).await?;
+    sql(format!(
+        "CREATE TABLE `{db}`.users (id INT PRIMARY KEY, email VARCHAR(45))"
+    ))
+    .await?;
+    let values: Vec<String> = (1..=200).map(|i| format!("({i}, 'u{i}@x')")).collect();
+    sql(format!(
+        "INSERT INTO `{db}`.users VALUES {}",
+        values.join(", ")
+    ))
+    .await?;
+    let mut tc = TestConfig::new(&db, &["users"]);
+    let mut sink = format!(
+        "\n[sink]\ngroup_id = \"{}-sink\"\nbatch_size = 20\n",
+        tc.name
+    );
+    for j in 0..10 {
+        sink.push_str(&format!(
+            "[[sink.mappings]]\nname = \"m{j}\"\ntopic = \"{}\"\nkind = \"document\"\ncollection = \"users_{j}\"\n",
+            tc.topic("users")
+        ));
+    }
+    tc.sink = Some(sink);
+    let port = free_port()?;
+    let cfg = write_config(&tc, true, Some(port))?;
+    let mut child = spawn(&cfg, "run")?;
+    let body = wait_for("2,000 statements applied", T, || async {
+        let body = http_get(port, "/metrics").await.unwrap_or_default();
+        Ok((metric_sum(&body, "ecst_sink_applied_total") >= 2000.0).then_some(body))
+    })
+    .await;
+    let _ = child.kill().await;
+    let body = body?;
+    let batches = metric_sum(&body, "ecst_sink_batch_write_seconds_count");
+    assert!(
+        batches >= 100.0,
+        "2,000 statements in batches of at most 20 take at least 100 batches, not {batches}"
+    );
+    let mdb = mongo_db(&tc.mongo_db).await?;
+    for j in 0..10 {
+        let n = mdb
+            .collection::<Document>(&format!("users_{j}"))
+            .count_documents(doc! {})
+            .await?;
+        assert_eq!(n, 200, "collection users_{j}");
+    }
+    Ok(())
+}

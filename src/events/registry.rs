@@ -157,6 +157,12 @@ fn classify_src(err: &SRCError) -> (bool, String) {
     (transient, text)
 }
 
+/// Counts one request to the registry.
+fn requested(op: &'static str) {
+    metrics::counter!(crate::metrics::REGISTRY_REQUESTS_TOTAL, crate::metrics::OP_LABEL => op)
+        .increment(1);
+}
+
 /// A credentials refusal, whatever the call was.
 fn unauthorized(text: &str) -> Option<RegistryError> {
     matches!(status_of(text), Some(401 | 403)).then(|| RegistryError::Unauthorized {
@@ -189,6 +195,7 @@ impl Registry {
             return Ok(*id);
         }
         let supplied = SuppliedSchema::new(None, SchemaType::Avro, schema_json.to_string());
+        requested("register");
         let registered = post_schema(&self.sr, subject.to_string(), supplied)
             .await
             .map_err(|e| {
@@ -213,6 +220,7 @@ impl Registry {
 
     /// All subjects (a reachability check).
     pub async fn subjects(&self) -> Result<Vec<String>, RegistryError> {
+        requested("subjects");
         get_all_subjects(&self.sr).await.map_err(|e| {
             let (transient, text) = classify_src(&e);
             if transient {
@@ -232,6 +240,7 @@ impl Registry {
         schema_json: &str,
     ) -> Result<Option<bool>, RegistryError> {
         let supplied = SuppliedSchema::new(None, SchemaType::Avro, schema_json.to_string());
+        requested("compatibility");
         match is_compatible_schema(&self.sr, subject.to_string(), supplied).await {
             Ok(ok) => Ok(Some(ok)),
             Err(e) => {
@@ -256,6 +265,7 @@ impl Registry {
         &self,
         subject: &str,
     ) -> Result<Option<(u32, Arc<apache_avro::Schema>)>, RegistryError> {
+        requested("latest");
         let registered = match get_schema_by_subject_and_version(&self.sr, subject, None).await {
             Ok(r) => r,
             Err(e) => {
@@ -280,6 +290,7 @@ impl Registry {
         if let Some(s) = self.schemas.lock().map_err(poisoned)?.get(&id) {
             return Ok(s.clone());
         }
+        requested("schema");
         let registered = get_schema_by_id(id, &self.sr).await.map_err(|e| {
             let (transient, text) = classify_src(&e);
             if transient {
