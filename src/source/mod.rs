@@ -291,9 +291,21 @@ pub async fn load_offset(cfg: &Config, topic: &str) -> Result<Option<SourceOffse
     let t = topic.clone();
     let res = tokio::task::spawn_blocking(move || -> Result<Option<SourceOffset>, String> {
         let consumer: BaseConsumer = cc.create().map_err(|e| e.to_string())?;
-        let (low, high) = consumer
-            .fetch_watermarks(&t, 0, Duration::from_secs(10))
-            .map_err(|e| e.to_string())?;
+        // A topic created a moment ago may have no leader yet: wait for one (briefly) rather
+        // than fail the session and retry it with a warning on every first start.
+        let electing = Instant::now();
+        let (low, high) = loop {
+            match consumer.fetch_watermarks(&t, 0, Duration::from_secs(10)) {
+                Err(KafkaError::MetadataFetch(
+                    RDKafkaErrorCode::NotLeaderForPartition
+                    | RDKafkaErrorCode::LeaderNotAvailable
+                    | RDKafkaErrorCode::UnknownTopicOrPartition,
+                )) if electing.elapsed() < Duration::from_secs(10) => {
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+                other => break other.map_err(|e| e.to_string())?,
+            }
+        };
         if high <= low {
             return Ok(None);
         }

@@ -355,6 +355,28 @@ pub async fn check_mysql(
         .query_first("SELECT @@lower_case_table_names")
         .await?
         .unwrap_or(0);
+    // The names the server stores, which are the ones its binlog carries: the configured
+    // schemas' tables, in one query (one per table scanned every schema's tables each time, a
+    // lowered name being no lookup key: 9 s of start-up for 1,000 tables).
+    let mut schemas: Vec<String> = tables
+        .iter()
+        .map(|t| t.split_once('.').map_or("", |(db, _)| db).to_lowercase())
+        .collect();
+    schemas.sort();
+    schemas.dedup();
+    let in_list = vec!["?"; schemas.len()].join(", ");
+    let all_stored: Vec<(String, String)> = if schemas.is_empty() {
+        Vec::new()
+    } else {
+        conn.exec(
+            format!(
+                "SELECT TABLE_SCHEMA, TABLE_NAME FROM information_schema.TABLES \
+                 WHERE LOWER(TABLE_SCHEMA) IN ({in_list})"
+            ),
+            schemas,
+        )
+        .await?
+    };
     for t in tables {
         let (db, table) = t.split_once('.').unwrap_or(("", t));
         let sql = format!(
@@ -363,14 +385,13 @@ pub async fn check_mysql(
             table.replace('`', "``")
         );
         let read = conn.query_drop(sql).await;
-        // The name the server stores, which is the one its binlog carries.
-        let stored: Vec<(String, String)> = conn
-            .exec(
-                "SELECT TABLE_SCHEMA, TABLE_NAME FROM information_schema.TABLES \
-                 WHERE LOWER(TABLE_SCHEMA) = LOWER(?) AND LOWER(TABLE_NAME) = LOWER(?)",
-                (db, table),
-            )
-            .await?;
+        let stored: Vec<(String, String)> = all_stored
+            .iter()
+            .filter(|(d, n)| {
+                d.to_lowercase() == db.to_lowercase() && n.to_lowercase() == table.to_lowercase()
+            })
+            .cloned()
+            .collect();
         let name = format!("mysql table {t}");
         out.push(match (read, spelled_otherwise(db, table, &stored)) {
             (_, Some(theirs)) => Check::fail(&name, name_case_fix(t, &theirs, lctn)),
