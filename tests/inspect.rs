@@ -20,6 +20,11 @@ fn fixture(name: &str) -> PathBuf {
 async fn inspect(name: &str, opts: Options) -> (Vec<Value>, Option<InspectError>) {
     let mut out = Vec::new();
     let result = inspect_file(&fixture(name), opts, &mut out).await;
+    printed(out, result)
+}
+
+/// The JSON lines of `out`, and the error of `result`.
+fn printed<T>(out: Vec<u8>, result: Result<T, InspectError>) -> (Vec<Value>, Option<InspectError>) {
     let lines = String::from_utf8(out)
         .unwrap()
         .lines()
@@ -289,12 +294,7 @@ async fn inspect_files(names: &[&str]) -> (Vec<Value>, Option<InspectError>) {
     let paths: Vec<PathBuf> = names.iter().map(|n| fixture(n)).collect();
     let mut out = Vec::new();
     let result = ecst::inspect::inspect(&paths, STRICT, &mut out).await;
-    let lines = String::from_utf8(out)
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
-    (lines, result.err())
+    printed(out, result)
 }
 
 #[tokio::test]

@@ -397,10 +397,7 @@ impl Decoder {
         let payload: TransactionPayloadEvent<'_> =
             event.read_event().map_err(|e| bad(e.to_string()))?;
         let mut reader = payload.decompressed().map_err(|e| bad(e.to_string()))?;
-        // Inner events carry no checksum (WL#3549).
-        let mut footer = event.footer();
-        footer.set_checksum_enabled(false);
-        let fde = event.fde().clone().with_footer(footer);
+        let fde = inner_format(event);
         while let Some(inner) = read_framed(&fde, &mut reader).map_err(|e| bad(e.to_string()))? {
             if inner.header().event_type_raw() == TRANSACTION_PAYLOAD_EVENT {
                 return Err(bad("a compressed transaction inside another".into()));
@@ -1140,14 +1137,19 @@ pub(crate) fn each_in_payload(
     let payload: TransactionPayloadEvent<'_> =
         event.read_event().map_err(|e| bad(e.to_string()))?;
     let mut reader = payload.decompressed().map_err(|e| bad(e.to_string()))?;
-    // Inner events carry no checksum (WL#3549).
-    let mut footer = event.footer();
-    footer.set_checksum_enabled(false);
-    let fde = event.fde().clone().with_footer(footer);
+    let fde = inner_format(event);
     while let Some(inner) = read_framed(&fde, &mut reader).map_err(|e| bad(e.to_string()))? {
         each(&inner)?;
     }
     Ok(())
+}
+
+/// The format to frame a compressed transaction's inner events with: its own, without
+/// checksums (inner events carry none, WL#3549).
+fn inner_format(event: &Event) -> FormatDescriptionEvent<'static> {
+    let mut footer = event.footer();
+    footer.set_checksum_enabled(false);
+    event.fde().clone().with_footer(footer)
 }
 
 /// Reads one whole event from `input` (`None` at a clean end). The event is framed first —
