@@ -365,7 +365,7 @@ pub async fn check_mysql(
     schemas.sort();
     schemas.dedup();
     let in_list = vec!["?"; schemas.len()].join(", ");
-    let all_stored: Vec<(String, String)> = if schemas.is_empty() {
+    let rows: Vec<(String, String)> = if schemas.is_empty() {
         Vec::new()
     } else {
         conn.exec(
@@ -377,6 +377,14 @@ pub async fn check_mysql(
         )
         .await?
     };
+    let mut all_stored: std::collections::HashMap<(String, String), Vec<(String, String)>> =
+        std::collections::HashMap::new();
+    for (d, n) in rows {
+        all_stored
+            .entry((d.to_lowercase(), n.to_lowercase()))
+            .or_default()
+            .push((d, n));
+    }
     for t in tables {
         let (db, table) = t.split_once('.').unwrap_or(("", t));
         let sql = format!(
@@ -385,13 +393,10 @@ pub async fn check_mysql(
             table.replace('`', "``")
         );
         let read = conn.query_drop(sql).await;
-        let stored: Vec<(String, String)> = all_stored
-            .iter()
-            .filter(|(d, n)| {
-                d.to_lowercase() == db.to_lowercase() && n.to_lowercase() == table.to_lowercase()
-            })
+        let stored = all_stored
+            .get(&(db.to_lowercase(), table.to_lowercase()))
             .cloned()
-            .collect();
+            .unwrap_or_default();
         let name = format!("mysql table {t}");
         out.push(match (read, spelled_otherwise(db, table, &stored)) {
             (_, Some(theirs)) => Check::fail(&name, name_case_fix(t, &theirs, lctn)),
