@@ -145,8 +145,7 @@ def tables_run(n: int, args, stack: Stack, stamp: int, workdir: Path, mongo) -> 
     log = workdir / f"{prefix}.log"
     res = {"tables": n, "rows_per_table": args.rows_per_table, "db": db, "prefix": prefix}
     start = time.monotonic()
-    p = subprocess.Popen([args.ecst_bin, "run", "--config", str(cfg)], stdout=open(log, "ab"),
-                         stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    p = bench_compare.Ecst(stack, workdir, args).start(cfg, log)
     try:
         total = n * args.rows_per_table
         first, done, m = wait_metric(port, p, log, "ecst_source_events_total", total,
@@ -206,8 +205,7 @@ def mappings_run(k: int, args, stack: Stack, stamp: int, workdir: Path, mongo) -
     log = workdir / f"{prefix}.log"
     res = {"mappings": k, "users": args.users, "db": db, "prefix": prefix}
     start = time.monotonic()
-    p = subprocess.Popen([args.ecst_bin, "run", "--config", str(cfg)], stdout=open(log, "ab"),
-                         stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    p = bench_compare.Ecst(stack, workdir, args).start(cfg, log)
     try:
         deadline = start + args.timeout
         _, snap_done, _ = wait_metric(port, p, log, "ecst_sink_applied_total", k * args.users, deadline)
