@@ -343,6 +343,9 @@ pub async fn run_checks(cfg: &Config) -> Vec<Check> {
                 out.extend(message_key_checks(mysql, src).await);
                 out.push(lineage_check(stored.as_ref(), &identity, src.snapshot_mode));
             }
+            // An error that names its own fix (a refused login names the account's plugin)
+            // is shown as it is; the others get the generic one.
+            Err(e) if e.names_its_fix() => out.push(fail("mysql connection", e.to_string())),
             Err(e) => out.push(fail(
                 "mysql connection",
                 format!("{e}; fix: check [mysql] host, port, user and password"),

@@ -789,6 +789,20 @@ async fn a_user_of_the_servers_other_auth_plugin_streams_and_a_refused_password_
         err.contains(&user) && err.contains(plugin) && err.contains("1045"),
         "a definite stop naming the user, its plugin and the server's error: {err}"
     );
+    // `ecst check` says the same once, with one fix (it appended a generic second one).
+    let refused = ecst::config::Config::from_toml_str(&toml_as(&tc, &user, "wrong-pw"), Vec::new())
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let lines = ecst::check::run_checks(&refused).await;
+    let line = lines
+        .iter()
+        .find(|c| c.name == "mysql connection")
+        .ok_or_else(|| anyhow::anyhow!("no mysql connection line: {lines:?}"))?;
+    assert!(
+        !line.ok
+            && line.detail.contains(plugin)
+            && line.detail.to_lowercase().matches("fix:").count() == 1,
+        "one failing line naming the plugin, with one fix: {line:?}"
+    );
     let classic = mysql_user_identified("native", "IDENTIFIED BY 'right-pw'").await?;
     let err = source_error(&toml_as(&tc, &classic, "wrong-pw")).await?;
     assert!(

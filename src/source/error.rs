@@ -329,6 +329,14 @@ impl From<KafkaError> for SourceError {
     }
 }
 
+impl SourceError {
+    /// Whether the message already says how to fix the cause (`ecst check` then adds no
+    /// generic fix of its own).
+    pub fn names_its_fix(&self) -> bool {
+        self.to_string().to_lowercase().contains("fix:")
+    }
+}
+
 impl Classify for SourceError {
     fn class(&self) -> ErrorClass {
         use SourceError as E;
