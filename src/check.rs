@@ -2,6 +2,7 @@
 
 use std::time::Duration;
 
+use mysql_async::prelude::Queryable;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 
@@ -9,6 +10,7 @@ use crate::config::{Config, MappingKind, SnapshotMode};
 use crate::events::avro::TableAvro;
 use crate::kafka::client_config;
 use crate::sink::mongo::MongoWriter;
+use crate::source::online::Method;
 use crate::source::preflight::{Check, RESUME_POSITION_CHECK, check_mysql};
 use crate::source::{connect, load_offset, table_map};
 
@@ -43,11 +45,14 @@ fn resume_check_for_mode(c: Check, mode: SnapshotMode) -> Check {
 }
 /// How tables added to `source.tables` and `ecst snapshot` are read on this server, and the
 /// online snapshots the stored position says are still running.
-fn online_check(mariadb: bool, running: Option<&[crate::offsets::OnlineTable]>) -> Check {
-    let mut detail = if mariadb {
-        "MariaDB: a table added to source.tables, or asked for with `ecst snapshot`, is read online in chunks (no lock; every table streams on meanwhile); one without a primary key is read before the stream resumes, and `ecst snapshot` refuses it".to_string()
-    } else {
-        "MySQL: none (no binlog position is tied to a consistent read): a table added to source.tables is read before the stream resumes, and `ecst snapshot` is refused".to_string()
+fn online_check(method: &Method, running: Option<&[crate::offsets::OnlineTable]>) -> Check {
+    const READ: &str = "a table added to source.tables, or asked for with `ecst snapshot`, is read online in chunks (no lock; every table streams on meanwhile); one without a primary key is read before the stream resumes, and `ecst snapshot` refuses it";
+    let mut detail = match method {
+        Method::ReadView => format!("MariaDB, at each chunk's read view: {READ}"),
+        Method::Watermarks { table, .. } => format!(
+            "by watermarks written to {table} (source.watermark_table) around each chunk: {READ}"
+        ),
+        Method::Unsupported => "MySQL: none (no binlog position is tied to a consistent read, and source.watermark_table is not set): a table added to source.tables is read before the stream resumes, and `ecst snapshot` is refused; set source.watermark_table to read them online".to_string(),
     };
     if let Some(running) = running.filter(|r| !r.is_empty()) {
         let list: Vec<String> = running
@@ -57,6 +62,112 @@ fn online_check(mariadb: bool, running: Option<&[crate::offsets::OnlineTable]>) 
         detail.push_str(&format!("; running: {}", list.join(", ")));
     }
     pass("online snapshots", detail)
+}
+
+/// How a fresh snapshot is made consistent (`source.snapshot_locking`) on this server.
+fn snapshot_method_check(
+    src: &crate::config::SourceConfig,
+    mariadb: bool,
+    method: &Method,
+) -> Check {
+    use crate::config::SnapshotLocking as L;
+    const NAME: &str = "mysql snapshot method";
+    let wait = src.snapshot_lock_wait_s;
+    let no_lock = |how: &str| {
+        format!(
+            "no lock and no consistent read: the stream starts at the binlog's end and every table is read online, {how}, while all of them stream"
+        )
+    };
+    let how = match method {
+        Method::Watermarks { table, .. } => {
+            format!("its chunks placed by watermarks written to {table}")
+        }
+        _ => "each chunk at its read view's binlog position".to_string(),
+    };
+    match (src.snapshot_locking, mariadb) {
+        (L::Tables, _) => pass(
+            NAME,
+            format!(
+                "LOCK TABLES … READ on the captured tables for the whole snapshot (source.snapshot_locking = \"tables\"): their writers wait until it ends; locks waited for at most {wait} s"
+            ),
+        ),
+        (L::Online, _) if !method.supported() => fail(
+            NAME,
+            "snapshot_locking = \"online\" on MySQL needs source.watermark_table (no binlog position is tied to a consistent read); fix: set it, or choose \"auto\", \"global\" or \"tables\"",
+        ),
+        (L::Online, _) => pass(
+            NAME,
+            format!(
+                "{} (source.snapshot_locking = \"online\"; every table needs a primary key)",
+                no_lock(&how)
+            ),
+        ),
+        (L::Auto, false) if method.supported() => pass(
+            NAME,
+            format!(
+                "MySQL: {} (source.watermark_table is set); if a table has no primary key, the locks of the line below instead: FLUSH TABLES WITH READ LOCK for milliseconds, or LOCK TABLES … READ where the server refuses it",
+                no_lock(&how)
+            ),
+        ),
+        (_, true) => pass(
+            NAME,
+            "MariaDB: a consistent snapshot with no lock (its binlog_snapshot_file/position)",
+        ),
+        (L::Global, false) => pass(
+            NAME,
+            format!(
+                "MySQL: FLUSH TABLES WITH READ LOCK, held only while the position is read and the snapshot transaction opened, waited for at most {wait} s (source.snapshot_lock_wait_s)"
+            ),
+        ),
+        (L::Auto, false) => pass(
+            NAME,
+            format!(
+                "MySQL: FLUSH TABLES WITH READ LOCK, held only while the position is read and the snapshot transaction opened, waited for at most {wait} s; where the server refuses it (RDS, Aurora), LOCK TABLES … READ on the captured tables for the whole snapshot. Set source.watermark_table for a snapshot with no lock"
+            ),
+        ),
+    }
+}
+
+/// Whether `source.watermark_table` exists with the columns ecst writes (it is created at the
+/// first chunk when missing).
+async fn watermark_table_check(mysql: &crate::config::MysqlConfig, table: &str) -> Check {
+    const NAME: &str = "mysql watermark table";
+    let create = crate::source::watermark::create_statement(table);
+    let Ok(mut conn) = crate::source::connect(mysql).await else {
+        return fail(NAME, "no connection (see the mysql connection line)");
+    };
+    if let Ok(false) = crate::source::watermark::commits_in_binlog_order(&mut conn).await {
+        return fail(
+            NAME,
+            "the server has binlog_order_commits = OFF, which placing chunks by watermarks cannot work with; fix: SET GLOBAL binlog_order_commits = ON (the default), or unset source.watermark_table",
+        );
+    }
+    let (db, name) = table.split_once('.').unwrap_or(("", table));
+    let cols: Result<Vec<String>, _> = conn
+        .exec(
+            "SELECT COLUMN_NAME FROM information_schema.COLUMNS WHERE TABLE_SCHEMA = ? AND TABLE_NAME = ?",
+            (db, name),
+        )
+        .await;
+    match cols {
+        Err(e) => fail(NAME, format!("{table}: {e}")),
+        Ok(c) if c.is_empty() => pass(
+            NAME,
+            format!(
+                "{table} is missing: ecst creates it at the first online snapshot chunk (CREATE on `{db}`), or create it: {create}; ecst's user needs INSERT and UPDATE on it"
+            ),
+        ),
+        Ok(c) if c.iter().any(|n| n == "source") && c.iter().any(|n| n == "seq") => pass(
+            NAME,
+            format!("{table}: present; ecst's user needs INSERT and UPDATE on it"),
+        ),
+        Ok(c) => fail(
+            NAME,
+            format!(
+                "{table} has columns {c:?}, not ecst's (source, seq); fix: choose another table, or drop it and let ecst create it ({create})"
+            ),
+        ),
+    }
 }
 
 /// One line per captured table without a primary key, or with `source.message_key_columns`:
@@ -320,26 +431,15 @@ pub async fn run_checks(cfg: &Config) -> Vec<Check> {
                         .into_iter()
                         .map(|c| resume_check_for_mode(c, src.snapshot_mode)),
                 );
-                let wait = src.snapshot_lock_wait_s;
-                out.push(pass(
-                    "mysql snapshot method",
-                    match (src.snapshot_locking, mariadb) {
-                        (crate::config::SnapshotLocking::Tables, _) => format!(
-                            "LOCK TABLES … READ on the captured tables for the whole snapshot (source.snapshot_locking = \"tables\"): their writers wait until it ends; locks waited for at most {wait} s"
-                        ),
-                        (_, true) => "MariaDB: a consistent snapshot with no lock (its binlog_snapshot_file/position)".to_string(),
-                        (crate::config::SnapshotLocking::Global, false) => format!(
-                            "MySQL: FLUSH TABLES WITH READ LOCK, held only while the position is read and the snapshot transaction opened, waited for at most {wait} s (source.snapshot_lock_wait_s)"
-                        ),
-                        (crate::config::SnapshotLocking::Auto, false) => format!(
-                            "MySQL: FLUSH TABLES WITH READ LOCK, held only while the position is read and the snapshot transaction opened, waited for at most {wait} s; where the server refuses it (RDS, Aurora), LOCK TABLES … READ on the captured tables for the whole snapshot"
-                        ),
-                    },
-                ));
+                let method = Method::choose(mariadb, src.watermark_table.as_deref(), &cfg.name);
+                out.push(snapshot_method_check(src, mariadb, &method));
                 out.push(online_check(
-                    mariadb,
+                    &method,
                     stored.as_ref().map(|o| &o.online.tables[..]),
                 ));
+                if let Some(table) = &src.watermark_table {
+                    out.push(watermark_table_check(mysql, table).await);
+                }
                 out.extend(message_key_checks(mysql, src).await);
                 out.push(lineage_check(stored.as_ref(), &identity, src.snapshot_mode));
             }
@@ -509,7 +609,7 @@ mod tests {
 
     #[test]
     fn the_online_snapshot_line_says_how_added_tables_are_read_and_which_are_running() {
-        let none = online_check(true, None);
+        let none = online_check(&Method::ReadView, None);
         assert!(
             none.ok && none.detail.contains("read online"),
             "{}",
@@ -520,18 +620,27 @@ mod tests {
             last_key: None,
             rows_done: 1200,
         }];
-        let some = online_check(true, Some(&running));
+        let some = online_check(&Method::ReadView, Some(&running));
         assert!(
             some.detail
                 .contains("running: test.product (1200 rows so far)"),
             "{}",
             some.detail
         );
-        let mysql = online_check(false, None);
+        let mysql = online_check(&Method::Unsupported, None);
         assert!(
-            mysql.detail.starts_with("MySQL: none") && mysql.detail.contains("refused"),
+            mysql.detail.starts_with("MySQL: none")
+                && mysql.detail.contains("refused")
+                && mysql.detail.contains("source.watermark_table"),
             "{}",
             mysql.detail
+        );
+        let marks = online_check(&Method::choose(false, Some("ops.wm"), "me"), None);
+        assert!(
+            marks.detail.contains("by watermarks written to ops.wm")
+                && marks.detail.contains("read online"),
+            "{}",
+            marks.detail
         );
     }
 

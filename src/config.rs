@@ -182,6 +182,10 @@ pub enum SnapshotLocking {
     /// `LOCK TABLES … READ` on the snapshotted tables for the whole snapshot: needs only the
     /// `LOCK TABLES` privilege, and blocks writers of those tables until the snapshot ends.
     Tables,
+    /// No lock and no consistent read: the stream starts at the binlog's end and every table
+    /// is read by the online snapshot while all of them stream (`source::online`). Every table
+    /// needs a primary key; on MySQL, `source.watermark_table` too.
+    Online,
 }
 
 /// `[source]`
@@ -247,6 +251,12 @@ pub struct SourceConfig {
     /// How the snapshot's position is made consistent with its rows. Default `auto`.
     #[serde(default)]
     pub snapshot_locking: SnapshotLocking,
+    /// A table (`db.table`) the online snapshot writes its watermarks to: each chunk is read
+    /// between two writes to it, and the stream drops from the chunk the rows changed between
+    /// them (DBLog's method, as Debezium's incremental snapshots). This is how online
+    /// snapshots run on MySQL, which gives no binlog position for a read view; on MariaDB it
+    /// selects the same method. ecst creates the table when it is missing. Unset by default.
+    pub watermark_table: Option<String>,
 }
 
 /// `[kafka]`
@@ -845,6 +855,19 @@ impl Config {
             }
             if s.snapshot_lock_wait_s == 0 {
                 issue("source.snapshot_lock_wait_s", "must be at least 1");
+            }
+            if let Some(w) = &s.watermark_table {
+                match w.split_once('.') {
+                    Some((db, t)) if !db.is_empty() && !t.is_empty() && !t.contains('.') => {
+                        if s.tables.iter().any(|c| c == w) {
+                            issue(
+                                "source.watermark_table",
+                                "must not be a captured table (ecst writes to it)",
+                            );
+                        }
+                    }
+                    _ => issue("source.watermark_table", "must be `db.table`"),
+                }
             }
         }
         if let Some(m) = &self.mongo

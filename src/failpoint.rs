@@ -20,7 +20,9 @@
 //! each chunk), `stream.rows_events` (rows events handed over by the binlog reader, checked
 //! after each), `stream.gtid_lookup` (progress 0: the MariaDB GTID lookup's connection is open,
 //! its query not yet sent), `online.rows` (rows of the running online snapshot published, checked
-//! after each chunk and its progress are handed over), `source.commit` (the Kafka transactions
+//! after each chunk and its progress are handed over), `online.between_watermarks` (rows of the
+//! running online snapshot published, checked after a chunk read by watermarks and before its
+//! high watermark is written), `source.commit` (the Kafka transactions
 //! of one producer that carry streamed changes, checked before each such commit, its records
 //! and position produced).
 

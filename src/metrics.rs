@@ -62,6 +62,10 @@ pub const SNAPSHOT_RUNNING: &str = "ecst_snapshot_running";
 /// Counter: online snapshot chunks read again because the stream had passed their read view
 /// (`source::online`); a steady rise means the chunks chase a stream that never pauses.
 pub const SNAPSHOT_CHUNKS_REREAD_TOTAL: &str = "ecst_snapshot_chunks_reread_total";
+/// Counter: rows an online snapshot chunk read between watermarks left out because a
+/// transaction between the watermarks changed them: the stream's changes stand for them
+/// (`source::watermark`).
+pub const SNAPSHOT_ROWS_LEFT_TO_STREAM_TOTAL: &str = "ecst_snapshot_rows_left_to_stream_total";
 /// Counter: reconnects/restarts of the source after transient errors.
 pub const SOURCE_RESTARTS_TOTAL: &str = "ecst_source_restarts_total";
 /// Counter: HTTP requests sent to the schema registry, by `op` (`register`, `subjects`,
@@ -208,6 +212,10 @@ pub fn install() -> Result<PrometheusHandle, String> {
     describe_counter!(
         SNAPSHOT_CHUNKS_REREAD_TOTAL,
         "Online snapshot chunks read again because the stream had passed their read view"
+    );
+    describe_counter!(
+        SNAPSHOT_ROWS_LEFT_TO_STREAM_TOTAL,
+        "Online snapshot rows left out of a chunk read between watermarks because the stream changed them there"
     );
     describe_counter!(
         SOURCE_RESTARTS_TOTAL,

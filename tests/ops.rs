@@ -209,7 +209,8 @@ pub(crate) async fn add_counter_table(db: &str) -> Result<()> {
     ))
     .await?;
     sql(format!(
-        "INSERT INTO `{db}`.counter SELECT seq, 0 FROM `{db}`.seq_1_to_100"
+        "INSERT INTO `{db}`.counter SELECT seq, 0 FROM {}",
+        numbers(100)
     ))
     .await?;
     Ok(())

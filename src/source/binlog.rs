@@ -259,7 +259,8 @@ pub async fn run_reader(
     let watchdog = Duration::from_millis(cfg.heartbeat_ms.saturating_mul(2).max(1_000));
     let mut decoder = Decoder::new(Capture::Only(tables), &start, epoch, window)
         .with_gtid_state(gtid.state)
-        .with_within(within);
+        .with_within(within)
+        .with_watermarks(online.watch());
     let mut server = Server(&cfg);
     let mut heard = std::time::Instant::now()
         .checked_sub(Duration::from_secs(2))
@@ -279,7 +280,7 @@ pub async fn run_reader(
             }
             // PRIORITY 4: no event waiting: the next online snapshot chunk.
             () = online.ready(), if read_chunk => {
-                online.read_next(&decoder, &tx).await?;
+                online.read_next(&mut decoder, &tx).await?;
                 continue;
             }
         };
@@ -298,6 +299,6 @@ pub async fn run_reader(
             metrics::gauge!(m::SOURCE_LAST_EVENT_TS).set(m::now_s().floor());
         }
         decoder.on_event(&event, crc, &mut server, &mut tx).await?;
-        online.after_event(&decoder, &tx).await?;
+        online.after_event(&mut decoder, &tx).await?;
     }
 }

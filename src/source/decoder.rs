@@ -64,6 +64,7 @@ use mysql_common::binlog::events::{
 use super::charset::Collations;
 use super::decode::decode_rows;
 use super::table_map::{BinlogTable, from_table_map};
+use super::watermark::Watch;
 use super::window::Window;
 use super::xa::{self, XA_PREPARE_LOG_EVENT, XaStatement};
 use super::{SourceError, SourceMsg};
@@ -207,6 +208,8 @@ pub struct Decoder {
     xa_prepared: HashMap<String, Option<BinlogPosition>>,
     /// The rows handled are an XA transaction's, read again at its commit: emitted, not held.
     replaying: bool,
+    /// The online snapshot's watermarks, when it places chunks by them (`source::watermark`).
+    watermarks: Option<Watch>,
 }
 
 /// The open XA group.
@@ -265,7 +268,19 @@ impl Decoder {
             xa: None,
             xa_prepared: HashMap::new(),
             replaying: false,
+            watermarks: None,
         }
+    }
+
+    /// Watches the stream for the online snapshot's watermarks (`source::watermark`).
+    pub fn with_watermarks(mut self, watch: Option<Watch>) -> Self {
+        self.watermarks = watch;
+        self
+    }
+
+    /// The watermark watch, when there is one.
+    pub fn watermarks_mut(&mut self) -> Option<&mut Watch> {
+        self.watermarks.as_mut()
     }
 
     /// Resumes inside the transaction that starts at the start position, which a split left
@@ -760,7 +775,8 @@ impl Decoder {
             return Ok(());
         }
         let qn = format!("{}.{}", tme.database_name(), tme.table_name());
-        let shape = if self.capture.contains(&qn) {
+        let watermark = self.watermarks.as_ref().is_some_and(|w| w.is_table(&qn));
+        let shape = if self.capture.contains(&qn) || watermark {
             if self.collations.is_none() {
                 self.collations = Some(catalog.collations().await?);
             }
@@ -771,7 +787,9 @@ impl Decoder {
             if t.schema.columns.iter().any(|c| !c.nullable) {
                 catalog.add_defaults(Arc::make_mut(&mut t.schema)).await?;
             }
-            self.schemas_by_name.insert(qn, t.schema.clone());
+            if !watermark {
+                self.schemas_by_name.insert(qn, t.schema.clone());
+            }
             Some(Arc::new(t))
         } else {
             None
@@ -796,6 +814,24 @@ impl Decoder {
         let Some((_, Some(table))) = self.tables_by_id.get(&rows.table_id()) else {
             return Ok(());
         };
+        if let Some(watch) = self.watermarks.as_mut()
+            && watch.is_table(&table.schema.qualified_name())
+        {
+            // Never published: only read for the online snapshot's watermarks.
+            let table = table.clone();
+            let before = rows.columns_before_image().map(bits);
+            let after = rows.columns_after_image().map(bits);
+            let decoded = decode_rows(
+                &table,
+                rows.rows_data(),
+                before.as_deref(),
+                after.as_deref(),
+                false,
+            )?;
+            let images: Vec<Vec<_>> = decoded.into_iter().filter_map(|(_, a)| a).collect();
+            watch.on_watermark_rows(&table.schema, &images);
+            return Ok(());
+        }
         if let Some(open) = self.xa.as_mut().filter(|_| !self.replaying) {
             // Published at the XA transaction's commit, if it commits (`source::xa`).
             open.captured = true;
@@ -845,6 +881,9 @@ impl Decoder {
             after.as_deref(),
             etype == PARTIAL_UPDATE_ROWS_EVENT,
         )?;
+        if let Some(watch) = self.watermarks.as_mut() {
+            watch.on_rows(&table.schema, &decoded);
+        }
         // Only a resumed snapshot's stretch needs a position per change.
         let at = self.window.as_ref().map(|_| self.here());
         if let (Some(w), Some(at)) = (&self.window, &at)
@@ -1066,6 +1105,9 @@ impl Decoder {
     ) -> Result<(), SourceError> {
         self.check_split_end()?;
         self.xa = None;
+        if let Some(watch) = self.watermarks.as_mut() {
+            watch.on_transaction_end();
+        }
         let gtid = self.gtid.take();
         self.gtid_placed = false;
         self.emitted = false;

@@ -315,6 +315,40 @@ pub enum SourceError {
         /// Why.
         why: String,
     },
+    /// The online snapshot's watermark could not be written (`source::watermark`).
+    #[error(
+        "the online snapshot cannot write its watermark to `{table}` ({detail}). Fix: create the table (`{create};`) and grant ecst's user INSERT and UPDATE on it (on a read-only server, unset source.watermark_table)"
+    )]
+    WatermarkWrite {
+        /// `source.watermark_table`.
+        table: String,
+        /// The server's error.
+        detail: String,
+        /// The statement that creates it.
+        create: String,
+    },
+    /// The stream read past the binlog's end as it stood after a high watermark was written,
+    /// and the watermark was not in it.
+    #[error(
+        "the online snapshot's watermark written to `{table}` never appeared in the binlog stream (read with nothing open up to {end}): the server does not log writes to that table. Fix: check binlog filters (binlog_do_db / binlog_ignore_db) and that the table is InnoDB, or choose a watermark table in a logged database"
+    )]
+    WatermarkUnseen {
+        /// `source.watermark_table`.
+        table: String,
+        /// The binlog's end after the write.
+        end: BinlogPosition,
+    },
+    /// Watermarks need commits in binlog order (`source::watermark`).
+    #[error(
+        "source.watermark_table is set, but the server has binlog_order_commits = OFF: transactions may commit in another order than the binlog's, and a chunk placed by watermarks could then miss a change. Fix: SET GLOBAL binlog_order_commits = ON (the default), or unset source.watermark_table"
+    )]
+    CommitOrder,
+    /// `source.snapshot_locking = "online"` cannot run here.
+    #[error("source.snapshot_locking = \"online\": {why}")]
+    OnlineLocking {
+        /// Why, and the fix.
+        why: String,
+    },
     /// The reader task ended because the producer side went away (shutdown or error).
     #[error("internal channel closed")]
     ChannelClosed,
@@ -387,6 +421,10 @@ impl Classify for SourceError {
             | E::TableNotFound { .. }
             | E::NotCaptured { .. }
             | E::OnlineUnsupported { .. }
+            | E::WatermarkWrite { .. }
+            | E::WatermarkUnseen { .. }
+            | E::OnlineLocking { .. }
+            | E::CommitOrder
             | E::NoBinlogPosition
             | E::Preflight(_)
             | E::Purged { .. }

@@ -43,7 +43,7 @@ pub mod decoder;
 mod error;
 mod handover;
 mod json;
-mod online;
+pub mod online;
 pub mod preflight;
 mod publisher;
 mod pump;
@@ -51,6 +51,7 @@ pub mod retention;
 pub mod signal;
 pub mod snapshot;
 pub mod table_map;
+pub mod watermark;
 pub mod window;
 pub mod xa;
 
@@ -64,7 +65,7 @@ use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::{Message, Offset, TopicPartitionList};
 
-use crate::config::{Config, MysqlConfig, SnapshotMode, SourceConfig, TlsMode};
+use crate::config::{Config, MysqlConfig, SnapshotLocking, SnapshotMode, SourceConfig, TlsMode};
 use crate::error::{Classify, ErrorClass};
 use crate::events::registry::Registry;
 use crate::kafka::{
@@ -180,6 +181,47 @@ async fn replace_producer(publisher: &mut Option<Publisher>) {
     if let Some(p) = publisher.take() {
         let _ = tokio::task::spawn_blocking(move || drop(p)).await;
     }
+}
+
+/// Whether a snapshot with no lock can read every table online: a definite error where
+/// `snapshot_locking = "online"` asks for it and it cannot; `auto` falls back to its locks.
+async fn online_initial_possible(
+    src: &SourceConfig,
+    mysql: &MysqlConfig,
+    method: &online::Method,
+) -> Result<bool, SourceError> {
+    let asked = src.snapshot_locking == SnapshotLocking::Online;
+    if let Some(why) = method.unsupported_why() {
+        return if asked {
+            Err(SourceError::OnlineLocking {
+                why: format!(
+                    "{why}. Fix: set source.watermark_table (a table ecst may write to; see the README's MySQL section), or choose snapshot_locking = \"global\" or \"tables\""
+                ),
+            })
+        } else {
+            Ok(false)
+        };
+    }
+    let keyless: Vec<String> = shapes(mysql, &src.tables)
+        .await?
+        .into_iter()
+        .filter(|(_, s)| s.key.is_empty())
+        .map(|(t, _)| t)
+        .collect();
+    if keyless.is_empty() {
+        return Ok(true);
+    }
+    if asked {
+        return Err(SourceError::OnlineLocking {
+            why: format!(
+                "{} {} no primary key to page by. Fix: add one, or choose snapshot_locking = \"auto\", \"global\" or \"tables\"",
+                keyless.join(", "),
+                if keyless.len() == 1 { "has" } else { "have" }
+            ),
+        });
+    }
+    tracing::warn!(tables = ?keyless, "a snapshot with no lock needs a primary key in every table: this snapshot takes the locks of snapshot_locking = \"auto\" instead");
+    Ok(false)
 }
 
 /// Whether two table lists name the same tables (in any order).
@@ -677,11 +719,17 @@ async fn session(
         })
         .unwrap_or_default();
     online.tables.retain(|t| src.tables.contains(&t.table));
-    // MariaDB gives a read view's exact binlog position: an added table with a primary key is
-    // snapshotted online while every table streams on (`online`), instead of before the stream
-    // resumes.
+    // MariaDB gives a read view's exact binlog position, and a watermark table places chunks on
+    // any server: an added table with a primary key is snapshotted online while every table
+    // streams on (`online`), instead of before the stream resumes.
     let mariadb = identity.server_uuid.is_none();
-    if snapshot_added && mariadb && all_keyed(mysql, &added).await? {
+    let method = online::Method::choose(mariadb, src.watermark_table.as_deref(), &cfg.name);
+    if matches!(method, online::Method::Watermarks { .. })
+        && !watermark::commits_in_binlog_order(&mut connect(mysql).await?).await?
+    {
+        return Err(SourceError::CommitOrder);
+    }
+    if snapshot_added && method.supported() && all_keyed(mysql, &added).await? {
         tracing::info!(tables = ?added, streaming_from = ?needed_position.map(ToString::to_string), "tables added to source.tables since the last snapshot: snapshotting them online while every table streams on");
         snapshot_added = false;
         resume.clear();
@@ -695,7 +743,7 @@ async fn session(
             }
         }
     } else if snapshot_added {
-        tracing::info!(tables = ?added, "tables added to source.tables since the last snapshot: snapshotting them before the stream resumes (no online snapshot: the server is MySQL or a table has no primary key)");
+        tracing::info!(tables = ?added, "tables added to source.tables since the last snapshot: snapshotting them before the stream resumes (no online snapshot: the server is MySQL without source.watermark_table, or a table has no primary key)");
     }
     let mut need_snapshot = match (src.snapshot_mode, &stored) {
         _ if snapshot_added => true,
@@ -769,6 +817,18 @@ async fn session(
             (_, None) => {}
         }
     }
+    // `snapshot_locking = "online"`, and `auto` on MySQL with a watermark table: a fresh
+    // snapshot takes no lock and no consistent read. The stream starts at the binlog's end and
+    // every table is read by the online snapshot while all of them stream.
+    let online_initial = need_snapshot
+        && resume.is_empty()
+        && !snapshot_added
+        && match src.snapshot_locking {
+            SnapshotLocking::Online => true,
+            SnapshotLocking::Auto => !mariadb && src.watermark_table.is_some(),
+            SnapshotLocking::Global | SnapshotLocking::Tables => false,
+        };
+    let online_initial = online_initial && online_initial_possible(src, mysql, &method).await?;
     // A new snapshot after a stored position starts a new epoch, so that everything it reads
     // and streams sorts after every version written before (offsets' module note); a fresh
     // start does too. Resuming keeps the stored epoch.
@@ -806,6 +866,21 @@ async fn session(
                 pos: 4,
             })
         }
+        _ if online_initial => {
+            let mut conn = connect(mysql).await?;
+            let (end, executed) = preflight::binlog_status(&mut conn).await?;
+            tracing::info!(position = %end, tables = src.tables.len(), method = ?method, "snapshot with no lock (snapshot_locking): streaming from the binlog's current end while every table is read online");
+            start_gtid = executed;
+            online.tables = tables
+                .iter()
+                .map(|t| OnlineTable {
+                    table: t.clone(),
+                    last_key: None,
+                    rows_done: 0,
+                })
+                .collect();
+            Some(end)
+        }
         (Some(o), false) => {
             start_gtid = o.gtid_set.clone();
             Some(o.position.clone())
@@ -829,7 +904,7 @@ async fn session(
     // table in one Kafka transaction, read again from its start after a kill). The stored
     // table order puts them last, so the initial snapshot's progress indexes the others alone;
     // a resumed snapshot keeps the split it stored.
-    if start.is_none() && mariadb && !snapshot_added {
+    if start.is_none() && method.supported() && !snapshot_added {
         let later: Vec<String> = if resume.is_empty() {
             let later = paged_by_the_server(mysql, &tables).await?;
             tables = tables
@@ -880,6 +955,7 @@ async fn session(
     // Streaming inside the stretch a resumed snapshot spanned keeps filtering after a restart.
     let stored_window = stored
         .as_ref()
+        .filter(|_| !online_initial)
         .and_then(|o| Window::new(&o.snapshot_segments, &o.tables));
     let gtid_connect = gtid_failover.clone();
     // A stored position inside a split transaction (only when resuming from it).
@@ -889,7 +965,7 @@ async fn session(
         committed.as_ref().and_then(|o| o.within.clone())
     };
     let beside = binlog::Beside {
-        online: online::Online::new(mysql.clone(), epoch, chunk, online.clone(), mariadb),
+        online: online::Online::new(mysql.clone(), epoch, chunk, online.clone(), method),
         signals: Some(signal::listen(
             cfg,
             online.signals_next.unwrap_or(0),
@@ -952,7 +1028,7 @@ async fn session(
         online,
         publisher,
         committed,
-        !need_snapshot,
+        !need_snapshot || online_initial,
         &lineage,
         &mut rx,
         &mut shutdown,

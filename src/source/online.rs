@@ -47,11 +47,14 @@
 //! narrow, as the initial snapshot's chunks do); one chunk is in memory at a time, and it goes
 //! through the same permit-bounded hand-over as every change.
 //!
-//! **Where it runs.** MariaDB only: MySQL has no binlog position tied to a read view. On MySQL
-//! a table added to `source.tables` is snapshotted at the start, before the stream resumes, as
-//! it was before online snapshots existed, and `ecst snapshot` is refused with that fix. Tables
-//! without a primary key cannot be paged; they are refused the same way (loudly, in the log and
-//! in `ecst check`).
+//! **Where it runs.** The read view's position is MariaDB's. Where `source.watermark_table` is
+//! set (the way on MySQL, which has no binlog position tied to a read view, and a choice on
+//! MariaDB), chunks are placed by watermarks instead ([`Method::Watermarks`], DBLog's method:
+//! `source::watermark` argues it). On MySQL without a watermark table, a table added to
+//! `source.tables` is snapshotted at the start, before the stream resumes, as it was before
+//! online snapshots existed, and `ecst snapshot` is refused with that fix. Tables without a
+//! primary key cannot be paged; they are refused the same way (loudly, in the log and in
+//! `ecst check`).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -61,6 +64,7 @@ use mysql_async::prelude::Queryable;
 use super::decoder::Decoder;
 use super::snapshot::{ChunkBounds, FIRST_CHUNK_ROWS, next_limit, read_chunk, row_bytes};
 use super::table_map::from_information_schema;
+use super::watermark::Watch;
 use super::{Outbox, SourceError, SourceMsg, connect};
 use crate::config::MysqlConfig;
 use crate::events::{ChangeEvent, Op, SourceInfo, TableSchema, Value};
@@ -92,10 +96,66 @@ fn placement(resume: &BinlogPosition, settled: &BinlogPosition, at: &BinlogPosit
     }
 }
 
+/// How chunks are placed in the stream.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Method {
+    /// At the read view's exact binlog position (MariaDB's `binlog_snapshot_position`).
+    ReadView,
+    /// Between two writes to `table` (`source::watermark`), as the row of `source`.
+    Watermarks {
+        /// `source.watermark_table`.
+        table: String,
+        /// This source's name, its row in the table.
+        source: String,
+    },
+    /// Neither: MySQL without `source.watermark_table`.
+    Unsupported,
+}
+
+impl Method {
+    /// The method for a server (`mariadb`) and the configured watermark table, which is
+    /// chosen wherever it is set.
+    pub fn choose(mariadb: bool, watermark_table: Option<&str>, source: &str) -> Method {
+        match (watermark_table, mariadb) {
+            (Some(t), _) => Method::Watermarks {
+                table: t.to_string(),
+                source: source.to_string(),
+            },
+            (None, true) => Method::ReadView,
+            (None, false) => Method::Unsupported,
+        }
+    }
+
+    /// Whether online snapshots can run.
+    pub fn supported(&self) -> bool {
+        *self != Method::Unsupported
+    }
+
+    /// What the stream must watch for.
+    pub fn watch(&self) -> Option<Watch> {
+        match self {
+            Method::Watermarks { table, source } => Some(Watch::new(table.clone(), source.clone())),
+            _ => None,
+        }
+    }
+
+    /// Why online snapshots cannot run, when they cannot.
+    pub fn unsupported_why(&self) -> Option<&'static str> {
+        (*self == Method::Unsupported).then_some(
+            "this server gives no binlog position for a consistent read (MySQL) and source.watermark_table is not set",
+        )
+    }
+}
+
 /// A chunk read and not yet handed over.
 struct Chunk {
-    /// The read view's exact binlog position.
+    /// The read view's exact binlog position; by watermarks, the resume point it is handed
+    /// over at (set then).
     at: BinlogPosition,
+    /// Read between watermarks: the binlog's end after the high one was written.
+    marks_end: Option<BinlogPosition>,
+    /// The key of its last row as read (before any row is dropped): the next chunk's start.
+    last_key: Option<Vec<Value>>,
     /// Its rows, in key order.
     rows: Vec<Vec<Value>>,
     /// The shape they were read with.
@@ -114,8 +174,10 @@ pub struct Online {
     epoch: u64,
     bounds: ChunkBounds,
     state: OnlineState,
-    /// The server gives a read view's binlog position (MariaDB).
-    supported: bool,
+    method: Method,
+    /// The last watermark number written (they grow across sessions: the clock's microseconds
+    /// at least).
+    mark: u64,
     /// The side connection chunks are read on.
     conn: Option<mysql_async::Conn>,
     pending: Option<Chunk>,
@@ -130,23 +192,23 @@ pub struct Online {
 }
 
 impl Online {
-    /// The online snapshots of `state`, read from `cfg`'s server; `supported` is false on a
-    /// server without a read view's binlog position (MySQL), where none is run.
+    /// The online snapshots of `state`, read from `cfg`'s server by `method` (none is run when
+    /// it is unsupported).
     pub fn new(
         cfg: MysqlConfig,
         epoch: u64,
         bounds: ChunkBounds,
         state: OnlineState,
-        supported: bool,
+        method: Method,
     ) -> Self {
         if let Some(t) = state.tables.first() {
-            if supported {
+            if method.supported() {
                 tracing::info!(table = %t.table, after_key = ?t.last_key, queued = state.tables.len(), "online snapshot running while the stream goes on");
             } else {
                 let tables: Vec<&str> = state.tables.iter().map(|t| t.table.as_str()).collect();
                 tracing::error!(
                     ?tables,
-                    "online snapshots stored by an earlier run cannot go on here (this server gives no binlog position for a consistent read): re-snapshot these tables with `ecst offsets reset --source resnapshot-table:DB.TABLE` while the source is stopped"
+                    "online snapshots stored by an earlier run cannot go on here (this server gives no binlog position for a consistent read and source.watermark_table is not set): set source.watermark_table, or re-snapshot these tables with `ecst offsets reset --source resnapshot-table:DB.TABLE` while the source is stopped"
                 );
             }
         }
@@ -157,7 +219,8 @@ impl Online {
             epoch,
             bounds,
             state,
-            supported,
+            method,
+            mark: 0,
             conn: None,
             pending: None,
             limit: FIRST_CHUNK_ROWS.min(bounds.rows.max(1)),
@@ -167,6 +230,11 @@ impl Online {
         }
     }
 
+    /// What the stream must watch for (the watermarks, when chunks are placed by them).
+    pub fn watch(&self) -> Option<Watch> {
+        self.method.watch()
+    }
+
     /// Whether a chunk should be read now: the stream is at a resume point, and past the stretch
     /// a resumed snapshot spanned (inside it, a row's changes are filtered by the position it
     /// was read at, which a chunk read there could precede).
@@ -174,7 +242,7 @@ impl Online {
         // (Checked before every event: the cheap fields first, so a source with no online
         // snapshot running asks the decoder nothing.)
         !self.state.tables.is_empty()
-            && self.supported
+            && self.method.supported()
             && self.pending.is_none()
             && decoder.resume_point().is_some()
             && !decoder.in_window()
@@ -189,55 +257,93 @@ impl Online {
 
     /// Reads the next chunk of the first table, and hands it over at once if the stream stands
     /// at its position.
-    pub async fn read_next(&mut self, decoder: &Decoder, tx: &Outbox) -> Result<(), SourceError> {
+    pub async fn read_next(
+        &mut self,
+        decoder: &mut Decoder,
+        tx: &Outbox,
+    ) -> Result<(), SourceError> {
         let Some(t) = self.state.tables.first() else {
             return Ok(());
         };
-        let (table, after) = (t.table.clone(), t.last_key.clone());
+        let (table, after, rows_done) = (t.table.clone(), t.last_key.clone(), t.rows_done);
         if self.conn.is_none() {
             let mut c = connect(&self.cfg).await?;
             c.query_drop("SET SESSION time_zone = '+00:00'").await?;
             c.query_drop("SET SESSION TRANSACTION ISOLATION LEVEL REPEATABLE READ")
                 .await?;
+            c.query_drop("SET SESSION autocommit = 1").await?;
             self.conn = Some(c);
         }
+        // Watermark numbers grow across sessions and restarts: never below the clock's
+        // microseconds, so a watermark of an earlier session is never taken for this one's.
+        let marks = match &self.method {
+            Method::Watermarks { table: wt, source } => {
+                let now = u64::try_from(crate::events::now_ms()).unwrap_or(0) * 1000;
+                let low = self.mark.saturating_add(1).max(now);
+                self.mark = low + 1;
+                Some((wt.clone(), source.clone(), low))
+            }
+            _ => None,
+        };
         let Some(conn) = self.conn.as_mut() else {
             return Ok(());
         };
         let (db, name) = table.split_once('.').unwrap_or(("", &table));
         let limit = self.limit;
         let read = async {
-            let at = super::snapshot::open_consistent_read(conn).await?;
+            let Some((wt, source, low)) = &marks else {
+                let at = super::snapshot::open_consistent_read(conn).await?;
+                let schema = from_information_schema(conn, db, name).await?;
+                let rows = if schema.key.is_empty() {
+                    Vec::new()
+                } else {
+                    read_chunk(conn, &schema, after.as_deref(), limit).await?
+                };
+                // A concurrent ALTER between the shape and the read: read again with the new
+                // shape.
+                let again = from_information_schema(conn, db, name).await?;
+                conn.query_drop("COMMIT").await?;
+                return Ok::<_, SourceError>((at, None, schema, rows, again));
+            };
+            // By watermarks (`source::watermark`): the stream records the keys changed
+            // between the two writes, and the read happens between them, in autocommit.
             let schema = from_information_schema(conn, db, name).await?;
+            if let Some(w) = decoder.watermarks_mut() {
+                w.open(table.clone(), *low, low + 1);
+            }
+            super::watermark::write(conn, wt, source, *low).await?;
             let rows = if schema.key.is_empty() {
                 Vec::new()
             } else {
                 read_chunk(conn, &schema, after.as_deref(), limit).await?
             };
-            // A concurrent ALTER between the shape and the read: read again with the new shape.
+            crate::failpoint::pause_if_armed("online.between_watermarks", rows_done).await;
+            super::watermark::write(conn, wt, source, low + 1).await?;
+            let (end, _) = super::preflight::binlog_status(conn).await?;
             let again = from_information_schema(conn, db, name).await?;
-            conn.query_drop("COMMIT").await?;
-            Ok::<_, SourceError>((at, schema, rows, again))
+            Ok((end.clone(), Some(end), schema, rows, again))
         }
         .await;
-        let (at, schema, rows, again) = match read {
+        let (at, marks_end, schema, rows, again) = match read {
             Ok(r) => r,
             // Dropped (or renamed) while it was being read: the stream logs and counts that
             // (`table_lifecycle`); its snapshot ends here, and every other table streams on.
             Err(SourceError::TableNotFound { .. }) => {
                 let _ = conn.query_drop("ROLLBACK").await;
+                close_window(decoder);
                 tracing::error!(table = %table, rows_done = self.state.tables.first().map_or(0, |t| t.rows_done), "the table of the running online snapshot is gone (dropped or renamed): its snapshot ends unfinished");
                 return self.finish_first(decoder, tx).await;
             }
             Err(e) => {
                 // The connection's state is unknown: a new one next time.
                 self.conn = None;
+                close_window(decoder);
                 return Err(e);
             }
         };
-        let refused = if at.file.is_empty() {
+        let refused = if marks_end.is_none() && at.file.is_empty() {
             Some(
-                "this server gives no binlog position for a consistent read (binlog_snapshot_position: MySQL)",
+                "this server gives no binlog position for a consistent read (binlog_snapshot_position: MySQL) and source.watermark_table is not set",
             )
         } else if schema.key.is_empty() {
             Some("the table has no primary key to page it by")
@@ -245,6 +351,7 @@ impl Online {
             None
         };
         if let Some(why) = refused {
+            close_window(decoder);
             // Refused, loudly, without stopping the stream of every other table: the session's
             // start routes added tables it cannot snapshot online to the snapshot at the start,
             // so only a signal ends here (`ecst snapshot` refuses these itself).
@@ -262,13 +369,17 @@ impl Online {
                 .zip(&schema.columns)
                 .any(|(a, b)| a.name != b.name || a.kind != b.kind)
         {
+            close_window(decoder);
             tracing::info!(table = %table, "table altered while a chunk was read: reading it again");
             return Ok(());
         }
         let n = rows.len();
         let bytes = rows.iter().map(|r| row_bytes(r)).sum();
+        let last_key = rows.last().map(|r| schema.key_of(r));
         self.pending = Some(Chunk {
             at,
+            marks_end,
+            last_key,
             rows,
             schema: Arc::new(schema),
             last: n < limit as usize,
@@ -296,7 +407,11 @@ impl Online {
 
     /// After each event: hands the waiting chunk over if the stream now stands at its position,
     /// or drops it if the stream went past.
-    pub async fn after_event(&mut self, decoder: &Decoder, tx: &Outbox) -> Result<(), SourceError> {
+    pub async fn after_event(
+        &mut self,
+        decoder: &mut Decoder,
+        tx: &Outbox,
+    ) -> Result<(), SourceError> {
         if self.pending.is_none() {
             return Ok(());
         }
@@ -304,7 +419,10 @@ impl Online {
     }
 
     /// The rule of the module note.
-    async fn place(&mut self, decoder: &Decoder, tx: &Outbox) -> Result<(), SourceError> {
+    async fn place(&mut self, decoder: &mut Decoder, tx: &Outbox) -> Result<(), SourceError> {
+        if self.pending.as_ref().is_some_and(|c| c.marks_end.is_some()) {
+            return self.place_by_watermarks(decoder, tx).await;
+        }
         let (Some(chunk), Some(resume), Some(settled)) = (
             self.pending.as_ref(),
             decoder.resume_point(),
@@ -337,6 +455,56 @@ impl Online {
         }
     }
 
+    /// The rule of `source::watermark`: once the high watermark's transaction has ended, the
+    /// chunk goes in at the resume point without the keys changed between the watermarks.
+    async fn place_by_watermarks(
+        &mut self,
+        decoder: &mut Decoder,
+        tx: &Outbox,
+    ) -> Result<(), SourceError> {
+        let passed = decoder.watermarks_mut().is_some_and(|w| w.passed());
+        if !passed {
+            // Read with nothing open past where the binlog ended after the high watermark,
+            // and the watermark was not in it: the server does not log it (a loud stop, not a
+            // snapshot that waits for ever).
+            if let (Some(settled), Some(Some(end))) = (
+                decoder.settled_to(),
+                self.pending.as_ref().map(|c| c.marks_end.clone()),
+            ) && settled.partial_cmp(&end).is_some_and(|o| o.is_ge())
+                && let Method::Watermarks { table, .. } = &self.method
+            {
+                return Err(SourceError::WatermarkUnseen {
+                    table: table.clone(),
+                    end,
+                });
+            }
+            return Ok(());
+        }
+        let Some(resume) = decoder.resume_point() else {
+            return Ok(());
+        };
+        let changed = close_window(decoder);
+        let Some(mut chunk) = self.pending.take() else {
+            return Ok(());
+        };
+        let read = chunk.rows.len();
+        if !changed.is_empty() {
+            let schema = chunk.schema.clone();
+            chunk
+                .rows
+                .retain(|r| !changed.contains(&super::watermark::key_text(&schema.key_of(r))));
+        }
+        let dropped = read - chunk.rows.len();
+        if dropped > 0 {
+            metrics::counter!(m::SNAPSHOT_ROWS_LEFT_TO_STREAM_TOTAL).increment(dropped as u64);
+            tracing::debug!(table = %chunk.schema.qualified_name(), dropped, "rows changed between the watermarks: their changes in the stream stand for them");
+        }
+        self.behind = 0;
+        self.not_before = None;
+        chunk.at = resume.clone();
+        self.hand_over(chunk, &resume, tx).await
+    }
+
     /// Publishes a chunk and the progress it makes, at the resume point `at`.
     async fn hand_over(
         &mut self,
@@ -361,8 +529,8 @@ impl Online {
             read_ts_ms: now,
         };
         let n = chunk.rows.len();
-        if let Some(last) = chunk.rows.last() {
-            entry.last_key = Some(chunk.schema.key_of(last));
+        if let Some(last) = chunk.last_key {
+            entry.last_key = Some(last);
         }
         entry.rows_done += n as u64;
         let done = entry.rows_done;
@@ -421,8 +589,8 @@ impl Online {
                 for t in tables {
                     if !captured.contains(&t) {
                         tracing::error!(table = %t, offset = signal.offset, "snapshot signal for a table this source does not capture: ignored (add it to source.tables; an added table is snapshotted online at the next start)");
-                    } else if !self.supported {
-                        tracing::error!(table = %t, offset = signal.offset, error = %SourceError::OnlineUnsupported { table: t.clone(), why: "this server gives no binlog position for a consistent read (MySQL)".into() }, "snapshot signal refused");
+                    } else if let Some(why) = self.method.unsupported_why() {
+                        tracing::error!(table = %t, offset = signal.offset, error = %SourceError::OnlineUnsupported { table: t.clone(), why: why.into() }, "snapshot signal refused");
                     } else if self.state.tables.iter().any(|q| q.table == t) {
                         tracing::info!(table = %t, offset = signal.offset, "snapshot signal for a table already being snapshotted online: nothing to add");
                     } else {
@@ -450,6 +618,14 @@ impl Online {
         })
         .await
     }
+}
+
+/// Ends the stream's watermark window, if one is open: the keys changed in it.
+fn close_window(decoder: &mut Decoder) -> std::collections::HashSet<String> {
+    decoder
+        .watermarks_mut()
+        .map(super::watermark::Watch::close)
+        .unwrap_or_default()
 }
 
 #[cfg(test)]

@@ -93,8 +93,15 @@ pub async fn request_snapshot(cfg: &Config, tables: &[String]) -> Result<String,
             .await?
             .unwrap_or_default();
         for t in tables {
-            let why = if !version.contains("MariaDB") {
-                Some("this server gives no binlog position for a consistent read (MySQL)")
+            let method = super::online::Method::choose(
+                version.contains("MariaDB"),
+                cfg.source
+                    .as_ref()
+                    .and_then(|s| s.watermark_table.as_deref()),
+                &cfg.name,
+            );
+            let why = if let Some(why) = method.unsupported_why() {
+                Some(why)
             } else {
                 let (db, table) = t.split_once('.').unwrap_or(("", t));
                 let shape = super::table_map::from_information_schema(&mut conn, db, table).await?;

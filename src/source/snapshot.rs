@@ -64,8 +64,12 @@ pub async fn run_snapshot(
     // MySQL: the GTID set at the snapshot's position (read under the same lock).
     let mut executed: Option<String> = None;
     let method = match (locking, mariadb) {
-        (SnapshotLocking::Auto, true) => Method::ConsistentSnapshot,
-        (SnapshotLocking::Auto, false) => Method::GlobalLock { fallback: true },
+        // `online` reads here only what the online snapshot cannot (a resumed snapshot of an
+        // earlier method, a table added without a primary key): as `auto` would.
+        (SnapshotLocking::Auto | SnapshotLocking::Online, true) => Method::ConsistentSnapshot,
+        (SnapshotLocking::Auto | SnapshotLocking::Online, false) => {
+            Method::GlobalLock { fallback: true }
+        }
         (SnapshotLocking::Global, true) => Method::ConsistentSnapshot,
         (SnapshotLocking::Global, false) => Method::GlobalLock { fallback: false },
         (SnapshotLocking::Tables, _) => Method::TableLocks,

@@ -68,6 +68,22 @@ pub fn unique(prefix: &str) -> String {
     )
 }
 
+/// A derived table of the numbers 1..=`n` in a column `seq`, for `INSERT … SELECT … FROM` it:
+/// MariaDB's Sequence engine (`seq_1_to_N`) without it, so that MySQL runs it too.
+pub fn numbers(n: u64) -> String {
+    let digits = "(SELECT 0 AS d UNION ALL SELECT 1 UNION ALL SELECT 2 UNION ALL SELECT 3 UNION ALL SELECT 4 UNION ALL SELECT 5 UNION ALL SELECT 6 UNION ALL SELECT 7 UNION ALL SELECT 8 UNION ALL SELECT 9)";
+    let places = n.max(1).to_string().len();
+    let sum: Vec<String> = (0..places)
+        .map(|i| format!("d{i}.d * {}", 10u64.pow(i as u32)))
+        .collect();
+    let from: Vec<String> = (0..places).map(|i| format!("{digits} AS d{i}")).collect();
+    format!(
+        "(SELECT {} + 1 AS seq FROM {}) AS numbers WHERE seq <= {n}",
+        sum.join(" + "),
+        from.join(" CROSS JOIN ")
+    )
+}
+
 /// A server id unique enough among concurrently running readers.
 pub fn unique_server_id() -> u32 {
     let n = COUNTER.fetch_add(1, Ordering::Relaxed);
