@@ -697,6 +697,53 @@ async fn a_real_prometheus_scraping_ecst_fires_the_sink_stalled_and_lag_alerts_w
     Ok(())
 }
 
+#[tokio::test]
+async fn offsets_show_and_check_read_the_stored_position_while_a_busy_source_commits_many_times_a_second()
+-> Result<()> {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let _shared = STACK_LOCK.read().await;
+    let db = counter_table().await?;
+    let tc = TestConfig::new(&db, &["counter"]);
+    let cfg = write_config(&tc, true, None)?;
+    let mut run = spawn_captured(&cfg, "source", &[], "warn")?;
+    wait_events(&tc.topic("counter"), 100, T).await?;
+    let stop = std::sync::Arc::new(AtomicBool::new(false));
+    let writer = tokio::spawn(crate::faults::write_until(db.clone(), stop.clone()));
+    wait_events(&tc.topic("counter"), 100 + 1000, T).await?;
+    // Both read the offsets topic while the source commits: they chased its moving end for as
+    // long as the source ran (a fetch never found the partition's end).
+    let read = async {
+        let (shown_ok, shown) = offsets_cmd(&cfg, &["show"]).await?;
+        let checked = Command::new(ecst_bin())
+            .args(["--config", &cfg.to_string_lossy(), "check"])
+            .output()
+            .await?;
+        Ok::<_, anyhow::Error>((shown_ok, shown, checked))
+    };
+    let read = tokio::time::timeout(Duration::from_secs(90), read).await;
+    stop.store(true, Ordering::Relaxed);
+    writer.await?;
+    let (shown_ok, shown, checked) = read.map_err(|_| {
+        anyhow::anyhow!(
+            "`ecst offsets show` and `ecst check` gave no answer in 90 s while the source committed"
+        )
+    })??;
+    assert!(
+        shown_ok && shown.contains("position ") && shown.contains("snapshot        completed"),
+        "{shown}"
+    );
+    let checked = String::from_utf8_lossy(&checked.stdout).to_string();
+    assert!(
+        checked
+            .lines()
+            .any(|l| l.starts_with("PASS") && l.contains("mysql resume position")),
+        "{checked}"
+    );
+    assert!(run.child.try_wait()?.is_none(), "{}", run.output());
+    run.child.kill().await?;
+    Ok(())
+}
+
 async fn offsets_cmd(cfg: &std::path::Path, args: &[&str]) -> Result<(bool, String)> {
     let out = Command::new(ecst_bin())
         .args(["--config", &cfg.to_string_lossy(), "offsets"])

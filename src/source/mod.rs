@@ -320,11 +320,14 @@ const OFFSETS_STALL: Duration = Duration::from_secs(60);
 /// Reads the last committed offset of `name` from the offsets topic (read_committed): from the
 /// last [`OFFSETS_TAIL`] records, else (another source's records fill the tail) from the start.
 ///
-/// It reads up to the end of the partition as the broker reports it (`enable.partition.eof`),
-/// which counts the records a `read_committed` consumer never delivers (aborted transactions,
-/// commit markers): no idle heuristic that a slow fetch could fool, and no fixed deadline that
-/// a large topic could exceed. Our own `init_transactions` has already aborted anything still
-/// open, so the end of the partition is final.
+/// It reads up to the partition's high-water mark as of its start (a record at or past it), or
+/// to the end of the partition as the broker reports it (`enable.partition.eof`, which counts
+/// the records a `read_committed` consumer never delivers: aborted transactions, commit
+/// markers), whichever comes first: no idle heuristic that a slow fetch could fool, and no
+/// fixed deadline that a large topic could exceed. The end alone is not enough while a source
+/// runs (`ecst check`, `ecst offsets show`): it commits many times a second, each fetch finds
+/// more, and the end was chased for as long as it ran. At a source's own start, its
+/// `init_transactions` has already aborted anything still open, so the end is final.
 pub async fn load_offset(cfg: &Config, topic: &str) -> Result<Option<SourceOffset>, SourceError> {
     let mut cc = committed_reader_config(&cfg.kafka, format!("{}-offsets-reader", cfg.name));
     cc.set("enable.partition.eof", "true");
@@ -370,6 +373,10 @@ pub async fn load_offset(cfg: &Config, topic: &str) -> Result<Option<SourceOffse
                         {
                             last =
                                 Some(SourceOffset::from_bytes(payload).map_err(|e| e.to_string())?);
+                        }
+                        // Everything committed before this read began is read.
+                        if msg.offset() + 1 >= high {
+                            break;
                         }
                     }
                     // The end of the partition as of this fetch: everything committed is read.
