@@ -1179,6 +1179,34 @@ mod tests {
     }
 
     #[test]
+    fn a_watermark_table_must_be_db_dot_table_and_not_a_captured_one_and_online_locking_parses() {
+        let with = |v: &str| {
+            MINIMAL.replace(
+                "tables = [\"test.users\"]",
+                &format!("tables = [\"test.users\"]\nsnapshot_locking = \"online\"\nwatermark_table = \"{v}\""),
+            )
+        };
+        let cfg = Config::from_toml_str(&with("ops.wm"), Vec::new()).expect("valid");
+        let src = cfg.source.expect("a source");
+        assert_eq!(src.watermark_table.as_deref(), Some("ops.wm"));
+        assert_eq!(src.snapshot_locking, SnapshotLocking::Online);
+        for (bad, why) in [
+            ("wm", "must be `db.table`"),
+            (".wm", "must be `db.table`"),
+            ("a.b.c", "must be `db.table`"),
+            ("test.users", "must not be a captured table"),
+        ] {
+            let err = Config::from_toml_str(&with(bad), Vec::new())
+                .expect_err(bad)
+                .to_string();
+            assert!(
+                err.contains("source.watermark_table") && err.contains(why),
+                "{bad}: {err}"
+            );
+        }
+    }
+
+    #[test]
     fn message_key_columns_of_a_table_not_captured_or_with_no_column_are_refused_naming_the_table()
     {
         let ok = MINIMAL.replace(
