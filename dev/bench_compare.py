@@ -125,6 +125,11 @@ class Ecst(Side):
             f"server_id = {self.server_id(prefix)}",
             "[source]",
             f'tables = ["{db}.{table}"]',
+            # ECST_BENCH_SOURCE_EXTRA adds [source] lines (`;`-separated, `{db}` replaced), e.g.
+            # 'snapshot_locking = "online"; watermark_table = "{db}.wm"' for the snapshot with
+            # no lock (run as a user that may write: ECST_MYSQL_USER=ecst_admin).
+            *[line.strip().replace("{db}", db)
+              for line in os.environ.get("ECST_BENCH_SOURCE_EXTRA", "").split(";") if line.strip()],
             "[kafka]",
             f'bootstrap_servers = "{s.kafka}"',
             "[schema_registry]",
