@@ -61,7 +61,8 @@ fn quote(s: &str) -> String {
     format!("`{}`", s.replace('`', "``"))
 }
 
-/// Writes watermark `seq` of `source` (autocommit: it has committed when this returns).
+/// Writes watermark `seq` of `source` (autocommit: it has committed when this returns),
+/// creating the table first if it is missing.
 pub async fn write(
     conn: &mut mysql_async::Conn,
     table: &str,
@@ -74,16 +75,21 @@ pub async fn write(
         quote(db),
         quote(name)
     );
-    match conn.exec_drop(stmt, (source, seq)).await {
-        Ok(()) => Ok(()),
-        // 1146: no such table. Created once, then written again.
+    let first = conn.exec_drop(stmt.as_str(), (source, seq)).await;
+    let again = match first {
+        Ok(()) => return Ok(()),
+        // 1146: no such table. Created, then written once more.
         Err(mysql_async::Error::Server(e)) if e.code == 1146 => {
             conn.query_drop(create_statement(table))
                 .await
                 .map_err(|e| refused(table, e))?;
             tracing::info!(table, "watermark table created");
-            Box::pin(write(conn, table, source, seq)).await
+            conn.exec_drop(stmt.as_str(), (source, seq)).await
         }
+        Err(e) => Err(e),
+    };
+    match again {
+        Ok(()) => Ok(()),
         Err(mysql_async::Error::Server(e)) => Err(refused(table, mysql_async::Error::Server(e))),
         Err(e) => Err(e.into()),
     }
