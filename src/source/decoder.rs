@@ -36,6 +36,10 @@
 //! XA transactions are published at their `XA COMMIT` group, from their prepared group read
 //! again there, and never when rolled back (`source::xa`).
 //!
+//! Rows of the online snapshot's watermark table (`source.watermark_table`) are read, never
+//! published: between a chunk's two watermarks the decoder records which keys of the chunk's
+//! table changed (`source::watermark`).
+//!
 //! MariaDB's compressed events (`log_bin_compress = ON`) are uncompressed into the plain event
 //! they stand for (`source::compressed`) and handled as such, header position included.
 //!

@@ -29,10 +29,18 @@
 //! **Continuity.** Before a session resumes, it checks that the stored position was written by
 //! this server and is still valid here; if not, it snapshots anew in a new epoch (`offsets`).
 //!
+//! **Snapshots.** A fresh snapshot reads every table in one consistent read (`snapshot`: no
+//! lock on MariaDB, FTWRL for milliseconds or table locks on MySQL), or, with
+//! `snapshot_locking = "online"` (and `auto` on MySQL with `source.watermark_table`), takes no
+//! lock at all: the stream starts at the binlog's end and every table is read by the online
+//! snapshot (`online`, chunks placed at a read view's position on MariaDB or between
+//! watermarks, `watermark`).
+//!
 //! Layout: `error` (the classed errors), `handover` (reader → producer loop), `publisher`
 //! (encoding and transactional producing), `pump` (the producer loop and when it commits),
-//! `snapshot`, `online` and `binlog` (the readers); this file holds the session: start-up
-//! checks, loading the stored position and the reader task.
+//! `snapshot`, `online` and `binlog` (the readers), `watermark` (placing online chunks without
+//! a read view's position); this file holds the session: start-up checks, loading the stored
+//! position and the reader task.
 
 mod auth;
 pub mod binlog;
