@@ -169,6 +169,39 @@ async fn grant_watermark_writes(db: &str) -> Result<()> {
     Ok(())
 }
 
+/// `read` was read online, not before the stream: at more than 10 places of the stream, with
+/// changes of `other` streamed between the first and the last of them.
+fn assert_read_online(read: &[DecodedEvent], other: &[DecodedEvent]) -> Result<()> {
+    let places: std::collections::BTreeSet<&str> = read
+        .iter()
+        .filter(|e| e.op == Op::Read)
+        .map(|e| e.version.as_str())
+        .collect();
+    ensure!(places.len() > 10, "{} read places", places.len());
+    let (first, last) = (
+        places.first().copied().unwrap_or_default(),
+        places.last().copied().unwrap_or_default(),
+    );
+    ensure!(
+        other
+            .iter()
+            .any(|e| e.op == Op::Update && e.version.as_str() > first && e.version.as_str() < last),
+        "no change of the other table streamed during the snapshot"
+    );
+    Ok(())
+}
+
+/// The source still runs (it rode everything out by itself); then it is killed.
+async fn runs_on_then_kill(mut run: Captured) -> Result<()> {
+    assert!(
+        run.child.try_wait()?.is_none(),
+        "the source runs on:\n{}",
+        run.output()
+    );
+    run.child.kill().await?;
+    Ok(())
+}
+
 /// [`write_until`] running in the background.
 struct Writer {
     stop: Arc<AtomicBool>,
@@ -274,7 +307,7 @@ async fn a_table_added_to_a_running_deployment_is_snapshotted_online_while_both_
     })
     .await?;
     // Mid-snapshot, a chunk handed over and maybe committed: kill -9.
-    let mut run = kill_and_restart_until_online_finished(run, &cfg, writer).await?;
+    let run = kill_and_restart_until_online_finished(run, &cfg, writer).await?;
     let counter = assert_changes_and_reads_in_place(
         &tc.topic("counter"),
         &mysql_counts(&db, "counter").await?,
@@ -287,37 +320,9 @@ async fn a_table_added_to_a_running_deployment_is_snapshotted_online_while_both_
         1..=1,
     )
     .await?;
-    // Online, not before the stream: the rows were read at many read views, and the other
-    // table's changes were streamed between the first and the last of them.
-    let read_versions: std::collections::BTreeSet<&str> = big
-        .iter()
-        .filter(|e| e.op == Op::Read)
-        .map(|e| e.version.as_str())
-        .collect();
-    ensure!(
-        read_versions.len() > 10,
-        "{} read views",
-        read_versions.len()
-    );
-    let (first, last) = (
-        read_versions.first().copied().unwrap_or_default(),
-        read_versions.last().copied().unwrap_or_default(),
-    );
-    let between = counter
-        .iter()
-        .filter(|e| e.op == Op::Update && e.version.as_str() > first && e.version.as_str() < last)
-        .count();
-    ensure!(
-        between > 0,
-        "no change of the other table streamed during the snapshot"
-    );
-    assert!(
-        run.child.try_wait()?.is_none(),
-        "the source runs on:\n{}",
-        run.output()
-    );
-    run.child.kill().await?;
-    Ok(())
+    // Online, not before the stream.
+    assert_read_online(&big, &counter)?;
+    runs_on_then_kill(run).await
 }
 
 #[tokio::test]
@@ -384,7 +389,7 @@ async fn a_table_dropped_during_its_online_snapshot_ends_that_snapshot_and_the_o
     let cfg = write_config(&tc, true, None)?;
     // Paused after 100 rows of `big`, then released once the table is dropped.
     let (env, reached, release) = failpoint_released_by_file("online.rows", 100);
-    let mut run = spawn_captured(&cfg, "source", &env, "info")?;
+    let run = spawn_captured(&cfg, "source", &env, "info")?;
     wait_for_failpoint(&reached, T).await?;
     sql(format!("DROP TABLE `{db}`.big")).await?;
     std::fs::write(&release, b"")?;
@@ -401,13 +406,7 @@ async fn a_table_dropped_during_its_online_snapshot_ends_that_snapshot_and_the_o
     })
     .await?;
     assert!(stored.tables.contains(&format!("{db}.big")));
-    assert!(
-        run.child.try_wait()?.is_none(),
-        "the source runs on:\n{}",
-        run.output()
-    );
-    run.child.kill().await?;
-    Ok(())
+    runs_on_then_kill(run).await
 }
 
 #[tokio::test]
@@ -477,11 +476,7 @@ async fn with_a_watermark_table_the_first_snapshot_takes_no_lock_reads_every_tab
     );
     grant_watermark_writes(&db).await?;
     let cfg = write_config(&tc, true, None)?;
-    let check = tokio::process::Command::new(ecst_bin())
-        .args(["--config", &cfg.to_string_lossy(), "check"])
-        .output()
-        .await?;
-    let text = String::from_utf8_lossy(&check.stdout).to_string();
+    let text = check_text(&cfg).await?;
     ensure!(
         text.lines().any(|l| l.starts_with("PASS")
             && l.contains("mysql snapshot method")
@@ -530,7 +525,7 @@ async fn with_a_watermark_table_the_first_snapshot_takes_no_lock_reads_every_tab
     let writer = Writer::start(&db, true);
     writer.written(20).await?;
     wait_for_failpoint(&paused, T).await?;
-    let mut run = kill_and_restart_until_online_finished(run, &cfg, writer).await?;
+    let run = kill_and_restart_until_online_finished(run, &cfg, writer).await?;
     let counter = assert_changes_and_reads_in_place(
         &tc.topic("counter"),
         &mysql_counts(&db, "counter").await?,
@@ -556,34 +551,8 @@ async fn with_a_watermark_table_the_first_snapshot_takes_no_lock_reads_every_tab
         0..=1,
     )
     .await?;
-    // Online: read at many places of the stream, with the other table's changes between.
-    let read_versions: std::collections::BTreeSet<&str> = big
-        .iter()
-        .filter(|e| e.op == Op::Read)
-        .map(|e| e.version.as_str())
-        .collect();
-    ensure!(
-        read_versions.len() > 10,
-        "{} read places",
-        read_versions.len()
-    );
-    let (first, last) = (
-        read_versions.first().copied().unwrap_or_default(),
-        read_versions.last().copied().unwrap_or_default(),
-    );
-    ensure!(
-        counter
-            .iter()
-            .any(|e| e.op == Op::Update && e.version.as_str() > first && e.version.as_str() < last),
-        "no change of the other table streamed during the snapshot"
-    );
-    assert!(
-        run.child.try_wait()?.is_none(),
-        "the source runs on:\n{}",
-        run.output()
-    );
-    run.child.kill().await?;
-    Ok(())
+    assert_read_online(&big, &counter)?;
+    runs_on_then_kill(run).await
 }
 
 #[tokio::test]
@@ -597,7 +566,7 @@ async fn with_a_watermark_table_a_table_added_to_a_running_deployment_and_ecst_s
     let writer = Writer::start(&db, true);
     writer.written(20).await?;
     let cfg = write_config(&tc, true, None)?;
-    let mut run = spawn_captured(&cfg, "source", &[], "info")?;
+    let run = spawn_captured(&cfg, "source", &[], "info")?;
     run.wait_for_output("snapshotting them online", T).await?;
     run.wait_for_output("online snapshot of table finished", T)
         .await?;
@@ -628,11 +597,5 @@ async fn with_a_watermark_table_a_table_added_to_a_running_deployment_and_ecst_s
     .await?;
     assert_changes_and_reads_in_place(&tc.topic("big"), &mysql_counts(&db, "big").await?, 0..=1)
         .await?;
-    assert!(
-        run.child.try_wait()?.is_none(),
-        "the source runs on:\n{}",
-        run.output()
-    );
-    run.child.kill().await?;
-    Ok(())
+    runs_on_then_kill(run).await
 }

@@ -714,11 +714,7 @@ async fn offsets_show_and_check_read_the_stored_position_while_a_busy_source_com
     // long as the source ran (a fetch never found the partition's end).
     let read = async {
         let (shown_ok, shown) = offsets_cmd(&cfg, &["show"]).await?;
-        let checked = Command::new(ecst_bin())
-            .args(["--config", &cfg.to_string_lossy(), "check"])
-            .output()
-            .await?;
-        Ok::<_, anyhow::Error>((shown_ok, shown, checked))
+        Ok::<_, anyhow::Error>((shown_ok, shown, check_text(&cfg).await?))
     };
     let read = tokio::time::timeout(Duration::from_secs(90), read).await;
     stop.store(true, Ordering::Relaxed);
@@ -732,7 +728,6 @@ async fn offsets_show_and_check_read_the_stored_position_while_a_busy_source_com
         shown_ok && shown.contains("position ") && shown.contains("snapshot        completed"),
         "{shown}"
     );
-    let checked = String::from_utf8_lossy(&checked.stdout).to_string();
     assert!(
         checked
             .lines()

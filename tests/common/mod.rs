@@ -595,6 +595,15 @@ pub async fn wait_events(
 
 // ---- ecst as a child process
 
+/// What `ecst check` prints (its PASS/FAIL lines) for the config file `cfg`.
+pub async fn check_text(cfg: &std::path::Path) -> Result<String> {
+    let out = Command::new(ecst_bin())
+        .args(["--config", &cfg.to_string_lossy(), "check"])
+        .output()
+        .await?;
+    Ok(String::from_utf8_lossy(&out.stdout).to_string())
+}
+
 pub fn write_config(
     tc: &TestConfig,
     with_source: bool,
