@@ -432,3 +432,38 @@ async fn a_stored_position_inside_a_split_transaction_that_the_binlog_does_not_h
     );
     Ok(())
 }
+
+#[tokio::test]
+async fn a_keyless_table_whose_snapshot_outlasts_the_transaction_timeout_stops_the_source_naming_it_and_the_fixes()
+-> Result<()> {
+    let _shared = STACK_LOCK.read().await;
+    let db = unique("keyless");
+    sql(format!("CREATE DATABASE `{db}`")).await?;
+    sql(format!("CREATE TABLE `{db}`.log (msg VARCHAR(20), n INT)")).await?;
+    sql(format!(
+        "INSERT INTO `{db}`.log SELECT 'line', seq FROM {}",
+        numbers(50)
+    ))
+    .await?;
+    let mut tc = TestConfig::new(&db, &["log"]);
+    tc.extra_source = "snapshot_chunk_size = 10\ntransaction_timeout_ms = 10000".into();
+    let cfg = write_config(&tc, true, None)?;
+    // The table's one scan pauses after its first rows, as a table too large to read within
+    // the transaction timeout would keep its one transaction open. Before, the broker aborted
+    // the transaction and the snapshot read the table again, for ever (here: waited for ever).
+    let (env, reached) = failpoint("snapshot.rows", 10);
+    let mut run = spawn_captured(&cfg, "source", &env, "info")?;
+    wait_for_failpoint(&reached, T).await?;
+    let status = tokio::time::timeout(T, run.child.wait())
+        .await
+        .context("the source stops by itself")??;
+    let out = run.output();
+    assert!(
+        !status.success()
+            && out.contains("cannot be checkpointed")
+            && out.contains(&format!("{db}.log"))
+            && out.contains("raise source.transaction_timeout_ms"),
+        "a definite stop naming the table and the fixes:\n{out}"
+    );
+    Ok(())
+}

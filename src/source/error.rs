@@ -338,6 +338,18 @@ pub enum SourceError {
         /// The binlog's end after the write.
         end: BinlogPosition,
     },
+    /// A snapshot unit that cannot be checkpointed outgrew the transaction timeout.
+    #[error(
+        "the snapshot has kept one Kafka transaction open for {open_s} s, 3/4 of source.transaction_timeout_ms ({timeout_ms} ms), with no point to commit at: {tables} cannot be checkpointed (a table without a primary key, or on MySQL with locks a key with a text column, is read in one transaction), and past the timeout the broker would abort it and the snapshot would read it again, for ever. Fix: raise source.transaction_timeout_ms (up to the broker's transaction.max.timeout.ms), or give the table a primary key (read and checkpointed chunk by chunk), or on MySQL set source.watermark_table (text keys are then read online)"
+    )]
+    SnapshotUnitTooLong {
+        /// The tables with changes in the transaction.
+        tables: String,
+        /// Seconds it has been open.
+        open_s: u64,
+        /// `source.transaction_timeout_ms`.
+        timeout_ms: u64,
+    },
     /// Watermarks need commits in binlog order (`source::watermark`).
     #[error(
         "source.watermark_table is set, but the server has binlog_order_commits = OFF: transactions may commit in another order than the binlog's, and a chunk placed by watermarks could then miss a change. Fix: SET GLOBAL binlog_order_commits = ON (the default), or unset source.watermark_table"
@@ -425,6 +437,7 @@ impl Classify for SourceError {
             | E::WatermarkUnseen { .. }
             | E::OnlineLocking { .. }
             | E::CommitOrder
+            | E::SnapshotUnitTooLong { .. }
             | E::NoBinlogPosition
             | E::Preflight(_)
             | E::Purged { .. }

@@ -191,6 +191,18 @@ impl Publisher {
         Ok(())
     }
 
+    /// How long the open transaction has been open (`None`: none is).
+    pub(super) fn open_for(&self) -> Option<Duration> {
+        self.open.then(|| self.opened_at.elapsed())
+    }
+
+    /// The tables with changes in the open transaction, sorted.
+    pub(super) fn open_tables(&self) -> Vec<String> {
+        let mut t: Vec<String> = self.counts.keys().cloned().collect();
+        t.sort();
+        t
+    }
+
     /// Produces one record, waiting while librdkafka's queue is full (backpressure).
     async fn produce(
         &self,

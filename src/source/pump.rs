@@ -269,6 +269,20 @@ pub(super) async fn pump(
             }
             None => {}
         }
+        // A snapshot unit that cannot be checkpointed (a table without a primary key; on MySQL
+        // with locks, a key with a text column) is one Kafka transaction: past the transaction
+        // timeout the broker aborts it and the snapshot would read it again, for ever. Stop
+        // loudly before that, naming it and the fixes.
+        if !snapshot_done
+            && let Some(open_s) = publisher.open_for().map(|d| d.as_secs())
+            && open_s.saturating_mul(4_000) >= src.transaction_timeout_ms.saturating_mul(3)
+        {
+            return Err(SourceError::SnapshotUnitTooLong {
+                tables: publisher.open_tables().join(", "),
+                open_s,
+                timeout_ms: src.transaction_timeout_ms,
+            });
+        }
         // A retry run is over once this session has held up: it committed, or it has been
         // streaming for a while without an error (an idle source has nothing to commit).
         if retry.is_retrying() && (committed_here || started.elapsed() >= RECOVERED_AFTER) {
