@@ -10,9 +10,10 @@
 //!   `ECST_FAILPOINT_FILE` (if set) and then never returns. The task holding it stops there;
 //!   every other task (the producer loop committing what was handed over, the metrics endpoint)
 //!   goes on. The test waits for the file, asserts on the stored state and kills the process.
-//! * `ECST_FAILPOINT_RELEASE=<path>` (optional) makes the pause end when that file appears: the
-//!   test acts on the paused state (cuts a connection the task holds, say) and then lets the task
-//!   meet the result. Without it a pause lasts for good.
+//! * `ECST_FAILPOINT_RELEASE_<NAME>=<path>` (optional) makes that point's pause end when the
+//!   file appears: the test acts on the paused state (cuts a connection the task holds, say) and
+//!   then lets the task meet the result. Without it a pause lasts for good, so one run can have a
+//!   point it releases and another it kills the process at.
 //! * Without the feature [`armed`] is a constant `false`: release builds carry no pause point and
 //!   read no variable.
 //!
@@ -70,12 +71,16 @@ pub fn armed(_name: &str, _progress: u64) -> bool {
 }
 
 /// Stops the calling task if point `name` is armed for `progress`: for good, or until the file
-/// `ECST_FAILPOINT_RELEASE` names appears.
+/// `ECST_FAILPOINT_RELEASE_<NAME>` names appears.
 pub async fn pause_if_armed(name: &str, progress: u64) {
     if !armed(name, progress) {
         return;
     }
-    match std::env::var_os("ECST_FAILPOINT_RELEASE") {
+    let var = format!(
+        "ECST_FAILPOINT_RELEASE_{}",
+        name.to_ascii_uppercase().replace('.', "_")
+    );
+    match std::env::var_os(var) {
         Some(release) => {
             let release = std::path::PathBuf::from(release);
             while !release.exists() {

@@ -797,7 +797,10 @@ pub fn failpoint_released_by_file(
     let (mut env, reached) = failpoint(name, at);
     let release = std::env::temp_dir().join(unique("release"));
     env.push((
-        "ECST_FAILPOINT_RELEASE".into(),
+        format!(
+            "ECST_FAILPOINT_RELEASE_{}",
+            name.to_ascii_uppercase().replace('.', "_")
+        ),
         release.to_string_lossy().into_owned(),
     ));
     (env, reached, release)
