@@ -162,11 +162,16 @@ impl Link {
 /// Proxies for `links`, the config `toml` rewritten through them, written to a file; the
 /// Kafka link's proxy listens on the port the broker advertises, so a test using it holds the
 /// stack exclusively (the returned guard).
+///
+/// The guard comes first: bound as `let (_stack, proxies, cfg) = …`, it is dropped last (locals
+/// drop in reverse order), so the proxies are deleted before another test may take the stack.
+/// Dropped first, it let the next Kafka-link test create its proxy on the fixed Kafka proxy
+/// port while this one's still listened there (toxiproxy: HTTP 500).
 pub(crate) async fn through_proxies(
     links: &[Link],
     toml: String,
     name: &str,
-) -> Result<(Vec<Proxy>, std::path::PathBuf, StackGuard)> {
+) -> Result<(StackGuard, Vec<Proxy>, std::path::PathBuf)> {
     let guard = if links.iter().any(|l| matches!(l, Link::Kafka)) {
         StackGuard::Exclusive(STACK_LOCK.write().await)
     } else {
@@ -181,7 +186,7 @@ pub(crate) async fn through_proxies(
     }
     let cfg = std::env::temp_dir().join(format!("{name}.toml"));
     std::fs::write(&cfg, toml)?;
-    Ok((proxies, cfg, guard))
+    Ok((guard, proxies, cfg))
 }
 
 /// A held share of the dev stack.
@@ -236,7 +241,7 @@ async fn fault_on_links(
     use std::sync::atomic::{AtomicBool, Ordering};
     let db = counter_table().await?;
     let tc = TestConfig::new(&db, &["counter"]);
-    let (proxies, cfg, _stack) = through_proxies(links, tc.toml(true), &tc.name).await?;
+    let (_stack, proxies, cfg) = through_proxies(links, tc.toml(true), &tc.name).await?;
     let mut run = spawn_captured(&cfg, "source", &[], "info")?;
     wait_events(&tc.topic("counter"), 100, T).await?;
     let stop = std::sync::Arc::new(AtomicBool::new(false));
@@ -339,7 +344,7 @@ async fn sink_fault_on_links(
     let tc = TestConfig::new(&db, &["users", "product"]).with_seed_mappings();
     let mdb = mongo_db(&tc.mongo_db).await?;
     seed_orders(&mdb, 2).await?;
-    let (proxies, cfg, _stack) = through_proxies(links, tc.toml(true), &tc.name).await?;
+    let (_stack, proxies, cfg) = through_proxies(links, tc.toml(true), &tc.name).await?;
     let mut run = spawn_captured(&cfg, "run", &[], "info")?;
     let coll = mdb.collection::<bson::Document>("purchase_order");
     crate::sink::wait_all_versioned(&mdb, "user_in_orders").await?;

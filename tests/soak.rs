@@ -256,7 +256,7 @@ async fn random_faults_for_the_minutes_asked_leave_every_change_once_and_every_c
     let coll = mdb.collection::<bson::Document>("purchase_order");
     let toml = with_short_kafka_timeouts(&tc.toml(true))?;
     // With the Kafka link among them, this holds the stack alone.
-    let (proxies, cfg, _stack) = through_proxies(&LINKS, toml, &tc.name).await?;
+    let (_stack, proxies, cfg) = through_proxies(&LINKS, toml, &tc.name).await?;
     let mut run = spawn_captured(&cfg, "run", &[], "warn")?;
     let pid = run.child.id().context("ecst's pid")?;
     wait_events(&tc.topic("counter"), 100, CATCH_UP).await?;
